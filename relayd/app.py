@@ -1,0 +1,77 @@
+"""The application factory: middlewares, resource lifetimes, and the route table.
+
+A request travels: access (request id, log line) → errors (OpenAI shape) → auth
+(route lookup, relay key, scopes) → limits (head size, media type, body size) →
+handler. Errors are rendered outside auth so that its refusals share the shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from relayd.auth import KeyRing, auth_middleware
+from relayd.config import ConfigError, Settings
+from relayd.errors import error_middleware
+from relayd.limits import limits_middleware
+from relayd.observe import access_middleware, add_request_id
+from relayd.routes import TABLE
+from relayd.routing import RouteTable
+from relayd.state import KEYRING, ROUTE_MAP, SETTINGS, STARTED, TOOLS, UPSTREAM
+from relayd.state import TABLE as TABLE_KEY
+from relayd.upstream import Upstream
+
+__all__ = ["create_app", "load_tools"]
+
+
+def load_tools(path: str | None) -> dict[str, dict[str, Any]]:
+    """The tools manifest (``{"object": "list", "data": [...]}`` or a bare list), by id."""
+    if path is None:
+        return {}
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read tools manifest {path!r}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"tools manifest {path!r} is not valid JSON: {exc}") from None
+    items = document.get("data") if isinstance(document, dict) else document
+    if not isinstance(items, list):
+        raise ConfigError(f"tools manifest {path!r} must be a list or have a 'data' list")
+    tools: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise ConfigError(f"tools manifest {path!r}: every tool needs a string 'id'")
+        tools[item["id"]] = item
+    return tools
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    upstream = app[UPSTREAM]
+    await upstream.start()
+    try:
+        yield
+    finally:
+        await upstream.close()
+
+
+def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application:
+    app = web.Application(
+        middlewares=[access_middleware, error_middleware, auth_middleware, limits_middleware],
+        client_max_size=settings.max_json_bytes,
+        handler_args={"max_field_size": 16 * 1024},
+    )
+    app[SETTINGS] = settings
+    app[TABLE_KEY] = table
+    app[KEYRING] = KeyRing(settings.keys)
+    app[UPSTREAM] = Upstream(settings)
+    app[TOOLS] = load_tools(settings.tools_manifest)
+    app[STARTED] = time.monotonic()
+    app[ROUTE_MAP] = table.register(app.router)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.on_response_prepare.append(add_request_id)
+    return app

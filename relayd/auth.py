@@ -1,0 +1,103 @@
+"""Relay keys: named, stored hashed, compared in constant time, optionally scoped.
+
+A key is accepted as ``Authorization: Bearer <key>``, in the configured header
+(``X-Relay-Key`` by default), or for browser WebSockets as the subprotocol
+``openai-insecure-api-key.<key>``. The middleware runs before any handler, so no
+request body is read before the caller is known (peer-failures: "uploads allocate
+before authentication").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+
+from aiohttp import hdrs, web
+
+from relayd.config import RelayKey, Settings
+from relayd.errors import AuthenticationError, PermissionDeniedError
+from relayd.routing import Handler, Route
+from relayd.state import KEY, KEYRING, ROUTE, ROUTE_MAP, SETTINGS
+
+__all__ = ["WS_KEY_PREFIX", "KeyRing", "auth_middleware", "presented_key"]
+
+WS_KEY_PREFIX = "openai-insecure-api-key."
+
+
+class KeyRing:
+    """The current relay keys; ``replace()`` swaps them atomically (SIGHUP)."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, keys: Iterable[RelayKey]) -> None:
+        self._keys = tuple(keys)
+
+    @property
+    def keys(self) -> tuple[RelayKey, ...]:
+        return self._keys
+
+    def replace(self, keys: Iterable[RelayKey]) -> None:
+        self._keys = tuple(keys)
+
+    def identify(self, secret: str) -> RelayKey | None:
+        """The key matching ``secret``, checking every key so timing reveals nothing."""
+        digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+        found = None
+        for key in self._keys:
+            if hmac.compare_digest(digest, key.digest):
+                found = key
+        return found
+
+
+def presented_key(request: web.Request, header: str) -> str | None:
+    """The relay key the client presented, from whichever place it used."""
+    authorization = request.headers.get(hdrs.AUTHORIZATION, "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    custom = request.headers.get(header, "").strip()
+    if custom:
+        return custom
+    for protocol in request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(","):
+        protocol = protocol.strip()
+        if protocol.startswith(WS_KEY_PREFIX):
+            return protocol.removeprefix(WS_KEY_PREFIX)
+    return None
+
+
+def _is_public(route: Route, settings: Settings) -> bool:
+    if settings.public_paths is None:
+        return not route.needs_key
+    return route.path in settings.public_paths
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.app[ROUTE_MAP].get(request.match_info.route)
+    if route is None:
+        return await handler(request)  # the router's own 404/405
+    request[ROUTE] = route
+    settings = request.app[SETTINGS]
+    keyring = request.app[KEYRING]
+    # No keys at all is the loopback-only safe default (config.validate refuses it
+    # on any other address): every route is open, and the log said so at start.
+    if settings.auth_disabled or not keyring.keys or _is_public(route, settings):
+        return await handler(request)
+    secret = presented_key(request, settings.key_header)
+    if secret is None:
+        raise AuthenticationError(
+            "Missing relay key. Send it as 'Authorization: Bearer <key>' or in the "
+            f"'{settings.key_header}' header.",
+            code="missing_api_key",
+        )
+    key = keyring.identify(secret)
+    if key is None:
+        raise AuthenticationError("Incorrect relay key provided.")
+    if not key.allows(route.group):
+        raise PermissionDeniedError(
+            f"The relay key '{key.name}' may not use the '{route.group}' routes.",
+            code="key_scope",
+        )
+    request[KEY] = key
+    return await handler(request)

@@ -1,0 +1,584 @@
+"""Settings: one frozen dataclass, loaded once from TOML, environment and secret files.
+
+Precedence, lowest first: built-in defaults, the TOML file (``--config`` or
+``RELAYD_CONFIG``), environment variables, secret files named by the environment,
+and systemd credentials (``$CREDENTIALS_DIRECTORY``). Everything is validated here;
+a problem raises :class:`ConfigError` with a message an operator can act on.
+
+This module imports nothing of relayd (DESIGN: ``config.py`` is stdlib only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+__all__ = [
+    "ConfigError",
+    "Listen",
+    "RelayKey",
+    "Settings",
+    "load_settings",
+    "parse_keys_file",
+    "redacted",
+]
+
+MiB: Final = 1024 * 1024
+
+# Path families that never pass the catch-all unless explicitly allowed (SPEC §3).
+DEFAULT_DENY: Final = ("/v1/organization/*", "/v1/organization", "/v1/admin*")
+
+CREDENTIAL_UPSTREAM_KEY: Final = "openai_api_key"
+CREDENTIAL_RELAY_KEYS: Final = "relay_keys"
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says why and what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayKey:
+    """A relay key as relayd keeps it: a name for logs and only a SHA-256 digest."""
+
+    name: str
+    digest: bytes
+    scopes: frozenset[str] | None = None  # None: every route group
+
+    def allows(self, group: str) -> bool:
+        return self.scopes is None or group in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where relayd listens: ``host:port`` or ``unix:/path``."""
+
+    host: str | None = "127.0.0.1"
+    port: int | None = 8080
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.path is not None:
+            return True  # a Unix socket is only reachable from this machine
+        assert self.host is not None
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything relayd needs to run. Durations are seconds, sizes are bytes."""
+
+    upstream_key: str = field(default="", repr=False)
+    upstream_url: str = "https://api.openai.com"
+    organization: str | None = None
+    project: str | None = None
+
+    listen: Listen = field(default_factory=Listen)
+    public_url: str | None = None
+    workers: int = 1
+    drain_timeout_s: float = 30.0
+
+    keys: tuple[RelayKey, ...] = ()
+    keys_file: str | None = None
+    auth_disabled: bool = False
+    key_header: str = "X-Relay-Key"
+    # None: the routes the table marks public (SPEC §2). A list replaces that set.
+    public_paths: tuple[str, ...] | None = None
+
+    connect_timeout_s: float = 10.0
+    first_byte_timeout_s: float = 600.0
+    idle_timeout_s: float = 300.0
+    max_upstream_connections: int = 1024
+    sse_keepalive_s: float | None = 15.0
+
+    max_body_bytes: int = 520 * MiB  # 512 MiB OpenAI file limit plus multipart framing
+    max_json_bytes: int = 32 * MiB  # bodies relayd itself parses (wrappers, :stream)
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+
+    policy_allow: tuple[str, ...] = ()
+    policy_deny: tuple[str, ...] = DEFAULT_DENY
+
+    relay_name: str = "relayd"
+    environment: str = "production"
+    default_model: str = "gpt-5"
+    tools_manifest: str | None = None
+    ai_plugin: Mapping[str, Any] | None = None
+
+    log_format: str = "console"
+    log_level: str = "info"
+
+    @property
+    def auth_required(self) -> bool:
+        return not self.auth_disabled
+
+    def with_keys(self, keys: tuple[RelayKey, ...]) -> Settings:
+        return replace(self, keys=keys)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    require_upstream_key: bool = True,
+) -> Settings:
+    """Load and validate settings.
+
+    ``path`` wins over ``RELAYD_CONFIG``; without either, only the environment and
+    defaults apply. ``require_upstream_key=False`` serves commands that never call
+    upstream (``relayd openapi``).
+    """
+    env = os.environ if environ is None else environ
+    path = path or env.get("RELAYD_CONFIG") or None
+    doc: dict[str, Any] = _read_toml(Path(path)) if path else {}
+    base = Path(path).parent if path else Path.cwd()
+
+    server = _table(doc, "server")
+    upstream = _table(doc, "upstream")
+    auth = _table(doc, "auth")
+    limits = _table(doc, "limits")
+    policy = _table(doc, "policy")
+    meta = _table(doc, "meta")
+    logging_ = _table(doc, "logging")
+
+    values: dict[str, Any] = {}
+
+    # [upstream]
+    values["upstream_url"] = env.get("RELAYD_UPSTREAM") or _str(upstream, "url", "upstream")
+    values["organization"] = env.get("OPENAI_ORGANIZATION") or _str(
+        upstream, "organization", "upstream"
+    )
+    values["project"] = env.get("OPENAI_PROJECT") or _str(upstream, "project", "upstream")
+    values["upstream_key"] = _upstream_key(env, upstream, base)
+    for name, key in (
+        ("connect_timeout_s", "connect_timeout"),
+        ("first_byte_timeout_s", "first_byte_timeout"),
+        ("idle_timeout_s", "idle_timeout"),
+    ):
+        env_name = f"RELAYD_{key.upper()}"
+        values[name] = _seconds(env.get(env_name), env_name) or _num(upstream, key, "upstream")
+    values["max_upstream_connections"] = _int(upstream, "max_connections", "upstream")
+    keepalive = upstream.get("sse_keepalive")
+    if keepalive is not None:
+        values["sse_keepalive_s"] = None if keepalive == 0 else _positive(keepalive, "sse_keepalive")
+
+    # [server]
+    listen_text = env.get("RELAYD_LISTEN") or _str(server, "listen", "server")
+    if listen_text:
+        values["listen"] = parse_listen(listen_text)
+    values["public_url"] = env.get("RELAYD_PUBLIC_URL") or _str(server, "public_url", "server")
+    workers = env.get("RELAYD_WORKERS")
+    values["workers"] = _int_text(workers, "RELAYD_WORKERS") if workers else _int(
+        server, "workers", "server"
+    )
+    values["drain_timeout_s"] = _num(server, "drain_timeout", "server")
+
+    # [auth]
+    keys_file = env.get("RELAYD_KEYS_FILE") or _path(auth, "keys_file", base)
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if not keys_file and cred_dir and (Path(cred_dir) / CREDENTIAL_RELAY_KEYS).is_file():
+        keys_file = str(Path(cred_dir) / CREDENTIAL_RELAY_KEYS)
+    values["keys_file"] = keys_file
+    values["keys"] = _collect_keys(env.get("RELAYD_KEYS"), keys_file, auth.get("keys", []))
+    values["auth_disabled"] = _bool(auth, "disabled", "auth")
+    values["key_header"] = _str(auth, "header", "auth")
+    public = auth.get("public_paths")
+    if public is not None:
+        values["public_paths"] = tuple(_str_list(public, "auth.public_paths"))
+
+    # [limits]
+    for name, key in (
+        ("max_body_bytes", "max_body_bytes"),
+        ("max_json_bytes", "max_json_bytes"),
+        ("max_header_bytes", "max_header_bytes"),
+    ):
+        values[name] = _int(limits, key, "limits")
+    values["header_timeout_s"] = _num(limits, "header_timeout", "limits")
+    values["keepalive_timeout_s"] = _num(limits, "keepalive_timeout", "limits")
+
+    # [policy]
+    if "allow" in policy:
+        values["policy_allow"] = tuple(_str_list(policy["allow"], "policy.allow"))
+    if "deny" in policy:
+        values["policy_deny"] = tuple(_str_list(policy["deny"], "policy.deny"))
+
+    # [meta]
+    values["relay_name"] = _str(meta, "name", "meta")
+    values["environment"] = env.get("RELAYD_ENVIRONMENT") or _str(meta, "environment", "meta")
+    values["default_model"] = env.get("RELAYD_DEFAULT_MODEL") or _str(
+        meta, "default_model", "meta"
+    )
+    values["tools_manifest"] = env.get("RELAYD_TOOLS_MANIFEST") or _path(
+        meta, "tools_manifest", base
+    )
+    plugin = meta.get("ai_plugin")
+    if plugin is not None:
+        if not isinstance(plugin, dict):
+            raise ConfigError("[meta] ai_plugin must be a table")
+        values["ai_plugin"] = plugin
+
+    # [logging]
+    values["log_format"] = env.get("RELAYD_LOG_FORMAT") or _str(logging_, "format", "logging")
+    values["log_level"] = env.get("RELAYD_LOG_LEVEL") or _str(logging_, "level", "logging")
+
+    settings = Settings(**{k: v for k, v in values.items() if v is not None})
+    validate(settings, require_upstream_key=require_upstream_key)
+    return settings
+
+
+def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
+    """Raise ConfigError for settings that would be unsafe or cannot work."""
+    if require_upstream_key and not settings.upstream_key:
+        raise ConfigError(
+            "no upstream key: set OPENAI_API_KEY, OPENAI_API_KEY_FILE, or a systemd "
+            f"credential named {CREDENTIAL_UPSTREAM_KEY!r}"
+        )
+    if settings.upstream_key and any(c.isspace() for c in settings.upstream_key):
+        raise ConfigError("the upstream key contains whitespace; check the key file")
+    parts = urlsplit(settings.upstream_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"upstream url {settings.upstream_url!r} must be an absolute http(s) URL"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError("upstream url must not carry a query or fragment")
+    if settings.public_url is not None:
+        public = urlsplit(settings.public_url)
+        if public.scheme != "https" or not public.hostname:
+            raise ConfigError(
+                f"public url {settings.public_url!r} must be an https origin "
+                "(ChatGPT only calls https servers)"
+            )
+    if settings.log_format not in ("console", "json"):
+        raise ConfigError("log format must be 'console' or 'json'")
+    if settings.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log level must be one of debug, info, warning, error")
+    if settings.workers < 1:
+        raise ConfigError("workers must be at least 1")
+    if settings.workers > 1 and settings.listen.is_unix:
+        raise ConfigError("several workers need a TCP listen address (SO_REUSEPORT)")
+    if settings.max_upstream_connections < 1:
+        raise ConfigError("upstream max_connections must be at least 1")
+    for name in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name.removesuffix('_s')} must be a positive number of seconds")
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", settings.key_header) or settings.key_header.lower() in (
+        "authorization",
+        "host",
+        "cookie",
+    ):
+        raise ConfigError(f"auth header {settings.key_header!r} is not a usable header name")
+    names = [k.name for k in settings.keys]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"relay key names must be unique; repeated: {', '.join(dupes)}")
+    if not settings.keys and not settings.auth_disabled and not settings.listen.is_loopback:
+        raise ConfigError(
+            f"no relay keys are configured and relayd would listen on {settings.listen}, "
+            "which is not a loopback address: set RELAYD_KEYS or RELAYD_KEYS_FILE, or set "
+            "[auth] disabled = true if another layer authenticates every request"
+        )
+    _check_proxy_loop(settings)
+
+
+def _check_proxy_loop(settings: Settings) -> None:
+    """Refuse an upstream that is relayd itself (the predecessor's "proxy loop" check)."""
+    up = urlsplit(settings.upstream_url)
+    up_port = up.port or (443 if up.scheme == "https" else 80)
+    up_host = (up.hostname or "").lower()
+    ours: list[tuple[str, int]] = []
+    if not settings.listen.is_unix and settings.listen.host and settings.listen.port:
+        host = settings.listen.host.lower()
+        ours.append((host, settings.listen.port))
+        if host in ("0.0.0.0", "::", ""):
+            ours += [("127.0.0.1", settings.listen.port), ("localhost", settings.listen.port)]
+        if host in ("127.0.0.1", "::1"):
+            ours.append(("localhost", settings.listen.port))
+        if host == "localhost":
+            ours += [("127.0.0.1", settings.listen.port), ("::1", settings.listen.port)]
+    if settings.public_url:
+        pub = urlsplit(settings.public_url)
+        ours.append(((pub.hostname or "").lower(), pub.port or 443))
+    if (up_host, up_port) in ours:
+        raise ConfigError(
+            f"upstream {settings.upstream_url} points back at relayd itself "
+            f"({up_host}:{up_port}); requests would loop forever"
+        )
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def _upstream_key(env: Mapping[str, str], upstream: Mapping[str, Any], base: Path) -> str | None:
+    if env.get("OPENAI_API_KEY"):
+        return env["OPENAI_API_KEY"].strip()
+    if env.get("OPENAI_API_KEY_FILE"):
+        return _read_secret(Path(env["OPENAI_API_KEY_FILE"]), "OPENAI_API_KEY_FILE")
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / CREDENTIAL_UPSTREAM_KEY).is_file():
+        return _read_secret(Path(cred_dir) / CREDENTIAL_UPSTREAM_KEY, "systemd credential")
+    key_file = _path(upstream, "api_key_file", base)
+    if key_file:
+        return _read_secret(Path(key_file), "[upstream] api_key_file")
+    return _str(upstream, "api_key", "upstream")
+
+
+def _read_secret(path: Path, origin: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {origin} {str(path)!r}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(f"{origin} {str(path)!r} is empty")
+    return text
+
+
+def hash_key(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def _make_key(name: str, secret: str, scopes: frozenset[str] | None, origin: str) -> RelayKey:
+    if not _KEY_NAME.match(name):
+        raise ConfigError(f"{origin}: key name {name!r} may use letters, digits and _.@- only")
+    if secret.startswith("sha256:"):
+        hexdigest = secret.removeprefix("sha256:")
+        if not _HEX64.match(hexdigest):
+            raise ConfigError(f"{origin}: key {name!r} has a malformed sha256 digest")
+        return RelayKey(name, bytes.fromhex(hexdigest), scopes)
+    if len(secret) < 16 or any(c.isspace() for c in secret):
+        raise ConfigError(
+            f"{origin}: key {name!r} must be at least 16 characters with no spaces"
+        )
+    return RelayKey(name, hash_key(secret), scopes)
+
+
+def _parse_scopes(text: str, origin: str) -> frozenset[str]:
+    scopes = frozenset(s.strip() for s in text.split(",") if s.strip())
+    if not scopes:
+        raise ConfigError(f"{origin}: scopes= lists no route group")
+    return scopes
+
+
+def parse_keys_env(text: str) -> tuple[RelayKey, ...]:
+    """``RELAYD_KEYS``: comma-separated ``key`` or ``name:key`` entries."""
+    keys = []
+    for index, item in enumerate(s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        name, sep, secret = item.partition(":")
+        if not sep:
+            name, secret = f"key{index + 1}", item
+        keys.append(_make_key(name, secret, None, "RELAYD_KEYS"))
+    return tuple(keys)
+
+
+def parse_keys_file(path: str) -> tuple[RelayKey, ...]:
+    """One ``name:key`` or ``name:sha256:<hex>`` per line, optionally followed by
+    ``scopes=group,group``; ``#`` starts a comment."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read keys file {path!r}: {exc.strerror}") from None
+    keys = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        origin = f"keys file {path}, line {number}"
+        entry, *rest = line.split()
+        name, sep, secret = entry.partition(":")
+        if not sep or not secret:
+            raise ConfigError(f"{origin}: expected name:key or name:sha256:<hex>")
+        scopes = None
+        for option in rest:
+            label, _, value = option.partition("=")
+            if label != "scopes":
+                raise ConfigError(f"{origin}: unknown option {label!r} (only scopes=)")
+            scopes = _parse_scopes(value, origin)
+        keys.append(_make_key(name, secret, scopes, origin))
+    return tuple(keys)
+
+
+def _collect_keys(
+    env_keys: str | None, keys_file: str | None, toml_keys: Any
+) -> tuple[RelayKey, ...]:
+    keys: list[RelayKey] = []
+    if env_keys:
+        keys += parse_keys_env(env_keys)
+    if keys_file:
+        keys += parse_keys_file(keys_file)
+    if not isinstance(toml_keys, list):
+        raise ConfigError("[auth] keys must be an array of tables ([[auth.keys]])")
+    for index, entry in enumerate(toml_keys, 1):
+        origin = f"[[auth.keys]] #{index}"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{origin}: needs name and sha256 (or key)")
+        if "sha256" in entry:
+            secret = f"sha256:{entry['sha256']}"
+        elif "key" in entry:
+            secret = str(entry["key"])
+        else:
+            raise ConfigError(f"{origin}: needs sha256 = \"<hex>\" (or key)")
+        scopes = None
+        if "scopes" in entry:
+            scopes = frozenset(_str_list(entry["scopes"], f"{origin}.scopes"))
+        keys.append(_make_key(str(entry["name"]), secret, scopes, origin))
+    return tuple(keys)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_listen(text: str) -> Listen:
+    if text.startswith("unix:"):
+        path = text.removeprefix("unix:")
+        if not path:
+            raise ConfigError("listen unix: needs a socket path")
+        return Listen(host=None, port=None, path=path)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"listen {text!r} must be host:port or unix:/path")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"listen port {port} is out of range")
+    host = host.strip("[]") or "0.0.0.0"
+    return Listen(host=host, port=port)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective settings with every secret replaced, for ``check-config``."""
+    out: dict[str, Any] = {}
+    for name in settings.__dataclass_fields__:
+        value = getattr(settings, name)
+        if name == "upstream_key":
+            value = "<set>" if value else "<missing>"
+        elif name == "keys":
+            value = [
+                {"name": k.name, "scopes": sorted(k.scopes) if k.scopes else "all"}
+                for k in value
+            ]
+        elif isinstance(value, Listen):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[name] = value
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+
+
+def _table(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def _str(table: Mapping[str, Any], key: str, section: str) -> str | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"[{section}] {key} must be a string")
+    return value or None
+
+
+def _path(table: Mapping[str, Any], key: str, base: Path) -> str | None:
+    value = _str(table, key, "config")
+    return None if value is None else str(base / value)
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of strings")
+    return list(value)
+
+
+def _bool(table: Mapping[str, Any], key: str, section: str) -> bool | None:
+    value = table.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"[{section}] {key} must be true or false")
+    return value
+
+
+def _num(table: Mapping[str, Any], key: str, section: str) -> float | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"[{section}] {key} must be a number")
+    return _positive(value, f"[{section}] {key}")
+
+
+def _positive(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where} must be a positive number")
+    return float(value)
+
+
+def _int(table: Mapping[str, Any], key: str, section: str) -> int | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"[{section}] {key} must be a whole number")
+    return value
+
+
+def _int_text(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {text!r}") from None
+
+
+def _seconds(text: str | None, name: str) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {text!r}") from None
+    return _positive(value, name)
+
+
+def scopes_of(keys: Iterable[RelayKey]) -> set[str]:
+    return {scope for key in keys if key.scopes for scope in key.scopes}

@@ -1,0 +1,170 @@
+"""What every relaying handler does: send upstream, then stream the answer back.
+
+Handlers decide *what* goes upstream; these helpers do the rest the same way for
+all of them: body streaming under the cap, header hygiene, honest stream endings,
+and redaction of upstream error bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from typing import Any, Final
+
+from aiohttp import ClientResponse, StreamReader, web
+from multidict import CIMultiDict
+
+from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
+from relayd.headers import redact_secrets, response_headers
+from relayd.policy import check_raw_path
+from relayd.state import BROKEN, SETTINGS, UPSTREAM, UPSTREAM_REQUEST_ID
+from relayd.streams import BrokenStreamError, SSEPump, abort, is_event_stream, pump
+from relayd.streams import pump_request_body
+from relayd.upstream import mapped_errors
+
+__all__ = ["checked_path", "read_json_object", "relay", "send_back"]
+
+log = logging.getLogger("relayd.relay")
+
+# Error bodies are read whole to redact them; OpenAI's are a few hundred bytes.
+ERROR_BODY_CAP: Final = 1024 * 1024
+
+_CLIENT_BODY: Final = object()
+
+
+def checked_path(request: web.Request) -> str:
+    """The raw path and query, refused (400) if it hides a path trick."""
+    problem = check_raw_path(request.raw_path)
+    if problem is not None:
+        raise BadRequestError(f"Invalid request path: {problem}.", code="invalid_path")
+    return request.raw_path
+
+
+def _client_body(request: web.Request, limit: int) -> tuple[Any, bool]:
+    """The client's body as a stream for upstream, and whether its length is kept."""
+    if not request.body_exists:
+        return None, True
+    if request.headers.get("Content-Encoding"):
+        # aiohttp already decompressed it: the bytes differ from the declared length.
+        return pump_request_body(request.content, limit), False
+    if request.content_length is not None:
+        return request.content, True  # the HTTP parser holds the client to its length
+    return pump_request_body(request.content, limit), True
+
+
+async def relay(
+    request: web.Request,
+    method: str,
+    path_qs: str,
+    *,
+    data: Any = _CLIENT_BODY,
+    headers: CIMultiDict[str] | None = None,
+) -> web.StreamResponse:
+    """Send one request upstream and stream its answer back to the client.
+
+    ``data`` defaults to the client's own body, streamed; handlers that re-encode
+    pass bytes (and matching ``headers``). Client hang-up cancels the handler, which
+    closes the upstream connection; an upstream break after the head aborts the
+    client connection.
+    """
+    upstream = request.app[UPSTREAM]
+    settings = request.app[SETTINGS]
+    if data is _CLIENT_BODY:
+        data, keep_length = _client_body(request, settings.max_body_bytes)
+        headers = upstream.headers(request.headers, keep_length=keep_length)
+    elif headers is None:
+        headers = upstream.headers(request.headers, keep_length=False)
+    async with upstream.open(method, path_qs, headers=headers, data=data) as answer:
+        return await send_back(request, answer)
+
+
+async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamResponse:
+    """Stream an upstream response to the client, unchanged but for headers."""
+    if (upstream_id := answer.headers.get("x-request-id")) is not None:
+        request[UPSTREAM_REQUEST_ID] = upstream_id
+    if answer.status >= 400:
+        return await _error_back(request, answer)
+    settings = request.app[SETTINGS]
+    sse = is_event_stream(answer.headers.get("Content-Type"))
+    encoded = answer.headers.get("Content-Encoding", "identity").lower() != "identity"
+    # Keepalive comments change the byte count and cannot go inside a compressed stream.
+    keepalive = settings.sse_keepalive_s if sse and not encoded else None
+    headers = response_headers(answer.headers, keep_length=keepalive is None)
+    if sse:
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
+    await response.prepare(request)
+    try:
+        if keepalive is not None:
+            await SSEPump(answer.content, response, keepalive_s=keepalive).run()
+        else:
+            await pump(answer.content, response)
+    except BrokenStreamError as exc:
+        log.warning("upstream stream broke after %d bytes: %s", response.body_length, exc)
+        request[BROKEN] = str(exc)
+        abort(request)
+        return response  # aiohttp's write_eof then fails quietly on the closed transport
+    except ConnectionResetError:
+        return response  # the client left; leaving the block closes the upstream request
+    await response.write_eof()
+    return response
+
+
+async def _read_capped(content: StreamReader, cap: int) -> bytes:
+    body = await content.read(cap + 1)
+    if len(body) > cap:
+        raise UpstreamUnavailableError("The upstream API sent an oversized error body.")
+    return body
+
+
+def _decode(body: bytes, encoding: str) -> bytes:
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, ERROR_BODY_CAP)
+    if encoding == "deflate":
+        return zlib.decompressobj().decompress(body, ERROR_BODY_CAP)
+    raise UpstreamUnavailableError(f"The upstream API used an unexpected encoding ({encoding}).")
+
+
+async def _error_back(request: web.Request, answer: ClientResponse) -> web.Response:
+    """Pass an upstream error through, with anything that echoes a key removed.
+
+    OpenAI's 401 says "Incorrect API key provided: sk-…"; forwarding that verbatim
+    leaks the operator key's prefix and suffix (nyroway/nyro#67).
+    """
+    with mapped_errors():
+        raw = await _read_capped(answer.content, ERROR_BODY_CAP)
+    try:
+        body = _decode(raw, answer.headers.get("Content-Encoding", ""))
+    except zlib.error as exc:
+        raise UpstreamUnavailableError("The upstream API sent a corrupt error body.") from exc
+    body = redact_secrets(body, (request.app[SETTINGS].upstream_key,))
+    headers = response_headers(answer.headers, keep_length=False)
+    return web.Response(status=answer.status, reason=answer.reason, body=body, headers=headers)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, for the few handlers that must re-encode it.
+
+    Bounded by the app's ``client_max_size`` (413 past it); malformed JSON, invalid
+    UTF-8 and non-objects are the caller's mistake (400).
+    """
+    if request.content_type != "application/json":
+        raise BadRequestError("Expected a JSON body (Content-Type: application/json).")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLargeError(
+            f"JSON body exceeds the relay's limit of {request.app[SETTINGS].max_json_bytes} bytes."
+        ) from exc
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequestError(f"Request body is not valid JSON: {exc}.", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise BadRequestError("Request body must be a JSON object.", code="invalid_json")
+    return payload

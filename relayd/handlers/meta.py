@@ -1,0 +1,181 @@
+"""Routes relayd answers itself: health, ping, relay info, manifest, tools, documents.
+
+Nothing here calls upstream or reveals a secret; ``/manifest`` and the OpenAPI
+documents are derived from the route table at request time.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from relayd import __version__
+from relayd.errors import NotFoundError
+from relayd.openapi import build_openapi
+from relayd.state import KEYRING, SETTINGS, STARTED, TABLE, TOOLS, UPSTREAM
+
+__all__ = [
+    "ai_plugin",
+    "get_tool",
+    "health",
+    "list_tools",
+    "manifest",
+    "openapi_actions",
+    "openapi_full",
+    "ping",
+    "relay_info",
+    "relay_info_flat",
+]
+
+
+async def health(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    upstream = request.app[UPSTREAM]
+    return web.json_response(
+        {
+            "object": "health",
+            "status": "ok",
+            "environment": settings.environment,
+            "default_model": settings.default_model,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "relay": {
+                "name": settings.relay_name,
+                "version": __version__,
+                "auth_required": settings.auth_required,
+                "key_header": settings.key_header,
+                "keys_configured": len(request.app[KEYRING].keys),
+                "uptime_s": round(time.monotonic() - request.app[STARTED], 3),
+            },
+            "upstream": {
+                "base_url": upstream.base_url,
+                "api_key_configured": bool(settings.upstream_key),
+                "in_flight": upstream.in_flight,
+            },
+            "meta": {
+                "python": platform.python_version(),
+                "aiohttp": aiohttp.__version__,
+            },
+        }
+    )
+
+
+async def ping(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return web.json_response(
+        {
+            "object": "relay.ping",
+            "status": "ok",
+            "source": settings.relay_name,
+            "environment": settings.environment,
+            "timestamp": datetime.now(UTC).isoformat(),
+        }
+    )
+
+
+async def relay_info_flat(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return web.json_response(
+        {
+            "relay_name": settings.relay_name,
+            "version": __version__,
+            "environment": settings.environment,
+            "default_model": settings.default_model,
+            "base_openai_api": request.app[UPSTREAM].base_url,
+        }
+    )
+
+
+async def relay_info(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return web.json_response(
+        {
+            "type": "relay.info",
+            "relay": {
+                "name": settings.relay_name,
+                "version": __version__,
+                "environment": settings.environment,
+            },
+            "upstream": {
+                "base_url": request.app[UPSTREAM].base_url,
+                "default_model": settings.default_model,
+            },
+        }
+    )
+
+
+async def manifest(request: web.Request) -> web.Response:
+    """Every declared route with its group and exposure (derived from the table)."""
+    settings = request.app[SETTINGS]
+    routes: list[dict[str, Any]] = []
+    groups: dict[str, list[str]] = {}
+    for route in request.app[TABLE].documented():
+        routes.append(
+            {
+                "method": route.method,
+                "path": route.path,
+                "group": route.group,
+                "exposure": route.exposure.value,
+                "operation_id": route.operation_id,
+                "summary": route.summary,
+            }
+        )
+        paths = groups.setdefault(route.group, [])
+        if route.path not in paths:
+            paths.append(route.path)
+    return web.json_response(
+        {
+            "object": "relay.manifest",
+            "relay": {"name": settings.relay_name, "version": __version__},
+            "auth": {
+                "required": settings.auth_required,
+                "schemes": ["bearer", settings.key_header],
+            },
+            "openapi": {"full": "/openapi.json", "actions": "/openapi.actions.json"},
+            "groups": groups,
+            "routes": routes,
+        }
+    )
+
+
+async def list_tools(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": list(request.app[TOOLS].values())})
+
+
+async def get_tool(request: web.Request) -> web.Response:
+    tool_id = request.match_info["tool_id"]
+    tool = request.app[TOOLS].get(tool_id)
+    if tool is None:
+        raise NotFoundError(f"No tool with id {tool_id!r}.", param="tool_id", code="tool_not_found")
+    return web.json_response(tool)
+
+
+async def ai_plugin(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    origin = settings.public_url or f"{request.scheme}://{request.host}"
+    document: dict[str, Any] = {
+        "schema_version": "v1",
+        "name_for_human": settings.relay_name,
+        "name_for_model": settings.relay_name.replace("-", "_"),
+        "description_for_human": "A relay to the OpenAI API for this team.",
+        "description_for_model": "Calls the OpenAI API through the team's relay.",
+        "auth": {"type": "user_http", "authorization_type": "bearer"},
+        "api": {"type": "openapi", "url": f"{origin}/openapi.actions.json"},
+    }
+    if settings.ai_plugin:
+        document.update(settings.ai_plugin)
+    return web.json_response(document)
+
+
+async def openapi_full(request: web.Request) -> web.Response:
+    return web.json_response(
+        build_openapi(request.app[TABLE], request.app[SETTINGS], actions=False)
+    )
+
+
+async def openapi_actions(request: web.Request) -> web.Response:
+    return web.json_response(build_openapi(request.app[TABLE], request.app[SETTINGS], actions=True))

@@ -1,0 +1,88 @@
+"""OpenAI pass-through: same path, method, query, body, status and headers.
+
+Only the credentials change hands (relay key out, upstream key in). Three routes
+add one decision before relaying: ``/v1/responses:stream`` forces ``stream: true``,
+file downloads refuse ``user_data`` files, and the catch-all asks the path policy.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from relayd.errors import (
+    MethodNotAllowedError,
+    NotFoundError,
+    PermissionDeniedError,
+    UpstreamUnavailableError,
+)
+from relayd.handlers.common import checked_path, read_json_object, relay
+from relayd.policy import Verdict, decide
+from relayd.state import SETTINGS, TABLE, UPSTREAM
+from relayd.upstream import mapped_errors
+
+__all__ = ["create_response_stream", "download_file", "forward", "forward_by_policy"]
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    return await relay(request, request.method, checked_path(request))
+
+
+async def create_response_stream(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses:stream``: ``POST /v1/responses`` with ``stream: true``."""
+    checked_path(request)
+    payload = await read_json_object(request)
+    payload["stream"] = True
+    query = request.rel_url.raw_query_string
+    path = "/v1/responses" + (f"?{query}" if query else "")
+    return await relay(request, "POST", path, data=json.dumps(payload).encode())
+
+
+async def download_file(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/files/{file_id}/content``, refusing files whose purpose is user_data.
+
+    The file's metadata is asked first; its purpose cannot change, and the extra
+    round trip buys the guarantee that a user's private upload never leaves
+    through the relay (the predecessor's guard never fired).
+    """
+    path = checked_path(request)
+    file_id = request.match_info["file_id"]
+    upstream = request.app[UPSTREAM]
+    headers = upstream.headers({"Accept": "application/json"})
+    async with upstream.open("GET", f"/v1/files/{file_id}", headers=headers) as meta:
+        if meta.status == 200:
+            try:
+                with mapped_errors():
+                    info = await meta.json(content_type=None)
+            except ValueError as exc:  # fail closed: no verdict, no download
+                raise UpstreamUnavailableError("The upstream API sent malformed file metadata.") from exc
+            if isinstance(info, dict) and info.get("purpose") == "user_data":
+                raise PermissionDeniedError(
+                    "Files with purpose 'user_data' cannot be downloaded through this relay.",
+                    code="user_data_download_forbidden",
+                    param="file_id",
+                )
+    # Any other answer (404, 401, …) comes back from the content request itself.
+    return await relay(request, "GET", path)
+
+
+async def forward_by_policy(request: web.Request) -> web.StreamResponse:
+    """The catch-all under ``/v1/``: paths the route table does not declare."""
+    path = checked_path(request).split("?", 1)[0]
+    allowed = request.app[TABLE].methods_for(path)
+    if allowed:
+        raise MethodNotAllowedError(
+            f"Method {request.method} is not allowed on {path}; allowed: "
+            f"{', '.join(sorted(allowed))}.",
+            headers={"Allow": ", ".join(sorted(allowed))},
+        )
+    verdict, rule = decide(path, request.app[SETTINGS])
+    if verdict is Verdict.DENY:
+        raise PermissionDeniedError(
+            f"{path} is denied by this relay's path policy (rule {rule!r}).",
+            code="path_denied",
+        )
+    if verdict is Verdict.UNKNOWN:
+        raise NotFoundError(f"Unknown request URL: {request.method} {path}.")
+    return await relay(request, request.method, request.raw_path)

@@ -1,0 +1,48 @@
+"""Request limits checked before any handler runs and before any body is read.
+
+- total size of the request head (aiohttp bounds each header line, not their sum);
+- ``Content-Type`` against what the route accepts (415);
+- a declared ``Content-Length`` against the body cap (413); bodies without a length
+  are counted as they stream (streams.pump_request_body) and cut at the same cap.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from relayd.errors import (
+    PayloadTooLargeError,
+    RequestHeaderTooLargeError,
+    UnsupportedMediaTypeError,
+)
+from relayd.routing import Handler
+from relayd.state import ROUTE, SETTINGS
+
+__all__ = ["limits_middleware"]
+
+
+@web.middleware
+async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    head = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+    if head > settings.max_header_bytes:
+        raise RequestHeaderTooLargeError(
+            f"Request headers total {head} bytes; the limit is {settings.max_header_bytes}."
+        )
+    route = request.get(ROUTE)
+    if route is None or not request.body_exists:
+        return await handler(request)
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        raise PayloadTooLargeError(
+            f"Request body of {length} bytes exceeds the relay's limit of "
+            f"{settings.max_body_bytes} bytes."
+        )
+    accepted = route.body.media_types
+    if accepted and request.content_type not in accepted:
+        raise UnsupportedMediaTypeError(
+            f"{route.method} {route.path} expects {' or '.join(accepted)}, "
+            f"not {request.content_type or 'a body without Content-Type'}.",
+        )
+    # Body.NONE and Body.ANY accept whatever comes (SDKs send "{}" on cancels).
+    return await handler(request)

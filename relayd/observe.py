@@ -1,0 +1,154 @@
+"""Request ids and the access log: one line per request, never a body or a secret.
+
+The line carries the relay request id, key name, method, route template (not the
+concrete path: ids in paths are the client's business), status, bytes in and out,
+duration and upstream ``x-request-id``. A stream that broke is marked as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from typing import Final
+
+from aiohttp import web
+
+from relayd.errors import CLIENT_CLOSED
+from relayd.routing import Handler
+from relayd.state import BROKEN, KEY, REQUEST_ID, ROUTE, UPSTREAM_REQUEST_ID
+
+__all__ = ["REQUEST_ID_HEADER", "access_middleware", "add_request_id", "setup_logging"]
+
+REQUEST_ID_HEADER: Final = "X-Relay-Request-Id"
+_SANE_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+access_log = logging.getLogger("relayd.access")
+
+
+def _request_id(request: web.Request) -> str:
+    """The client's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+    offered = request.headers.get("X-Request-Id", "")
+    if _SANE_ID.fullmatch(offered):
+        return offered
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[REQUEST_ID] = _request_id(request)
+    started = time.perf_counter()
+    status = 500
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED  # handler_cancellation: the client hung up
+        raise
+    finally:
+        # Synchronous on purpose: an await here could be interrupted by a second
+        # cancellation and lose the line (DESIGN: accounting in finally is sync).
+        _log_access(request, response, status, time.perf_counter() - started)
+
+
+def _log_access(
+    request: web.Request, response: web.StreamResponse | None, status: int, duration: float
+) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    route = request.get(ROUTE)
+    key = request.get(KEY)
+    fields = {
+        "request_id": request.get(REQUEST_ID),
+        "key": key.name if key else None,
+        "method": request.method,
+        "route": route.path if route else None,
+        "group": route.group if route else None,
+        "status": status,
+        "bytes_in": request.content_length,
+        "bytes_out": _bytes_out(response),
+        "duration_ms": round(duration * 1000, 2),
+        "upstream_request_id": request.get(UPSTREAM_REQUEST_ID),
+    }
+    if broken := request.get(BROKEN):
+        fields["broken"] = broken
+    access_log.info("access", extra={"fields": fields})
+
+
+def _bytes_out(response: web.StreamResponse | None) -> int:
+    if response is None:
+        return 0
+    if response.prepared:
+        return response.body_length
+    # A plain Response is written after the middlewares return; its size is known.
+    return response.content_length or 0
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every answer, streamed or not, carries the relay id."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
+
+
+# --------------------------------------------------------------------------- formatting
+
+_JOURNAL_PRIORITY: Final = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, *, json_lines: bool, journald: bool) -> None:
+        super().__init__()
+        self._json = json_lines
+        self._journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, object] = getattr(record, "fields", {})
+        if self._json:
+            entry: dict[str, object] = {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+                **fields,
+            }
+            if record.exc_info:
+                entry["exc"] = self.formatException(record.exc_info)
+            line = json.dumps(entry, default=str)
+        else:
+            extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line = f"{record.levelname.lower():<7} {record.name}: {record.getMessage()}"
+            if extra:
+                line += " " + extra
+            if record.exc_info:
+                line += "\n" + self.formatException(record.exc_info)
+        if self._journald:
+            # SyslogLevelPrefix=yes (the default) turns <N> into the journal PRIORITY.
+            line = f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    """Log to stderr; ``<N>`` priority prefixes when stderr is the journal."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _Formatter(json_lines=fmt == "json", journald=bool(os.environ.get("JOURNAL_STREAM")))
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's own access log is replaced by relayd.access.
+    logging.getLogger("aiohttp.access").disabled = True

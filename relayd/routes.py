@@ -1,0 +1,295 @@
+"""The route table: every route relayd serves, declared exactly once.
+
+Order matters only for the router: specific paths come before the ``/v1/`` catch-all,
+which is last. Operation ids follow OpenAI's published spec where one exists, so a
+reader can look them up there.
+"""
+
+from __future__ import annotations
+
+from relayd.handlers import meta
+from relayd.handlers.passthrough import (
+    create_response_stream,
+    download_file,
+    forward,
+    forward_by_policy,
+)
+from relayd.routing import Body, Exposure, Handler, Route, RouteTable
+
+__all__ = ["TABLE", "build_table"]
+
+J, M, JM, A = Body.JSON, Body.MULTIPART, Body.JSON_OR_MULTIPART, Body.ANY
+
+
+def _relay(
+    group: str,
+    method: str,
+    path: str,
+    operation_id: str,
+    summary: str,
+    body: Body = Body.NONE,
+    handler: Handler = forward,
+    exposure: Exposure = Exposure.RELAY,
+) -> Route:
+    return Route(method, path, handler, group, exposure, operation_id, summary, body)
+
+
+def _meta(
+    method: str, path: str, handler: Handler, exposure: Exposure, operation_id: str, summary: str
+) -> Route:
+    return Route(method, path, handler, "meta", exposure, operation_id, summary)
+
+
+PUBLIC, ACTIONS, INTERNAL = Exposure.PUBLIC, Exposure.ACTIONS, Exposure.INTERNAL
+
+_META = (
+    _meta("GET", "/", meta.health, PUBLIC, "getRoot", "Relay health (root)"),
+    _meta("GET", "/health", meta.health, PUBLIC, "getHealth", "Relay health"),
+    _meta("GET", "/v1/health", meta.health, PUBLIC, "getHealthV1", "Relay health"),
+    _meta("GET", "/actions/ping", meta.ping, ACTIONS, "pingActions", "Check the relay answers"),
+    _meta("GET", "/v1/actions/ping", meta.ping, ACTIONS, "ping", "Check the relay answers"),
+    _meta(
+        "GET", "/actions/relay_info", meta.relay_info_flat, ACTIONS, "getRelayInfoFlat",
+        "Relay name, version and upstream (flat)",
+    ),
+    _meta(
+        "GET", "/v1/actions/relay_info", meta.relay_info, ACTIONS, "getRelayInfo",
+        "Relay name, version and upstream",
+    ),
+    _meta("GET", "/manifest", meta.manifest, PUBLIC, "getManifest", "Every route relayd serves"),
+    _meta(
+        "GET", "/v1/manifest", meta.manifest, Exposure.RELAY, "getManifestV1",
+        "Every route relayd serves",
+    ),
+    _meta("GET", "/v1/tools", meta.list_tools, Exposure.RELAY, "listTools", "List team tools"),
+    _meta(
+        "GET", "/v1/tools/{tool_id}", meta.get_tool, Exposure.RELAY, "getTool", "Get one team tool"
+    ),
+    _meta(
+        "GET", "/.well-known/ai-plugin.json", meta.ai_plugin, PUBLIC, "getAiPlugin",
+        "Plugin manifest for ChatGPT",
+    ),
+    _meta("GET", "/openapi.json", meta.openapi_full, PUBLIC, "getOpenAPI", "This API's OpenAPI"),
+    _meta(
+        "GET", "/openapi.actions.json", meta.openapi_actions, PUBLIC, "getOpenAPIActions",
+        "OpenAPI subset for GPT Actions",
+    ),
+)
+
+_RESPONSES = (
+    _relay("responses", "POST", "/v1/responses", "createResponse", "Create a model response", J),
+    _relay(
+        "responses", "POST", "/v1/responses:stream", "createResponseStream",
+        "Create a model response, streamed as server-sent events", J, create_response_stream,
+    ),
+    _relay("responses", "POST", "/v1/responses/input_tokens", "getInputTokenCounts",
+           "Count input tokens", J),
+    _relay("responses", "POST", "/v1/responses/compact", "compactConversation",
+           "Compact a conversation", J),
+    _relay("responses", "GET", "/v1/responses/{response_id}", "getResponse", "Get a response"),
+    _relay("responses", "DELETE", "/v1/responses/{response_id}", "deleteResponse",
+           "Delete a response"),
+    _relay("responses", "POST", "/v1/responses/{response_id}/cancel", "cancelResponse",
+           "Cancel a background response", A),
+    _relay("responses", "GET", "/v1/responses/{response_id}/input_items", "listInputItems",
+           "List a response's input items"),
+)
+
+_CONVERSATIONS = (
+    _relay("conversations", "POST", "/v1/conversations", "createConversation",
+           "Create a conversation", J),
+    _relay("conversations", "GET", "/v1/conversations/{conversation_id}", "getConversation",
+           "Get a conversation"),
+    _relay("conversations", "POST", "/v1/conversations/{conversation_id}", "updateConversation",
+           "Update a conversation", J),
+    _relay("conversations", "DELETE", "/v1/conversations/{conversation_id}",
+           "deleteConversation", "Delete a conversation"),
+    _relay("conversations", "POST", "/v1/conversations/{conversation_id}/items",
+           "createConversationItems", "Add items to a conversation", J),
+    _relay("conversations", "GET", "/v1/conversations/{conversation_id}/items",
+           "listConversationItems", "List a conversation's items"),
+    _relay("conversations", "GET", "/v1/conversations/{conversation_id}/items/{item_id}",
+           "getConversationItem", "Get a conversation item"),
+    _relay("conversations", "DELETE", "/v1/conversations/{conversation_id}/items/{item_id}",
+           "deleteConversationItem", "Delete a conversation item"),
+)
+
+_FILES = (
+    _relay("files", "GET", "/v1/files", "listFiles", "List files"),
+    _relay("files", "POST", "/v1/files", "createFile", "Upload a file (multipart)", M),
+    _relay("files", "GET", "/v1/files/{file_id}", "retrieveFile", "Get a file's metadata"),
+    _relay("files", "DELETE", "/v1/files/{file_id}", "deleteFile", "Delete a file"),
+    _relay("files", "GET", "/v1/files/{file_id}/content", "downloadFile",
+           "Download a file's content", handler=download_file),
+)
+
+_UPLOADS = (
+    _relay("uploads", "POST", "/v1/uploads", "createUpload", "Start a multi-part upload", J),
+    _relay("uploads", "POST", "/v1/uploads/{upload_id}/parts", "addUploadPart",
+           "Add a part to an upload (multipart)", M),
+    _relay("uploads", "POST", "/v1/uploads/{upload_id}/complete", "completeUpload",
+           "Complete an upload", J),
+    _relay("uploads", "POST", "/v1/uploads/{upload_id}/cancel", "cancelUpload",
+           "Cancel an upload", A),
+)
+
+_BATCHES = (
+    _relay("batches", "POST", "/v1/batches", "createBatch", "Create a batch", J),
+    _relay("batches", "GET", "/v1/batches", "listBatches", "List batches"),
+    _relay("batches", "GET", "/v1/batches/{batch_id}", "retrieveBatch", "Get a batch"),
+    _relay("batches", "POST", "/v1/batches/{batch_id}/cancel", "cancelBatch", "Cancel a batch",
+           A),
+)
+
+_VS = "/v1/vector_stores/{vector_store_id}"
+_VECTOR_STORES = (
+    _relay("vector_stores", "GET", "/v1/vector_stores", "listVectorStores",
+           "List vector stores"),
+    _relay("vector_stores", "POST", "/v1/vector_stores", "createVectorStore",
+           "Create a vector store", J),
+    _relay("vector_stores", "GET", _VS, "getVectorStore", "Get a vector store"),
+    _relay("vector_stores", "POST", _VS, "modifyVectorStore", "Modify a vector store", J),
+    _relay("vector_stores", "DELETE", _VS, "deleteVectorStore", "Delete a vector store"),
+    _relay("vector_stores", "POST", f"{_VS}/search", "searchVectorStore",
+           "Search a vector store", J),
+    _relay("vector_stores", "GET", f"{_VS}/files", "listVectorStoreFiles",
+           "List a vector store's files"),
+    _relay("vector_stores", "POST", f"{_VS}/files", "createVectorStoreFile",
+           "Add a file to a vector store", J),
+    _relay("vector_stores", "GET", f"{_VS}/files/{{file_id}}", "getVectorStoreFile",
+           "Get a vector store file"),
+    _relay("vector_stores", "POST", f"{_VS}/files/{{file_id}}",
+           "updateVectorStoreFileAttributes", "Update a vector store file's attributes", J),
+    _relay("vector_stores", "DELETE", f"{_VS}/files/{{file_id}}", "deleteVectorStoreFile",
+           "Remove a file from a vector store"),
+    _relay("vector_stores", "GET", f"{_VS}/files/{{file_id}}/content",
+           "retrieveVectorStoreFileContent", "Get a vector store file's parsed content"),
+    _relay("vector_stores", "POST", f"{_VS}/file_batches", "createVectorStoreFileBatch",
+           "Add files to a vector store in a batch", J),
+    _relay("vector_stores", "GET", f"{_VS}/file_batches/{{batch_id}}",
+           "getVectorStoreFileBatch", "Get a vector store file batch"),
+    _relay("vector_stores", "POST", f"{_VS}/file_batches/{{batch_id}}/cancel",
+           "cancelVectorStoreFileBatch", "Cancel a vector store file batch", A),
+    _relay("vector_stores", "GET", f"{_VS}/file_batches/{{batch_id}}/files",
+           "listFilesInVectorStoreBatch", "List the files of a vector store file batch"),
+)
+
+_CT = "/v1/containers/{container_id}"
+_CONTAINERS = (
+    _relay("containers", "GET", "/v1/containers", "listContainers", "List containers"),
+    _relay("containers", "POST", "/v1/containers", "createContainer", "Create a container", J),
+    _relay("containers", "GET", _CT, "retrieveContainer", "Get a container"),
+    _relay("containers", "DELETE", _CT, "deleteContainer", "Delete a container"),
+    _relay("containers", "POST", f"{_CT}/files", "createContainerFile",
+           "Add a file to a container", JM),
+    _relay("containers", "GET", f"{_CT}/files", "listContainerFiles",
+           "List a container's files"),
+    _relay("containers", "GET", f"{_CT}/files/{{file_id}}", "retrieveContainerFile",
+           "Get a container file"),
+    _relay("containers", "DELETE", f"{_CT}/files/{{file_id}}", "deleteContainerFile",
+           "Delete a container file"),
+    _relay("containers", "GET", f"{_CT}/files/{{file_id}}/content",
+           "retrieveContainerFileContent", "Download a container file's content"),
+)
+
+_VIDEOS = (
+    _relay("videos", "POST", "/v1/videos", "createVideo", "Create a video", JM),
+    _relay("videos", "GET", "/v1/videos", "listVideos", "List videos"),
+    _relay("videos", "POST", "/v1/videos/edits", "createVideoEdit", "Edit a video", JM),
+    _relay("videos", "POST", "/v1/videos/extensions", "createVideoExtension",
+           "Extend a video", JM),
+    _relay("videos", "POST", "/v1/videos/characters", "createVideoCharacter",
+           "Create a video character (multipart)", M),
+    _relay("videos", "GET", "/v1/videos/characters/{character_id}", "getVideoCharacter",
+           "Get a video character"),
+    _relay("videos", "GET", "/v1/videos/{video_id}", "getVideo", "Get a video"),
+    _relay("videos", "DELETE", "/v1/videos/{video_id}", "deleteVideo", "Delete a video"),
+    _relay("videos", "GET", "/v1/videos/{video_id}/content", "retrieveVideoContent",
+           "Download a video, thumbnail or spritesheet"),
+    _relay("videos", "POST", "/v1/videos/{video_id}/remix", "createVideoRemix",
+           "Remix a video", JM),
+)
+
+_IMAGES = (
+    _relay("images", "POST", "/v1/images/generations", "createImage", "Generate images", J),
+    _relay("images", "POST", "/v1/images/edits", "createImageEdit", "Edit images", JM),
+    _relay("images", "POST", "/v1/images/variations", "createImageVariation",
+           "Create image variations (multipart)", M),
+)
+
+_MODELS_AND_MORE = (
+    _relay("embeddings", "POST", "/v1/embeddings", "createEmbedding", "Create embeddings", J),
+    _relay("models", "GET", "/v1/models", "listModels", "List models"),
+    _relay("models", "GET", "/v1/models/{model}", "retrieveModel", "Get a model"),
+    _relay("models", "DELETE", "/v1/models/{model}", "deleteModel", "Delete a fine-tuned model"),
+    _relay("chat", "POST", "/v1/chat/completions", "createChatCompletion",
+           "Create a chat completion", J),
+    _relay("chat", "GET", "/v1/chat/completions", "listChatCompletions",
+           "List stored chat completions"),
+    _relay("chat", "GET", "/v1/chat/completions/{completion_id}", "getChatCompletion",
+           "Get a stored chat completion"),
+    _relay("chat", "POST", "/v1/chat/completions/{completion_id}", "updateChatCompletion",
+           "Update a stored chat completion", J),
+    _relay("chat", "DELETE", "/v1/chat/completions/{completion_id}", "deleteChatCompletion",
+           "Delete a stored chat completion"),
+    _relay("chat", "GET", "/v1/chat/completions/{completion_id}/messages",
+           "getChatCompletionMessages", "List a stored chat completion's messages"),
+    _relay("moderations", "POST", "/v1/moderations", "createModeration", "Classify content", J),
+    _relay("audio", "POST", "/v1/audio/speech", "createSpeech", "Generate speech", J),
+    _relay("audio", "POST", "/v1/audio/transcriptions", "createTranscription",
+           "Transcribe audio (multipart)", M),
+    _relay("audio", "POST", "/v1/audio/translations", "createTranslation",
+           "Translate audio to English (multipart)", M),
+)
+
+_REALTIME = (
+    _relay("realtime", "POST", "/v1/realtime/client_secrets", "createRealtimeClientSecret",
+           "Create an ephemeral realtime client secret", J),
+    _relay("realtime", "POST", "/v1/realtime/calls", "createRealtimeCall",
+           "Start a realtime call (SDP)", A),
+    _relay("realtime", "POST", "/v1/realtime/calls/{call_id}/accept", "acceptRealtimeCall",
+           "Accept an incoming realtime call", J),
+    _relay("realtime", "POST", "/v1/realtime/calls/{call_id}/hangup", "hangupRealtimeCall",
+           "Hang up a realtime call", A),
+    _relay("realtime", "POST", "/v1/realtime/calls/{call_id}/refer", "referRealtimeCall",
+           "Transfer a realtime call", J),
+    _relay("realtime", "POST", "/v1/realtime/calls/{call_id}/reject", "rejectRealtimeCall",
+           "Reject an incoming realtime call", J),
+    _relay("realtime", "POST", "/v1/realtime/translations/client_secrets",
+           "createRealtimeTranslationClientSecret",
+           "Create an ephemeral realtime translation secret", J),
+    _relay("realtime", "POST", "/v1/realtime/sessions", "createRealtimeSession",
+           "Create a realtime session (legacy)", J),
+    _relay("realtime", "POST", "/v1/realtime/transcription_sessions",
+           "createRealtimeTranscriptionSession",
+           "Create a realtime transcription session (legacy)", J),
+)
+
+# Last: everything else under /v1/ is decided by the path policy (policy.py).
+_CATCH_ALL = (
+    Route("*", "/v1/{tail:.*}", forward_by_policy, "policy", INTERNAL, "relayByPolicy",
+          "Other upstream paths, as the path policy allows", A),
+)
+
+
+def build_table() -> RouteTable:
+    return RouteTable(
+        (
+            *_META,
+            *_RESPONSES,
+            *_CONVERSATIONS,
+            *_FILES,
+            *_UPLOADS,
+            *_BATCHES,
+            *_VECTOR_STORES,
+            *_CONTAINERS,
+            *_VIDEOS,
+            *_IMAGES,
+            *_MODELS_AND_MORE,
+            *_REALTIME,
+            *_CATCH_ALL,
+        )
+    )
+
+
+TABLE = build_table()

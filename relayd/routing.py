@@ -1,0 +1,136 @@
+"""What a route is, and the table that everything describing routes derives from.
+
+``relayd/routes.py`` declares the table; this module only knows its shape. The
+router, ``/manifest``, both OpenAPI documents, the path policy's "known path, wrong
+method" answer and the tests that check every route is classified all read the
+same :class:`RouteTable`; no path is written down twice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.web import AbstractRoute
+
+__all__ = ["Body", "Exposure", "Handler", "Route", "RouteTable"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Exposure(StrEnum):
+    PUBLIC = "public"  # no relay key needed; documented
+    RELAY = "relay"  # relay key; documented in /openapi.json
+    ACTIONS = "actions"  # relay key; documented, and offered to the Actions subset
+    INTERNAL = "internal"  # relay key; served but not documented (catch-all, metrics)
+
+
+class Body(StrEnum):
+    """What a route accepts as a request body; anything else is a 415."""
+
+    NONE = "none"
+    JSON = "json"
+    MULTIPART = "multipart"
+    JSON_OR_MULTIPART = "json_or_multipart"
+    ANY = "any"
+
+    @property
+    def media_types(self) -> tuple[str, ...]:
+        return _MEDIA_TYPES[self]
+
+
+_MEDIA_TYPES: Final = {
+    Body.NONE: (),
+    Body.JSON: ("application/json",),
+    Body.MULTIPART: ("multipart/form-data",),
+    Body.JSON_OR_MULTIPART: ("application/json", "multipart/form-data"),
+    Body.ANY: (),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    group: str
+    exposure: Exposure
+    operation_id: str
+    summary: str
+    body: Body = Body.NONE
+    description: str | None = None
+    request_schema: Any = None  # a marshmallow Schema class for wrapper bodies
+    consequential: bool | None = None  # x-openai-isConsequential for Actions
+
+    @property
+    def needs_key(self) -> bool:
+        return self.exposure is not Exposure.PUBLIC
+
+
+_PARAM: Final = re.compile(r"\{(\w+)(?::([^{}]+))?\}")
+
+
+def _template_regex(path: str) -> re.Pattern[str]:
+    pattern, last = "", 0
+    for match in _PARAM.finditer(path):
+        pattern += re.escape(path[last : match.start()])
+        pattern += f"(?:{match.group(2)})" if match.group(2) else "[^/]+"
+        last = match.end()
+    return re.compile(pattern + re.escape(path[last:]) + r"\Z")
+
+
+class RouteTable:
+    """An ordered, validated collection of routes."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        seen: set[tuple[str, str]] = set()
+        ids: set[str] = set()
+        for route in routes:
+            key = (route.method, route.path)
+            if key in seen:
+                raise ValueError(f"route {route.method} {route.path} is declared twice")
+            if route.operation_id in ids:
+                raise ValueError(f"operationId {route.operation_id!r} is used twice")
+            seen.add(key)
+            ids.add(route.operation_id)
+        self._routes = tuple(routes)
+        self._regexes = {r.path: _template_regex(r.path) for r in self._routes}
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self._routes)
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def by_operation_id(self, operation_id: str) -> Route:
+        for route in self._routes:
+            if route.operation_id == operation_id:
+                return route
+        raise KeyError(operation_id)
+
+    def documented(self) -> list[Route]:
+        return [r for r in self._routes if r.exposure is not Exposure.INTERNAL]
+
+    def methods_for(self, path: str) -> set[str]:
+        """Methods the table serves on a concrete path (for 405 answers)."""
+        return {
+            r.method
+            for r in self._routes
+            if r.exposure is not Exposure.INTERNAL and self._regexes[r.path].match(path)
+        }
+
+    def register(self, router: web.UrlDispatcher) -> dict[AbstractRoute, Route]:
+        """Add every route to ``router``; return the aiohttp route → Route mapping."""
+        resources: dict[str, web.Resource] = {}
+        mapping: dict[AbstractRoute, Route] = {}
+        for route in self._routes:
+            resource = resources.get(route.path)
+            if resource is None:
+                resource = resources[route.path] = router.add_resource(route.path)
+            aio_route = resource.add_route(route.method, route.handler)
+            mapping[aio_route] = route
+        return mapping

@@ -1,0 +1,48 @@
+"""Typed keys for what the application and each request carry.
+
+They live in their own module, not in ``app.py``, because handlers need them and
+``app.py`` imports the handlers (through the route table).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+from aiohttp.web import AbstractRoute
+
+from relayd.config import RelayKey, Settings
+from relayd.routing import Route, RouteTable
+
+if TYPE_CHECKING:
+    from relayd.auth import KeyRing
+    from relayd.upstream import Upstream
+
+__all__ = [
+    "BROKEN",
+    "KEY",
+    "KEYRING",
+    "REQUEST_ID",
+    "ROUTE",
+    "ROUTE_MAP",
+    "SETTINGS",
+    "STARTED",
+    "TABLE",
+    "TOOLS",
+    "UPSTREAM",
+    "UPSTREAM_REQUEST_ID",
+]
+
+SETTINGS: Final = web.AppKey("relayd.settings", Settings)
+TABLE: Final = web.AppKey("relayd.table", RouteTable)
+ROUTE_MAP: Final = web.AppKey("relayd.route_map", dict[AbstractRoute, Route])
+UPSTREAM: Final = web.AppKey("relayd.upstream", "Upstream")
+KEYRING: Final = web.AppKey("relayd.keyring", "KeyRing")
+TOOLS: Final = web.AppKey("relayd.tools", dict)
+STARTED: Final = web.AppKey("relayd.started", float)
+
+REQUEST_ID: Final = web.RequestKey("relayd.request_id", str)
+ROUTE: Final = web.RequestKey("relayd.route", Route)
+KEY: Final = web.RequestKey("relayd.key", RelayKey)
+UPSTREAM_REQUEST_ID: Final = web.RequestKey("relayd.upstream_request_id", str)
+BROKEN: Final = web.RequestKey("relayd.broken", str)

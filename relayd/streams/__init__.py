@@ -1,0 +1,27 @@
+"""Moving bytes, events and frames between two peers.
+
+Nothing here knows about OpenAI, routes or configuration: these are plain
+transports with backpressure, cancellation and honest endings.
+"""
+
+from __future__ import annotations
+
+from relayd.streams.pump import (
+    BrokenStreamError,
+    LimitExceededError,
+    abort,
+    pump,
+    pump_request_body,
+)
+from relayd.streams.sse import KEEPALIVE, SSEPump, is_event_stream
+
+__all__ = [
+    "KEEPALIVE",
+    "BrokenStreamError",
+    "LimitExceededError",
+    "SSEPump",
+    "abort",
+    "is_event_stream",
+    "pump",
+    "pump_request_body",
+]

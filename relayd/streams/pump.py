@@ -1,0 +1,76 @@
+"""Byte pass-through with backpressure and honest endings.
+
+Invariants (DESIGN; every streaming change must keep them):
+
+- One reader per socket; ``await resp.write()`` is the only flow control. The
+  client StreamReader pauses the upstream socket at 2 x read_bufsize, and
+  ``write()`` drains once 64 KiB are buffered, so memory per stream stays bounded.
+- Pass-through routes never buffer a whole body; wrapper routes buffer only the
+  validated JSON they must re-encode, under a size cap.
+- Strip hop-by-hop headers and ``Host``; never send both ``Content-Length`` and
+  ``Transfer-Encoding``; keep ``Content-Encoding`` and ``Content-Length`` consistent
+  with the bytes actually sent (``auto_decompress=False`` on pass-through).
+- Streams use ``ClientTimeout(total=None, sock_connect=..., sock_read=idle)``.
+- The server runs with ``handler_cancellation=True`` (the test server does too),
+  so a client hang-up cancels the handler and with it the upstream request.
+- After ``prepare()``, an upstream failure aborts the client connection; never
+  ``write_eof()`` on a broken stream (a truncated body must not look complete).
+- Accounting in ``finally:`` is synchronous (a second cancel can interrupt awaits).
+- TCP_NODELAY on both legs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import StreamReader, web
+
+__all__ = ["BrokenStreamError", "LimitExceededError", "abort", "pump", "pump_request_body"]
+
+
+class BrokenStreamError(Exception):
+    """The source failed before its end (reset, truncated, idle too long)."""
+
+
+class LimitExceededError(Exception):
+    """A body grew past the byte limit its reader was given."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body exceeds the relay's limit of {limit} bytes.")
+        self.limit = limit
+
+
+async def pump(source: StreamReader, sink: web.StreamResponse) -> int:
+    """Copy ``source`` to a prepared ``sink`` until EOF; return the bytes sent.
+
+    A source failure raises :class:`BrokenStreamError` (the caller aborts the
+    client connection). A client that went away raises ``ConnectionResetError``
+    from the write; cancellation propagates untouched.
+    """
+    sent = 0
+    while True:
+        try:
+            chunk = await source.readany()
+        except Exception as exc:
+            raise BrokenStreamError(str(exc) or type(exc).__name__) from exc
+        if not chunk:
+            return sent
+        await sink.write(chunk)
+        sent += len(chunk)
+
+
+async def pump_request_body(source: StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """Yield a request body as it arrives, refusing to read past ``limit`` bytes."""
+    received = 0
+    while chunk := await source.readany():
+        received += len(chunk)
+        if received > limit:
+            raise LimitExceededError(limit)
+        yield chunk
+
+
+def abort(request: web.BaseRequest) -> None:
+    """Cut the client connection so a broken stream cannot look like a clean end."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,93 @@
+"""Server-sent events passed through byte for byte, with keepalives between events.
+
+The bytes are never re-framed (aiohttp-sse's ``send()`` would wrap upstream's
+already-framed ``data:`` lines a second time). The only thing relayd may add is a
+comment line, ``: keepalive``, and only while upstream is silent *and* the last
+byte written ended an event, so a comment can never land inside a half-written
+event (WHATWG HTML §9.2.6: lines starting with a colon are ignored; the openai
+SDKs' decoders skip them too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+from aiohttp import StreamReader, web
+
+from relayd.streams.pump import BrokenStreamError
+from relayd.tasks import spawn
+
+__all__ = ["KEEPALIVE", "SSEPump", "is_event_stream"]
+
+KEEPALIVE: Final = b": keepalive\n\n"
+
+# An event ends with a blank line; any of the three line endings may be used.
+_EVENT_ENDS: Final = (b"\n\n", b"\r\r", b"\r\n\r\n")
+
+
+def is_event_stream(content_type: str | None) -> bool:
+    return bool(content_type) and content_type.split(";", 1)[0].strip().lower() == (
+        "text/event-stream"
+    )
+
+
+class SSEPump:
+    """Copy an event stream from ``source`` to a prepared ``sink``.
+
+    Per chunk the work is one write, one counter increment and a look at the last
+    four bytes; the keepalive timer runs in its own task and only ever writes when
+    the pump is idle between events. Failure semantics are :func:`pump`'s.
+    """
+
+    __slots__ = ("_chunks", "_keepalive_s", "_sink", "_source", "_tail", "_writing", "sent")
+
+    def __init__(
+        self, source: StreamReader, sink: web.StreamResponse, *, keepalive_s: float | None
+    ) -> None:
+        self._source = source
+        self._sink = sink
+        self._keepalive_s = keepalive_s
+        self._chunks = 0
+        self._tail = b"\n\n"  # before the first byte we are between events
+        self._writing = False
+        self.sent = 0
+
+    @property
+    def at_event_boundary(self) -> bool:
+        return self._tail.endswith(_EVENT_ENDS)
+
+    async def run(self) -> int:
+        ticker = None
+        if self._keepalive_s:
+            ticker = spawn(self._keepalive(self._keepalive_s), name="relayd.sse.keepalive")
+        try:
+            while True:
+                try:
+                    chunk = await self._source.readany()
+                except Exception as exc:
+                    raise BrokenStreamError(str(exc) or type(exc).__name__) from exc
+                if not chunk:
+                    return self.sent
+                self._writing = True
+                try:
+                    await self._sink.write(chunk)
+                finally:
+                    self._writing = False
+                self.sent += len(chunk)
+                self._chunks += 1
+                self._tail = chunk[-4:] if len(chunk) >= 4 else (self._tail + chunk)[-4:]
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+
+    async def _keepalive(self, interval: float) -> None:
+        seen = self._chunks
+        while True:
+            await asyncio.sleep(interval)
+            if self._chunks == seen and not self._writing and self.at_event_boundary:
+                try:
+                    await self._sink.write(KEEPALIVE)
+                except ConnectionError:
+                    return  # the pump notices the closed client on its own
+            seen = self._chunks

@@ -34,10 +34,9 @@ async def fake_server(aiohttp_server: AiohttpServer, fake: FakeOpenAI) -> TestSe
     return await aiohttp_server(fake.app)
 
 
-def make_settings(upstream_url: str, **overrides: Any) -> Settings:
+def make_settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "upstream_key": UPSTREAM_KEY,
-        "upstream_url": upstream_url,
         "keys": parse_keys_env(f"team:{RELAY_KEY},other:{OTHER_KEY}"),
         "sse_keepalive_s": None,
     }
@@ -55,7 +54,8 @@ def relay_factory(
     """Start relayd (in-process, real loopback socket) with settings overrides."""
 
     async def start(**overrides: Any) -> TestClient:
-        settings = make_settings(str(fake_server.make_url("")), **overrides)
+        overrides.setdefault("upstream_url", str(fake_server.make_url("")))
+        settings = make_settings(**overrides)
         return await aiohttp_client(create_app(settings))
 
     return start

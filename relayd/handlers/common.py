@@ -23,7 +23,7 @@ from relayd.streams import BrokenStreamError, SSEPump, abort, is_event_stream, p
 from relayd.streams import pump_request_body
 from relayd.upstream import mapped_errors
 
-__all__ = ["checked_path", "read_json_object", "relay", "send_back"]
+__all__ = ["checked_path", "read_capped", "read_json_object", "relay", "send_back"]
 
 log = logging.getLogger("relayd.relay")
 
@@ -112,10 +112,10 @@ async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamR
     return response
 
 
-async def _read_capped(content: StreamReader, cap: int) -> bytes:
+async def read_capped(content: StreamReader, cap: int) -> bytes:
     body = await content.read(cap + 1)
     if len(body) > cap:
-        raise UpstreamUnavailableError("The upstream API sent an oversized error body.")
+        raise UpstreamUnavailableError(f"The upstream API sent more than {cap} bytes here.")
     return body
 
 
@@ -137,7 +137,7 @@ async def _error_back(request: web.Request, answer: ClientResponse) -> web.Respo
     leaks the operator key's prefix and suffix (nyroway/nyro#67).
     """
     with mapped_errors():
-        raw = await _read_capped(answer.content, ERROR_BODY_CAP)
+        raw = await read_capped(answer.content, ERROR_BODY_CAP)
     try:
         body = _decode(raw, answer.headers.get("Content-Encoding", ""))
     except zlib.error as exc:

@@ -17,12 +17,14 @@ from relayd.errors import (
     PermissionDeniedError,
     UpstreamUnavailableError,
 )
-from relayd.handlers.common import checked_path, read_json_object, relay
+from relayd.handlers.common import checked_path, read_capped, read_json_object, relay
 from relayd.policy import Verdict, decide
 from relayd.state import SETTINGS, TABLE, UPSTREAM
 from relayd.upstream import mapped_errors
 
 __all__ = ["create_response_stream", "download_file", "forward", "forward_by_policy"]
+
+METADATA_CAP = 64 * 1024  # a file object is a few hundred bytes
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -54,7 +56,7 @@ async def download_file(request: web.Request) -> web.StreamResponse:
         if meta.status == 200:
             try:
                 with mapped_errors():
-                    info = await meta.json(content_type=None)
+                    info = json.loads(await read_capped(meta.content, METADATA_CAP))
             except ValueError as exc:  # fail closed: no verdict, no download
                 raise UpstreamUnavailableError("The upstream API sent malformed file metadata.") from exc
             if isinstance(info, dict) and info.get("purpose") == "user_data":

@@ -307,7 +307,13 @@ class FakeOpenAI:
         parts = path.split("/")  # ['', 'v1', 'files', id, ('content')]
         file_id = parts[3]
         if file_id.startswith("gen-"):  # synthetic content of any size, for benchmarks
-            return await _binary(request, int(file_id.removeprefix("gen-")), "application/octet-stream")
+            size = int(file_id.removeprefix("gen-"))
+            if len(parts) == 5 and parts[4] == "content":
+                return await _binary(request, size, "application/octet-stream")
+            return web.json_response(
+                {"id": file_id, "object": "file", "bytes": size, "filename": f"{file_id}.bin",
+                 "purpose": "assistants", "created_at": 1, "status": "processed"}
+            )
         stored = self.files.get(file_id)
         if stored is None:
             return _error(404, f"No such File object: {file_id}", "invalid_request_error")

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "HOP_BY_HOP",
@@ -24,8 +24,10 @@ __all__ = [
 ]
 
 # RFC 9110 §7.6.1 plus the legacy Proxy-Connection; wsgiref spells "trailers".
+# Kept lowercase: membership is tested on ``name.lower()`` (an istr hashes like
+# the str it holds, so it would not make a set case-insensitive).
 HOP_BY_HOP: Final = frozenset(
-    istr(h)
+    h.lower()
     for h in (
         "Connection",
         "Keep-Alive",
@@ -43,7 +45,7 @@ HOP_BY_HOP: Final = frozenset(
 # Never forwarded upstream: the host is the upstream's, credentials are relayd's,
 # and the client's network identity is nobody's business upstream.
 _REQUEST_DROP: Final = HOP_BY_HOP | frozenset(
-    istr(h)
+    h.lower()
     for h in (
         "Host",
         "Authorization",
@@ -69,7 +71,7 @@ _REQUEST_DROP: Final = HOP_BY_HOP | frozenset(
 _DECODABLE: Final = ("gzip", "deflate", "identity")
 
 _RESPONSE_KEEP: Final = frozenset(
-    istr(h)
+    h.lower()
     for h in (
         "Content-Type",
         "Content-Length",
@@ -118,9 +120,10 @@ def request_headers(
         extra |= {"content-length", "content-encoding"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name in _REQUEST_DROP or name.lower() in extra:
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower in extra:
             continue
-        if name.lower() == "accept-encoding":
+        if lower == "accept-encoding":
             value = _decodable_encodings(value)
             if not value:
                 continue
@@ -143,7 +146,7 @@ def response_headers(upstream: Mapping[str, str], *, keep_length: bool = True) -
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lower = name.lower()
-        if name in _RESPONSE_KEEP or lower.startswith(_RESPONSE_KEEP_PREFIX):
+        if lower in _RESPONSE_KEEP or lower.startswith(_RESPONSE_KEEP_PREFIX):
             if not keep_length and lower in ("content-length", "content-encoding"):
                 continue
             out.add(name, value)

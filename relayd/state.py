@@ -36,8 +36,8 @@ __all__ = [
 SETTINGS: Final = web.AppKey("relayd.settings", Settings)
 TABLE: Final = web.AppKey("relayd.table", RouteTable)
 ROUTE_MAP: Final = web.AppKey("relayd.route_map", dict[AbstractRoute, Route])
-UPSTREAM: Final = web.AppKey("relayd.upstream", "Upstream")
-KEYRING: Final = web.AppKey("relayd.keyring", "KeyRing")
+UPSTREAM: Final[web.AppKey[Upstream]] = web.AppKey("relayd.upstream")
+KEYRING: Final[web.AppKey[KeyRing]] = web.AppKey("relayd.keyring")
 TOOLS: Final = web.AppKey("relayd.tools", dict)
 STARTED: Final = web.AppKey("relayd.started", float)
 

@@ -48,9 +48,7 @@ RelayFactory = Callable[..., Any]
 
 
 @pytest.fixture
-def relay_factory(
-    aiohttp_client: AiohttpClient, fake_server: TestServer
-) -> RelayFactory:
+def relay_factory(aiohttp_client: AiohttpClient, fake_server: TestServer) -> RelayFactory:
     """Start relayd (in-process, real loopback socket) with settings overrides."""
 
     async def start(**overrides: Any) -> TestClient:
@@ -62,7 +60,9 @@ def relay_factory(
 
 
 @pytest.fixture
-async def relay(relay_factory: RelayFactory, caplog: pytest.LogCaptureFixture) -> AsyncIterator[TestClient]:
+async def relay(
+    relay_factory: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[TestClient]:
     caplog.set_level(logging.DEBUG)
     client = await relay_factory()
     yield client

@@ -26,7 +26,10 @@ def _events(body: bytes) -> list[str]:
 
 
 async def test_sse_passes_through_byte_for_byte_with_anti_buffering_headers(
-    relay: TestClient, auth: dict[str, str], fake: FakeOpenAI, fake_server: aiohttp.test_utils.TestServer
+    relay: TestClient,
+    auth: dict[str, str],
+    fake: FakeOpenAI,
+    fake_server: aiohttp.test_utils.TestServer,
 ) -> None:
     async with aiohttp.ClientSession() as direct:
         async with direct.post(
@@ -122,7 +125,9 @@ async def test_sdk_sees_an_error_not_a_clean_end_when_upstream_breaks(
             pass
 
 
-@pytest.mark.parametrize("body", [STREAM_BODY, {"model": "silent", "input": "hi"}], ids=["slow-stream", "silent"])
+@pytest.mark.parametrize(
+    "body", [STREAM_BODY, {"model": "silent", "input": "hi"}], ids=["slow-stream", "silent"]
+)
 async def test_client_hangup_cancels_upstream_within_a_second(
     relay: TestClient, fake: FakeOpenAI, body: dict[str, object]
 ) -> None:
@@ -192,7 +197,9 @@ async def test_stream_longer_than_any_timeout_is_not_cut(
     assert _events(body)[-1] == "response.completed"
 
 
-async def test_unreachable_upstream_is_a_502(relay_factory: RelayFactory, auth: dict[str, str], unused_tcp_port: int) -> None:
+async def test_unreachable_upstream_is_a_502(
+    relay_factory: RelayFactory, auth: dict[str, str], unused_tcp_port: int
+) -> None:
     relay = await relay_factory(upstream_url=f"http://127.0.0.1:{unused_tcp_port}")
     response = await relay.get("/v1/models", headers=auth)
     assert response.status == 502

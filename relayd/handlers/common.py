@@ -19,8 +19,14 @@ from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavail
 from relayd.headers import redact_secrets, response_headers
 from relayd.policy import check_raw_path
 from relayd.state import BROKEN, SETTINGS, UPSTREAM, UPSTREAM_REQUEST_ID
-from relayd.streams import BrokenStreamError, SSEPump, abort, is_event_stream, pump
-from relayd.streams import pump_request_body
+from relayd.streams import (
+    BrokenStreamError,
+    SSEPump,
+    abort,
+    is_event_stream,
+    pump,
+    pump_request_body,
+)
 from relayd.upstream import mapped_errors
 
 __all__ = ["checked_path", "read_capped", "read_json_object", "relay", "send_back"]
@@ -164,7 +170,9 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     try:
         payload = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequestError(f"Request body is not valid JSON: {exc}.", code="invalid_json") from exc
+        raise BadRequestError(
+            f"Request body is not valid JSON: {exc}.", code="invalid_json"
+        ) from exc
     if not isinstance(payload, dict):
         raise BadRequestError("Request body must be a JSON object.", code="invalid_json")
     return payload

@@ -58,7 +58,9 @@ async def download_file(request: web.Request) -> web.StreamResponse:
                 with mapped_errors():
                     info = json.loads(await read_capped(meta.content, METADATA_CAP))
             except ValueError as exc:  # fail closed: no verdict, no download
-                raise UpstreamUnavailableError("The upstream API sent malformed file metadata.") from exc
+                raise UpstreamUnavailableError(
+                    "The upstream API sent malformed file metadata."
+                ) from exc
             if isinstance(info, dict) and info.get("purpose") == "user_data":
                 raise PermissionDeniedError(
                     "Files with purpose 'user_data' cannot be downloaded through this relay.",

@@ -1,0 +1,387 @@
+"""Security model (SPEC §2): relay keys, credential hygiene, refusals in OpenAI's shape."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from relayd.config import RelayKey, parse_keys_env
+from relayd.headers import redact_secrets
+from tests import rawhttp
+from tests.conftest import OTHER_KEY, RELAY_KEY, RelayFactory
+from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
+
+
+def assert_openai_error(body: dict[str, object], code: str | None = None) -> None:
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": f"Bearer {RELAY_KEY}"},
+        {"X-Relay-Key": RELAY_KEY},
+        {"Authorization": f"bearer {OTHER_KEY}"},
+    ],
+    ids=["bearer", "x-relay-key", "lowercase-scheme"],
+)
+async def test_relay_key_is_accepted_where_clients_put_it(
+    relay: TestClient, headers: dict[str, str]
+) -> None:
+    response = await relay.get("/v1/models", headers=headers)
+    assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    "headers, code",
+    [
+        ({}, "missing_api_key"),
+        ({"Authorization": "Bearer rk-wrong-key-0000000000000"}, "invalid_api_key"),
+        ({"Authorization": f"Basic {RELAY_KEY}"}, "missing_api_key"),
+        ({"Authorization": f"Bearer {UPSTREAM_KEY}"}, "invalid_api_key"),
+    ],
+    ids=["missing", "wrong", "wrong-scheme", "upstream-key-is-not-a-relay-key"],
+)
+async def test_bad_or_missing_key_is_401_and_nothing_goes_upstream(
+    relay: TestClient, fake: FakeOpenAI, headers: dict[str, str], code: str
+) -> None:
+    response = await relay.post("/v1/responses", json={"model": "gpt-5"}, headers=headers)
+    assert response.status == 401
+    assert_openai_error(await response.json(), code)
+    assert fake.seen == []
+
+
+async def test_auth_happens_before_the_body_is_read(relay: TestClient, fake: FakeOpenAI) -> None:
+    # A 100 MB upload announced without a key: the 401 must come back while the
+    # body is still unsent (peer-failures: uploads allocate before authentication).
+    reader, writer = await rawhttp.open_raw(relay)
+    try:
+        async with asyncio.timeout(2):
+            writer.write(
+                rawhttp.head(
+                    "POST",
+                    "/v1/files",
+                    {
+                        "Content-Type": "multipart/form-data; boundary=x",
+                        "Content-Length": str(100 * 1024 * 1024),
+                    },
+                )
+            )
+            await writer.drain()
+            status, _ = await rawhttp.read_head(reader)
+    finally:
+        writer.close()
+    assert status == 401
+    assert fake.seen == []
+
+
+async def test_scoped_key_reaches_only_its_groups(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    scoped = RelayKey(
+        "scraper", hashlib.sha256(b"rk-scoped-key-000000000").digest(), frozenset({"models"})
+    )
+    relay = await relay_factory(keys=(scoped,))
+    headers = {"Authorization": "Bearer rk-scoped-key-000000000"}
+    assert (await relay.get("/v1/models", headers=headers)).status == 200
+    response = await relay.post("/v1/responses", json={"model": "gpt-5"}, headers=headers)
+    assert response.status == 403
+    assert_openai_error(await response.json(), "key_scope")
+    assert [s.path for s in fake.seen] == ["/v1/models"]
+
+
+async def test_hashed_keys_work(relay_factory: RelayFactory) -> None:
+    digest = hashlib.sha256(b"rk-hashed-secret-123456").hexdigest()
+    relay = await relay_factory(keys=parse_keys_env(f"ops:sha256:{digest}"))
+    response = await relay.get("/v1/models", headers={"X-Relay-Key": "rk-hashed-secret-123456"})
+    assert response.status == 200
+
+
+async def test_without_keys_loopback_relay_is_open(relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(keys=())
+    assert (await relay.get("/v1/models")).status == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/health",
+        "/v1/health",
+        "/manifest",
+        "/openapi.json",
+        "/openapi.actions.json",
+        "/.well-known/ai-plugin.json",
+    ],
+)
+async def test_public_routes_need_no_key_and_reveal_no_secret(relay: TestClient, path: str) -> None:
+    response = await relay.get(path)
+    assert response.status == 200
+    text = await response.text()
+    for secret in (UPSTREAM_KEY, RELAY_KEY, OTHER_KEY):
+        assert secret not in text
+
+
+@pytest.mark.parametrize("case", [str, str.lower, str.upper], ids=["as-is", "lower", "upper"])
+async def test_upstream_sees_only_the_upstream_key_and_clean_headers(
+    relay_factory: RelayFactory, fake: FakeOpenAI, case: Callable[[str], str]
+) -> None:
+    relay = await relay_factory(organization="org-team", project="proj-team")
+    headers = {
+        "Authorization": f"Bearer {RELAY_KEY}",
+        "X-Relay-Key": RELAY_KEY,
+        "Cookie": "session=abc",
+        "X-Forwarded-For": "203.0.113.9",
+        "OpenAI-Organization": "org-client-chosen",
+        "Connection": "keep-alive, X-Hop",
+        "X-Hop": "drop me",
+        "X-Custom": "keep me",
+    }
+    if case is str.upper:
+        headers["Authorization"] = f"BEARER {RELAY_KEY}"
+    response = await relay.get(
+        "/v1/models",
+        headers={case(k) if k != "Authorization" else k: v for k, v in headers.items()},
+    )
+    assert response.status == 200
+    seen = {k.lower(): v for k, v in fake.last("/v1/models").headers.items()}
+    assert seen["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert seen["openai-organization"] == "org-team"
+    assert seen["openai-project"] == "proj-team"
+    assert seen["x-custom"] == "keep me"
+    assert RELAY_KEY not in json.dumps(seen)
+    for dropped in ("x-relay-key", "cookie", "x-forwarded-for", "x-hop"):
+        assert dropped not in seen
+    assert seen["host"].startswith("127.0.0.1:")
+
+
+async def test_only_useful_upstream_headers_reach_the_client(
+    relay: TestClient, auth: dict[str, str]
+) -> None:
+    response = await relay.get("/v1/models", headers=auth)
+    assert response.headers["x-request-id"].startswith("req_")
+    assert response.headers["openai-processing-ms"] == "12"
+    assert response.headers["x-ratelimit-remaining-requests"] == "9999"
+    assert "set-cookie" not in response.headers
+    assert "openai-organization" not in response.headers
+    assert response.headers["X-Relay-Request-Id"]
+
+
+async def test_upstream_401_echoing_the_key_is_redacted(
+    relay_factory: RelayFactory, auth: dict[str, str]
+) -> None:
+    wrong = "sk-canary-wrong-upstream-key-abcdef123456"
+    relay = await relay_factory(upstream_key=wrong)
+    response = await relay.get("/v1/models", headers=auth)
+    assert response.status == 401
+    text = await response.text()
+    assert "Incorrect API key provided" in text
+    assert wrong not in text and wrong[:8] not in text and wrong[-4:] not in text
+    assert int(response.headers["Content-Length"]) == len(text.encode())
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_upstream_errors_pass_through_with_retry_hints(
+    relay: TestClient, auth: dict[str, str], status: int
+) -> None:
+    response = await relay.post(
+        "/v1/responses", json={"model": f"error-{status}", "input": "x"}, headers=auth
+    )
+    assert response.status == status
+    assert response.headers["retry-after"] == "7"
+    assert response.headers["x-should-retry"] == "false"
+    body = await response.json()
+    assert body["error"]["message"] == f"Simulated upstream error {status}"
+
+
+def test_redaction_catches_masked_and_whole_keys() -> None:
+    body = b'{"message": "Incorrect API key provided: sk-proj-****abcd. and sk-live-123"}'
+    redacted = redact_secrets(body, ("sk-live-123",))
+    assert b"sk-" not in redacted and b"abcd" not in redacted
+
+
+# ----------------------------------------------------------------------- refusals
+
+
+async def test_unknown_route_is_404_in_openai_shape(
+    relay: TestClient, auth: dict[str, str]
+) -> None:
+    for path in ("/nothing/here", "/v1/nothing"):
+        response = await relay.get(path, headers=auth)
+        assert response.status == 404, path
+        assert_openai_error(await response.json(), "unknown_url")
+
+
+async def test_denied_families_are_403(
+    relay: TestClient, auth: dict[str, str], fake: FakeOpenAI
+) -> None:
+    for path in (
+        "/v1/organization/users",
+        "/v1/organization/admin_api_keys",
+        "/v1/admin/x",
+        "/v1/Organization/users",
+    ):
+        response = await relay.get(path, headers=auth)
+        assert response.status == 403, path
+        assert_openai_error(await response.json(), "path_denied")
+    assert fake.seen == []
+
+
+async def test_policy_can_allow_further_families(
+    relay_factory: RelayFactory, auth: dict[str, str], fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(policy_allow=("/v1/evals*",))
+    response = await relay.get("/v1/evals?limit=2", headers=auth)
+    assert response.status == 200
+    assert fake.last("/v1/evals").query == {"limit": "2"}
+    assert (await relay.get("/v1/fine_tuning/jobs", headers=auth)).status == 404
+
+
+async def test_known_path_with_wrong_method_is_405(relay: TestClient, auth: dict[str, str]) -> None:
+    response = await relay.delete("/v1/embeddings", headers=auth)
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
+    assert_openai_error(await response.json(), "method_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/files/..%2Forganization%2Fusers/content",
+        "/v1/files/%2e%2e/content",
+        "/v1/models/x%5C..%5Cy",
+        "/v1//organization/users",
+        "/v1/files/./x",
+        "/v1/files/../organization/users",
+        "/v1/evals/%00",
+    ],
+)
+async def test_path_tricks_are_refused_before_upstream(
+    relay_factory: RelayFactory, fake: FakeOpenAI, target: str
+) -> None:
+    relay = await relay_factory(policy_allow=("/v1/*",), policy_deny=("/v1/organization*",))
+    response = await rawhttp.request(relay, "GET", target, {"Authorization": f"Bearer {RELAY_KEY}"})
+    assert response.status in (400, 403, 404), target
+    assert_openai_error(json.loads(response.body))
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize(
+    "path, content_type",
+    [
+        ("/v1/responses", "text/plain"),
+        ("/v1/files", "application/json"),
+        ("/v1/embeddings", "application/x-www-form-urlencoded"),
+    ],
+)
+async def test_wrong_media_type_is_415(
+    relay: TestClient, auth: dict[str, str], fake: FakeOpenAI, path: str, content_type: str
+) -> None:
+    response = await relay.post(path, data=b"{}", headers={**auth, "Content-Type": content_type})
+    assert response.status == 415
+    assert_openai_error(await response.json(), "unsupported_media_type")
+    assert fake.seen == []
+
+
+async def test_declared_oversize_body_is_413_before_reading(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(max_body_bytes=1024)
+    reader, writer = await rawhttp.open_raw(relay)
+    try:
+        async with asyncio.timeout(2):
+            writer.write(
+                rawhttp.head(
+                    "POST",
+                    "/v1/responses",
+                    {
+                        "Authorization": f"Bearer {RELAY_KEY}",
+                        "Content-Type": "application/json",
+                        "Content-Length": "5000",
+                    },
+                )
+            )
+            await writer.drain()
+            status, _ = await rawhttp.read_head(reader)
+    finally:
+        writer.close()
+    assert status == 413
+    assert fake.seen == []
+
+
+async def test_huge_headers_are_431(relay_factory: RelayFactory, auth: dict[str, str]) -> None:
+    relay = await relay_factory(max_header_bytes=4096)
+    headers = {**auth, **{f"X-Pad-{i}": "p" * 1000 for i in range(8)}}
+    response = await relay.get("/v1/models", headers=headers)
+    assert response.status == 431
+    assert_openai_error(await response.json(), "request_header_too_large")
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [(b"{not json", "invalid_json"), (b"\xff\xfe", "invalid_json"), (b"[1, 2]", "invalid_json")],
+    ids=["malformed", "invalid-utf8", "not-an-object"],
+)
+async def test_bad_json_on_a_parsing_route_is_400(
+    relay: TestClient, auth: dict[str, str], fake: FakeOpenAI, body: bytes, code: str
+) -> None:
+    response = await relay.post(
+        "/v1/responses:stream", data=body, headers={**auth, "Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert_openai_error(await response.json(), code)
+    assert fake.seen == []
+
+
+async def test_responses_stream_route_forces_stream(
+    relay: TestClient, auth: dict[str, str], fake: FakeOpenAI
+) -> None:
+    response = await relay.post(
+        "/v1/responses:stream",
+        json={"model": "gpt-5", "input": "hi", "extra": {"a": 1}},
+        headers=auth,
+    )
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    sent = json.loads(fake.last("/v1/responses").body)
+    assert sent == {"model": "gpt-5", "input": "hi", "extra": {"a": 1}, "stream": True}
+    await response.read()
+
+
+async def test_client_request_id_is_kept_when_sane(relay: TestClient) -> None:
+    response = await relay.get("/health", headers={"X-Request-Id": "abc-123"})
+    assert response.headers["X-Relay-Request-Id"] == "abc-123"
+    response = await relay.get("/health", headers={"X-Request-Id": "bad id with spaces"})
+    assert response.headers["X-Relay-Request-Id"] != "bad id with spaces"
+    assert len(response.headers["X-Relay-Request-Id"]) == 32
+
+
+async def test_user_data_files_cannot_be_downloaded(
+    relay: TestClient, auth: dict[str, str], fake: FakeOpenAI
+) -> None:
+    private = fake.add_file(b"secret", purpose="user_data")
+    public = fake.add_file(b"shared", purpose="assistants")
+    response = await relay.get(f"/v1/files/{private}/content", headers=auth)
+    assert response.status == 403
+    assert_openai_error(await response.json(), "user_data_download_forbidden")
+    assert not any(s.path.endswith("/content") for s in fake.seen)
+    response = await relay.get(f"/v1/files/{public}/content", headers=auth)
+    assert response.status == 200 and await response.read() == b"shared"
+
+
+async def test_missing_file_download_passes_upstream_404(
+    relay: TestClient, auth: dict[str, str]
+) -> None:
+    response = await relay.get("/v1/files/file-nope/content", headers=auth)
+    assert response.status == 404
+    assert_openai_error(await response.json())

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterable
 from enum import Enum
 from typing import Final
 
-from relayd.config import Settings
-
-__all__ = ["Verdict", "check_raw_path", "decide"]
+__all__ = ["PathPolicy", "Verdict", "check_raw_path"]
 
 _FORBIDDEN: Final = re.compile(
     r"%(?:2[fFeE]|5[cC]|00)"  # encoded '/', '.', '\', NUL
@@ -44,13 +43,35 @@ def check_raw_path(raw_path: str) -> str | None:
     return f"the path contains {match.group(0)!r}, which this relay does not forward"
 
 
-def decide(path: str, settings: Settings) -> tuple[Verdict, str | None]:
-    """The verdict for a path the route table does not serve, and the matching rule."""
-    lowered = path.lower()
-    for pattern in settings.policy_deny:
-        if fnmatch.fnmatchcase(lowered, pattern.lower()):
-            return Verdict.DENY, pattern
-    for pattern in settings.policy_allow:
-        if fnmatch.fnmatchcase(lowered, pattern.lower()):
-            return Verdict.ALLOW, pattern
-    return Verdict.UNKNOWN, None
+class PathPolicy:
+    """Allow and deny patterns (fnmatch, case-insensitive); ``replace()`` on SIGHUP."""
+
+    __slots__ = ("_allow", "_deny")
+
+    def __init__(self, allow: Iterable[str], deny: Iterable[str]) -> None:
+        self._allow: tuple[str, ...] = ()
+        self._deny: tuple[str, ...] = ()
+        self.replace(allow, deny)
+
+    @property
+    def allow(self) -> tuple[str, ...]:
+        return self._allow
+
+    @property
+    def deny(self) -> tuple[str, ...]:
+        return self._deny
+
+    def replace(self, allow: Iterable[str], deny: Iterable[str]) -> None:
+        self._allow = tuple(p.lower() for p in allow)
+        self._deny = tuple(p.lower() for p in deny)
+
+    def decide(self, path: str) -> tuple[Verdict, str | None]:
+        """The verdict for a path the route table does not serve, and the rule that matched."""
+        lowered = path.lower()
+        for pattern in self._deny:
+            if fnmatch.fnmatchcase(lowered, pattern):
+                return Verdict.DENY, pattern
+        for pattern in self._allow:
+            if fnmatch.fnmatchcase(lowered, pattern):
+                return Verdict.ALLOW, pattern
+        return Verdict.UNKNOWN, None

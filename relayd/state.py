@@ -16,12 +16,14 @@ from relayd.routing import Route, RouteTable
 
 if TYPE_CHECKING:
     from relayd.auth import KeyRing
+    from relayd.policy import PathPolicy
     from relayd.upstream import Upstream
 
 __all__ = [
     "BROKEN",
     "KEY",
     "KEYRING",
+    "POLICY",
     "REQUEST_ID",
     "ROUTE",
     "ROUTE_MAP",
@@ -38,6 +40,7 @@ TABLE: Final = web.AppKey("relayd.table", RouteTable)
 ROUTE_MAP: Final = web.AppKey("relayd.route_map", dict[AbstractRoute, Route])
 UPSTREAM: Final[web.AppKey[Upstream]] = web.AppKey("relayd.upstream")
 KEYRING: Final[web.AppKey[KeyRing]] = web.AppKey("relayd.keyring")
+POLICY: Final[web.AppKey[PathPolicy]] = web.AppKey("relayd.policy")
 TOOLS: Final = web.AppKey("relayd.tools", dict)
 STARTED: Final = web.AppKey("relayd.started", float)
 

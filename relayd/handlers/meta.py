@@ -6,6 +6,7 @@ documents are derived from the route table at request time.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from datetime import UTC, datetime
@@ -59,6 +60,7 @@ async def health(request: web.Request) -> web.Response:
             "meta": {
                 "python": platform.python_version(),
                 "aiohttp": aiohttp.__version__,
+                "pid": os.getpid(),
             },
         }
     )

@@ -18,8 +18,8 @@ from relayd.errors import (
     UpstreamUnavailableError,
 )
 from relayd.handlers.common import checked_path, read_capped, read_json_object, relay
-from relayd.policy import Verdict, decide
-from relayd.state import SETTINGS, TABLE, UPSTREAM
+from relayd.policy import Verdict
+from relayd.state import POLICY, TABLE, UPSTREAM
 from relayd.upstream import mapped_errors
 
 __all__ = ["create_response_stream", "download_file", "forward", "forward_by_policy"]
@@ -81,7 +81,7 @@ async def forward_by_policy(request: web.Request) -> web.StreamResponse:
             f"{', '.join(sorted(allowed))}.",
             headers={"Allow": ", ".join(sorted(allowed))},
         )
-    verdict, rule = decide(path, request.app[SETTINGS])
+    verdict, rule = request.app[POLICY].decide(path)
     if verdict is Verdict.DENY:
         raise PermissionDeniedError(
             f"{path} is denied by this relay's path policy (rule {rule!r}).",

@@ -1,0 +1,159 @@
+"""Running one relayd process: listeners, signals, systemd notifications, drain.
+
+Lifecycle: sites start → ``READY=1`` (never before the port accepts) → serve →
+SIGTERM/SIGINT → ``STOPPING=1`` → stop accepting, let in-flight requests, streams and
+bridges finish for up to ``drain_timeout`` → cancel what remains (a cut stream is
+an honest break, never a clean end) → exit. SIGHUP re-reads relay keys, scopes and
+the path policy; requests in flight keep what they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+
+from aiohttp import web
+
+from relayd import __version__
+from relayd.app import create_app
+from relayd.config import ConfigError, Settings, load_settings
+from relayd.state import KEYRING, POLICY
+from relayd.systemd import Notifier, listen_sockets, watchdog_interval
+from relayd.tasks import spawn
+
+__all__ = ["loop_factory", "run", "serve"]
+
+log = logging.getLogger("relayd")
+
+# Set by the worker supervisor (relayd/workers.py) for its children.
+READY_FD_ENV = "RELAYD_READY_FD"
+INHERITED_FDS_ENV = "RELAYD_INHERITED_FDS"
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (a faster loop, same semantics), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run(settings: Settings, config: str | None) -> None:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(serve(settings, config))
+
+
+def _inherited_sockets() -> list[socket.socket]:
+    """Listening sockets from systemd, or from the worker supervisor."""
+    fds = os.environ.pop(INHERITED_FDS_ENV, "")
+    if fds:
+        return [socket.socket(fileno=int(fd)) for fd in fds.split(",")]
+    return listen_sockets()
+
+
+async def _start_sites(runner: web.AppRunner, settings: Settings) -> None:
+    inherited = _inherited_sockets()
+    sites: list[web.BaseSite]
+    if inherited:
+        sites = [web.SockSite(runner, sock) for sock in inherited]
+    elif settings.listen.path is not None:
+        sites = [web.UnixSite(runner, settings.listen.path)]
+    else:
+        sites = [
+            web.TCPSite(
+                runner, settings.listen.host, settings.listen.port, reuse_port=settings.workers > 1
+            )
+        ]
+    for site in sites:
+        await site.start()
+
+
+def bound_addresses(runner: web.AppRunner) -> str:
+    parts = []
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            host = f"[{address[0]}]" if ":" in address[0] else address[0]
+            parts.append(f"http://{host}:{address[1]}")
+        else:
+            parts.append(f"unix:{address}")
+    return ", ".join(parts)
+
+
+async def serve(settings: Settings, config: str | None) -> None:
+    notifier = Notifier.from_environ()
+    watchdog = watchdog_interval()
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # DESIGN: a hang-up cancels the handler, as in tests
+        access_log=None,
+        shutdown_timeout=settings.drain_timeout_s,
+        keepalive_timeout=settings.keepalive_timeout_s,
+    )
+    await runner.setup()
+    pinger: asyncio.Task[None] | None = None
+    try:
+        await _start_sites(runner, settings)
+        addresses = bound_addresses(runner)
+        log.info("relayd %s listening on %s", __version__, addresses)
+        _report_ready(notifier, f"serving on {addresses}")
+
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload, app, config, notifier)
+        pinger = spawn(notifier.watchdog(watchdog), name="relayd.watchdog") if watchdog else None
+
+        await stop.wait()  # later SIGTERMs are no-ops: the drain is already under way
+        notifier.stopping(f"draining for up to {settings.drain_timeout_s:.0f}s")
+        log.info("stopping: draining in-flight requests for up to %.0fs", settings.drain_timeout_s)
+    finally:
+        # Stops accepting, waits up to shutdown_timeout for handlers, cancels the rest.
+        await runner.cleanup()
+        if pinger is not None:
+            pinger.cancel()
+    log.info("stopped")
+
+
+def _report_ready(notifier: Notifier, status: str) -> None:
+    ready_fd = os.environ.pop(READY_FD_ENV, None)
+    if ready_fd is not None:  # a worker: the supervisor tells systemd once all are up
+        os.write(int(ready_fd), b"1")
+        os.close(int(ready_fd))
+    notifier.ready(status)
+
+
+def reload(app: web.Application, config: str | None, notifier: Notifier) -> None:
+    """SIGHUP: re-read relay keys, scopes and the path policy; report what changed."""
+    notifier.reloading("reloading keys and policy")
+    try:
+        fresh = load_settings(config)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the current keys and policy: %s", exc)
+        notifier.status(f"reload failed: {exc}")
+        return
+    keyring, policy = app[KEYRING], app[POLICY]
+    before = {k.name: k for k in keyring.keys}
+    after = {k.name: k for k in fresh.keys}
+    changed = sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
+    keyring.replace(fresh.keys)
+    policy_changed = (policy.allow, policy.deny) != (
+        tuple(p.lower() for p in fresh.policy_allow),
+        tuple(p.lower() for p in fresh.policy_deny),
+    )
+    policy.replace(fresh.policy_allow, fresh.policy_deny)
+    log.info(
+        "reloaded: %d relay keys (added: %s; removed: %s; changed: %s); path policy %s",
+        len(after),
+        ", ".join(sorted(after.keys() - before.keys())) or "none",
+        ", ".join(sorted(before.keys() - after.keys())) or "none",
+        ", ".join(changed) or "none",
+        "changed" if policy_changed else "unchanged",
+    )
+    notifier.send(ready="1", status="serving (reloaded)")

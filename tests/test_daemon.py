@@ -1,0 +1,283 @@
+"""relayd as a real process: systemd notify, socket activation, drain, reload, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import RELAY_KEY, SECRETS
+from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
+
+pytestmark = pytest.mark.process
+
+OLD_KEY = "rk-canary-old-key-00000000000000"
+NEW_KEY = "rk-canary-new-key-11111111111111"
+_LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+
+
+class Relayd:
+    """A ``relayd serve`` child process whose stderr is collected line by line."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._changed = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.lines.append(line)
+            if self.port is None and (match := _LISTENING.search(line)):
+                self.port = int(match.group(1))
+            self._changed.set()
+
+    async def wait_line(self, needle: str, timeout: float = 10) -> str:
+        async with asyncio.timeout(timeout):
+            while True:
+                for line in self.lines:
+                    if needle in line:
+                        return line
+                if self.process.returncode is not None and self._reader.done():
+                    raise AssertionError(f"relayd exited; log:\n" + "\n".join(self.lines))
+                self._changed.clear()
+                await self._changed.wait()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        async with asyncio.timeout(timeout):
+            code = await self.process.wait()
+            await self._reader
+        return code
+
+
+def _env(upstream: str, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "RELAYD_", "NOTIFY_", "LISTEN_", "WATCHDOG_"))
+    }
+    env.update(
+        OPENAI_API_KEY=UPSTREAM_KEY,
+        RELAYD_UPSTREAM=upstream,
+        RELAYD_LISTEN="127.0.0.1:0",
+        RELAYD_KEYS=f"team:{RELAY_KEY}",
+    )
+    env.update(extra)
+    return env
+
+
+Start = Callable[..., Any]
+
+
+@pytest.fixture
+async def start(fake_server: TestServer) -> AsyncIterator[Start]:
+    started: list[Relayd] = []
+
+    async def start(
+        *args: str, env: dict[str, str] | None = None, wait: bool = True, **kwargs: Any
+    ) -> Relayd:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "relayd",
+            *args,
+            "serve",
+            env=env or _env(str(fake_server.make_url("")).rstrip("/")),
+            stderr=asyncio.subprocess.PIPE,
+            **kwargs,
+        )
+        relayd = Relayd(process)
+        started.append(relayd)
+        if wait:
+            await relayd.wait_line("listening on")
+        return relayd
+
+    yield start
+    for relayd in started:
+        if relayd.process.returncode is None:
+            relayd.process.kill()
+        await relayd.process.wait()
+        relayd._reader.cancel()
+        log = "\n".join(relayd.lines)
+        for secret in (*SECRETS, OLD_KEY, NEW_KEY):
+            assert secret not in log, "a secret reached relayd's log"
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, key: str) -> list[str]:
+    events = []
+    async with session.post(
+        url,
+        json={"model": "slow", "input": "hi", "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        assert response.status == 200
+        async for line in response.content:
+            if line.startswith(b"event: "):
+                events.append(line.decode().strip().removeprefix("event: "))
+    return events
+
+
+async def test_notify_ready_only_once_listening_then_watchdog_and_stopping(
+    start: Start, fake_server: TestServer, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    env = _env(str(fake_server.make_url("")).rstrip("/"), NOTIFY_SOCKET=path,
+               WATCHDOG_USEC="200000")
+    try:
+        relayd = await start(env=env, wait=False)
+        async with asyncio.timeout(10):
+            ready = (await loop.sock_recv(sock, 4096)).decode()
+            assert "READY=1" in ready.splitlines()
+            port = int(re.search(r"http://127\.0\.0\.1:(\d+)", ready).group(1))  # type: ignore[union-attr]
+            # READY promises the port accepts: connect at once, no retry.
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            messages = [(await loop.sock_recv(sock, 4096)).decode() for _ in range(2)]
+            assert all(m == "WATCHDOG=1" for m in messages)
+            relayd.process.send_signal(signal.SIGTERM)
+            while "STOPPING=1" not in (message := (await loop.sock_recv(sock, 4096)).decode()):
+                assert message == "WATCHDOG=1"
+        assert await relayd.stop() == 0
+    finally:
+        sock.close()
+
+
+async def test_socket_activation_serves_on_the_passed_socket(
+    start: Start, fake_server: TestServer
+) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    # Like systemd: the socket is fd 3 and LISTEN_PID names the service's own pid.
+    launcher = (
+        "import os, sys; os.dup2(%d, 3); os.environ['LISTEN_FDS'] = '1';"
+        "os.environ['LISTEN_PID'] = str(os.getpid());"
+        "os.execv(sys.executable, [sys.executable, '-m', 'relayd', 'serve'])" % fd
+    )
+    env = _env(str(fake_server.make_url("")).rstrip("/"), RELAYD_LISTEN="127.0.0.1:1")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", launcher, env=env, pass_fds=(fd,),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    relayd = Relayd(process)
+    try:
+        await relayd.wait_line(f"listening on http://127.0.0.1:{port}")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                assert response.status == 200
+        assert await relayd.stop() == 0
+    finally:
+        listener.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_drains_streams_and_refuses_new_connections(
+    start: Start, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake.pace = 1.0  # 7 events ≈ 5 s
+    config = tmp_path / "relayd.toml"
+    config.write_text("[server]\ndrain_timeout = 20\n")
+    relayd = await start("--config", str(config))
+    async with aiohttp.ClientSession() as session:
+        stream = asyncio.ensure_future(_stream(session, relayd.url("/v1/responses"), RELAY_KEY))
+        await fake.wait_for(lambda: bool(fake.seen), timeout=5)
+        relayd.process.send_signal(signal.SIGTERM)
+        await relayd.wait_line("stopping")
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with asyncio.timeout(5):
+                await session.get(relayd.url("/health"))
+        async with asyncio.timeout(15):
+            events = await stream
+    assert events[-1] == "response.completed"
+    assert await relayd.stop() == 0
+
+
+async def test_sighup_reloads_keys_without_dropping_streams(
+    start: Start, fake_server: TestServer, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake.pace = 0.6  # about 4 s of stream
+    keys = tmp_path / "keys"
+    keys.write_text(f"old:{OLD_KEY}\n")
+    env = _env(str(fake_server.make_url("")).rstrip("/"), RELAYD_KEYS="",
+               RELAYD_KEYS_FILE=str(keys))
+    relayd = await start(env=env)
+    async with aiohttp.ClientSession() as session:
+        stream = asyncio.ensure_future(_stream(session, relayd.url("/v1/responses"), OLD_KEY))
+        await fake.wait_for(lambda: bool(fake.seen), timeout=5)
+        keys.write_text(f"# rotated\nnew:{NEW_KEY}\n")
+        relayd.process.send_signal(signal.SIGHUP)
+        line = await relayd.wait_line("reloaded")
+        assert "added: new" in line and "removed: old" in line
+
+        async def status(key: str) -> int:
+            async with session.get(
+                relayd.url("/v1/models"), headers={"Authorization": f"Bearer {key}"}
+            ) as response:
+                return response.status
+
+        assert await status(NEW_KEY) == 200
+        assert await status(OLD_KEY) == 401
+        async with asyncio.timeout(10):
+            events = await stream
+    assert events[-1] == "response.completed"
+
+
+async def test_two_workers_share_the_port_and_both_serve(
+    start: Start, fake_server: TestServer
+) -> None:
+    relayd = await start(env=_env(str(fake_server.make_url("")).rstrip("/"), RELAYD_WORKERS="2"))
+    await relayd.wait_line("2 workers serving")
+    # Workers log "listening on" with the shared port; all of them the same.
+    ports = {int(m.group(1)) for line in relayd.lines if (m := _LISTENING.search(line))}
+    assert len(ports) == 1
+    pids = set()
+    async with asyncio.timeout(10):
+        while len(pids) < 2:
+            # A fresh connection each time, so the kernel may pick either worker.
+            async with aiohttp.ClientSession() as session:
+                async with session.get(relayd.url("/health")) as response:
+                    pids.add((await response.json())["meta"]["pid"])
+    assert relayd.process.pid not in pids
+    assert await relayd.stop() == 0
+
+
+async def test_check_config_never_prints_secrets(fake_server: TestServer) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relayd", "check-config",
+        env=_env(str(fake_server.make_url("")).rstrip("/")),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(15):
+        out, err = await process.communicate()
+    assert process.returncode == 0
+    settings = json.loads(out)
+    assert settings["upstream_key"] == "<set>"
+    for secret in SECRETS:
+        assert secret not in (out + err).decode()

@@ -160,7 +160,7 @@ class FakeOpenAI:
             if body.get("stream"):
                 return await self._sse(request, model, seen)
             return web.json_response(_response_object(body))
-        if path.startswith("/v1/responses/") and method == "GET":
+        if path.startswith("/v1/responses/") and method == "GET" and path.count("/") == 3:
             return web.json_response(_response_object({"id": path.rsplit("/", 1)[-1]}))
         if path == "/v1/chat/completions" and method == "POST":
             if body.get("stream"):
@@ -204,6 +204,24 @@ class FakeOpenAI:
                     "created": int(time.time()),
                     "data": [{"b64_json": "aGVsbG8="}],
                     "received_parts": [p["name"] for p in seen.parts],
+                }
+            )
+        if path.startswith("/v1/vector_stores/") and path.endswith("/search"):
+            return web.json_response(
+                {
+                    "object": "vector_store.search_results.page",
+                    "search_query": [body.get("query")],
+                    "data": [  # one hit that echoes the query, so tests see it arrived
+                        {
+                            "file_id": "file-hit",
+                            "filename": "hit.txt",
+                            "score": 0.9,
+                            "attributes": {},
+                            "content": [{"type": "text", "text": str(body.get("query"))}],
+                        }
+                    ],
+                    "has_more": False,
+                    "next_page": None,
                 }
             )
         return web.json_response(self._generic(path, method, body))
@@ -537,14 +555,65 @@ def pattern_block() -> bytes:
     return bytes(range(256)) * 1024  # 256 KiB
 
 
+def _gen_metadata(key: str) -> Any:
+    """Middleware for ``--gen-metadata``: ``GET /v1/files/gen-<n>`` answers a file object.
+
+    By default a ``gen-`` id answers its bytes on the metadata path too, so relayd's
+    user_data check (which reads the metadata first) would pull the whole body twice.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        parts = request.path.split("/")  # ['', 'v1', 'files', 'gen-<n>']
+        if (
+            request.method == "GET"
+            and len(parts) == 4
+            and parts[2] == "files"
+            and parts[3].startswith("gen-")
+            and request.headers.get("Authorization") == f"Bearer {key}"
+        ):
+            size = int(parts[3].removeprefix("gen-"))
+            stored = StoredFile(parts[3], "gen.bin", "batch", b"", "")
+            return web.json_response({**stored.object(), "bytes": size})
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return middleware
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="fake OpenAI API on loopback")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9999)
     parser.add_argument("--key", default=UPSTREAM_KEY)
+    # Opt-in knobs for bench/; the defaults are FakeOpenAI's and run_app's own.
+    parser.add_argument("--events", type=int, default=5, help="SSE delta events per stream")
+    parser.add_argument("--pace", type=float, default=0.2, help="seconds between 'slow' events")
+    parser.add_argument("--backlog", type=int, default=128, help="listen backlog")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument(
+        "--gen-metadata", action="store_true", help="gen-<n> metadata is a file object"
+    )
     args = parser.parse_args()
-    fake = FakeOpenAI(key=args.key, record=False, keep_bytes=1024 * 1024)
-    web.run_app(fake.app, host=args.host, port=args.port, access_log=None, print=None)
+    fake = FakeOpenAI(
+        key=args.key, record=False, keep_bytes=1024 * 1024, events=args.events, pace=args.pace
+    )
+    if args.gen_metadata:
+        fake.app.middlewares.append(_gen_metadata(args.key))
+    loop = None
+    if args.uvloop:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    web.run_app(
+        fake.app,
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        backlog=args.backlog,
+        loop=loop,
+    )
 
 
 if __name__ == "__main__":

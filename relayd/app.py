@@ -19,11 +19,12 @@ from relayd.auth import KeyRing, auth_middleware
 from relayd.config import ConfigError, Settings
 from relayd.errors import error_middleware
 from relayd.limits import limits_middleware
+from relayd.metrics import Metrics
 from relayd.observe import access_middleware, add_request_id
 from relayd.policy import PathPolicy
 from relayd.routes import TABLE
 from relayd.routing import RouteTable
-from relayd.state import KEYRING, POLICY, ROUTE_MAP, SETTINGS, STARTED, TOOLS, UPSTREAM
+from relayd.state import KEYRING, METRICS, POLICY, ROUTE_MAP, SETTINGS, STARTED, TOOLS, UPSTREAM
 from relayd.state import TABLE as TABLE_KEY
 from relayd.upstream import Upstream
 
@@ -70,6 +71,7 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[TABLE_KEY] = table
     app[KEYRING] = KeyRing(settings.keys)
     app[POLICY] = PathPolicy(settings.policy_allow, settings.policy_deny)
+    app[METRICS] = Metrics()
     app[UPSTREAM] = Upstream(settings)
     app[TOOLS] = load_tools(settings.tools_manifest)
     app[STARTED] = time.monotonic()

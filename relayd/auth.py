@@ -20,9 +20,10 @@ from relayd.errors import AuthenticationError, PermissionDeniedError
 from relayd.routing import Handler, Route
 from relayd.state import KEY, KEYRING, ROUTE, ROUTE_MAP, SETTINGS
 
-__all__ = ["WS_KEY_PREFIX", "KeyRing", "auth_middleware", "presented_key"]
+__all__ = ["EPHEMERAL_PREFIX", "WS_KEY_PREFIX", "KeyRing", "auth_middleware", "presented_key"]
 
 WS_KEY_PREFIX = "openai-insecure-api-key."
+EPHEMERAL_PREFIX = "ek_"  # OpenAI's ephemeral client secrets (/v1/realtime/client_secrets)
 
 
 class KeyRing:
@@ -51,18 +52,26 @@ class KeyRing:
 
 
 def presented_key(request: web.Request, header: str) -> str | None:
-    """The relay key the client presented, from whichever place it used."""
+    """The relay key the client presented, from whichever place it used.
+
+    An OpenAI ephemeral secret (``ek_…``) is never a relay key: a realtime client
+    may send one next to its relay key (as Bearer, or as a second key subprotocol)
+    for relayd to use upstream, so it is skipped here (handlers/realtime.py).
+    """
     authorization = request.headers.get(hdrs.AUTHORIZATION, "")
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
+    token = token.strip()
+    if scheme.lower() == "bearer" and token and not token.startswith(EPHEMERAL_PREFIX):
+        return token
     custom = request.headers.get(header, "").strip()
     if custom:
         return custom
     for protocol in request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(","):
         protocol = protocol.strip()
         if protocol.startswith(WS_KEY_PREFIX):
-            return protocol.removeprefix(WS_KEY_PREFIX)
+            secret = protocol.removeprefix(WS_KEY_PREFIX)
+            if not secret.startswith(EPHEMERAL_PREFIX):
+                return secret
     return None
 
 

@@ -1,8 +1,12 @@
 """Settings: one frozen dataclass, loaded once from TOML, environment and secret files.
 
 Precedence, lowest first: built-in defaults, the TOML file (``--config`` or
-``RELAYD_CONFIG``), environment variables, secret files named by the environment,
-and systemd credentials (``$CREDENTIALS_DIRECTORY``). Everything is validated here;
+``RELAYD_CONFIG``), then the environment. The upstream key is taken from the first
+of ``OPENAI_API_KEY``, ``OPENAI_API_KEY_FILE``, the systemd credential
+``openai_api_key`` (``$CREDENTIALS_DIRECTORY``), ``[upstream] api_key_file`` and
+``[upstream] api_key``. Relay keys are not overridden but collected: ``RELAYD_KEYS``,
+plus one keys file (``RELAYD_KEYS_FILE``, else ``[auth] keys_file``, else the
+credential ``relay_keys``), plus ``[[auth.keys]]``. Everything is validated here;
 a problem raises :class:`ConfigError` with a message an operator can act on.
 
 This module imports nothing of relayd (DESIGN: ``config.py`` is stdlib only).
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -41,6 +46,7 @@ CREDENTIAL_RELAY_KEYS: Final = "relay_keys"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+_COMMENT = re.compile(r"(?:^|\s)#")
 
 
 class ConfigError(ValueError):
@@ -135,6 +141,16 @@ class Settings:
     log_format: str = "console"
     log_level: str = "info"
 
+    # [realtime] (SPEC §3): the WebSocket bridge and the legacy sessions model check.
+    realtime_enabled: bool = True
+    realtime_allowed_models: tuple[str, ...] = ()  # empty: any model
+    realtime_default_model: str = "gpt-realtime"
+    # OpenAI caps one client event at 15 MiB (base64 audio in JSON); leave room.
+    realtime_max_message_bytes: int = 16 * MiB
+    realtime_idle_timeout_s: float = 600.0
+    # OpenAI ends a session at 60 minutes with its own close; this is the backstop.
+    realtime_max_session_s: float = 3900.0
+
     @property
     def auth_required(self) -> bool:
         return not self.auth_disabled
@@ -189,8 +205,8 @@ def load_settings(
         values[name] = _seconds(env.get(env_name), env_name) or _num(upstream, key, "upstream")
     values["max_upstream_connections"] = _int(upstream, "max_connections", "upstream")
     keepalive = upstream.get("sse_keepalive")
-    if keepalive is not None:
-        values["sse_keepalive_s"] = None if keepalive == 0 else _positive(keepalive, "sse_keepalive")
+    if keepalive is not None and keepalive != 0:
+        values["sse_keepalive_s"] = _positive(keepalive, "[upstream] sse_keepalive")
 
     # [server]
     listen_text = env.get("RELAYD_LISTEN") or _str(server, "listen", "server")
@@ -204,7 +220,7 @@ def load_settings(
     values["drain_timeout_s"] = _num(server, "drain_timeout", "server")
 
     # [auth]
-    keys_file = env.get("RELAYD_KEYS_FILE") or _path(auth, "keys_file", base)
+    keys_file = env.get("RELAYD_KEYS_FILE") or _path(auth, "keys_file", "auth", base)
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if not keys_file and cred_dir and (Path(cred_dir) / CREDENTIAL_RELAY_KEYS).is_file():
         keys_file = str(Path(cred_dir) / CREDENTIAL_RELAY_KEYS)
@@ -239,7 +255,7 @@ def load_settings(
         meta, "default_model", "meta"
     )
     values["tools_manifest"] = env.get("RELAYD_TOOLS_MANIFEST") or _path(
-        meta, "tools_manifest", base
+        meta, "tools_manifest", "meta", base
     )
     plugin = meta.get("ai_plugin")
     if plugin is not None:
@@ -251,7 +267,22 @@ def load_settings(
     values["log_format"] = env.get("RELAYD_LOG_FORMAT") or _str(logging_, "format", "logging")
     values["log_level"] = env.get("RELAYD_LOG_LEVEL") or _str(logging_, "level", "logging")
 
+    # [realtime]
+    realtime = _table(doc, "realtime")
+    values["realtime_enabled"] = _bool(realtime, "enabled", "realtime")
+    if "allowed_models" in realtime:
+        values["realtime_allowed_models"] = tuple(
+            _str_list(realtime["allowed_models"], "[realtime] allowed_models")
+        )
+    values["realtime_default_model"] = _str(realtime, "default_model", "realtime")
+    values["realtime_max_message_bytes"] = _int(realtime, "max_message_bytes", "realtime")
+    values["realtime_idle_timeout_s"] = _num(realtime, "idle_timeout", "realtime")
+    values["realtime_max_session_s"] = _num(realtime, "max_session", "realtime")
+
     settings = Settings(**{k: v for k, v in values.items() if v is not None})
+    if keepalive == 0:
+        # None means "off" here, which the filter above would read as "unset".
+        settings = replace(settings, sse_keepalive_s=None)
     validate(settings, require_upstream_key=require_upstream_key)
     return settings
 
@@ -272,6 +303,9 @@ def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
         )
     if parts.query or parts.fragment:
         raise ConfigError("upstream url must not carry a query or fragment")
+    if parts.username is not None or parts.password is not None:
+        # check-config and /health show the upstream url; credentials there would leak.
+        raise ConfigError("upstream url must not carry credentials; use OPENAI_API_KEY")
     if settings.public_url is not None:
         public = urlsplit(settings.public_url)
         if public.scheme != "https" or not public.hostname:
@@ -292,7 +326,12 @@ def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
     for name in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name.removesuffix('_s')} must be a positive number of seconds")
-    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", settings.key_header) or settings.key_header.lower() in (
+    for name in ("max_body_bytes", "max_json_bytes", "max_header_bytes"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"[limits] {name} must be a positive number of bytes")
+    _check_realtime(settings)
+    header = settings.key_header
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", header) or header.lower() in (
         "authorization",
         "host",
         "cookie",
@@ -311,6 +350,21 @@ def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
     _check_proxy_loop(settings)
 
 
+def _check_realtime(settings: Settings) -> None:
+    if settings.realtime_max_message_bytes < 1:
+        raise ConfigError("[realtime] max_message_bytes must be a positive number of bytes")
+    for name in ("realtime_idle_timeout_s", "realtime_max_session_s"):
+        if getattr(settings, name) <= 0:
+            key = name.removeprefix("realtime_").removesuffix("_s")
+            raise ConfigError(f"[realtime] {key} must be a positive number of seconds")
+    allowed = settings.realtime_allowed_models
+    if allowed and settings.realtime_default_model not in allowed:
+        raise ConfigError(
+            f"[realtime] default_model {settings.realtime_default_model!r} is not in "
+            "allowed_models; requests without a model would all be refused"
+        )
+
+
 def _check_proxy_loop(settings: Settings) -> None:
     """Refuse an upstream that is relayd itself (the predecessor's "proxy loop" check)."""
     up = urlsplit(settings.upstream_url)
@@ -322,6 +376,8 @@ def _check_proxy_loop(settings: Settings) -> None:
         ours.append((host, settings.listen.port))
         if host in ("0.0.0.0", "::", ""):
             ours += [("127.0.0.1", settings.listen.port), ("localhost", settings.listen.port)]
+        if host == "::":  # dual-stack on Linux: the IPv6 loopback reaches us too
+            ours.append(("::1", settings.listen.port))
         if host in ("127.0.0.1", "::1"):
             ours.append(("localhost", settings.listen.port))
         if host == "localhost":
@@ -347,7 +403,7 @@ def _upstream_key(env: Mapping[str, str], upstream: Mapping[str, Any], base: Pat
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / CREDENTIAL_UPSTREAM_KEY).is_file():
         return _read_secret(Path(cred_dir) / CREDENTIAL_UPSTREAM_KEY, "systemd credential")
-    key_file = _path(upstream, "api_key_file", base)
+    key_file = _path(upstream, "api_key_file", "upstream", base)
     if key_file:
         return _read_secret(Path(key_file), "[upstream] api_key_file")
     return _str(upstream, "api_key", "upstream")
@@ -370,6 +426,9 @@ def hash_key(secret: str) -> bytes:
 def _make_key(name: str, secret: str, scopes: frozenset[str] | None, origin: str) -> RelayKey:
     if not _KEY_NAME.match(name):
         raise ConfigError(f"{origin}: key name {name!r} may use letters, digits and _.@- only")
+    if name == "sha256":
+        # "sha256:<hex>" without a name would otherwise make the digest itself a valid key.
+        raise ConfigError(f"{origin}: a hashed key needs a name: write name:sha256:<hex>")
     if secret.startswith("sha256:"):
         hexdigest = secret.removeprefix("sha256:")
         if not _HEX64.match(hexdigest):
@@ -411,7 +470,9 @@ def parse_keys_file(path: str) -> tuple[RelayKey, ...]:
         raise ConfigError(f"cannot read keys file {path!r}: {exc.strerror}") from None
     keys = []
     for number, raw in enumerate(lines, 1):
-        line = raw.split("#", 1)[0].strip()
+        # A comment starts at a "#" that begins the line or follows a space, so a
+        # key containing "#" is never silently cut short.
+        line = _COMMENT.split(raw, maxsplit=1)[0].strip()
         if not line:
             continue
         origin = f"keys file {path}, line {number}"
@@ -452,6 +513,8 @@ def _collect_keys(
         scopes = None
         if "scopes" in entry:
             scopes = frozenset(_str_list(entry["scopes"], f"{origin}.scopes"))
+            if not scopes:
+                raise ConfigError(f"{origin}: scopes lists no route group")
         keys.append(_make_key(str(entry["name"]), secret, scopes, origin))
     return tuple(keys)
 
@@ -484,7 +547,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
             value = "<set>" if value else "<missing>"
         elif name == "keys":
             value = [
-                {"name": k.name, "scopes": sorted(k.scopes) if k.scopes else "all"}
+                {"name": k.name, "scopes": "all" if k.scopes is None else sorted(k.scopes)}
                 for k in value
             ]
         elif isinstance(value, Listen):
@@ -521,8 +584,8 @@ def _str(table: Mapping[str, Any], key: str, section: str) -> str | None:
     return value or None
 
 
-def _path(table: Mapping[str, Any], key: str, base: Path) -> str | None:
-    value = _str(table, key, "config")
+def _path(table: Mapping[str, Any], key: str, section: str, base: Path) -> str | None:
+    value = _str(table, key, section)
     return None if value is None else str(base / value)
 
 
@@ -549,7 +612,13 @@ def _num(table: Mapping[str, Any], key: str, section: str) -> float | None:
 
 
 def _positive(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    # TOML and float() both accept nan and inf; neither is a usable duration.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ConfigError(f"{where} must be a positive number")
     return float(value)
 

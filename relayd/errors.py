@@ -31,6 +31,8 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
+from relayd.state import ERROR_CODE
+
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
@@ -204,6 +206,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RelaydError as exc:
+        if exc.code is not None:
+            request[ERROR_CODE] = exc.code
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -21,7 +21,17 @@ from aiohttp import web
 
 from relayd.errors import CLIENT_CLOSED
 from relayd.routing import Handler
-from relayd.state import BROKEN, KEY, REQUEST_ID, ROUTE, UPSTREAM_REQUEST_ID
+from relayd.state import (
+    BROKEN,
+    ERROR_CODE,
+    KEY,
+    METRICS,
+    REQUEST_ID,
+    ROUTE,
+    UPSTREAM_REQUEST_ID,
+    UPSTREAM_STATUS,
+    UPSTREAM_WAIT,
+)
 
 __all__ = ["REQUEST_ID_HEADER", "access_middleware", "add_request_id", "setup_logging"]
 
@@ -55,31 +65,56 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     finally:
         # Synchronous on purpose: an await here could be interrupted by a second
         # cancellation and lose the line (DESIGN: accounting in finally is sync).
-        _log_access(request, response, status, time.perf_counter() - started)
+        _account(request, response, status, time.perf_counter() - started)
 
 
-def _log_access(
+def _account(
     request: web.Request, response: web.StreamResponse | None, status: int, duration: float
 ) -> None:
+    """Metrics and the access line for one request (synchronous; see the caller)."""
+    route = request.get(ROUTE)
+    group = route.group if route else "unmatched"
+    waited = request.get(UPSTREAM_WAIT)
+    overhead = max(0.0, duration - waited) if waited is not None else None
+    metrics = request.app[METRICS]
+    metrics.requests.labels(group, str(status)).inc()
+    metrics.duration.labels(group).observe(duration)
+    if overhead is not None:
+        metrics.overhead.labels(group).observe(overhead)
+    error_kind = _upstream_error_kind(request)
+    if error_kind is not None:
+        metrics.upstream_errors.labels(error_kind).inc()
     if not access_log.isEnabledFor(logging.INFO):
         return
-    route = request.get(ROUTE)
     key = request.get(KEY)
     fields = {
         "request_id": request.get(REQUEST_ID),
         "key": key.name if key else None,
         "method": request.method,
         "route": route.path if route else None,
-        "group": route.group if route else None,
+        "group": group,
         "status": status,
         "bytes_in": request.content_length,
         "bytes_out": _bytes_out(response),
         "duration_ms": round(duration * 1000, 2),
+        "overhead_ms": round(overhead * 1000, 3) if overhead is not None else None,
         "upstream_request_id": request.get(UPSTREAM_REQUEST_ID),
     }
     if broken := request.get(BROKEN):
         fields["broken"] = broken
     access_log.info("access", extra={"fields": fields})
+
+
+def _upstream_error_kind(request: web.Request) -> str | None:
+    if request.get(BROKEN):
+        return "broken_stream"
+    code = request.get(ERROR_CODE)
+    if code is not None and code.startswith("upstream_"):
+        return str(code).removeprefix("upstream_")
+    upstream_status = request.get(UPSTREAM_STATUS)
+    if upstream_status is not None and upstream_status >= 500:
+        return "status_5xx"
+    return None
 
 
 def _bytes_out(response: web.StreamResponse | None) -> int:

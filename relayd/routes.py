@@ -70,6 +70,8 @@ _META = (
         "Plugin manifest for ChatGPT",
     ),
     _meta("GET", "/openapi.json", meta.openapi_full, PUBLIC, "getOpenAPI", "This API's OpenAPI"),
+    # Behind a relay key; a key scoped to "metrics" alone suits the Prometheus scraper.
+    Route("GET", "/metrics", meta.metrics, "metrics", INTERNAL, "getMetrics", "Prometheus metrics"),
     _meta(
         "GET", "/openapi.actions.json", meta.openapi_actions, PUBLIC, "getOpenAPIActions",
         "OpenAPI subset for GPT Actions",

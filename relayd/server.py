@@ -97,17 +97,18 @@ async def serve(settings: Settings, config: str | None) -> None:
     )
     await runner.setup()
     pinger: asyncio.Task[None] | None = None
+    # Handlers first: a SIGHUP or SIGTERM right after READY must never hit the
+    # default action (which kills the process).
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, app, config, notifier)
     try:
         await _start_sites(runner, settings)
         addresses = bound_addresses(runner)
         log.info("relayd %s listening on %s", __version__, addresses)
         _report_ready(notifier, f"serving on {addresses}")
-
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, reload, app, config, notifier)
         pinger = spawn(notifier.watchdog(watchdog), name="relayd.watchdog") if watchdog else None
 
         await stop.wait()  # later SIGTERMs are no-ops: the drain is already under way

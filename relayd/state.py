@@ -15,15 +15,23 @@ from relayd.config import RelayKey, Settings
 from relayd.routing import Route, RouteTable
 
 if TYPE_CHECKING:
+    from weakref import WeakSet
+
     from relayd.auth import KeyRing
+    from relayd.metrics import Metrics
     from relayd.policy import PathPolicy
+    from relayd.streams.websocket import WebSocketBridge
     from relayd.upstream import Upstream
 
 __all__ = [
     "BROKEN",
+    "ERROR_CODE",
     "KEY",
     "KEYRING",
+    "METRICS",
     "POLICY",
+    "REALTIME_BRIDGES",
+    "REALTIME_USAGE",
     "REQUEST_ID",
     "ROUTE",
     "ROUTE_MAP",
@@ -33,6 +41,8 @@ __all__ = [
     "TOOLS",
     "UPSTREAM",
     "UPSTREAM_REQUEST_ID",
+    "UPSTREAM_STATUS",
+    "UPSTREAM_WAIT",
 ]
 
 SETTINGS: Final = web.AppKey("relayd.settings", Settings)
@@ -41,11 +51,22 @@ ROUTE_MAP: Final = web.AppKey("relayd.route_map", dict[AbstractRoute, Route])
 UPSTREAM: Final[web.AppKey[Upstream]] = web.AppKey("relayd.upstream")
 KEYRING: Final[web.AppKey[KeyRing]] = web.AppKey("relayd.keyring")
 POLICY: Final[web.AppKey[PathPolicy]] = web.AppKey("relayd.policy")
+METRICS: Final[web.AppKey[Metrics]] = web.AppKey("relayd.metrics")
 TOOLS: Final = web.AppKey("relayd.tools", dict)
 STARTED: Final = web.AppKey("relayd.started", float)
+# Open realtime bridges, closed with 1001 on shutdown (aiohttp's documented pattern).
+REALTIME_BRIDGES: Final[web.AppKey[WeakSet[WebSocketBridge]]] = web.AppKey(
+    "relayd.realtime_bridges"
+)
 
 REQUEST_ID: Final = web.RequestKey("relayd.request_id", str)
 ROUTE: Final = web.RequestKey("relayd.route", Route)
 KEY: Final = web.RequestKey("relayd.key", RelayKey)
 UPSTREAM_REQUEST_ID: Final = web.RequestKey("relayd.upstream_request_id", str)
 BROKEN: Final = web.RequestKey("relayd.broken", str)
+# Seconds spent waiting on upstream (head, then body reads): the rest is relay overhead.
+UPSTREAM_WAIT: Final = web.RequestKey("relayd.upstream_wait", float)
+UPSTREAM_STATUS: Final = web.RequestKey("relayd.upstream_status", int)
+ERROR_CODE: Final = web.RequestKey("relayd.error_code", str)
+# Token totals of a realtime session, summed from its response.done events.
+REALTIME_USAGE: Final = web.RequestKey("relayd.realtime_usage", dict[str, int])

@@ -27,8 +27,12 @@ from yarl import URL
 
 from relayd.config import Settings
 from relayd.errors import (
+    AuthenticationError,
+    BadRequestError,
+    NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     RelaydError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
@@ -68,11 +72,37 @@ def mapped_errors() -> Iterator[None]:
             raise UpstreamTimeoutError("The upstream API did not answer in time.") from exc
         if isinstance(exc, aiohttp.ClientConnectorError):
             raise UpstreamUnavailableError("Cannot connect to the upstream API.") from exc
+        if isinstance(exc, aiohttp.WSServerHandshakeError):
+            raise _refused_handshake(exc) from exc
         if isinstance(exc, aiohttp.ClientResponseError):
             raise UpstreamUnavailableError(
                 "The upstream API sent a malformed response."
             ) from exc
         raise UpstreamUnavailableError("The connection to the upstream API failed.") from exc
+
+
+# aiohttp drops the body of a refused WebSocket handshake, so only the status can
+# cross. A 4xx relayd has a class for keeps its status (an expired ek_ secret is the
+# caller's 401, a model upstream does not know its 404); anything else is a 502.
+_HANDSHAKE_REFUSALS: Final[dict[int, type[RelaydError]]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+}
+
+
+def _refused_handshake(exc: aiohttp.WSServerHandshakeError) -> RelaydError:
+    if exc.status < 400:
+        return UpstreamUnavailableError(
+            f"The upstream API did not accept the WebSocket upgrade (HTTP {exc.status})."
+        )
+    kind = _HANDSHAKE_REFUSALS.get(exc.status, UpstreamUnavailableError)
+    retry_after = exc.headers.get("Retry-After") if exc.headers is not None else None
+    return kind(
+        f"The upstream API refused the WebSocket handshake with HTTP {exc.status}.",
+        headers={"Retry-After": retry_after} if retry_after else None,
+    )
 
 
 class _NoDelayConnector(aiohttp.TCPConnector):
@@ -208,14 +238,29 @@ class Upstream:
     @contextlib.asynccontextmanager
     async def ws_connect(
         self, path_qs: str, *, headers: CIMultiDict[str], **kwargs: Any
-    ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
-        """Dial an upstream WebSocket (realtime); handshake failures are relayd errors."""
+    ) -> AsyncIterator[aiohttp.ClientWebSocketResponse[bool]]:
+        """Dial an upstream WebSocket (realtime); handshake failures are relayd errors.
+
+        An open WebSocket holds a pooled connection for its whole life, so it counts
+        against the in-flight limit like a request (a full pool answers 503 rather
+        than waiting for a slot with no timeout). A refused handshake raises before
+        anything was sent to the client, so the caller can still answer with HTTP.
+        """
         if self._session is None:
             raise RuntimeError("Upstream.start() was not called")
-        url = URL(self._base.replace("http", "ws", 1) + path_qs, encoded=True)
-        with mapped_errors():
-            ws = await self._session.ws_connect(url, headers=headers, **kwargs)
+        if self._in_flight >= self._limit:
+            raise OverloadedError(
+                "The relay has too many upstream connections open; retry shortly.",
+                headers={"Retry-After": "1"},
+            )
+        self._in_flight += 1
         try:
-            yield ws
+            url = URL(self._base.replace("http", "ws", 1) + path_qs, encoded=True)
+            with mapped_errors():
+                ws = await self._session.ws_connect(url, headers=headers, **kwargs)
+            try:
+                yield ws
+            finally:
+                await ws.close()
         finally:
-            await ws.close()
+            self._in_flight -= 1

@@ -53,7 +53,7 @@ class Relayd:
                     if needle in line:
                         return line
                 if self.process.returncode is not None and self._reader.done():
-                    raise AssertionError(f"relayd exited; log:\n" + "\n".join(self.lines))
+                    raise AssertionError("relayd exited; log:\n" + "\n".join(self.lines))
                 self._changed.clear()
                 await self._changed.wait()
 
@@ -144,8 +144,9 @@ async def test_notify_ready_only_once_listening_then_watchdog_and_stopping(
     sock.bind(path)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
-    env = _env(str(fake_server.make_url("")).rstrip("/"), NOTIFY_SOCKET=path,
-               WATCHDOG_USEC="200000")
+    env = _env(
+        str(fake_server.make_url("")).rstrip("/"), NOTIFY_SOCKET=path, WATCHDOG_USEC="200000"
+    )
     try:
         relayd = await start(env=env, wait=False)
         async with asyncio.timeout(10):
@@ -181,7 +182,11 @@ async def test_socket_activation_serves_on_the_passed_socket(
     )
     env = _env(str(fake_server.make_url("")).rstrip("/"), RELAYD_LISTEN="127.0.0.1:1")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", launcher, env=env, pass_fds=(fd,),
+        sys.executable,
+        "-c",
+        launcher,
+        env=env,
+        pass_fds=(fd,),
         stderr=asyncio.subprocess.PIPE,
     )
     relayd = Relayd(process)
@@ -225,8 +230,9 @@ async def test_sighup_reloads_keys_without_dropping_streams(
     fake.pace = 0.6  # about 4 s of stream
     keys = tmp_path / "keys"
     keys.write_text(f"old:{OLD_KEY}\n")
-    env = _env(str(fake_server.make_url("")).rstrip("/"), RELAYD_KEYS="",
-               RELAYD_KEYS_FILE=str(keys))
+    env = _env(
+        str(fake_server.make_url("")).rstrip("/"), RELAYD_KEYS="", RELAYD_KEYS_FILE=str(keys)
+    )
     relayd = await start(env=env)
     async with aiohttp.ClientSession() as session:
         stream = asyncio.ensure_future(_stream(session, relayd.url("/v1/responses"), OLD_KEY))
@@ -270,9 +276,13 @@ async def test_two_workers_share_the_port_and_both_serve(
 
 async def test_check_config_never_prints_secrets(fake_server: TestServer) -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relayd", "check-config",
+        sys.executable,
+        "-m",
+        "relayd",
+        "check-config",
         env=_env(str(fake_server.make_url("")).rstrip("/")),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(15):
         out, err = await process.communicate()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import zlib
 from typing import Any, Final
 
@@ -18,7 +19,16 @@ from multidict import CIMultiDict
 from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
 from relayd.headers import redact_secrets, response_headers
 from relayd.policy import check_raw_path
-from relayd.state import BROKEN, SETTINGS, UPSTREAM, UPSTREAM_REQUEST_ID
+from relayd.state import (
+    BROKEN,
+    KEY,
+    METRICS,
+    SETTINGS,
+    UPSTREAM,
+    UPSTREAM_REQUEST_ID,
+    UPSTREAM_STATUS,
+    UPSTREAM_WAIT,
+)
 from relayd.streams import (
     BrokenStreamError,
     SSEPump,
@@ -28,6 +38,7 @@ from relayd.streams import (
     pump_request_body,
 )
 from relayd.upstream import mapped_errors
+from relayd.usage import UsageTap
 
 __all__ = ["checked_path", "read_capped", "read_json_object", "relay", "send_back"]
 
@@ -81,12 +92,15 @@ async def relay(
         headers = upstream.headers(request.headers, keep_length=keep_length)
     elif headers is None:
         headers = upstream.headers(request.headers, keep_length=False)
+    started = time.perf_counter()
     async with upstream.open(method, path_qs, headers=headers, data=data) as answer:
+        request[UPSTREAM_WAIT] = time.perf_counter() - started
         return await send_back(request, answer)
 
 
 async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamResponse:
     """Stream an upstream response to the client, unchanged but for headers."""
+    request[UPSTREAM_STATUS] = answer.status
     if (upstream_id := answer.headers.get("x-request-id")) is not None:
         request[UPSTREAM_REQUEST_ID] = upstream_id
     if answer.status >= 400:
@@ -101,12 +115,16 @@ async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamR
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"
     response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
+    tap = _usage_tap(request, answer, sse)
+    metrics = request.app[METRICS]
     await response.prepare(request)
+    if sse:
+        metrics.open_streams.inc()
     try:
         if keepalive is not None:
-            await SSEPump(answer.content, response, keepalive_s=keepalive).run()
+            moved = await SSEPump(answer.content, response, keepalive_s=keepalive, tap=tap).run()
         else:
-            await pump(answer.content, response)
+            moved = await pump(answer.content, response, tap=tap)
     except BrokenStreamError as exc:
         log.warning("upstream stream broke after %d bytes: %s", response.body_length, exc)
         request[BROKEN] = str(exc)
@@ -114,8 +132,26 @@ async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamR
         return response  # aiohttp's write_eof then fails quietly on the closed transport
     except ConnectionResetError:
         return response  # the client left; leaving the block closes the upstream request
+    finally:
+        if sse:
+            metrics.open_streams.dec()
+    request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + moved.waited
+    if tap is not None and (usage := tap.usage()) is not None:
+        key = request.get(KEY)
+        name = key.name if key is not None else "-"
+        metrics.tokens.labels(name, usage.model, "input").inc(usage.input_tokens)
+        metrics.tokens.labels(name, usage.model, "output").inc(usage.output_tokens)
     await response.write_eof()
     return response
+
+
+def _usage_tap(request: web.Request, answer: ClientResponse, sse: bool) -> UsageTap | None:
+    """Model answers (POST, JSON or SSE, status 200) are watched for token usage."""
+    if request.method != "POST" or answer.status != 200:
+        return None
+    if not sse and answer.content_type != "application/json":
+        return None
+    return UsageTap(event_stream=sse, content_encoding=answer.headers.get("Content-Encoding", ""))
 
 
 async def read_capped(content: StreamReader, cap: int) -> bytes:

@@ -17,8 +17,9 @@ from aiohttp import web
 
 from relayd import __version__
 from relayd.errors import NotFoundError
+from relayd.metrics import CONTENT_TYPE_LATEST
 from relayd.openapi import build_openapi
-from relayd.state import KEYRING, SETTINGS, STARTED, TABLE, TOOLS, UPSTREAM
+from relayd.state import KEYRING, METRICS, SETTINGS, STARTED, TABLE, TOOLS, UPSTREAM
 
 __all__ = [
     "ai_plugin",
@@ -26,6 +27,7 @@ __all__ = [
     "health",
     "list_tools",
     "manifest",
+    "metrics",
     "openapi_actions",
     "openapi_full",
     "ping",
@@ -171,6 +173,12 @@ async def ai_plugin(request: web.Request) -> web.Response:
     if settings.ai_plugin:
         document.update(settings.ai_plugin)
     return web.json_response(document)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition (behind a relay key; a key may be scoped to it alone)."""
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def openapi_full(request: web.Request) -> web.Response:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from relayd.streams.pump import (
     BrokenStreamError,
     LimitExceededError,
+    Pumped,
+    Tap,
     abort,
     pump,
     pump_request_body,
@@ -19,7 +21,9 @@ __all__ = [
     "KEEPALIVE",
     "BrokenStreamError",
     "LimitExceededError",
+    "Pumped",
     "SSEPump",
+    "Tap",
     "abort",
     "is_event_stream",
     "pump",

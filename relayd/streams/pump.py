@@ -21,11 +21,20 @@ Invariants (DESIGN; every streaming change must keep them):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import StreamReader, web
 
-__all__ = ["BrokenStreamError", "LimitExceededError", "abort", "pump", "pump_request_body"]
+__all__ = [
+    "BrokenStreamError",
+    "LimitExceededError",
+    "Pumped",
+    "Tap",
+    "abort",
+    "pump",
+    "pump_request_body",
+]
 
 
 class BrokenStreamError(Exception):
@@ -40,23 +49,43 @@ class LimitExceededError(Exception):
         self.limit = limit
 
 
-async def pump(source: StreamReader, sink: web.StreamResponse) -> int:
-    """Copy ``source`` to a prepared ``sink`` until EOF; return the bytes sent.
+Tap = Callable[[bytes], None]
 
-    A source failure raises :class:`BrokenStreamError` (the caller aborts the
-    client connection). A client that went away raises ``ConnectionResetError``
-    from the write; cancellation propagates untouched.
+
+class Pumped:
+    """What a pump moved: bytes sent, and seconds spent waiting on the source."""
+
+    __slots__ = ("sent", "waited")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.waited = 0.0
+
+
+async def pump(source: StreamReader, sink: web.StreamResponse, *, tap: Tap | None = None) -> Pumped:
+    """Copy ``source`` to a prepared ``sink`` until EOF.
+
+    ``tap`` sees every chunk after it was written (it must be cheap and must not
+    keep references beyond a bounded tail). A source failure raises
+    :class:`BrokenStreamError` (the caller aborts the client connection). A client
+    that went away raises ``ConnectionResetError`` from the write; cancellation
+    propagates untouched.
     """
-    sent = 0
+    moved = Pumped()
+    clock = time.perf_counter
     while True:
+        started = clock()
         try:
             chunk = await source.readany()
         except Exception as exc:
             raise BrokenStreamError(str(exc) or type(exc).__name__) from exc
+        moved.waited += clock() - started
         if not chunk:
-            return sent
+            return moved
         await sink.write(chunk)
-        sent += len(chunk)
+        moved.sent += len(chunk)
+        if tap is not None:
+            tap(chunk)
 
 
 async def pump_request_body(source: StreamReader, limit: int) -> AsyncIterator[bytes]:

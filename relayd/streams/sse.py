@@ -11,11 +11,12 @@ SDKs' decoders skip them too).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Final
 
 from aiohttp import StreamReader, web
 
-from relayd.streams.pump import BrokenStreamError
+from relayd.streams.pump import BrokenStreamError, Pumped, Tap
 from relayd.tasks import spawn
 
 __all__ = ["KEEPALIVE", "SSEPump", "is_event_stream"]
@@ -40,43 +41,54 @@ class SSEPump:
     the pump is idle between events. Failure semantics are :func:`pump`'s.
     """
 
-    __slots__ = ("_chunks", "_keepalive_s", "_sink", "_source", "_tail", "_writing", "sent")
+    __slots__ = ("_chunks", "_keepalive_s", "_sink", "_source", "_tail", "_tap", "_writing")
 
     def __init__(
-        self, source: StreamReader, sink: web.StreamResponse, *, keepalive_s: float | None
+        self,
+        source: StreamReader,
+        sink: web.StreamResponse,
+        *,
+        keepalive_s: float | None,
+        tap: Tap | None = None,
     ) -> None:
         self._source = source
         self._sink = sink
         self._keepalive_s = keepalive_s
+        self._tap = tap
         self._chunks = 0
         self._tail = b"\n\n"  # before the first byte we are between events
         self._writing = False
-        self.sent = 0
 
     @property
     def at_event_boundary(self) -> bool:
         return self._tail.endswith(_EVENT_ENDS)
 
-    async def run(self) -> int:
+    async def run(self) -> Pumped:
         ticker = None
         if self._keepalive_s:
             ticker = spawn(self._keepalive(self._keepalive_s), name="relayd.sse.keepalive")
+        moved = Pumped()
+        clock = time.perf_counter
         try:
             while True:
+                started = clock()
                 try:
                     chunk = await self._source.readany()
                 except Exception as exc:
                     raise BrokenStreamError(str(exc) or type(exc).__name__) from exc
+                moved.waited += clock() - started
                 if not chunk:
-                    return self.sent
+                    return moved
                 self._writing = True
                 try:
                     await self._sink.write(chunk)
                 finally:
                     self._writing = False
-                self.sent += len(chunk)
+                moved.sent += len(chunk)
                 self._chunks += 1
                 self._tail = chunk[-4:] if len(chunk) >= 4 else (self._tail + chunk)[-4:]
+                if self._tap is not None:
+                    self._tap(chunk)
         finally:
             if ticker is not None:
                 ticker.cancel()

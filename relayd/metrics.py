@@ -1,0 +1,86 @@
+"""Prometheus metrics (prometheus-client), one registry per application.
+
+With several workers, prometheus-client's multiprocess mode keeps every value in
+files under ``$PROMETHEUS_MULTIPROC_DIR`` (the supervisor creates it) and any
+worker's ``/metrics`` aggregates all of them; gauges use ``livesum`` so a dead
+worker's open streams do not linger.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_OVERHEAD_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # In multiprocess mode values live in files; registering them would double count.
+        self._registry = CollectorRegistry(auto_describe=True)
+        registry = None if self._multiprocess else self._registry
+        self.requests = Counter(
+            "relayd_requests",
+            "Requests answered, by route group and status.",
+            ("group", "status"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "relayd_request_duration_seconds",
+            "Time from request to the end of the response, by route group.",
+            ("group",),
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.overhead = Histogram(
+            "relayd_relay_overhead_seconds",
+            "Time relayd spent on a relayed request other than waiting on upstream.",
+            ("group",),
+            buckets=_OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        self.open_streams = Gauge(
+            "relayd_open_streams",
+            "Event streams currently open.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.open_websockets = Gauge(
+            "relayd_open_websockets",
+            "Realtime WebSocket bridges currently open.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_errors = Counter(
+            "relayd_upstream_errors",
+            "Upstream failures by kind (unreachable, timeout, broken_stream, status_5xx).",
+            ("kind",),
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "relayd_tokens",
+            "Tokens used, from upstream usage reports, by relay key, model and direction.",
+            ("key", "model", "direction"),
+            registry=registry,
+        )
+
+    def exposition(self) -> bytes:
+        if self._multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self._registry)

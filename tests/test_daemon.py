@@ -176,9 +176,9 @@ async def test_socket_activation_serves_on_the_passed_socket(
     fd = listener.fileno()
     # Like systemd: the socket is fd 3 and LISTEN_PID names the service's own pid.
     launcher = (
-        "import os, sys; os.dup2(%d, 3); os.environ['LISTEN_FDS'] = '1';"
+        f"import os, sys; os.dup2({fd}, 3); os.environ['LISTEN_FDS'] = '1';"
         "os.environ['LISTEN_PID'] = str(os.getpid());"
-        "os.execv(sys.executable, [sys.executable, '-m', 'relayd', 'serve'])" % fd
+        "os.execv(sys.executable, [sys.executable, '-m', 'relayd', 'serve'])"
     )
     env = _env(str(fake_server.make_url("")).rstrip("/"), RELAYD_LISTEN="127.0.0.1:1")
     process = await asyncio.create_subprocess_exec(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import openai
 import pytest
@@ -42,8 +43,6 @@ def value(samples: dict, name: str, **labels: str) -> float:
 async def test_metrics_need_a_key_and_a_metrics_only_key_sees_nothing_else(
     relay_factory: RelayFactory,
 ) -> None:
-    from tests.conftest import make_settings  # noqa: F401  (keys come from the factory)
-
     relay = await relay_factory(keys=(_scraper(),))
     assert (await relay.get("/metrics")).status == 401
     await scrape(relay, SCRAPER_KEY)

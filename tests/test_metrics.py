@@ -102,9 +102,8 @@ async def test_unreachable_upstream_is_counted(
 
 def test_usage_tap_reads_chat_usage_chunks_and_ignores_garbage() -> None:
     tap = UsageTap(event_stream=True)
-    tap(
-        b'data: {"model":"gpt-5","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}\n\n'
-    )
+    chunk = {"model": "gpt-5", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}
+    tap(f"data: {json.dumps(chunk)}\n\n".encode())
     tap(b"data: [DONE]\n\n")
     usage = tap.usage()
     assert usage is not None and (usage.input_tokens, usage.output_tokens) == (4, 2)

@@ -11,6 +11,7 @@ stays behind, so nothing about the upstream account leaks to clients.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -18,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "HOP_BY_HOP",
+    "decompress",
     "redact_secrets",
     "request_headers",
     "response_headers",
@@ -167,3 +169,19 @@ def redact_secrets(body: bytes, secrets: Iterable[str]) -> bytes:
         if secret:
             body = body.replace(secret.encode(), REDACTED)
     return _KEY_PATTERN.sub(REDACTED, body)
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo a ``Content-Encoding`` relayd allowed upstream (gzip, deflate), to ``limit`` bytes.
+
+    Raises ``ValueError`` for an encoding relayd never asked for and ``zlib.error``
+    for corrupt data.
+    """
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, limit)
+    if encoding == "deflate":
+        return zlib.decompressobj().decompress(body, limit)
+    raise ValueError(f"unexpected content encoding {encoding!r}")

@@ -14,6 +14,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
+from relayd.headers import decompress
+
 __all__ = ["Usage", "UsageTap"]
 
 TAIL_BYTES: Final = 256 * 1024
@@ -47,7 +49,9 @@ class UsageTap:
                 return self._from_events(bytes(self._tail))
             if self._overflowed:
                 return None  # a JSON document must be read whole; big ones are not answers
-            return _from_object(json.loads(_decode(bytes(self._tail), self._encoding)))
+            return _from_object(
+                json.loads(decompress(bytes(self._tail), self._encoding, 4 * TAIL_BYTES))
+            )
         except (ValueError, zlib.error, TypeError, KeyError):
             return None
 
@@ -59,14 +63,6 @@ class UsageTap:
                 if found is not None:
                     return found
         return None
-
-
-def _decode(body: bytes, encoding: str) -> bytes:
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, 4 * TAIL_BYTES)
-    if encoding == "deflate":
-        return zlib.decompressobj().decompress(body, 4 * TAIL_BYTES)
-    return body
 
 
 def _from_object(obj: Any) -> Usage | None:

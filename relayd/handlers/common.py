@@ -17,7 +17,7 @@ from aiohttp import ClientResponse, StreamReader, web
 from multidict import CIMultiDict
 
 from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
-from relayd.headers import redact_secrets, response_headers
+from relayd.headers import decompress, redact_secrets, response_headers
 from relayd.policy import check_raw_path
 from relayd.state import (
     BROKEN,
@@ -155,21 +155,15 @@ def _usage_tap(request: web.Request, answer: ClientResponse, sse: bool) -> Usage
 
 
 async def read_capped(content: StreamReader, cap: int) -> bytes:
-    body = await content.read(cap + 1)
-    if len(body) > cap:
-        raise UpstreamUnavailableError(f"The upstream API sent more than {cap} bytes here.")
-    return body
-
-
-def _decode(body: bytes, encoding: str) -> bytes:
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, ERROR_BODY_CAP)
-    if encoding == "deflate":
-        return zlib.decompressobj().decompress(body, ERROR_BODY_CAP)
-    raise UpstreamUnavailableError(f"The upstream API used an unexpected encoding ({encoding}).")
+    """A whole (small) upstream body; more than ``cap`` bytes is an upstream fault."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > cap:
+            raise UpstreamUnavailableError(f"The upstream API sent more than {cap} bytes here.")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _error_back(request: web.Request, answer: ClientResponse) -> web.Response:
@@ -181,8 +175,8 @@ async def _error_back(request: web.Request, answer: ClientResponse) -> web.Respo
     with mapped_errors():
         raw = await read_capped(answer.content, ERROR_BODY_CAP)
     try:
-        body = _decode(raw, answer.headers.get("Content-Encoding", ""))
-    except zlib.error as exc:
+        body = decompress(raw, answer.headers.get("Content-Encoding", ""), ERROR_BODY_CAP)
+    except (zlib.error, ValueError) as exc:
         raise UpstreamUnavailableError("The upstream API sent a corrupt error body.") from exc
     body = redact_secrets(body, (request.app[SETTINGS].upstream_key,))
     headers = response_headers(answer.headers, keep_length=False)

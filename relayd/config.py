@@ -41,8 +41,18 @@ MiB: Final = 1024 * 1024
 # Path families that never pass the catch-all unless explicitly allowed (SPEC §3).
 DEFAULT_DENY: Final = ("/v1/organization/*", "/v1/organization", "/v1/admin*")
 
+# Where ChatGPT's file links (openaiFileIdRefs download_link) point; shell-style host
+# patterns. The predecessor allowed the same hosts (SPEC §2, "Fetching user files").
+DEFAULT_FETCH_HOSTS: Final = (
+    "*.oaiusercontent.com",
+    "*.openaiusercontent.com",
+    "files.openai.com",
+    "oaidalle*.blob.core.windows.net",
+)
+
 CREDENTIAL_UPSTREAM_KEY: Final = "openai_api_key"
 CREDENTIAL_RELAY_KEYS: Final = "relay_keys"
+CREDENTIAL_SIGNING_SECRET: Final = "actions_signing_secret"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -126,7 +136,6 @@ class Settings:
     max_body_bytes: int = 520 * MiB  # 512 MiB OpenAI file limit plus multipart framing
     max_json_bytes: int = 32 * MiB  # bodies relayd itself parses (wrappers, :stream)
     max_header_bytes: int = 64 * 1024
-    header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
 
     policy_allow: tuple[str, ...] = ()
@@ -150,6 +159,36 @@ class Settings:
     realtime_idle_timeout_s: float = 600.0
     # OpenAI ends a session at 60 minutes with its own close; this is the backstop.
     realtime_max_session_s: float = 3900.0
+
+    # [actions] (SPEC §3, §5): the ChatGPT GPT Actions surface.
+    # operationIds offered in /openapi.actions.json (at most 30); None: relayd's default.
+    actions_operations: tuple[str, ...] | None = None
+    actions_auth: str = "bearer"  # the one security scheme: "bearer" or "header"
+    # ChatGPT waits 45 s for an action and reads under 100,000 characters (notes A3).
+    actions_answer_budget_s: float = 25.0
+    actions_poll_interval_s: float = 1.0
+    actions_max_answer_chars: int = 90_000
+    actions_privacy_text: str | None = None
+    actions_privacy_url: str | None = None
+    # Fetching user file links (download_link, image_url): allowlist, caps, timeout.
+    actions_fetch_hosts: tuple[str, ...] = DEFAULT_FETCH_HOSTS
+    actions_fetch_https_only: bool = True
+    actions_fetch_allow_private: bool = False  # tests on loopback only
+    actions_fetch_ca_file: str | None = None
+    actions_fetch_timeout_s: float = 10.0
+    actions_max_file_bytes: int = 25 * MiB  # decoded base64 payloads and fetched files
+    # Files handed back as openaiFileResponse: inline when small, else signed URLs.
+    actions_inline_max_bytes: int = 48 * 1024
+    actions_link_ttl_s: float = 300.0
+    # HMAC key for those URLs; None: a random one per process (workers > 1 need one).
+    actions_signing_secret: str | None = field(default=None, repr=False)
+    actions_store_dir: str | None = None  # None: a private temporary directory
+    actions_store_max_bytes: int = 256 * MiB
+    # /v1/actions/videos/generations: the predecessor's allowed sets and size cap.
+    actions_video_models: tuple[str, ...] = ("sora-2", "sora-2-pro")
+    actions_video_sizes: tuple[str, ...] = ("720x1280", "1280x720", "1024x1792", "1792x1024")
+    actions_video_seconds: tuple[int, ...] = (4, 8, 12)
+    actions_video_max_bytes: int = 25 * MiB
 
     @property
     def auth_required(self) -> bool:
@@ -239,7 +278,6 @@ def load_settings(
         ("max_header_bytes", "max_header_bytes"),
     ):
         values[name] = _int(limits, key, "limits")
-    values["header_timeout_s"] = _num(limits, "header_timeout", "limits")
     values["keepalive_timeout_s"] = _num(limits, "keepalive_timeout", "limits")
 
     # [policy]
@@ -278,6 +316,9 @@ def load_settings(
     values["realtime_max_message_bytes"] = _int(realtime, "max_message_bytes", "realtime")
     values["realtime_idle_timeout_s"] = _num(realtime, "idle_timeout", "realtime")
     values["realtime_max_session_s"] = _num(realtime, "max_session", "realtime")
+
+    # [actions]
+    values.update(_actions_values(_table(doc, "actions"), env, base))
 
     settings = Settings(**{k: v for k, v in values.items() if v is not None})
     if keepalive == 0:
@@ -330,6 +371,7 @@ def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
         if getattr(settings, name) < 1:
             raise ConfigError(f"[limits] {name} must be a positive number of bytes")
     _check_realtime(settings)
+    _check_actions(settings)
     header = settings.key_header
     if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", header) or header.lower() in (
         "authorization",
@@ -363,6 +405,110 @@ def _check_realtime(settings: Settings) -> None:
             f"[realtime] default_model {settings.realtime_default_model!r} is not in "
             "allowed_models; requests without a model would all be refused"
         )
+
+
+def _actions_values(
+    actions: Mapping[str, Any], env: Mapping[str, str], base: Path
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if "operations" in actions:
+        values["actions_operations"] = tuple(
+            _str_list(actions["operations"], "[actions] operations")
+        )
+    for name, key in (
+        ("actions_auth", "auth"),
+        ("actions_privacy_text", "privacy_text"),
+        ("actions_privacy_url", "privacy_url"),
+    ):
+        values[name] = _str(actions, key, "actions")
+    values["actions_store_dir"] = _path(actions, "store_dir", "actions", base)
+    values["actions_fetch_ca_file"] = _path(actions, "fetch_ca_file", "actions", base)
+    for name, key in (
+        ("actions_answer_budget_s", "answer_budget"),
+        ("actions_poll_interval_s", "poll_interval"),
+        ("actions_fetch_timeout_s", "fetch_timeout"),
+        ("actions_link_ttl_s", "link_ttl"),
+    ):
+        values[name] = _num(actions, key, "actions")
+    for key in (
+        "max_answer_chars",
+        "max_file_bytes",
+        "inline_max_bytes",
+        "store_max_bytes",
+        "video_max_bytes",
+    ):
+        values[f"actions_{key}"] = _int(actions, key, "actions")
+    for key in ("fetch_https_only", "fetch_allow_private"):
+        values[f"actions_{key}"] = _bool(actions, key, "actions")
+    for key in ("fetch_hosts", "video_models", "video_sizes"):
+        if key in actions:
+            values[f"actions_{key}"] = tuple(_str_list(actions[key], f"[actions] {key}"))
+    if "video_seconds" in actions:
+        seconds = actions["video_seconds"]
+        if not isinstance(seconds, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in seconds
+        ):
+            raise ConfigError("[actions] video_seconds must be a list of whole numbers")
+        values["actions_video_seconds"] = tuple(seconds)
+    secret_file = env.get("RELAYD_SIGNING_SECRET_FILE") or _path(
+        actions, "signing_secret_file", "actions", base
+    )
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if secret_file:
+        values["actions_signing_secret"] = _read_secret(Path(secret_file), "signing secret file")
+    elif cred_dir and (Path(cred_dir) / CREDENTIAL_SIGNING_SECRET).is_file():
+        values["actions_signing_secret"] = _read_secret(
+            Path(cred_dir) / CREDENTIAL_SIGNING_SECRET, "systemd credential"
+        )
+    return values
+
+
+def _check_actions(settings: Settings) -> None:
+    operations = settings.actions_operations
+    if operations is not None:
+        if len(operations) > 30:
+            # The GPT builder: "OpenAPI spec can have a maximum of 30 operations".
+            raise ConfigError(
+                f"[actions] operations lists {len(operations)}; a GPT action takes at most 30"
+            )
+        bad = [o for o in operations if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", o)]
+        if bad:
+            raise ConfigError(f"[actions] operations: {bad[0]!r} is not an operationId")
+        if len(set(operations)) != len(operations):
+            raise ConfigError("[actions] operations lists an operationId twice")
+    if settings.actions_auth not in ("bearer", "header"):
+        raise ConfigError("[actions] auth must be 'bearer' or 'header'")
+    if not 0 < settings.actions_answer_budget_s <= 40:
+        raise ConfigError(
+            "[actions] answer_budget must be between 0 and 40 seconds "
+            "(ChatGPT abandons an action after 45)"
+        )
+    if not 1000 <= settings.actions_max_answer_chars < 100_000:
+        raise ConfigError(
+            "[actions] max_answer_chars must be from 1000 to 99999 "
+            "(ChatGPT refuses answers of 100,000 characters)"
+        )
+    if settings.actions_privacy_text and settings.actions_privacy_url:
+        raise ConfigError("[actions] set privacy_text or privacy_url, not both")
+    if settings.actions_privacy_url is not None:
+        url = urlsplit(settings.actions_privacy_url)
+        if url.scheme != "https" or not url.hostname:
+            raise ConfigError("[actions] privacy_url must be an https URL")
+    if not settings.actions_fetch_hosts or not all(settings.actions_fetch_hosts):
+        raise ConfigError("[actions] fetch_hosts must list at least one host pattern")
+    if not 10 * 1024 * 1024 >= settings.actions_inline_max_bytes >= 0:
+        raise ConfigError("[actions] inline_max_bytes must be from 0 to 10485760 (10 MB)")
+    for name in ("actions_max_file_bytes", "actions_store_max_bytes", "actions_video_max_bytes"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"[actions] {name.removeprefix('actions_')} must be positive")
+    if settings.actions_link_ttl_s > 86400:
+        raise ConfigError("[actions] link_ttl must be at most 86400 seconds")
+    secret = settings.actions_signing_secret
+    if secret is not None and len(secret) < 32:
+        raise ConfigError("[actions] the signing secret must be at least 32 characters")
+    for name in ("actions_video_models", "actions_video_sizes", "actions_video_seconds"):
+        if not getattr(settings, name):
+            raise ConfigError(f"[actions] {name.removeprefix('actions_')} must not be empty")
 
 
 def _check_proxy_loop(settings: Settings) -> None:
@@ -550,6 +696,8 @@ def redacted(settings: Settings) -> dict[str, Any]:
                 {"name": k.name, "scopes": "all" if k.scopes is None else sorted(k.scopes)}
                 for k in value
             ]
+        elif name == "actions_signing_secret":
+            value = "<set>" if value else "<random per process>"
         elif isinstance(value, Listen):
             value = str(value)
         elif isinstance(value, tuple):

@@ -120,7 +120,6 @@ scopes = ["files", "meta"]
 max_body_bytes = 1000
 max_json_bytes = 100
 max_header_bytes = 4096
-header_timeout = 3
 keepalive_timeout = 4
 
 [policy]
@@ -162,7 +161,7 @@ def test_every_toml_section_is_read(toml: TomlFile) -> None:
     )
     assert (settings.max_body_bytes, settings.max_json_bytes) == (1000, 100)
     assert settings.max_header_bytes == 4096
-    assert (settings.header_timeout_s, settings.keepalive_timeout_s) == (3.0, 4.0)
+    assert settings.keepalive_timeout_s == 4.0
     assert settings.policy_allow == ("/v1/fine_tuning/*",)
     assert settings.policy_deny == ("/v1/admin*",)
     assert (settings.relay_name, settings.environment) == ("team-relay", "staging")
@@ -624,7 +623,7 @@ def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
         ('[auth]\nheader = "X Relay Key"', "is not a usable header name"),
         ('[limits]\nmax_body_bytes = "1MB"', "[limits] max_body_bytes must be a whole number"),
         ("[limits]\nmax_json_bytes = -1", "[limits] max_json_bytes must be a positive"),
-        ("[limits]\nheader_timeout = 0", "[limits] header_timeout must be a positive"),
+        ("[limits]\nkeepalive_timeout = 0", "[limits] keepalive_timeout must be a positive"),
         ('[policy]\nallow = "/v1/x"', "policy.allow must be a list of strings"),
         ("[policy]\ndeny = [1]", "policy.deny must be a list of strings"),
         ("[meta]\nai_plugin = 3", "[meta] ai_plugin must be a table"),
@@ -727,7 +726,7 @@ def test_the_example_config_loads_with_safe_defaults() -> None:
     assert settings.policy_deny == Settings().policy_deny
     assert settings.tools_manifest == str(CONF / "tools.json")
     for name in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "workers",
-                 "max_body_bytes", "max_json_bytes", "max_header_bytes", "header_timeout_s",
+                 "max_body_bytes", "max_json_bytes", "max_header_bytes",
                  "keepalive_timeout_s", "drain_timeout_s", "sse_keepalive_s",
                  "max_upstream_connections", "key_header", "relay_name", "environment",
                  "default_model", "log_format", "log_level"):
@@ -754,8 +753,7 @@ TOML_KEYS = {
     "upstream": {"url", "organization", "project", "api_key_file", "connect_timeout",
                  "first_byte_timeout", "idle_timeout", "max_connections", "sse_keepalive"},
     "auth": {"disabled", "header", "keys_file", "public_paths", "keys"},
-    "limits": {"max_body_bytes", "max_json_bytes", "max_header_bytes", "header_timeout",
-               "keepalive_timeout"},
+    "limits": {"max_body_bytes", "max_json_bytes", "max_header_bytes", "keepalive_timeout"},
     "policy": {"allow", "deny"},
     "meta": {"name", "environment", "default_model", "tools_manifest", "ai_plugin"},
     "logging": {"format", "level"},

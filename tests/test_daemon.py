@@ -291,3 +291,20 @@ async def test_check_config_never_prints_secrets(fake_server: TestServer) -> Non
     assert settings["upstream_key"] == "<set>"
     for secret in SECRETS:
         assert secret not in (out + err).decode()
+
+
+async def test_slowloris_and_idle_connections_are_closed(start: Start, tmp_path: Path) -> None:
+    config = tmp_path / "relayd.toml"
+    config.write_text("[limits]\nkeepalive_timeout = 1\n")
+    relayd = await start("--config", str(config))
+    assert relayd.port is not None
+    loop = asyncio.get_running_loop()
+    for opening in (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ", b""):
+        reader, writer = await asyncio.open_connection("127.0.0.1", relayd.port)
+        writer.write(opening)  # a head trickled and never finished, or nothing at all
+        await writer.drain()
+        started = loop.time()
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed by relayd, without an answer
+        assert loop.time() - started < 3
+        writer.close()

@@ -119,6 +119,9 @@ class Settings:
     public_url: str | None = None
     workers: int = 1
     drain_timeout_s: float = 30.0
+    # Listen queue length; aiohttp's 128 overflows under a burst of new connections
+    # (clients then wait 1, 3, 7 s for SYN retries). The kernel caps it at somaxconn.
+    backlog: int = 4096
 
     keys: tuple[RelayKey, ...] = ()
     keys_file: str | None = None
@@ -257,6 +260,7 @@ def load_settings(
         server, "workers", "server"
     )
     values["drain_timeout_s"] = _num(server, "drain_timeout", "server")
+    values["backlog"] = _int(server, "backlog", "server")
 
     # [auth]
     keys_file = env.get("RELAYD_KEYS_FILE") or _path(auth, "keys_file", "auth", base)
@@ -358,6 +362,8 @@ def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
         raise ConfigError("log format must be 'console' or 'json'")
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log level must be one of debug, info, warning, error")
+    if settings.backlog < 1:
+        raise ConfigError("[server] backlog must be at least 1")
     if settings.workers < 1:
         raise ConfigError("workers must be at least 1")
     if settings.workers > 1 and settings.listen.is_unix:

@@ -60,13 +60,17 @@ async def _start_sites(runner: web.AppRunner, settings: Settings) -> None:
     inherited = _inherited_sockets()
     sites: list[web.BaseSite]
     if inherited:
-        sites = [web.SockSite(runner, sock) for sock in inherited]
+        sites = [web.SockSite(runner, sock, backlog=settings.backlog) for sock in inherited]
     elif settings.listen.path is not None:
-        sites = [web.UnixSite(runner, settings.listen.path)]
+        sites = [web.UnixSite(runner, settings.listen.path, backlog=settings.backlog)]
     else:
         sites = [
             web.TCPSite(
-                runner, settings.listen.host, settings.listen.port, reuse_port=settings.workers > 1
+                runner,
+                settings.listen.host,
+                settings.listen.port,
+                backlog=settings.backlog,
+                reuse_port=settings.workers > 1,
             )
         ]
     for site in sites:

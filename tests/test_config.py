@@ -749,7 +749,7 @@ def test_every_optional_setting_in_the_example_config_is_valid(tmp_path: Path) -
 
 # Every key load_settings reads from TOML, by table; the example must show them all.
 TOML_KEYS = {
-    "server": {"listen", "public_url", "workers", "drain_timeout"},
+    "server": {"listen", "public_url", "workers", "drain_timeout", "backlog"},
     "upstream": {"url", "organization", "project", "api_key_file", "connect_timeout",
                  "first_byte_timeout", "idle_timeout", "max_connections", "sse_keepalive"},
     "auth": {"disabled", "header", "keys_file", "public_paths", "keys"},
@@ -757,6 +757,8 @@ TOML_KEYS = {
     "policy": {"allow", "deny"},
     "meta": {"name", "environment", "default_model", "tools_manifest", "ai_plugin"},
     "logging": {"format", "level"},
+    "realtime": {"enabled", "allowed_models", "default_model", "max_message_bytes",
+                 "idle_timeout", "max_session"},
 }
 
 

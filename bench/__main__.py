@@ -1,0 +1,201 @@
+"""``python -m bench``: relayd against the direct upstream and nginx, in one run.
+
+Starts the fake upstream(s), relayd (info and warning logging) and nginx as separate
+processes on loopback, drives load from separate worker processes, interleaving
+the targets round by round, and prints and saves the medians. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+import relayd
+from bench.procs import cpu_seconds, rss_bytes, tree_pids
+from bench.report import Report, add_derived
+from bench.scenarios import SCENARIOS, Plan
+from bench.stack import REPO, Stack, find_nginx
+from bench.workers import LoadPool, raise_fd_limit
+
+MiB = 1024 * 1024
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, small)")
+    parser.add_argument("--rounds", type=int, help="rounds per scenario (default 3; quick 1)")
+    parser.add_argument("--workers", type=int, default=1, help="load worker processes (1)")
+    parser.add_argument(
+        "--relayd-workers", type=int, default=1, help="RELAYD_WORKERS for relayd (1)"
+    )
+    parser.add_argument("--no-paced", action="store_true", help="skip the paced SSE scenario")
+    parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
+    parser.add_argument(
+        "--results", type=Path, default=REPO / "bench" / "results", help="output directory"
+    )
+    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    return parser
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _command_output(argv: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=REPO)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (done.stdout + done.stderr).strip() or "unknown"
+
+
+def _environment(fd_limit: int) -> dict[str, Any]:
+    nginx = find_nginx()
+    try:
+        loop = f"uvloop {importlib.metadata.version('uvloop')}"
+    except importlib.metadata.PackageNotFoundError:
+        loop = "asyncio"
+    dirty = _command_output(["git", "status", "--porcelain", "relayd"]) not in ("", "unknown")
+    return {
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "commit": _command_output(["git", "rev-parse", "--short", "HEAD"])
+        + (" (relayd/ has local changes)" if dirty else ""),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "relayd": relayd.__version__,
+        "event loops": f"{loop} (relayd, fake, load)",
+        "nginx": _command_output([nginx, "-v"]) if nginx else "absent",
+        "RLIMIT_NOFILE (load, servers)": fd_limit,
+        "somaxconn": Path("/proc/sys/net/core/somaxconn").read_text().strip(),
+    }
+
+
+def _log_notes(stack: Stack) -> list[str]:
+    """relayd's warnings and errors: a benchmark that provokes them is worth a look."""
+    notes = []
+    for server in stack.relayds():
+        lines = [
+            line for line in server.log_tail(1_000_000).splitlines()
+            if line.startswith(("warning", "error", "critical", "Traceback"))
+        ]
+        if lines:
+            notes.append(f"{server.name} logged {len(lines)} warning/error line(s); first: "
+                         f"{lines[0][:300]}")
+    return notes
+
+
+def _rss_once(stack: Stack) -> dict[str, dict[str, Any]]:
+    figures: dict[str, dict[str, Any]] = {}
+    for name, target in stack.targets["default"].items():
+        if target.server is not None:
+            figures[name] = {"rss_mib": rss_bytes(tree_pids(target.server.pid)) / MiB}
+    return figures
+
+
+def _run_rounds(stack: Stack, pool: LoadPool, plan: Plan, notes: list[str]) -> list[Any]:
+    rounds = []
+    for number in range(plan.rounds):
+        round_: dict[str, dict[str, Any]] = {}
+        for scenario, profile, measure in SCENARIOS:
+            if profile not in stack.targets:
+                continue
+            targets = list(stack.targets[profile].values())
+            shift = number % len(targets)  # rotate so no target always goes first
+            for target in targets[shift:] + targets[:shift]:
+                pids = tree_pids(target.server.pid) if target.server else []
+                cpu, started = cpu_seconds(pids), time.monotonic()
+                try:
+                    figures = measure(pool, target, plan)
+                except (TimeoutError, RuntimeError, OSError) as exc:
+                    notes.append(f"round {number + 1} {scenario} {target.name}: {exc}")
+                    _say(f"  {scenario:<10} {target.name:<11} FAILED: {exc}")
+                    continue
+                elapsed = time.monotonic() - started
+                if pids:  # the proxy's CPU use over the whole measurement
+                    figures[f"{scenario}_cpu_pct"] = (cpu_seconds(pids) - cpu) / elapsed * 100
+                errors = figures.pop("errors")
+                slot = round_.setdefault(target.name, {"failed": 0})
+                slot.update(figures)
+                slot["failed"] += sum(errors.values())
+                if errors:
+                    notes.append(f"round {number + 1} {scenario} {target.name}: {errors}")
+                shown = ", ".join(
+                    f"{k}={v:.4g}" for k, v in figures.items() if isinstance(v, float | int)
+                )
+                _say(f"  {scenario:<10} {target.name:<11} {elapsed:5.1f}s  "
+                     f"{shown}")
+        add_derived(round_)
+        rounds.append(round_)
+        _say(f"round {number + 1}/{plan.rounds} done")
+    return rounds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {"workers": args.workers, "paced": not args.no_paced}
+    if args.rounds:
+        overrides["rounds"] = args.rounds
+    plan = Plan.quick(**overrides) if args.quick else Plan(**overrides)
+    # SIGTERM must reach the finally below, or the servers would outlive us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    fd_limit = raise_fd_limit()  # inherited by every server and load worker
+    environment = _environment(fd_limit)
+    tmp = Path(tempfile.mkdtemp(prefix="relayd-bench-"))
+    profiles = ["default", "paced"] if plan.paced else ["default"]
+    stack = Stack(tmp, profiles, use_nginx=not args.no_nginx, relayd_workers=args.relayd_workers)
+    environment["relayd workers"] = args.relayd_workers
+    pool: LoadPool | None = None
+    notes: list[str] = []
+    try:
+        _say(f"starting servers (logs in {tmp})")
+        stack.start()
+        if stack.nginx_skipped:
+            notes.append(stack.nginx_skipped)
+            _say(stack.nginx_skipped)
+        pool = LoadPool(plan.workers)
+        time.sleep(1.0)  # let the servers settle before the idle reading
+        once = {k: {"idle_rss_mib": v["rss_mib"]} for k, v in _rss_once(stack).items()}
+        rounds = _run_rounds(stack, pool, plan, notes)
+        for name, figures in _rss_once(stack).items():
+            once[name]["final_rss_mib"] = figures["rss_mib"]
+        for server in stack.servers:
+            if server.proc.poll() is not None:
+                notes.append(f"{server.name} exited during the run ({server.proc.returncode})")
+        notes += _log_notes(stack)
+        report = Report(plan, environment, rounds, once, notes)
+        print(report.text())
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        md, js = report.write(args.results, stamp)
+        _say(f"wrote {md} and {js}")
+        return 0
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    finally:
+        if pool is not None:
+            pool.close()
+        stack.stop()
+        if args.keep_logs:
+            _say(f"server logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

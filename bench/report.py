@@ -1,0 +1,208 @@
+"""From per-round figures to the table: medians, ratios, goals, Markdown and JSON."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import Plan
+
+__all__ = ["COLUMNS", "Figure", "Report", "add_derived", "figures_for"]
+
+COLUMNS = ("direct", "relayd", "relayd-warn", "nginx")
+GROWTH_GOAL_MIB = 32.0
+
+Rounds = list[dict[str, dict[str, Any]]]  # round -> target -> figure key -> value
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    combine: str = "median"  # across rounds: median, or the worst round (min/max)
+    ratio: bool = True
+    digits: int = 1
+
+
+def figures_for(plan: Plan) -> list[Figure]:
+    conns, streams, paced = plan.concurrency, plan.sse_streams, plan.paced_streams
+    down, up = _size(plan.download_bytes), _size(plan.upload_bytes)
+    figures = [
+        Figure("idle_rss_mib", "idle RSS after start (MiB)"),
+        Figure("lat_p50_ms", "1 conn: latency p50 (ms)", digits=3),
+        Figure("lat_p99_ms", "1 conn: latency p99 (ms)", digits=3),
+        Figure("lat_added_p50_ms", "1 conn: added latency p50 vs direct (ms)", "median", False, 3),
+        Figure("lat_added_p99_ms", "1 conn: added latency p99 vs direct (ms)", "median", False, 3),
+        Figure("rps", f"{conns} conns: req/s", digits=0),
+        Figure("rps_p50_ms", f"{conns} conns: latency p50 (ms)", digits=2),
+        Figure("rps_p99_ms", f"{conns} conns: latency p99 (ms)", digits=2),
+        Figure("throughput_cpu_pct", f"{conns} conns: proxy CPU (% of one core)", digits=0),
+        Figure("burst_ttfe_p50_ms", f"{streams} SSE burst: first event p50 (ms)"),
+        Figure("burst_ttfe_p99_ms", f"{streams} SSE burst: first event p99 (ms)"),
+        Figure("burst_complete", f"{streams} SSE burst: complete streams (worst)", "min", False, 0),
+        Figure("burst_wall_s", f"{streams} SSE burst: wall time (s)", digits=2),
+        Figure("burst_overflows", f"{streams} SSE burst: accept-queue drops (worst)", "max",
+               False, 0),
+    ]
+    if plan.paced:
+        figures += [
+            Figure("paced_ttfe_p50_ms", f"{paced} SSE 50x20ms: first event p50 (ms)"),
+            Figure("paced_ttfe_p99_ms", f"{paced} SSE 50x20ms: first event p99 (ms)"),
+            Figure("paced_complete", f"{paced} SSE 50x20ms: complete (worst)", "min", False, 0),
+            Figure("paced_wall_s", f"{paced} SSE 50x20ms: wall time (s)", digits=2),
+            Figure("paced_overflows", f"{paced} SSE 50x20ms: accept-queue drops (worst)", "max",
+                   False, 0),
+        ]
+    figures += [
+        Figure("down_mib_s", f"{down} download (MiB/s)", digits=0),
+        Figure("down_peak_rss_mib", f"{down} download: peak RSS (MiB, worst)", "max"),
+        Figure("down_rss_growth_mib", f"{down} download: RSS growth (MiB, worst)", "max"),
+        Figure("download_cpu_pct", f"{down} download: proxy CPU (% of one core)", digits=0),
+        Figure("up_mib_s", f"{up} multipart upload (MiB/s)", digits=0),
+        Figure("up_peak_rss_mib", f"{up} upload: peak RSS (MiB, worst)", "max"),
+        Figure("up_rss_growth_mib", f"{up} upload: RSS growth (MiB, worst)", "max"),
+        Figure("upload_cpu_pct", f"{up} upload: proxy CPU (% of one core)", digits=0),
+        Figure("final_rss_mib", "RSS after the run (MiB)"),
+        Figure("failed", "failed requests, all rounds", "sum", False, 0),
+    ]
+    return figures
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024**3} GiB" if n % 1024**3 == 0 else f"{n // 1024**2} MiB"
+
+
+_COMBINE: dict[str, Callable[[list[float]], float]] = {
+    "median": statistics.median,
+    "min": min,
+    "max": max,
+    "sum": sum,
+}
+
+
+def add_derived(round_: dict[str, dict[str, Any]]) -> None:
+    """Added latency is computed within a round, against that round's direct run."""
+    direct = round_.get("direct", {})
+    for name, figures in round_.items():
+        if name == "direct":
+            continue
+        for pct in ("p50", "p99"):
+            mine, base = figures.get(f"lat_{pct}_ms"), direct.get(f"lat_{pct}_ms")
+            if mine is not None and base is not None:
+                figures[f"lat_added_{pct}_ms"] = mine - base
+
+
+@dataclass
+class Report:
+    plan: Plan
+    environment: dict[str, Any]
+    rounds: Rounds
+    once: dict[str, dict[str, Any]]  # target -> figures measured once (idle, final RSS)
+    notes: list[str]
+
+    def combined(self) -> dict[str, dict[str, float | None]]:
+        table: dict[str, dict[str, float | None]] = {}
+        for figure in figures_for(self.plan):
+            row: dict[str, float | None] = {}
+            for column in COLUMNS:
+                values = [
+                    r[column][figure.key]
+                    for r in self.rounds
+                    if r.get(column, {}).get(figure.key) is not None
+                ]
+                single = self.once.get(column, {}).get(figure.key)
+                if single is not None:
+                    values = [single]
+                row[column] = _COMBINE[figure.combine](values) if values else None
+            table[figure.key] = row
+        return table
+
+    def rows(self) -> list[list[str]]:
+        table = self.combined()
+        rows = []
+        for figure in figures_for(self.plan):
+            row = table[figure.key]
+            cells = [figure.label] + [_fmt(row[c], figure.digits) for c in COLUMNS]
+            relayd = row["relayd"]
+            for base in ("direct", "nginx"):
+                other = row[base]
+                ok = figure.ratio and relayd is not None and other
+                cells.append(f"{relayd / other:.2f}x" if ok else "—")  # type: ignore[operator]
+            rows.append(cells)
+        return rows
+
+    def goals(self) -> list[str]:
+        table = self.combined()
+        lines = []
+        for key, what in (("down_rss_growth_mib", "download"), ("up_rss_growth_mib", "upload")):
+            for column in ("relayd", "relayd-warn"):
+                growth = table.get(key, {}).get(column)
+                if growth is None:
+                    lines.append(f"{column} RSS growth during the {what}: not measured")
+                    continue
+                verdict = "PASS" if growth < GROWTH_GOAL_MIB else "FAIL"
+                lines.append(
+                    f"{verdict}: {column} RSS growth during the {what} {growth:.1f} MiB "
+                    f"(goal < {GROWTH_GOAL_MIB:.0f} MiB)"
+                )
+        return lines
+
+    def text(self) -> str:
+        header = ["figure", *COLUMNS, "relayd/direct", "relayd/nginx"]
+        rows = [header, *self.rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = []
+        for index, row in enumerate(rows):
+            cells = [row[0].ljust(widths[0])] + [
+                cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)
+            ]
+            lines.append("  ".join(cells))
+            if index == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join([*lines, "", *self.goals(), *self.notes])
+
+    def markdown(self) -> str:
+        header = ["figure", *COLUMNS, "relayd/direct", "relayd/nginx"]
+        lines = [
+            f"# relayd benchmark, {self.environment['started']}",
+            "",
+            f"Medians of {self.plan.rounds} round(s) unless the figure says worst or sum. "
+            "`relayd` logs at info (every feature on), `relayd-warn` at warning.",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
+        lines += ["", "## Goals", "", *(f"- {g}" for g in self.goals())]
+        if self.notes:
+            lines += ["", "## Notes", "", *(f"- {n}" for n in self.notes)]
+        lines += ["", "## Environment", ""]
+        lines += [f"- {key}: {value}" for key, value in self.environment.items()]
+        lines += [f"- plan: {asdict(self.plan)}"]
+        return "\n".join(lines) + "\n"
+
+    def write(self, directory: Path, stamp: str) -> tuple[Path, Path]:
+        directory.mkdir(parents=True, exist_ok=True)
+        md, js = directory / f"{stamp}.md", directory / f"{stamp}.json"
+        md.write_text(self.markdown())
+        document = {
+            "plan": asdict(self.plan),
+            "environment": self.environment,
+            "table": self.combined(),
+            "labels": {f.key: f.label for f in figures_for(self.plan)},
+            "goals": self.goals(),
+            "notes": self.notes,
+            "rounds": self.rounds,
+            "once": self.once,
+        }
+        js.write_text(json.dumps(document, indent=2, default=str) + "\n")
+        return md, js
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+

@@ -1,0 +1,211 @@
+"""One measurement of one target: build the load jobs, run them, reduce to figures.
+
+Figures are flat ``{key: float}`` dicts; ``bench.report.FIGURES`` says what each key
+means. Raw latency lists stay here: only percentiles leave.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bench.memory import RssSampler
+from bench.procs import listen_overflows, tree_pids
+from bench.stack import Target
+from bench.workers import LoadPool
+
+__all__ = ["SCENARIOS", "Plan", "percentile"]
+
+MiB = 1024 * 1024
+SMALL_BODY = json.dumps({"model": "gpt-5", "input": "hi"}).encode()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run; ``quick()`` is a smoke run of the same shape."""
+
+    rounds: int = 3
+    workers: int = 1
+    latency_n: int = 2000
+    concurrency: int = 64
+    throughput_s: float = 5.0
+    sse_streams: int = 1000
+    paced_streams: int = 1000
+    download_bytes: int = 1024 * MiB
+    upload_bytes: int = 512 * MiB
+    paced: bool = True
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> Plan:
+        values: dict[str, Any] = dict(
+            rounds=1,
+            latency_n=300,
+            throughput_s=1.5,
+            sse_streams=200,
+            paced_streams=200,
+            download_bytes=128 * MiB,
+            upload_bytes=64 * MiB,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, math.ceil(pct / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value * 1000
+
+
+def _split(total: int, parts: int) -> list[int]:
+    shares = [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+    return [s for s in shares if s > 0]
+
+
+def _errors(answers: list[dict[str, Any]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for answer in answers:
+        for name, count in answer["errors"].items():
+            merged[name] = merged.get(name, 0) + count
+    return merged
+
+
+Figures = dict[str, Any]
+
+
+def latency(pool: LoadPool, target: Target, plan: Plan) -> Figures:
+    job = {
+        "kind": "latency",
+        "url": target.url("/v1/responses"),
+        "headers": target.headers,
+        "body": SMALL_BODY,
+        "n": plan.latency_n,
+        "warmup": 100,
+        "timeout": 30.0,
+    }
+    [answer] = pool.run([job], timeout=60 + plan.latency_n * 0.05)
+    times = answer["latencies"]
+    return {
+        "lat_p50_ms": _ms(percentile(times, 50)),
+        "lat_p99_ms": _ms(percentile(times, 99)),
+        "errors": _errors([answer]),
+    }
+
+
+def throughput(pool: LoadPool, target: Target, plan: Plan) -> Figures:
+    jobs = [
+        {
+            "kind": "throughput",
+            "url": target.url("/v1/responses"),
+            "headers": target.headers,
+            "body": SMALL_BODY,
+            "concurrency": share,
+            "duration": plan.throughput_s,
+            "warmup_s": 0.5,
+            "timeout": 30.0,
+        }
+        for share in _split(plan.concurrency, pool.size)
+    ]
+    answers = pool.run(jobs, timeout=90 + plan.throughput_s)
+    times = [t for answer in answers for t in answer["latencies"]]
+    elapsed = max(answer["elapsed"] for answer in answers)
+    return {
+        "rps": len(times) / elapsed if elapsed else None,
+        "rps_p50_ms": _ms(percentile(times, 50)),
+        "rps_p99_ms": _ms(percentile(times, 99)),
+        "errors": _errors(answers),
+    }
+
+
+def _sse(pool: LoadPool, target: Target, streams: int, model: str, prefix: str) -> Figures:
+    body = json.dumps({"model": model, "input": "hi", "stream": True}).encode()
+    jobs = [
+        {
+            "kind": "sse",
+            "url": target.url("/v1/responses"),
+            "headers": target.headers,
+            "body": body,
+            "streams": share,
+            "timeout": 120.0,
+        }
+        for share in _split(streams, pool.size)
+    ]
+    overflows = listen_overflows()
+    answers = pool.run(jobs, timeout=180)
+    overflows = listen_overflows() - overflows
+    ttfe = [t for answer in answers for t in answer["ttfe"]]
+    return {
+        f"{prefix}_ttfe_p50_ms": _ms(percentile(ttfe, 50)),
+        f"{prefix}_ttfe_p99_ms": _ms(percentile(ttfe, 99)),
+        f"{prefix}_complete": sum(answer["complete"] for answer in answers),
+        f"{prefix}_wall_s": max(answer["wall"] for answer in answers),
+        f"{prefix}_overflows": overflows,
+        "errors": _errors(answers),
+    }
+
+
+def sse_burst(pool: LoadPool, target: Target, plan: Plan) -> Figures:
+    return _sse(pool, target, plan.sse_streams, "gpt-5", "burst")
+
+
+def sse_paced(pool: LoadPool, target: Target, plan: Plan) -> Figures:
+    return _sse(pool, target, plan.paced_streams, "slow", "paced")
+
+
+def _transfer(pool: LoadPool, target: Target, job: dict[str, Any], prefix: str) -> Figures:
+    # Budget: 20 MiB/s would be a failure anyway; the limit only bounds the wait.
+    timeout = 60 + job["size"] / (20 * MiB)
+    job["timeout"] = timeout
+    if target.server is None:
+        [answer] = pool.run([job], timeout=timeout + 10)
+        memory: dict[str, float] = {}
+    else:
+        with RssSampler(tree_pids(target.server.pid)) as sampler:
+            [answer] = pool.run([job], timeout=timeout + 10)
+        memory = {f"{prefix}_peak_rss_mib": sampler.peak / MiB,
+                  f"{prefix}_rss_growth_mib": sampler.growth / MiB}
+    mib_s = answer["bytes"] / MiB / answer["elapsed"] if not answer["errors"] else None
+    return {f"{prefix}_mib_s": mib_s, **memory, "errors": _errors([answer])}
+
+
+def download(pool: LoadPool, target: Target, plan: Plan) -> Figures:
+    size = plan.download_bytes
+    job = {
+        "kind": "download",
+        "url": target.url(f"/v1/files/gen-{size}/content"),
+        "headers": target.headers,
+        "size": size,
+    }
+    return _transfer(pool, target, job, "down")
+
+
+def upload(pool: LoadPool, target: Target, plan: Plan) -> Figures:
+    job = {
+        "kind": "upload",
+        "url": target.url("/v1/files"),
+        "headers": target.headers,
+        "size": plan.upload_bytes,
+    }
+    return _transfer(pool, target, job, "up")
+
+
+Scenario = Callable[[LoadPool, Target, Plan], Figures]
+
+# (name, profile whose targets it loads, function); run in this order every round.
+SCENARIOS: list[tuple[str, str, Scenario]] = [
+    ("latency", "default", latency),
+    ("throughput", "default", throughput),
+    ("sse-burst", "default", sse_burst),
+    ("sse-paced", "paced", sse_paced),
+    ("download", "default", download),
+    ("upload", "default", upload),
+]

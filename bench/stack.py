@@ -1,0 +1,196 @@
+"""The processes under test: fake upstreams, relayd (two log levels) and nginx.
+
+A *profile* is one fake upstream with its own knobs; every profile gets its own
+relayd instances and an nginx server block, because relayd has one upstream.
+"default" is the fake as tests use it (7 SSE events, no pacing); "paced" sends 50
+events 20 ms apart to the ``slow`` model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import HOST, Server, free_port, start_server
+
+__all__ = ["RELAYD_LEVELS", "Stack", "Target", "find_nginx"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The key the fake checks. Looked up at run time so that type-checking bench/ does
+# not type-check the fake as well (it is the test suite's, with its own settings).
+UPSTREAM_KEY: str = importlib.import_module("tests.fakes.openai").UPSTREAM_KEY
+
+# Knobs every fake gets: a deep accept queue and uvloop, so the upstream is not the
+# bottleneck of any target.
+FAKE_COMMON = ("--backlog", "4096", "--uvloop")
+PROFILES: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "paced": ("--events", "50", "--pace", "0.02"),
+}
+# "relayd" is the figure of record: every feature on, one access-log line per request.
+RELAYD_LEVELS: dict[str, str] = {"relayd": "info", "relayd-warn": "warning"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where load goes: a base URL, the credentials it wants, and whose RSS to watch."""
+
+    name: str
+    base_url: str
+    headers: dict[str, str]
+    server: Server | None = None  # None: nothing between the load and the fake
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+
+
+def _relayd_env(
+    upstream_port: int, port: int, relay_key: str, level: str, workers: int = 1
+) -> dict[str, str]:
+    # Drop inherited relayd/OpenAI settings so a developer's shell cannot skew a run.
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RELAYD_", "OPENAI_"))
+    }
+    env.update(
+        OPENAI_API_KEY=UPSTREAM_KEY,
+        RELAYD_UPSTREAM=f"http://{HOST}:{upstream_port}",
+        RELAYD_LISTEN=f"{HOST}:{port}",
+        RELAYD_KEYS=f"bench:{relay_key}",
+        RELAYD_LOG_LEVEL=level,
+        RELAYD_WORKERS=str(workers),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def nginx_conf(tmp: Path, pairs: Sequence[tuple[int, int]]) -> str:
+    """A pure streaming reverse proxy: one server block per (listen, upstream) pair."""
+    temp = tmp / "nginx-temp"
+    user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
+    blocks = []
+    for index, (listen, upstream) in enumerate(pairs):
+        blocks.append(f"""
+    upstream fake{index} {{
+        server {HOST}:{upstream};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {HOST}:{listen} backlog=4096;
+        location / {{
+            proxy_pass http://fake{index};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+            proxy_send_timeout 300s;
+        }}
+    }}""")
+    return f"""{user}worker_processes 1;
+worker_rlimit_nofile 16384;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_max_body_size 0;
+    keepalive_requests 1000000;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+{"".join(blocks)}
+}}
+"""
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    profiles: Sequence[str]
+    use_nginx: bool = True
+    relayd_workers: int = 1
+    relay_key: str = field(default_factory=lambda: secrets.token_hex(16))  # 32 chars
+    servers: list[Server] = field(default_factory=list)
+    targets: dict[str, dict[str, Target]] = field(default_factory=dict)
+    fakes: dict[str, Server] = field(default_factory=dict)
+    nginx_skipped: str | None = None
+
+    def start(self) -> None:
+        """Start everything, then wait (bounded) for every port; stop() undoes it."""
+        upstream_auth = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
+        relay_auth = {"Authorization": f"Bearer {self.relay_key}"}
+        nginx_pairs: list[tuple[int, int]] = []
+        for profile in self.profiles:
+            fake_port = free_port()
+            fake = self._spawn(
+                f"fake-{profile}",
+                [sys.executable, "-m", "tests.fakes.openai", "--port", str(fake_port),
+                 *FAKE_COMMON, *PROFILES[profile]],
+                fake_port,
+            )
+            self.fakes[profile] = fake
+            targets = {"direct": Target("direct", f"http://{HOST}:{fake_port}", upstream_auth)}
+            for name, level in RELAYD_LEVELS.items():
+                port = free_port()
+                relayd = self._spawn(
+                    f"{name}-{profile}",
+                    [sys.executable, "-m", "relayd", "serve"],
+                    port,
+                    env=_relayd_env(fake_port, port, self.relay_key, level, self.relayd_workers),
+                )
+                targets[name] = Target(name, f"http://{HOST}:{port}", relay_auth, relayd)
+            self.targets[profile] = targets
+            nginx_pairs.append((free_port(), fake_port))
+        if self.use_nginx:
+            self._start_nginx(nginx_pairs, upstream_auth)
+        for server in self.servers:
+            server.wait_ready()
+
+    def _start_nginx(self, pairs: list[tuple[int, int]], auth: dict[str, str]) -> None:
+        binary = find_nginx()
+        if binary is None:
+            self.nginx_skipped = "nginx not found (apt-get install -y nginx-light): skipped"
+            return
+        self.tmp.chmod(0o755)  # nginx workers run as nobody when we are root
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(nginx_conf(self.tmp, pairs))
+        (self.tmp / "nginx-temp").mkdir(exist_ok=True)
+        nginx = self._spawn(
+            "nginx",
+            [binary, "-p", str(self.tmp), "-c", str(conf), "-e", str(self.tmp / "nginx-error.log")],
+            pairs[0][0],
+        )
+        for profile, (listen, _) in zip(self.profiles, pairs, strict=True):
+            self.targets[profile]["nginx"] = Target("nginx", f"http://{HOST}:{listen}", auth, nginx)
+
+    def _spawn(
+        self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None
+    ) -> Server:
+        log = self.tmp / f"{name}.log"
+        server = start_server(name, argv, port=port, log=log, env=env, cwd=REPO)
+        self.servers.append(server)
+        return server
+
+    def relayds(self) -> list[Server]:
+        return [s for s in self.servers if s.name.startswith("relayd")]
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()

@@ -77,10 +77,7 @@ def _account(
     waited = request.get(UPSTREAM_WAIT)
     overhead = max(0.0, duration - waited) if waited is not None else None
     metrics = request.app[METRICS]
-    metrics.requests.labels(group, str(status)).inc()
-    metrics.duration.labels(group).observe(duration)
-    if overhead is not None:
-        metrics.overhead.labels(group).observe(overhead)
+    metrics.observe_request(group, status, duration, overhead)
     error_kind = _upstream_error_kind(request)
     if error_kind is not None:
         metrics.upstream_errors.labels(error_kind).inc()

@@ -5,8 +5,9 @@ Invariants (DESIGN; every streaming change must keep them):
 - One reader per socket; ``await resp.write()`` is the only flow control. The
   client StreamReader pauses the upstream socket at 2 x read_bufsize, and
   ``write()`` drains once 64 KiB are buffered, so memory per stream stays bounded.
-- Pass-through routes never buffer a whole body; wrapper routes buffer only the
-  validated JSON they must re-encode, under a size cap.
+- Pass-through routes never buffer a whole body beyond 64 KiB (small bodies of
+  known length move in one write); wrapper routes buffer only the validated JSON
+  they must re-encode, under a size cap.
 - Strip hop-by-hop headers and ``Host``; never send both ``Content-Length`` and
   ``Transfer-Encoding``; keep ``Content-Encoding`` and ``Content-Length`` consistent
   with the bytes actually sent (``auto_decompress=False`` on pass-through).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,27 @@ from aiohttp import web
 from relayd.auth import KeyRing, auth_middleware
 from relayd.config import ConfigError, Settings
 from relayd.errors import error_middleware
+from relayd.filestore import Handoff, handoff_ctx
+from relayd.handlers.realtime import close_bridges
 from relayd.limits import limits_middleware
 from relayd.metrics import Metrics
 from relayd.observe import access_middleware, add_request_id
+from relayd.openapi import actions_routes
 from relayd.policy import PathPolicy
 from relayd.routes import TABLE
 from relayd.routing import RouteTable
-from relayd.state import KEYRING, METRICS, POLICY, ROUTE_MAP, SETTINGS, STARTED, TOOLS, UPSTREAM
+from relayd.state import (
+    HANDOFF,
+    KEYRING,
+    METRICS,
+    POLICY,
+    REALTIME_BRIDGES,
+    ROUTE_MAP,
+    SETTINGS,
+    STARTED,
+    TOOLS,
+    UPSTREAM,
+)
 from relayd.state import TABLE as TABLE_KEY
 from relayd.upstream import Upstream
 
@@ -73,9 +88,16 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[POLICY] = PathPolicy(settings.policy_allow, settings.policy_deny)
     app[METRICS] = Metrics()
     app[UPSTREAM] = Upstream(settings)
+    app[REALTIME_BRIDGES] = weakref.WeakSet()
     app[TOOLS] = load_tools(settings.tools_manifest)
     app[STARTED] = time.monotonic()
     app[ROUTE_MAP] = table.register(app.router)
     app.cleanup_ctx.append(_upstream_ctx)
+    # The Actions surface: its download store, and its operation list checked now
+    # (an unknown operationId is a config error at start, not a 500 later).
+    actions_routes(table, settings)
+    app[HANDOFF] = Handoff(settings)
+    app.cleanup_ctx.append(handoff_ctx)
+    app.on_shutdown.append(close_bridges)
     app.on_response_prepare.append(add_request_id)
     return app

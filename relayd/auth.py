@@ -17,7 +17,7 @@ from aiohttp import hdrs, web
 
 from relayd.config import RelayKey, Settings
 from relayd.errors import AuthenticationError, PermissionDeniedError
-from relayd.routing import Handler, Route
+from relayd.routing import Exposure, Handler, Route
 from relayd.state import KEY, KEYRING, ROUTE, ROUTE_MAP, SETTINGS
 
 __all__ = ["EPHEMERAL_PREFIX", "WS_KEY_PREFIX", "KeyRing", "auth_middleware", "presented_key"]
@@ -76,6 +76,8 @@ def presented_key(request: web.Request, header: str) -> str | None:
 
 
 def _is_public(route: Route, settings: Settings) -> bool:
+    if route.exposure is Exposure.SIGNED:
+        return True  # the handler checks the URL's signature instead of a key
     if settings.public_paths is None:
         return not route.needs_key
     return route.path in settings.public_paths

@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from relayd import __version__
 from relayd.app import load_tools
@@ -42,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     openapi = commands.add_parser("openapi", parents=[common], help="print the OpenAPI document")
     openapi.add_argument("--actions", action="store_true", help="the GPT Actions subset")
+    openapi.add_argument(
+        "--check",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="lint an Actions document (FILE, JSON or YAML; default: relayd's own) against "
+        "the GPT builder's rules; exit 1 with each violation",
+    )
     return parser
 
 
@@ -51,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "openapi":
             settings = load_settings(config, require_upstream_key=False)
+            if args.check is not None:
+                return _check_actions_document(args.check, settings)
             print(json.dumps(build_openapi(TABLE, settings, actions=args.actions), indent=2))
             return 0
         settings = load_settings(config)
@@ -62,6 +75,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"relayd: configuration error: {exc}", file=sys.stderr)
         return 2
+
+
+def _check_actions_document(path: str, settings: Settings) -> int:
+    """``relayd openapi --actions --check [FILE]``: 0 if the GPT builder takes it."""
+    from relayd.actionslint import lint
+
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            print(f"relayd: cannot read {path}: {exc.strerror}", file=sys.stderr)
+            return 1
+        document = _parse_document(text)
+        if document is None:
+            print(f"relayd: {path} is neither JSON nor YAML", file=sys.stderr)
+            return 1
+        where = path
+    else:
+        document = build_openapi(TABLE, settings, actions=True)
+        where = "relayd's Actions document"
+    violations = lint(document)
+    for violation in violations:
+        print(violation)
+    if violations:
+        print(f"relayd: {where}: {len(violations)} problem(s) the GPT builder would refuse",
+              file=sys.stderr)
+        return 1
+    print(f"relayd: {where} passes every GPT builder rule relayd knows", file=sys.stderr)
+    return 0
+
+
+def _parse_document(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        import yaml  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
 
 
 def serve(settings: Settings, config: str | None, argv: Sequence[str]) -> int:

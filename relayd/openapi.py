@@ -1,47 +1,103 @@
-"""OpenAPI documents derived from the route table (apispec).
+"""OpenAPI documents derived from the route table (apispec and its marshmallow plugin).
 
-``/openapi.json`` documents every declared route; ``/openapi.actions.json`` is the
-subset offered to ChatGPT's GPT builder: routes whose exposure is ``actions``, one
-https server (``RELAYD_PUBLIC_URL``) and one security scheme.
+- ``/openapi.json`` documents every declared route (the catch-all aside), with the
+  marshmallow schemas of the wrapper bodies and of relayd's own answers.
+- ``/openapi.actions.json`` is what ChatGPT's GPT builder imports: the configured
+  Actions operations (``[actions] operations``, at most 30, default
+  :data:`DEFAULT_ACTIONS`), exactly one https server and one security scheme,
+  shaped to pass every builder rule (actionslint.py checks it; so do the tests).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Final
 
 from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from apispec.ext.marshmallow.common import resolve_schema_cls
+from marshmallow import fields
 
 from relayd import __version__
-from relayd.config import Settings
+from relayd.config import ConfigError, Settings
 from relayd.routing import Body, Exposure, Route, RouteTable
+from relayd.schemas import FileRefField
 
-__all__ = ["build_openapi"]
+__all__ = ["DEFAULT_ACTIONS", "actions_routes", "build_openapi"]
 
-_PASSTHROUGH_RESPONSE = {
-    "description": "The upstream API's answer, passed through unchanged.",
-}
-_ERROR_RESPONSE = {
+# A team GPT's toolbox: ask a model (answer or poll), images in and out, files in
+# and out, videos, and the JSON proxy for everything else; 12 of the 30 allowed.
+DEFAULT_ACTIONS: Final[tuple[str, ...]] = (
+    "createActionResponse",
+    "getActionResponse",
+    "generateImageAction",
+    "editImageAction",
+    "createImageVariationAction",
+    "uploadFileAction",
+    "getFileContentAction",
+    "generateVideoAction",
+    "remixVideoAction",
+    "getVideoContentAction",
+    "proxyRequest",
+    "getRelayInfo",
+)
+
+_DESCRIPTION: Final = "A streaming relay to the OpenAI API for one team."
+_ACTIONS_DESCRIPTION: Final = (
+    "The team's relay to the OpenAI API: ask a model, make and edit images, upload "
+    "and fetch files, make videos, and call other OpenAI JSON endpoints. Files come "
+    "back as openaiFileResponse; slow answers return an id to poll."
+)
+
+_PASSTHROUGH: Final = {"description": "The upstream API's answer, passed through unchanged."}
+_ERROR_REF: Final = {
     "description": "An error in OpenAI's shape.",
-    "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}},
-    },
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
 }
-_ERROR_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "error": {
-            "type": "object",
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "null"]},
-            },
-            "required": ["message", "type"],
-        }
-    },
-    "required": ["error"],
-}
+
+
+def _error_schema(nullable: bool) -> dict[str, Any]:
+    # The GPT builder is wary of null unions (notes A2), so its document says string.
+    maybe: Any = ["string", "null"] if nullable else "string"
+    return {
+        "type": "object",
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": maybe},
+                    "code": {"type": maybe},
+                },
+                "required": ["message", "type"],
+            }
+        },
+        "required": ["error"],
+    }
+
+
+def actions_routes(table: RouteTable, settings: Settings) -> list[Route]:
+    """The routes of the Actions document, in table order.
+
+    A configured operationId that the table lacks, or whose route is not an Actions
+    candidate (``Exposure.ACTIONS``), is a configuration error.
+    """
+    candidates = {r.operation_id: r for r in table if r.exposure is Exposure.ACTIONS}
+    chosen = settings.actions_operations
+    if chosen is None:
+        wanted = {op for op in DEFAULT_ACTIONS if op in candidates}
+    else:
+        for op in chosen:
+            if op not in candidates:
+                known = {r.operation_id for r in table}
+                why = "is not offered to Actions" if op in known else "is not an operationId"
+                raise ConfigError(
+                    f"[actions] operations: {op!r} {why}; candidates: "
+                    f"{', '.join(sorted(candidates))}"
+                )
+        wanted = set(chosen)
+    return [r for r in table if r.operation_id in wanted]
 
 
 def _parameters(route: Route) -> list[dict[str, Any]]:
@@ -50,61 +106,124 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
         if segment.startswith("{") and segment.endswith("}"):
             name = segment[1:-1].split(":", 1)[0]
             params.append(
-                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                {
+                    "name": name,
+                    "in": "path",
+                    "required": True,
+                    "description": f"The {name.replace('_', ' ')}.",
+                    "schema": {"type": "string"},
+                }
             )
     return params
 
 
 def _request_body(route: Route) -> dict[str, Any] | None:
+    if route.request_schema is not None:
+        return {
+            "required": True,
+            "content": {"application/json": {"schema": route.request_schema}},
+        }
     if route.body is Body.NONE:
         return None
     free_form = {"type": "object", "properties": {}, "additionalProperties": True}
     media = route.body.media_types or ("application/octet-stream",)
-    return {
-        "required": True,
-        "content": {m: {"schema": free_form} for m in media},
-    }
+    return {"required": True, "content": {m: {"schema": free_form} for m in media}}
 
 
-def _operation(route: Route) -> dict[str, Any]:
+def _operation(route: Route, *, actions: bool) -> dict[str, Any]:
+    ok: dict[str, Any] = _PASSTHROUGH
+    if route.response_schema is not None:
+        ok = {
+            "description": "relayd's answer.",
+            "content": {"application/json": {"schema": route.response_schema}},
+        }
+    elif route.exposure is Exposure.SIGNED:
+        ok = {"description": "The file, with Content-Type and Content-Disposition."}
     operation: dict[str, Any] = {
         "operationId": route.operation_id,
         "summary": route.summary,
-        "tags": [route.group],
-        "responses": {"200": _PASSTHROUGH_RESPONSE, "default": _ERROR_RESPONSE},
+        "responses": {"200": ok, "default": _ERROR_REF},
     }
+    if not actions:
+        operation["tags"] = [route.group]
     if route.description:
         operation["description"] = route.description
     if params := _parameters(route):
         operation["parameters"] = params
     if body := _request_body(route):
         operation["requestBody"] = body
-    if route.exposure is Exposure.PUBLIC:
+    if route.exposure in (Exposure.PUBLIC, Exposure.SIGNED):
         operation["security"] = []
     if route.consequential is not None:
         operation["x-openai-isConsequential"] = route.consequential
     return operation
 
 
-def build_openapi(table: RouteTable, settings: Settings, *, actions: bool) -> dict[str, Any]:
-    title = settings.relay_name + (" (Actions)" if actions else "")
+def _schema_name(schema: Any) -> str:
+    resolved = resolve_schema_cls(schema)
+    cls = resolved[0] if isinstance(resolved, list) else resolved
+    return cls.__name__.lstrip("_")
+
+
+def _with_properties(node: Any) -> None:
+    """Give every object schema ``properties`` (the GPT builder rejects one without)."""
+    if isinstance(node, dict):
+        kind = node.get("type")
+        is_object = kind == "object" or (isinstance(kind, list) and "object" in kind)
+        if is_object and "properties" not in node:
+            node["properties"] = {}
+        for value in node.values():
+            _with_properties(value)
+    elif isinstance(node, list):
+        for value in node:
+            _with_properties(value)
+
+
+def build_openapi(
+    table: RouteTable, settings: Settings, *, actions: bool, origin: str | None = None
+) -> dict[str, Any]:
+    """One of the two documents. ``origin`` (the request's) stands in for an unset
+    ``RELAYD_PUBLIC_URL``; the Actions document always names an https server."""
+    plugin = MarshmallowPlugin(schema_name_resolver=_schema_name)
+    server = settings.public_url or origin
+    if actions and server is not None and not server.startswith("https://"):
+        server = "https://" + server.split("://", 1)[-1]
     spec = APISpec(
-        title=title,
+        title=settings.relay_name + (" (Actions)" if actions else ""),
         version=__version__,
         openapi_version="3.1.0",
-        info={"description": "A streaming relay to the OpenAI API."},
-        servers=[{"url": settings.public_url}] if settings.public_url else [],
+        info={"description": _ACTIONS_DESCRIPTION if actions else _DESCRIPTION},
+        servers=[{"url": server.rstrip("/")}] if server else [],
+        plugins=[plugin],
     )
-    spec.components.security_scheme("RelayKey", {"type": "http", "scheme": "bearer"})
-    spec.components.schema("Error", _ERROR_SCHEMA)
-    routes = table.documented()
-    if actions:
-        routes = [r for r in routes if r.exposure is Exposure.ACTIONS]
+    # Declared as strings, as the GPT builder wants (schemas.FileRefField explains).
+    plugin.map_to_openapi_type(FileRefField, fields.String)  # type: ignore[no-untyped-call]
+    _security(spec, settings, actions=actions)
+    spec.components.schema("Error", _error_schema(nullable=not actions))
+    routes: Iterable[Route] = actions_routes(table, settings) if actions else table.documented()
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, actions=actions)
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     document = spec.to_dict()
-    document["security"] = [{"RelayKey": []}]
+    document["security"] = [{name: []} for name in document["components"]["securitySchemes"]]
+    _with_properties(document)
     return document
+
+
+def _security(spec: APISpec, settings: Settings, *, actions: bool) -> None:
+    bearer = {"type": "http", "scheme": "bearer", "description": "A relay key."}
+    header = {
+        "type": "apiKey",
+        "in": "header",
+        "name": settings.key_header,
+        "description": "A relay key.",
+    }
+    if not actions:
+        spec.components.security_scheme("RelayKey", bearer)
+        spec.components.security_scheme("RelayKeyHeader", header)
+    elif settings.actions_auth == "header":
+        spec.components.security_scheme("RelayKey", header)
+    else:
+        spec.components.security_scheme("RelayKey", bearer)

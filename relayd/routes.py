@@ -7,14 +7,31 @@ reader can look them up there.
 
 from __future__ import annotations
 
-from relayd.handlers import meta
+from relayd.handlers import actions, answers, deliver, meta, realtime
 from relayd.handlers.passthrough import (
     create_response_stream,
     download_file,
     forward,
     forward_by_policy,
 )
+from relayd.handlers.proxy import proxy
 from relayd.routing import Body, Exposure, Handler, Route, RouteTable
+from relayd.schemas import (
+    ActionAnswer,
+    ActionResponseRequest,
+    FilesAnswer,
+    FileUploadRequest,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageVariationRequest,
+    ProxyRequest,
+    UploadCompleteRequest,
+    UploadCreateRequest,
+    UploadPartRequest,
+    VideoCreateRequest,
+    VideoGenerationRequest,
+    VideoRemixRequest,
+)
 
 __all__ = ["TABLE", "build_table"]
 
@@ -37,7 +54,13 @@ def _relay(
 def _meta(
     method: str, path: str, handler: Handler, exposure: Exposure, operation_id: str, summary: str
 ) -> Route:
-    return Route(method, path, handler, "meta", exposure, operation_id, summary)
+    # Meta routes change nothing: an Actions candidate among them never needs the
+    # user's confirmation (x-openai-isConsequential: false).
+    consequential = False if exposure is Exposure.ACTIONS else None
+    return Route(
+        method, path, handler, "meta", exposure, operation_id, summary,
+        consequential=consequential,
+    )
 
 
 PUBLIC, ACTIONS, INTERNAL = Exposure.PUBLIC, Exposure.ACTIONS, Exposure.INTERNAL
@@ -245,6 +268,12 @@ _MODELS_AND_MORE = (
 )
 
 _REALTIME = (
+    # WebSocket upgrades: what the official SDKs dial, and the predecessor's path.
+    _relay("realtime", "GET", "/v1/realtime", "connectRealtime",
+           "Open a realtime WebSocket session", handler=realtime.bridge_realtime),
+    _relay("realtime", "GET", "/v1/realtime/ws", "connectRealtimeWs",
+           "Open a realtime WebSocket session (predecessor path)",
+           handler=realtime.bridge_realtime),
     _relay("realtime", "POST", "/v1/realtime/client_secrets", "createRealtimeClientSecret",
            "Create an ephemeral realtime client secret", J),
     _relay("realtime", "POST", "/v1/realtime/calls", "createRealtimeCall",
@@ -261,10 +290,158 @@ _REALTIME = (
            "createRealtimeTranslationClientSecret",
            "Create an ephemeral realtime translation secret", J),
     _relay("realtime", "POST", "/v1/realtime/sessions", "createRealtimeSession",
-           "Create a realtime session (legacy)", J),
+           "Create a realtime session (legacy; model checked, default filled in)", J,
+           realtime.create_session),
     _relay("realtime", "POST", "/v1/realtime/transcription_sessions",
            "createRealtimeTranscriptionSession",
            "Create a realtime transcription session (legacy)", J),
+)
+
+
+def _action(
+    group: str,
+    method: str,
+    path: str,
+    handler: Handler,
+    operation_id: str,
+    summary: str,
+    description: str | None = None,
+    *,
+    consequential: bool | None,
+    request_schema: type | None = None,
+    response_schema: type | None = None,
+    body: Body = Body.NONE,
+    exposure: Exposure = Exposure.ACTIONS,
+) -> Route:
+    if request_schema is not None:
+        body = Body.JSON
+    return Route(
+        method, path, handler, group, exposure, operation_id, summary, body,
+        description=description,
+        request_schema=request_schema,
+        consequential=consequential,
+        response_schema=response_schema,
+    )
+
+
+# The ChatGPT Actions surface (SPEC §3, §5): JSON wrappers validated by schemas.py,
+# answers that fit ChatGPT's limits, files handed back as openaiFileResponse.
+# Consequential (ChatGPT asks the user every time): anything that stores, spends a
+# lot, or reaches arbitrary endpoints; reading and making images do not.
+_REFS = "Attach files in the chat; ChatGPT passes them as openaiFileIdRefs."
+_ACTIONS_SURFACE = (
+    _action(
+        "actions", "POST", "/v1/actions/responses", answers.create_action_response,
+        "createActionResponse", "Ask a model; get its answer or an id to poll",
+        "Runs a model on the input. Answers with output_text when the model finishes "
+        "in time; otherwise status is in_progress: call getActionResponse with the id.",
+        consequential=False, request_schema=ActionResponseRequest, response_schema=ActionAnswer,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/responses/stream", answers.stream_action_response,
+        "streamActionResponse", "Ask a model; the answer streams as server-sent events",
+        "For scripts and apps: GPT Actions cannot read a stream.",
+        consequential=None, request_schema=ActionResponseRequest, exposure=Exposure.RELAY,
+    ),
+    _action(
+        "actions", "GET", "/v1/actions/responses/{response_id}", answers.get_action_response,
+        "getActionResponse", "Get the answer of a model that was still working",
+        "Waits a while for the model, then answers with output_text, or status "
+        "in_progress again: call it again after poll_after_s seconds.",
+        consequential=False, response_schema=ActionAnswer,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/files/upload", actions.upload_file,
+        "uploadFileAction", "Store a file in the team's OpenAI files",
+        f"Uploads one file (base64, or one attached file) with a purpose. {_REFS}",
+        consequential=True, request_schema=FileUploadRequest,
+    ),
+    _action(
+        "actions", "GET", "/v1/actions/files/{file_id}/content", deliver.file_content_for_chatgpt,
+        "getFileContentAction", "Fetch a stored file into the chat",
+        "Returns the file (up to 10 MB) as openaiFileResponse. Files with purpose "
+        "user_data are never returned.",
+        consequential=False, response_schema=FilesAnswer,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/uploads", actions.create_upload,
+        "createUploadAction", "Start an upload of a large file in parts",
+        consequential=True, request_schema=UploadCreateRequest,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/uploads/{upload_id}/parts", actions.add_upload_part,
+        "addUploadPartAction", "Add one base64 part to an upload",
+        consequential=True, request_schema=UploadPartRequest,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/uploads/{upload_id}/complete", actions.complete_upload,
+        "completeUploadAction", "Finish an upload: its parts, in order, become a file",
+        consequential=True, request_schema=UploadCompleteRequest,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/uploads/{upload_id}/cancel", actions.cancel_upload,
+        "cancelUploadAction", "Cancel an upload", consequential=True, body=Body.ANY,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/images/generations", actions.generate_image,
+        "generateImageAction", "Make images from a prompt",
+        "The images come back as openaiFileResponse.",
+        consequential=False, request_schema=ImageGenerationRequest, response_schema=FilesAnswer,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/images/edits", actions.edit_image,
+        "editImageAction", "Edit or combine images with a prompt",
+        f"{_REFS} Every attached file is an input image except the one mask_index names. "
+        "The results come back as openaiFileResponse.",
+        consequential=False, request_schema=ImageEditRequest, response_schema=FilesAnswer,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/images/variations", actions.create_image_variation,
+        "createImageVariationAction", "Make variations of one square PNG image (dall-e-2)",
+        f"{_REFS} The results come back as openaiFileResponse.",
+        consequential=False, request_schema=ImageVariationRequest, response_schema=FilesAnswer,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/videos", actions.create_video,
+        "createVideoAction", "Start a video from a prompt (JSON)",
+        consequential=True, request_schema=VideoCreateRequest,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/videos/generations", actions.generate_video,
+        "generateVideoAction", "Start a video from a prompt and an optional reference image",
+        f"Checks model, size and seconds against the allowed sets. {_REFS} Poll with "
+        "getVideoContentAction.",
+        consequential=True, request_schema=VideoGenerationRequest,
+    ),
+    _action(
+        "actions", "POST", "/v1/actions/videos/{video_id}/remix", actions.remix_video,
+        "remixVideoAction", "Start a new video from a finished one and a prompt",
+        consequential=True, request_schema=VideoRemixRequest,
+    ),
+    _action(
+        "actions", "GET", "/v1/actions/videos/{video_id}/content",
+        deliver.video_content_for_chatgpt, "getVideoContentAction",
+        "Get a finished video as a download link",
+        "Answers with the video's status; once completed, a short-lived link in "
+        "openaiFileResponse.",
+        consequential=False, response_schema=FilesAnswer,
+    ),
+    _action(
+        "actions", "GET", "/v1/actions/downloads/{token}", deliver.download,
+        "downloadHandout", "Download a file relayd handed out (signed, short-lived link)",
+        consequential=None, exposure=Exposure.SIGNED,
+    ),
+    _action(
+        "proxy", "POST", "/v1/proxy", proxy, "proxyRequest",
+        "Call another OpenAI JSON endpoint (allowlisted)",
+        "For endpoints without an operation here: method, path (such as /v1/models) and "
+        "query or body. Streaming, binary, multipart and admin endpoints are refused.",
+        consequential=True, request_schema=ProxyRequest,
+    ),
+    _action(
+        "meta", "GET", "/privacy", meta.privacy, "getPrivacyPolicy",
+        "The privacy policy of this relay", consequential=None, exposure=Exposure.PUBLIC,
+    ),
 )
 
 # Last: everything else under /v1/ is decided by the path policy (policy.py).
@@ -289,6 +466,7 @@ def build_table() -> RouteTable:
             *_IMAGES,
             *_MODELS_AND_MORE,
             *_REALTIME,
+            *_ACTIONS_SURFACE,
             *_CATCH_ALL,
         )
     )

@@ -27,6 +27,10 @@ class Exposure(StrEnum):
     RELAY = "relay"  # relay key; documented in /openapi.json
     ACTIONS = "actions"  # relay key; documented, and offered to the Actions subset
     INTERNAL = "internal"  # relay key; served but not documented (catch-all, metrics)
+    # No relay key: the URL carries its own short-lived HMAC signature (the links
+    # relayd hands ChatGPT in openaiFileResponse, which ChatGPT fetches without
+    # the action's credentials). Documented, with ``security: []``.
+    SIGNED = "signed"
 
 
 class Body(StrEnum):
@@ -65,10 +69,11 @@ class Route:
     description: str | None = None
     request_schema: Any = None  # a marshmallow Schema class for wrapper bodies
     consequential: bool | None = None  # x-openai-isConsequential for Actions
+    response_schema: Any = None  # a marshmallow Schema class for relayd's own answers
 
     @property
     def needs_key(self) -> bool:
-        return self.exposure is not Exposure.PUBLIC
+        return self.exposure not in (Exposure.PUBLIC, Exposure.SIGNED)
 
 
 _PARAM: Final = re.compile(r"\{(\w+)(?::([^{}]+))?\}")
@@ -114,6 +119,17 @@ class RouteTable:
 
     def documented(self) -> list[Route]:
         return [r for r in self._routes if r.exposure is not Exposure.INTERNAL]
+
+    def match(self, method: str, path: str) -> Route | None:
+        """The documented route serving ``method`` on a concrete path, if any."""
+        for route in self._routes:
+            if (
+                route.method == method
+                and route.exposure is not Exposure.INTERNAL
+                and self._regexes[route.path].match(path)
+            ):
+                return route
+        return None
 
     def methods_for(self, path: str) -> set[str]:
         """Methods the table serves on a concrete path (for 405 answers)."""

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from weakref import WeakSet
 
     from relayd.auth import KeyRing
+    from relayd.filestore import Handoff
     from relayd.metrics import Metrics
     from relayd.policy import PathPolicy
     from relayd.streams.websocket import WebSocketBridge
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BROKEN",
     "ERROR_CODE",
+    "HANDOFF",
     "KEY",
     "KEYRING",
     "METRICS",
@@ -54,6 +56,8 @@ POLICY: Final[web.AppKey[PathPolicy]] = web.AppKey("relayd.policy")
 METRICS: Final[web.AppKey[Metrics]] = web.AppKey("relayd.metrics")
 TOOLS: Final = web.AppKey("relayd.tools", dict)
 STARTED: Final = web.AppKey("relayd.started", float)
+# Signed download links and the store behind them (Actions: openaiFileResponse).
+HANDOFF: Final[web.AppKey[Handoff]] = web.AppKey("relayd.handoff")
 # Open realtime bridges, closed with 1001 on shutdown (aiohttp's documented pattern).
 REALTIME_BRIDGES: Final[web.AppKey[WeakSet[WebSocketBridge]]] = web.AppKey(
     "relayd.realtime_bridges"

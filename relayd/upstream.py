@@ -16,7 +16,9 @@ long as upstream keeps talking.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Final
 
@@ -40,7 +42,7 @@ from relayd.errors import (
 from relayd.headers import request_headers
 from relayd.streams import LimitExceededError
 
-__all__ = ["Upstream", "mapped_errors"]
+__all__ = ["ForbiddenAddressError", "Upstream", "link_errors", "mapped_errors", "non_public_reason"]
 
 # aiohttp would otherwise invent these; a transparent relay sends the client's own.
 _SKIP_AUTO_HEADERS: Final = ("Accept-Encoding", "User-Agent", "Content-Type")
@@ -116,8 +118,133 @@ class _NoDelayConnector(aiohttp.TCPConnector):
         return transport, protocol
 
 
+# ---------------------------------------------------------------- user file links
+#
+# ChatGPT hands actions the files a user attached as short-lived https links
+# (openaiFileIdRefs[].download_link), and wrappers take image_url too. Fetching a URL
+# a caller chose is the classic SSRF door, so these fetches get a session of their
+# own: no credentials, no cookies, no proxies from the environment, no redirects,
+# and a connector that refuses every non-public address twice over: when the name
+# resolves (a clear message), and again for the exact address each socket connects
+# to (which also covers IP literals, DNS rebinding between lookup and connect, and
+# any resolver cache). fetch.py decides which URLs may be tried at all.
+
+
+class ForbiddenAddressError(OSError):
+    """A user file link led to an address relayd never fetches from."""
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:  # 2002::/16
+        return ip.sixtofour
+    if ip.teredo is not None:  # 2001::/32: (server, client)
+        return ip.teredo[1]
+    if ip in _NAT64:  # RFC 6052 well-known prefix, the IPv4 address in the last 32 bits
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+_NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def non_public_reason(address: str) -> str | None:
+    """Why relayd must not connect to ``address`` (an IP literal), or None if public."""
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
+            address.split("%", 1)[0]  # an IPv6 zone index is no part of the address
+        )
+    except ValueError:
+        return f"{address!r} is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and (inner := _embedded_ipv4(ip)) is not None:
+        reason = non_public_reason(str(inner))
+        return f"{address} embeds {inner}: {reason}" if reason else None
+    if ip.is_loopback:
+        return f"{address} is a loopback address"
+    if ip.is_link_local:
+        return f"{address} is a link-local address (where cloud metadata services live)"
+    if ip.is_private:
+        return f"{address} is a private address"
+    if ip.is_multicast or ip.is_unspecified or ip.is_reserved or not ip.is_global:
+        return f"{address} is not a public unicast address"
+    return None
+
+
+def _refuse_non_public(addr_info: Any) -> socket.socket:
+    """aiohappyeyeballs socket factory: the last check before connect()."""
+    family, type_, proto, _, sockaddr = addr_info
+    if non_public_reason(sockaddr[0]) is not None:
+        # One message for every address, so aiohappyeyeballs re-raises this very
+        # exception (not a generic OSError) when all of a name's addresses fail.
+        raise ForbiddenAddressError("refused to connect to a non-public address")
+    return socket.socket(family=family, type=type_, proto=proto)
+
+
+class _PublicOnlyResolver(aiohttp.abc.AbstractResolver):
+    """The default resolver, minus every non-public address it returns."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        public = [r for r in results if non_public_reason(r["host"]) is None]
+        if not public:
+            reason = non_public_reason(results[0]["host"]) if results else "no address"
+            raise ForbiddenAddressError(f"{host} resolves only to non-public addresses ({reason})")
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class _PublicOnlyConnector(_NoDelayConnector):
+    """Checks the peer of every new connection once more, after connect()."""
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
+        peer = transport.get_extra_info("peername")
+        if not peer or non_public_reason(peer[0]) is not None:
+            transport.abort()
+            raise ForbiddenAddressError("refused to connect to a non-public address")
+        return transport, protocol
+
+
+@contextlib.contextmanager
+def link_errors(what: str) -> Iterator[None]:
+    """Translate failures fetching a user's file link into the caller's 4xx errors."""
+    try:
+        yield
+    except RelaydError:
+        raise
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        for cause in _cause_chain(exc):
+            if isinstance(cause, ForbiddenAddressError):
+                raise PermissionDeniedError(
+                    f"Refusing to fetch {what}: {cause}.", code="file_url_forbidden"
+                ) from exc
+        if isinstance(exc, TimeoutError):
+            raise BadRequestError(
+                f"Fetching {what} took too long.", code="file_fetch_timeout"
+            ) from exc
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            raise BadRequestError(
+                f"Fetching {what} failed: its TLS certificate is not valid.",
+                code="file_fetch_failed",
+            ) from exc
+        raise BadRequestError(
+            f"Fetching {what} failed ({type(exc).__name__}).", code="file_fetch_failed"
+        ) from exc
+
+
 class Upstream:
-    """One client session per process, created by the app's ``cleanup_ctx``."""
+    """One client session per process, created by the app's ``cleanup_ctx``.
+
+    A second session, for user file links only, lives beside it (see above).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -135,6 +262,7 @@ class Upstream:
             sock_read=settings.first_byte_timeout_s,
         )
         self._session: ClientSession | None = None
+        self._links: ClientSession | None = None
 
     @property
     def in_flight(self) -> int:
@@ -159,11 +287,51 @@ class Upstream:
             timeout=self._timeout,
             trust_env=False,
         )
+        self._links = self._link_session()
+
+    def _link_session(self) -> ClientSession:
+        s = self._settings
+        context = ssl.create_default_context(cafile=s.actions_fetch_ca_file)
+        guarded = not s.actions_fetch_allow_private
+        connector_type = _PublicOnlyConnector if guarded else _NoDelayConnector
+        connector = connector_type(
+            limit=64,
+            ssl=context,
+            resolver=_PublicOnlyResolver() if guarded else None,
+            socket_factory=_refuse_non_public if guarded else None,
+            use_dns_cache=False,  # every fetch is checked against a fresh answer
+            force_close=True,  # links point at many hosts; keep no idle sockets
+        )
+        return ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(
+                total=s.actions_fetch_timeout_s,
+                sock_connect=min(s.connect_timeout_s, s.actions_fetch_timeout_s),
+            ),
+            trust_env=False,
+            headers={"User-Agent": "relayd", "Accept": "*/*"},
+        )
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._links is not None:
+            await self._links.close()
+            self._links = None
+
+    @contextlib.asynccontextmanager
+    async def open_link(self, url: URL) -> AsyncIterator[ClientResponse]:
+        """GET a user's file link: no credentials, no redirects, public peers only.
+
+        Failures are not translated here: wrap the whole fetch (open and read) in
+        :func:`link_errors`, which names the link in the caller's terms.
+        """
+        if self._links is None:
+            raise RuntimeError("Upstream.start() was not called")
+        async with self._links.get(url, allow_redirects=False) as response:
+            yield response
 
     def url(self, path_qs: str) -> URL:
         return URL(self._base + path_qs, encoded=True)

@@ -10,7 +10,7 @@ import os
 import platform
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +31,7 @@ __all__ = [
     "openapi_actions",
     "openapi_full",
     "ping",
+    "privacy",
     "relay_info",
     "relay_info_flat",
 ]
@@ -188,4 +189,37 @@ async def openapi_full(request: web.Request) -> web.Response:
 
 
 async def openapi_actions(request: web.Request) -> web.Response:
-    return web.json_response(build_openapi(request.app[TABLE], request.app[SETTINGS], actions=True))
+    # Without RELAYD_PUBLIC_URL the server is this request's host, over https: the
+    # GPT builder imports the document from the origin it will call.
+    document = build_openapi(
+        request.app[TABLE], request.app[SETTINGS], actions=True, origin=f"https://{request.host}"
+    )
+    return web.json_response(document)
+
+
+_PRIVACY: Final = """Privacy policy of {name}
+
+{name} is a relay between this team's clients (ChatGPT GPTs, scripts, apps) and the
+OpenAI API. What you send through it goes to OpenAI, under the team's OpenAI account,
+and OpenAI's answer comes back to you; OpenAI's own policies apply to that data.
+
+The relay does not store the content of requests or answers. It logs one line per
+request (time, route, status, size, duration, the name of the relay key used, and
+request ids), never bodies or keys. Files it hands back to ChatGPT are kept for a
+few minutes at most, behind links that expire.
+
+Questions: ask the team that runs this relay.
+"""
+
+
+async def privacy(request: web.Request) -> web.StreamResponse:
+    """``/privacy``: what a GPT shared by link or in the store must point to.
+
+    ``[actions] privacy_url`` redirects there; ``privacy_text`` is served as is;
+    without either, a plain statement of what relayd does with data.
+    """
+    settings = request.app[SETTINGS]
+    if settings.actions_privacy_url:
+        raise web.HTTPFound(settings.actions_privacy_url)
+    text = settings.actions_privacy_text or _PRIVACY.format(name=settings.relay_name)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")

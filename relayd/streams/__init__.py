@@ -16,14 +16,18 @@ from relayd.streams.pump import (
     pump_request_body,
 )
 from relayd.streams.sse import KEEPALIVE, SSEPump, is_event_stream
+from relayd.streams.websocket import BridgeStats, Leg, WebSocketBridge
 
 __all__ = [
     "KEEPALIVE",
+    "BridgeStats",
     "BrokenStreamError",
+    "Leg",
     "LimitExceededError",
     "Pumped",
     "SSEPump",
     "Tap",
+    "WebSocketBridge",
     "abort",
     "is_event_stream",
     "pump",

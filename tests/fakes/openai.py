@@ -15,6 +15,9 @@ model              behaviour
 ``error-<code>``   that status in OpenAI's error shape, with retry headers
 =================  ============================================================
 
+A WebSocket handshake to ``/v1/realtime`` goes to the fake realtime API
+(``tests/fakes/realtime.py``; its own table says how it behaves).
+
 ``python -m tests.fakes.openai --port N`` runs it standalone (benchmarks).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import itertools
 import json
@@ -30,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.fakes.realtime import FakeRealtime
 
 UPSTREAM_KEY = "sk-canary-upstream-5f0c1d2e3b4a69788796a5b4c3d2e1f0"
 _ids = itertools.count(1)
@@ -94,6 +100,11 @@ class FakeOpenAI:
         self.files: dict[str, StoredFile] = {}
         self.objects: dict[str, dict[str, Any]] = {}
         self._changed = asyncio.Event()
+        self.realtime = FakeRealtime(key, self._notify)
+        # Actions surface (tests/test_actions.py); off unless a test sets them.
+        self.image_bytes: bytes | None = None  # images answer these, base64, n times
+        self.video_status: str | None = None  # GET /v1/videos/{id} answers this status
+        self.background: dict[str, dict[str, Any]] = {}
         self.app = web.Application(client_max_size=1024**3)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
 
@@ -125,6 +136,9 @@ class FakeOpenAI:
     # ------------------------------------------------------------------ dispatch
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        upgrade = request.headers.get("Upgrade", "").lower()
+        if request.path == "/v1/realtime" and upgrade == "websocket":
+            return await self.realtime.handle(request)  # records its own handshakes
         seen = Seen(
             request.method, request.path, dict(request.query), dict(request.headers)
         )
@@ -155,6 +169,8 @@ class FakeOpenAI:
             return _error(int(model.removeprefix("error-")))
         if model == "silent":
             await asyncio.sleep(3600)
+        if (answer := self._actions_surface(path, method, body)) is not None:
+            return answer
 
         if path == "/v1/responses" and method == "POST":
             if body.get("stream"):
@@ -225,6 +241,60 @@ class FakeOpenAI:
                 }
             )
         return web.json_response(self._generic(path, method, body))
+
+    # ------------------------------------------------------------------ Actions surface
+    #
+    # Background responses (``background: true``) are queued at once and complete
+    # after the delay the model names (``wait-<seconds>``, else at once); model
+    # ``huge`` answers 300,000 characters. Images answer ``image_bytes`` and
+    # ``GET /v1/videos/{id}`` answers ``video_status`` when a test sets them.
+
+    def _actions_surface(self, path: str, method: str, body: Any) -> web.Response | None:
+        if path == "/v1/responses" and method == "POST" and isinstance(body, dict):
+            if body.get("background") is not True:
+                return None
+            response = _response_object(body)
+            model = str(body.get("model", ""))
+            delay = float(model.removeprefix("wait-")) if model.startswith("wait-") else 0.0
+            text = "x" * 300_000 if model == "huge" else f"answer to: {body.get('input')}"
+            response["output"][0]["content"][0]["text"] = text
+            self.background[response["id"]] = {
+                "response": response,
+                "done_at": time.monotonic() + delay,
+            }
+            return web.json_response(
+                {**response, "status": "queued", "output": [], "usage": None}
+            )
+        if path.startswith("/v1/responses/") and method == "GET" and path.count("/") == 3:
+            job = self.background.get(path.rsplit("/", 1)[-1])
+            if job is None:
+                return None
+            if time.monotonic() < job["done_at"]:
+                return web.json_response(
+                    {**job["response"], "status": "in_progress", "output": [], "usage": None}
+                )
+            return web.json_response(job["response"])
+        if path.startswith("/v1/images/") and self.image_bytes is not None:
+            count = int(body.get("n", 1)) if isinstance(body, dict) else 1
+            encoded = base64.b64encode(self.image_bytes).decode()
+            return web.json_response(
+                {
+                    "created": int(time.time()),
+                    "data": [{"b64_json": encoded, "revised_prompt": "p"} for _ in range(count)],
+                    "usage": {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12},
+                }
+            )
+        if (
+            path.startswith("/v1/videos/")
+            and method == "GET"
+            and path.count("/") == 3
+            and self.video_status is not None
+        ):
+            video_id = path.rsplit("/", 1)[-1]
+            return web.json_response(
+                {"id": video_id, "object": "video", "status": self.video_status, "progress": 100}
+            )
+        return None
 
     # ------------------------------------------------------------------ bodies
 
@@ -555,32 +625,6 @@ def pattern_block() -> bytes:
     return bytes(range(256)) * 1024  # 256 KiB
 
 
-def _gen_metadata(key: str) -> Any:
-    """Middleware for ``--gen-metadata``: ``GET /v1/files/gen-<n>`` answers a file object.
-
-    By default a ``gen-`` id answers its bytes on the metadata path too, so relayd's
-    user_data check (which reads the metadata first) would pull the whole body twice.
-    """
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        parts = request.path.split("/")  # ['', 'v1', 'files', 'gen-<n>']
-        if (
-            request.method == "GET"
-            and len(parts) == 4
-            and parts[2] == "files"
-            and parts[3].startswith("gen-")
-            and request.headers.get("Authorization") == f"Bearer {key}"
-        ):
-            size = int(parts[3].removeprefix("gen-"))
-            stored = StoredFile(parts[3], "gen.bin", "batch", b"", "")
-            return web.json_response({**stored.object(), "bytes": size})
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    return middleware
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="fake OpenAI API on loopback")
     parser.add_argument("--host", default="127.0.0.1")
@@ -591,15 +635,10 @@ def main() -> None:
     parser.add_argument("--pace", type=float, default=0.2, help="seconds between 'slow' events")
     parser.add_argument("--backlog", type=int, default=128, help="listen backlog")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
-    parser.add_argument(
-        "--gen-metadata", action="store_true", help="gen-<n> metadata is a file object"
-    )
     args = parser.parse_args()
     fake = FakeOpenAI(
         key=args.key, record=False, keep_bytes=1024 * 1024, events=args.events, pace=args.pace
     )
-    if args.gen_metadata:
-        fake.app.middlewares.append(_gen_metadata(args.key))
     loop = None
     if args.uvloop:
         import uvloop

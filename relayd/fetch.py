@@ -1,0 +1,130 @@
+"""Safe download of user file links (SPEC §2, "Fetching user files").
+
+A link is tried only if it is https (unless configured otherwise), carries no
+credentials, and names an allowlisted host (ChatGPT's file hosts by default); an IP
+literal must be a public address. The download itself runs on upstream.py's link
+session, which refuses non-public peers at resolve and connect time, follows no
+redirect, and is bounded here by a byte cap and one deadline for the whole fetch.
+What comes back is labelled by its bytes (mime.py), never by the sender's word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import ipaddress
+import posixpath
+from dataclasses import dataclass
+from typing import Final
+
+from yarl import URL
+
+from relayd.config import Settings
+from relayd.errors import (
+    BadRequestError,
+    ClientRequestError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+)
+from relayd.mime import sniff
+from relayd.upstream import Upstream, link_errors, non_public_reason
+
+__all__ = ["Fetched", "check_link", "fetch_link"]
+
+_READ: Final = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    data: bytearray  # filled in place as it arrives: one buffer, no joined copy
+    media_type: str  # sniffed from the bytes
+    filename: str  # from the link's path, else "file"
+
+
+def _forbidden(message: str, param: str | None) -> PermissionDeniedError:
+    return PermissionDeniedError(message, code="file_url_forbidden", param=param)
+
+
+def check_link(url_text: str, settings: Settings, *, param: str | None = None) -> URL:
+    """The parsed link if relayd may try it; a 400/403 naming ``param`` otherwise."""
+    try:
+        url = URL(url_text)
+    except (ValueError, TypeError) as exc:
+        raise BadRequestError(f"{param or 'The link'} is not a URL.", param=param) from exc
+    schemes = ("https",) if settings.actions_fetch_https_only else ("https", "http")
+    if url.scheme not in schemes or not url.host:
+        raise _forbidden(
+            f"Only absolute {' or '.join(schemes)} links are fetched; got {url.scheme or 'none'}.",
+            param,
+        )
+    if url.user is not None or url.password is not None:
+        raise _forbidden("Links with credentials in them are not fetched.", param)
+    host = url.host.lower().rstrip(".")
+    if not any(fnmatch.fnmatchcase(host, p.lower()) for p in settings.actions_fetch_hosts):
+        raise _forbidden(
+            f"Links to {host} are not fetched; allowed hosts: "
+            f"{', '.join(settings.actions_fetch_hosts)}.",
+            param,
+        )
+    if not settings.actions_fetch_allow_private and _is_ip(host):
+        reason = non_public_reason(host)
+        if reason is not None:
+            raise _forbidden(f"Refusing to fetch the link: {reason}.", param)
+    return url
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+async def fetch_link(
+    upstream: Upstream, settings: Settings, url_text: str, *, param: str | None = None
+) -> Fetched:
+    """Download a user's file link whole, under the size cap and the fetch deadline.
+
+    Refusals and failures are the caller's 4xx, naming ``param``: 403 for a link
+    relayd will not fetch (scheme, host, private address, redirect), 413 past the
+    cap, 400 for a link that failed or was too slow. Nothing goes upstream here.
+    """
+    url = check_link(url_text, settings, param=param)
+    cap = settings.actions_max_file_bytes
+    what = param or "the link"
+    try:
+        with link_errors(what):
+            async with asyncio.timeout(settings.actions_fetch_timeout_s):
+                async with upstream.open_link(url) as response:
+                    if 300 <= response.status < 400:
+                        raise _forbidden(
+                            f"{what} answered with a redirect (HTTP {response.status}); "
+                            "redirects are not followed.",
+                            param,
+                        )
+                    if response.status != 200:
+                        raise BadRequestError(
+                            f"{what} could not be downloaded (HTTP {response.status}); "
+                            "ChatGPT's file links expire after five minutes.",
+                            code="file_fetch_failed",
+                        )
+                    if response.content_length is not None and response.content_length > cap:
+                        raise _too_large(what, cap, param)
+                    data = bytearray()
+                    while chunk := await response.content.read(_READ):
+                        if len(data) + len(chunk) > cap:
+                            raise _too_large(what, cap, param)
+                        data += chunk
+    except ClientRequestError as exc:
+        exc.param = exc.param or param
+        raise
+    return Fetched(data, sniff(data), posixpath.basename(url.path) or "file")
+
+
+def _too_large(what: str, cap: int, param: str | None) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"{what} is larger than the relay's limit of {cap} bytes.",
+        code="file_too_large",
+        param=param,
+    )

@@ -1,0 +1,159 @@
+"""Model answers that fit ChatGPT's limits, and the streaming wrapper for everyone else.
+
+A GPT action must answer within 45 s and under 100,000 characters and cannot read
+a stream (notes A3). ``POST /v1/actions/responses`` therefore starts the response
+in background mode upstream (``background: true``, ``store: true``, ``stream:
+false``) and polls it until it finishes or the answer budget (``[actions]
+answer_budget``, 25 s by default) is spent. Finished: the output text with id,
+model and usage. Not yet: the id and ``status: in_progress``, which
+``GET /v1/actions/responses/{id}`` picks up (and waits on again, up to the budget).
+The work goes on upstream meanwhile; nothing is lost to a timeout. Long texts are
+cut to ``[actions] max_answer_chars`` with a note that says so (fit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Final
+from urllib.parse import quote
+
+from aiohttp import web
+
+from relayd.fit import fit_json
+from relayd.handlers.common import checked_path, relay, send_back
+from relayd.handlers.payload import is_json, json_answer, load, read_json, upstream_call
+from relayd.schemas import ActionResponseRequest
+from relayd.state import SETTINGS
+
+__all__ = ["create_action_response", "get_action_response", "stream_action_response"]
+
+_FINISHED: Final = frozenset({"completed", "failed", "cancelled", "incomplete"})
+
+
+def output_text(response: dict[str, Any]) -> str:
+    """The text of a Responses object (what the SDKs call ``output_text``)."""
+    texts: list[str] = []
+    for item in response.get("output") or []:
+        if not isinstance(item, dict) or item.get("type") != "message":
+            continue
+        for part in item.get("content") or []:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+                texts.append(part["refusal"])
+    return "\n\n".join(texts)
+
+
+def _answer(response: dict[str, Any], poll_after_s: float, limit: int) -> dict[str, Any]:
+    status = response.get("status")
+    answer: dict[str, Any] = {
+        "id": response.get("id"),
+        "object": "relay.answer",
+        "status": status,
+        "model": response.get("model"),
+    }
+    if status in _FINISHED:
+        answer["output_text"] = output_text(response)
+        answer["usage"] = response.get("usage")
+        for detail in ("error", "incomplete_details"):
+            if response.get(detail):
+                answer[detail] = response[detail]
+    else:
+        answer["poll_after_s"] = poll_after_s
+        answer["relay_note"] = (
+            "The model is still working. Call getActionResponse with this id to get "
+            "the answer; the work continues meanwhile."
+        )
+    return fit_json(answer, limit)
+
+
+async def _poll(
+    request: web.Request, response: dict[str, Any], deadline: float
+) -> dict[str, Any]:
+    """Poll until the response is finished or ``deadline``; an upstream error is
+    passed through to the client (raised as :class:`_Passthrough`)."""
+    settings = request.app[SETTINGS]
+    loop = asyncio.get_running_loop()
+    path = f"/v1/responses/{quote(str(response.get('id')), safe='')}"
+    while response.get("status") not in _FINISHED:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        await asyncio.sleep(min(settings.actions_poll_interval_s, remaining))
+        async with upstream_call(request, "GET", path) as answer:
+            if not is_json(answer):
+                raise _Passthrough(await send_back(request, answer))
+            fresh = await read_json(request, answer)
+        if not isinstance(fresh, dict):
+            break
+        response = fresh
+    return response
+
+
+class _Passthrough(Exception):
+    """Carries an upstream error answer, already sent, out of the poll loop."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("upstream error passed through")
+        self.response = response
+
+
+async def _respond(
+    request: web.Request, response: dict[str, Any], deadline: float
+) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    try:
+        polled = await _poll(request, response, deadline)
+    except _Passthrough as passed:
+        return passed.response
+    wait = max(1.0, settings.actions_poll_interval_s)
+    return json_answer(_answer(polled, wait, settings.actions_max_answer_chars))
+
+
+async def create_action_response(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/actions/responses``: the answer within the budget, or a handle."""
+    settings = request.app[SETTINGS]
+    deadline = asyncio.get_running_loop().time() + settings.actions_answer_budget_s
+    body = await load(request, ActionResponseRequest())
+    body.setdefault("model", settings.default_model)
+    body.update(stream=False, background=True, store=True)  # store: background needs it
+    async with upstream_call(
+        request, "POST", "/v1/responses", data=json.dumps(body).encode(),
+        content_type="application/json",
+    ) as answer:
+        if not is_json(answer):
+            return await send_back(request, answer)
+        started = await read_json(request, answer)
+    if not isinstance(started, dict):
+        return json_answer(started)
+    return await _respond(request, started, deadline)
+
+
+async def get_action_response(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/actions/responses/{response_id}``: the answer once it is there."""
+    checked_path(request)
+    settings = request.app[SETTINGS]
+    deadline = asyncio.get_running_loop().time() + settings.actions_answer_budget_s
+    path = f"/v1/responses/{quote(request.match_info['response_id'], safe='')}"
+    async with upstream_call(request, "GET", path) as answer:
+        if not is_json(answer):
+            return await send_back(request, answer)
+        current = await read_json(request, answer)
+    if not isinstance(current, dict):
+        return json_answer(current)
+    return await _respond(request, current, deadline)
+
+
+async def stream_action_response(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/actions/responses/stream``: validated JSON in, server-sent events out.
+
+    For scripts and apps, not for GPT Actions (which cannot read a stream).
+    """
+    settings = request.app[SETTINGS]
+    body = await load(request, ActionResponseRequest())
+    body.setdefault("model", settings.default_model)
+    body["stream"] = True
+    return await relay(request, "POST", "/v1/responses", data=json.dumps(body).encode())

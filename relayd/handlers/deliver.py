@@ -1,0 +1,267 @@
+"""Files handed back to ChatGPT as ``openaiFileResponse``, and the links behind them.
+
+ChatGPT shows a file from an action only through ``openaiFileResponse`` (at most
+ten files of at most 10 MB): inline ``{name, mime_type, content}`` objects, or https
+URLs it fetches within 10 s, which must answer with ``Content-Type`` and
+``Content-Disposition`` (notes A6). relayd inlines files when every one is small
+(``[actions] inline_max_bytes``) and together they leave the answer well under
+the character limit; otherwise every file becomes a signed link (filestore.py),
+one form per answer, never a mix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import mimetypes
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote
+
+from aiohttp import web
+
+from relayd.errors import NotFoundError, PayloadTooLargeError, PermissionDeniedError
+from relayd.filestore import Claims
+from relayd.handlers.common import read_capped, send_back
+from relayd.handlers.payload import is_json, json_answer, read_json, upstream_call
+from relayd.mime import EXTENSIONS, sniff
+from relayd.state import HANDOFF, SETTINGS, UPSTREAM
+from relayd.streams import BrokenStreamError, abort, pump
+from relayd.upstream import mapped_errors
+
+__all__ = [
+    "Handout",
+    "download",
+    "file_content_for_chatgpt",
+    "hand_out",
+    "images_for_chatgpt",
+    "origin",
+    "video_content_for_chatgpt",
+]
+
+CHATGPT_MAX_FILES: Final = 10
+CHATGPT_MAX_FILE_BYTES: Final = 10 * 1024 * 1024  # "Each file may be up to 10 MB"
+_VARIANTS: Final = {
+    "video": ("video/mp4", ".mp4"),
+    "thumbnail": ("image/webp", ".webp"),
+    "spritesheet": ("image/jpeg", ".jpg"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Handout:
+    """One file for ChatGPT: bytes relayd holds, or an upstream object to link to."""
+
+    name: str
+    media_type: str
+    data: bytes | None = None
+    claims: Claims | None = None
+
+
+def origin(request: web.Request) -> str:
+    """Where ChatGPT reaches relayd: ``RELAYD_PUBLIC_URL``, else this request's host."""
+    public = request.app[SETTINGS].public_url
+    return public.rstrip("/") if public else f"{request.scheme}://{request.host}"
+
+
+async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
+    """``openaiFileResponse`` for ``items``: all inline, or all signed links."""
+    settings = request.app[SETTINGS]
+    handoff = request.app[HANDOFF]
+    inline_budget = settings.actions_max_answer_chars // 2
+    sizes = [len(i.data) if i.data is not None else None for i in items]
+    if all(s is not None and s <= settings.actions_inline_max_bytes for s in sizes) and (
+        sum((s or 0) * 4 // 3 + 4 for s in sizes) <= inline_budget
+    ):
+        return [
+            {
+                "name": i.name,
+                "mime_type": i.media_type,
+                "content": base64.b64encode(i.data or b"").decode("ascii"),
+            }
+            for i in items
+        ]
+    links = []
+    for item in items:
+        claims = item.claims
+        if claims is None:
+            blob = await handoff.keep(item.data or b"")
+            claims = Claims("blob", blob, item.name, item.media_type)
+        links.append(handoff.link(origin(request), claims))
+    return links
+
+
+# ------------------------------------------------------------------ images
+
+
+async def images_for_chatgpt(request: web.Request, answer: dict[str, Any]) -> dict[str, Any]:
+    """An Images API answer with each ``b64_json`` moved into ``openaiFileResponse``.
+
+    Everything else upstream said (``created``, ``usage``, ``revised_prompt``…) stays;
+    each image entry names its file instead of carrying megabytes of base64.
+    """
+    data = answer.get("data")
+    if not isinstance(data, list):
+        return answer
+    requested = answer.get("output_format")
+    fallback = f"image/{requested}" if isinstance(requested, str) else "image/png"
+    items: list[Handout] = []
+    for index, entry in enumerate(data):
+        if not isinstance(entry, dict) or not isinstance(entry.get("b64_json"), str):
+            continue
+        try:
+            raw = base64.b64decode(entry.pop("b64_json"))
+        except (binascii.Error, ValueError):
+            entry["relay_note"] = "upstream sent an image that is not valid base64"
+            continue
+        media_type = sniff(raw)
+        if not media_type.startswith("image/"):
+            media_type = fallback
+        name = f"image-{index + 1}{EXTENSIONS.get(media_type, '.png')}"
+        entry["file"] = name
+        items.append(Handout(name, media_type, data=raw))
+    if items:
+        answer["openaiFileResponse"] = await hand_out(request, items[:CHATGPT_MAX_FILES])
+    return answer
+
+
+# ------------------------------------------------------------------ upstream files
+
+
+def _guess_type(filename: str) -> str:
+    guessed, _ = mimetypes.guess_type(filename, strict=False)
+    return guessed or "application/octet-stream"
+
+
+async def file_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/actions/files/{file_id}/content``: a stored file, for ChatGPT.
+
+    The metadata comes first: ``user_data`` files are refused (403, as on the
+    pass-through), and files over ChatGPT's 10 MB are refused with a clear 413.
+    """
+    file_id = request.match_info["file_id"]
+    settings = request.app[SETTINGS]
+    async with upstream_call(request, "GET", f"/v1/files/{quote(file_id, safe='')}") as answer:
+        if not is_json(answer):
+            return await send_back(request, answer)
+        meta = await read_json(request, answer)
+    if not isinstance(meta, dict):
+        raise NotFoundError(f"No such file: {file_id}.", param="file_id")
+    if meta.get("purpose") == "user_data":
+        raise PermissionDeniedError(
+            "Files with purpose 'user_data' cannot be downloaded through this relay.",
+            code="user_data_download_forbidden",
+            param="file_id",
+        )
+    size = meta.get("bytes") if isinstance(meta.get("bytes"), int) else None
+    if size is not None and size > CHATGPT_MAX_FILE_BYTES:
+        raise PayloadTooLargeError(
+            f"The file is {size} bytes; ChatGPT accepts files up to 10 MB.",
+            code="file_too_large_for_chatgpt",
+            param="file_id",
+        )
+    name = _safe_name(str(meta.get("filename") or file_id))
+    item = Handout(name, _guess_type(name), claims=Claims("file", file_id, name, _guess_type(name)))
+    if size is not None and size <= settings.actions_inline_max_bytes:
+        path = f"/v1/files/{quote(file_id, safe='')}/content"
+        async with upstream_call(request, "GET", path) as content:
+            if content.status >= 400:
+                return await send_back(request, content)
+            with mapped_errors():
+                raw = await read_capped(content.content, settings.actions_inline_max_bytes)
+        sniffed = sniff(raw)
+        kind = item.media_type if sniffed == "application/octet-stream" else sniffed
+        item = Handout(name, kind, data=raw, claims=item.claims)
+    files = await hand_out(request, [item])
+    return json_answer(
+        {
+            "object": "relay.file_content",
+            "file": {k: meta.get(k) for k in ("id", "filename", "bytes", "purpose")},
+            "openaiFileResponse": files,
+        }
+    )
+
+
+async def video_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/actions/videos/{video_id}/content``: a link to a finished video."""
+    video_id = request.match_info["video_id"]
+    variant = request.query.get("variant", "video")
+    if variant not in _VARIANTS:
+        raise NotFoundError(
+            f"variant must be one of: {', '.join(_VARIANTS)}.", code="invalid_value",
+            param="variant",
+        )
+    async with upstream_call(request, "GET", f"/v1/videos/{quote(video_id, safe='')}") as answer:
+        if not is_json(answer):
+            return await send_back(request, answer)
+        meta = await read_json(request, answer)
+    status = meta.get("status") if isinstance(meta, dict) else None
+    summary = {"id": video_id, "status": status, "progress": meta.get("progress")}
+    if status != "completed":
+        return json_answer(
+            {**summary, "relay_note": "The video is not ready; ask again in a minute."}
+        )
+    media_type, extension = _VARIANTS[variant]
+    name = f"{video_id}-{variant}{extension}" if variant != "video" else f"{video_id}{extension}"
+    claims = Claims("video", video_id, name, media_type, variant)
+    files = await hand_out(request, [Handout(name, media_type, claims=claims)])
+    return json_answer({**summary, "openaiFileResponse": files})
+
+
+# ------------------------------------------------------------------ the links
+
+
+def _safe_name(name: str) -> str:
+    name = unicodedata.normalize("NFC", name).replace("/", "_").replace("\\", "_")
+    return re.sub(r"[\x00-\x1f\x7f\"]", "", name).strip() or "file"
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII fallback and the exact name (RFC 6266 §4.3)."""
+    ascii_name = filename.encode("ascii", "replace").decode().replace("?", "_")
+    ascii_name = re.sub(r'[\\"\x00-\x1f\x7f]', "_", ascii_name)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/actions/downloads/{token}``: what a signed link names, with its labels.
+
+    No relay key: the token is the credential (HMAC-signed, expiring). Upstream
+    objects stream through chunk by chunk; stored blobs are served from disk.
+    """
+    claims = request.app[HANDOFF].claims(request.match_info["token"])
+    labels = {
+        "Content-Type": claims.media_type,
+        "Content-Disposition": content_disposition(claims.filename),
+        "Cache-Control": "private, no-store",
+        "X-Content-Type-Options": "nosniff",
+    }
+    if claims.kind == "blob":
+        path = await request.app[HANDOFF].blob_path(claims.ref)
+        return web.FileResponse(path, headers=labels)
+    if claims.kind == "file":
+        path_qs = f"/v1/files/{quote(claims.ref, safe='')}/content"
+    elif claims.kind == "video":
+        path_qs = f"/v1/videos/{quote(claims.ref, safe='')}/content?variant={claims.variant}"
+    else:
+        raise NotFoundError("This download link is not valid.", code="link_invalid")
+    upstream = request.app[UPSTREAM]
+    headers = upstream.headers({"Accept": "*/*"})
+    async with upstream.open("GET", path_qs, headers=headers) as answer:
+        if answer.status >= 400:
+            return await send_back(request, answer)
+        response = web.StreamResponse(headers=labels)
+        if answer.content_length is not None and "Content-Encoding" not in answer.headers:
+            response.content_length = answer.content_length
+        await response.prepare(request)
+        try:
+            await pump(answer.content, response)
+        except BrokenStreamError:
+            abort(request)
+            return response
+        except ConnectionResetError:
+            return response
+        await response.write_eof()
+        return response

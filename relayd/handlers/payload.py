@@ -1,0 +1,264 @@
+"""What the wrapper handlers share: validated bodies, file inputs, JSON from upstream.
+
+- :func:`load` reads the JSON body and validates it with a schema: the first
+  problem becomes a 400 in OpenAI's shape, naming the field in ``param``
+  (``openaiFileIdRefs[0]``, ``n``), before anything goes upstream.
+- :func:`file_from_base64`, :func:`file_from_link` turn the ways a GPT can hand over
+  a file into bytes with a name and a sniffed media type, under the size cap.
+- :func:`upstream_call` opens an upstream request whose answer relayd itself reads
+  (identity encoding); :func:`read_json` reads it under a cap.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import ClientResponse, web
+from marshmallow import Schema, ValidationError
+from multidict import CIMultiDict
+
+from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
+from relayd.fetch import fetch_link
+from relayd.handlers.common import read_capped, read_json_object
+from relayd.headers import response_headers
+from relayd.mime import EXTENSIONS, sniff
+from relayd.state import SETTINGS, UPSTREAM, UPSTREAM_REQUEST_ID, UPSTREAM_STATUS, UPSTREAM_WAIT
+from relayd.streams.multipart import FilePart, TextPart
+from relayd.upstream import mapped_errors
+
+__all__ = [
+    "InputFile",
+    "file_from_base64",
+    "file_from_link",
+    "form_fields",
+    "json_answer",
+    "load",
+    "read_json",
+    "upstream_call",
+]
+
+_DATA_URL: Final = re.compile(r"^data:[\w.+/-]*(?:;[\w=.+-]+)*;base64,", re.IGNORECASE)
+_WHITESPACE: Final = re.compile(r"\s+")
+
+_CODES: Final = {
+    "Missing data for required field.": "missing_required_parameter",
+    "Unknown field.": "unknown_parameter",
+}
+
+
+def _first_problem(messages: Any, path: str = "") -> tuple[str | None, str]:
+    """The first (param, message) in marshmallow's nested error dict."""
+    if isinstance(messages, dict):
+        key, value = next(iter(messages.items()))
+        if key == "_schema":
+            return _first_problem(value, path) if path else (None, _text(value))
+        step = f"[{key}]" if isinstance(key, int) else (f".{key}" if path else str(key))
+        return _first_problem(value, path + step)
+    return (path or None), _text(messages)
+
+
+def _text(messages: Any) -> str:
+    while isinstance(messages, list | dict):
+        messages = messages[0] if isinstance(messages, list) else next(iter(messages.values()))
+    return str(messages)
+
+
+def validated(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = schema.load(payload)
+    except ValidationError as exc:
+        param, message = _first_problem(exc.messages)
+        code = _CODES.get(message, "invalid_value")
+        if param is None:
+            raise BadRequestError(message, code=code) from exc
+        if code == "missing_required_parameter":
+            text = f"Missing required parameter: '{param}'."
+        elif code == "unknown_parameter":
+            text = f"Unknown parameter: '{param}'."
+        else:
+            text = f"Invalid '{param}': {message.rstrip('.')}."
+        raise BadRequestError(text, code=code, param=param) from exc
+    return data
+
+
+async def load(request: web.Request, schema: Schema) -> dict[str, Any]:
+    """The request's JSON body, validated by ``schema`` (400 naming the field)."""
+    return validated(schema, await read_json_object(request))
+
+
+# ------------------------------------------------------------------ file inputs
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    data: bytes | bytearray
+    filename: str
+    media_type: str  # sniffed from the bytes unless the caller said otherwise
+
+    def part(self, name: str) -> FilePart:
+        return FilePart(name, self.filename, self.media_type, self.data)
+
+
+def _named(filename: str | None, media_type: str, fallback: str) -> str:
+    if filename:
+        return filename
+    return fallback + EXTENSIONS.get(media_type, ".bin")
+
+
+def decode_base64(text: str, *, param: str, cap: int) -> bytes:
+    """Standard base64 (a ``data:`` URL prefix and line breaks allowed), under ``cap``."""
+    text = _WHITESPACE.sub("", _DATA_URL.sub("", text, count=1))
+    if len(text) // 4 * 3 > cap + 2:  # refuse before decoding anything
+        raise PayloadTooLargeError(
+            f"'{param}' decodes to more than the relay's limit of {cap} bytes.",
+            code="file_too_large",
+            param=param,
+        )
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequestError(
+            f"'{param}' is not valid base64.", code="invalid_base64", param=param
+        ) from exc
+    if not data:
+        raise BadRequestError(f"'{param}' is empty.", code="empty_file", param=param)
+    if len(data) > cap:
+        raise PayloadTooLargeError(
+            f"'{param}' decodes to more than the relay's limit of {cap} bytes.",
+            code="file_too_large",
+            param=param,
+        )
+    return data
+
+
+def file_from_base64(
+    request: web.Request,
+    text: str,
+    *,
+    param: str,
+    filename: str | None = None,
+    media_type: str | None = None,
+    fallback_name: str = "file",
+    cap: int | None = None,
+) -> InputFile:
+    settings = request.app[SETTINGS]
+    data = decode_base64(text, param=param, cap=cap or settings.actions_max_file_bytes)
+    kind = media_type or sniff(data)
+    return InputFile(data, _named(filename, kind, fallback_name), kind)
+
+
+async def file_from_link(
+    request: web.Request,
+    link: str,
+    *,
+    param: str,
+    filename: str | None = None,
+    fallback_name: str = "file",
+) -> InputFile:
+    """Download a user's file link safely (fetch.py); nothing goes upstream on refusal."""
+    fetched = await fetch_link(request.app[UPSTREAM], request.app[SETTINGS], link, param=param)
+    if not fetched.data:
+        raise BadRequestError(f"'{param}' points at an empty file.", param=param)
+    name = filename
+    if name is None and "." in fetched.filename:
+        name = fetched.filename
+    kind = fetched.media_type
+    return InputFile(fetched.data, _named(name, kind, fallback_name), kind)
+
+
+def form_fields(values: Mapping[str, Any], prefix: str = "") -> list[TextPart]:
+    """JSON values as form fields, the way the openai SDK encodes them (notes B8):
+    ``key[sub]`` for objects, ``key[]`` for lists, ``true``/``false`` for booleans."""
+    parts: list[TextPart] = []
+    for key, value in values.items():
+        name = f"{prefix}[{key}]" if prefix else str(key)
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            parts += form_fields(value, name)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict | list):
+                    parts.append(TextPart(f"{name}[]", json.dumps(item)))
+                else:
+                    parts.append(TextPart(f"{name}[]", _scalar(item)))
+        else:
+            parts.append(TextPart(name, _scalar(value)))
+    return parts
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# ------------------------------------------------------------------ upstream JSON
+
+
+@contextlib.asynccontextmanager
+async def upstream_call(
+    request: web.Request,
+    method: str,
+    path_qs: str,
+    *,
+    data: Any = None,
+    content_type: str | None = None,
+) -> AsyncIterator[ClientResponse]:
+    """An upstream request for relayd to read: identity encoding, the client's own
+    headers otherwise (minus credentials, as always). Errors before the head are
+    relayd errors (502/504)."""
+    upstream = request.app[UPSTREAM]
+    headers = upstream.headers(request.headers, keep_length=False)
+    headers["Accept-Encoding"] = "identity"  # relayd parses this answer itself
+    headers["Accept"] = "application/json"
+    headers.popall("Content-Type", None)
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    started = time.perf_counter()
+    async with upstream.open(method, path_qs, headers=headers, data=data) as answer:
+        request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - started
+        request[UPSTREAM_STATUS] = answer.status
+        if (upstream_id := answer.headers.get("x-request-id")) is not None:
+            request[UPSTREAM_REQUEST_ID] = upstream_id
+        yield answer
+
+
+def is_json(answer: ClientResponse) -> bool:
+    return answer.content_type == "application/json" and answer.status < 400
+
+
+async def read_json(request: web.Request, answer: ClientResponse) -> Any:
+    """A whole JSON answer (under the JSON cap); malformed JSON is upstream's fault."""
+    cap = request.app[SETTINGS].max_json_bytes
+    with mapped_errors():
+        raw = await read_capped(answer.content, cap)
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise UpstreamUnavailableError("The upstream API sent malformed JSON.") from exc
+
+
+def json_answer(
+    body: Any, *, status: int = 200, upstream: ClientResponse | None = None
+) -> web.Response:
+    """relayd's own JSON answer (UTF-8, not ASCII-escaped: ChatGPT counts characters),
+    keeping upstream's request id and rate-limit headers when there was an upstream."""
+    headers = CIMultiDict[str]()
+    if upstream is not None:
+        headers = response_headers(upstream.headers, keep_length=False)
+        headers.popall("Content-Type", None)
+    return web.Response(
+        status=status,
+        text=json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        content_type="application/json",
+        headers=headers,
+    )

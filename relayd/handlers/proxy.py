@@ -1,0 +1,46 @@
+"""``POST /v1/proxy``: one JSON call to an allowlisted OpenAI path, for GPT Actions.
+
+The envelope is ``{method, path, query|params, body|json}`` (the predecessor's
+names). proxy_policy.py decides; a refusal is a 403 with its reason and nothing
+goes upstream. JSON answers come back cut to ChatGPT's character limit when they
+must be (with a note saying so); anything else comes back as upstream sent it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from relayd.fit import fit_json
+from relayd.handlers.common import send_back
+from relayd.handlers.payload import is_json, json_answer, load, read_json, upstream_call
+from relayd.proxy_policy import check_proxy_call
+from relayd.schemas import ProxyRequest
+from relayd.state import SETTINGS, TABLE
+
+__all__ = ["proxy"]
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    envelope = await load(request, ProxyRequest())
+    call = check_proxy_call(
+        request.app[TABLE],
+        envelope["method"],
+        envelope["path"],
+        envelope.get("query"),
+        envelope.get("body"),
+    )
+    data = None
+    if call.method not in ("GET", "DELETE"):
+        data = json.dumps(call.body if call.body is not None else {}).encode()
+    content_type = "application/json" if data is not None else None
+    async with upstream_call(
+        request, call.method, call.path_qs, data=data, content_type=content_type
+    ) as answer:
+        if not is_json(answer):
+            return await send_back(request, answer)
+        result = await read_json(request, answer)
+        if isinstance(result, dict):
+            result = fit_json(result, request.app[SETTINGS].actions_max_answer_chars)
+        return json_answer(result, status=answer.status, upstream=answer)

@@ -1,0 +1,336 @@
+"""Realtime: the WebSocket bridge the official SDKs dial, and the legacy sessions check.
+
+The frames are moved by :class:`relayd.streams.websocket.WebSocketBridge`, which
+knows nothing of OpenAI. What is OpenAI's is decided here, all of it before the
+client's upgrade is accepted, so every refusal is a plain HTTP answer in OpenAI's
+error shape and never an accept-then-close (api7/aisix#721):
+
+- the query names exactly one of ``model``, ``call_id``, ``intent``, as the
+  official clients build it (openai-node ``buildRealtimeURL``), and a ``model``
+  must be one of ``[realtime] allowed_models`` when that list is set;
+- credentials: the relay key stays in relayd. Upstream is dialled with the
+  upstream key, or with the client's own ephemeral secret (``ek_…``, from
+  ``/v1/realtime/client_secrets``) when it sends one as Bearer or as an
+  ``openai-insecure-api-key.`` subprotocol next to its relay key;
+- subprotocols: credential-carrying ones are never forwarded; ``realtime`` is
+  selected when offered (a browser fails a handshake in which the server picks
+  none of the protocols it offered, RFC 6455 §4.1);
+- token usage is summed from ``response.done`` events as they pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import weakref
+from typing import Any, Final
+
+from aiohttp import ClientWSTimeout, WSCloseCode, WSMsgType, hdrs, web
+from multidict import CIMultiDict
+
+from relayd.auth import EPHEMERAL_PREFIX, WS_KEY_PREFIX
+from relayd.config import Settings
+from relayd.errors import BadRequestError, ClientRequestError, PermissionDeniedError
+from relayd.handlers.common import checked_path, read_json_object, relay
+from relayd.headers import redact_secrets
+from relayd.state import (
+    KEY,
+    METRICS,
+    REALTIME_BRIDGES,
+    REALTIME_USAGE,
+    REQUEST_ID,
+    SETTINGS,
+    UPSTREAM,
+)
+from relayd.streams import BridgeStats, Leg, WebSocketBridge
+
+__all__ = ["UpgradeRequiredError", "bridge_realtime", "close_bridges", "create_session"]
+
+log = logging.getLogger("relayd.realtime")
+
+# Ping each peer this often and drop it if no pong comes back within half of it
+# (aiohttp heartbeat); the realtime protocol has no heartbeat of its own.
+HEARTBEAT_S: Final = 30.0
+# How long a closing handshake may wait for the peer's CLOSE reply.
+CLOSE_TIMEOUT_S: Final = 5.0
+
+_SELECTORS: Final = ("model", "call_id", "intent")
+_SUBPROTOCOL: Final = "realtime"
+# Subprotocols that carry credentials or account choices: upstream gets relayd's own.
+_CREDENTIAL_PROTOCOLS: Final = (WS_KEY_PREFIX, "openai-organization.", "openai-project.")
+_EPHEMERAL_PROTOCOL: Final = WS_KEY_PREFIX + EPHEMERAL_PREFIX
+_USAGE_EVENT: Final = b"response.done"
+
+
+class UpgradeRequiredError(ClientRequestError):
+    """A plain HTTP request reached a WebSocket-only route (RFC 9110 §15.5.22)."""
+
+    status = 426
+    default_code = "websocket_upgrade_required"
+
+
+# --------------------------------------------------------------------------- bridge
+
+
+async def bridge_realtime(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/realtime`` (and ``/v1/realtime/ws``): a WebSocket joined to OpenAI's.
+
+    Refusals before the upgrade: realtime disabled (403), not a WebSocket
+    handshake (426), a bad query or a model outside ``allowed_models`` (400), an
+    upstream that refuses its handshake (that 4xx, else 502/504). The session then
+    lasts until either peer closes (code and reason reach the other), a peer
+    vanishes (the other gets 1011), the idle or session limit is reached, or
+    relayd shuts down (1001). A client that drops its connection cancels this
+    handler, and the upstream leg is closed with 1011.
+    """
+    settings = request.app[SETTINGS]
+    if not settings.realtime_enabled:
+        raise PermissionDeniedError(
+            "Realtime WebSockets are disabled on this relay.", code="realtime_disabled"
+        )
+    if not web.WebSocketResponse().can_prepare(request).ok:
+        raise UpgradeRequiredError(
+            f"{request.path} only accepts WebSocket connections.",
+            headers={"Upgrade": "websocket"},
+        )
+    model = _checked_query(request, settings)
+    offered = _offered_protocols(request)
+    limit = settings.realtime_max_message_bytes
+    async with request.app[UPSTREAM].ws_connect(
+        f"/v1/realtime?{request.rel_url.raw_query_string}",
+        headers=_upstream_headers(request, _ephemeral_secret(request, offered)),
+        protocols=[p for p in offered if not p.startswith(_CREDENTIAL_PROTOCOLS)],
+        autoclose=False,
+        heartbeat=HEARTBEAT_S,
+        max_msg_size=limit,
+        decode_text=False,
+        timeout=ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S),
+    ) as upstream:
+        downstream = web.WebSocketResponse(
+            protocols=_selected_protocol(offered, upstream.protocol),
+            autoclose=False,
+            heartbeat=HEARTBEAT_S,
+            max_msg_size=limit,
+            # Frames pass as they came; deflating audio costs CPU for little gain.
+            compress=False,
+            decode_text=False,
+            timeout=CLOSE_TIMEOUT_S,
+        )
+        await downstream.prepare(request)
+        usage = _UsageTap()
+        upstream_key = settings.upstream_key
+        bridge = WebSocketBridge(
+            downstream,
+            upstream,
+            idle_timeout=settings.realtime_idle_timeout_s,
+            max_session=settings.realtime_max_session_s,
+            observer=usage,
+            reason_filter=lambda reason: _redacted(reason, upstream_key),
+        )
+        bridges = request.app[REALTIME_BRIDGES]
+        metrics = request.app[METRICS]
+        bridges.add(bridge)
+        metrics.open_websockets.inc()
+        try:
+            await bridge.run()
+        finally:
+            # Synchronous on purpose (DESIGN: accounting in finally is sync).
+            bridges.discard(bridge)
+            metrics.open_websockets.dec()
+            _account(request, model, bridge.stats, usage)
+    return downstream
+
+
+async def close_bridges(app: web.Application) -> None:
+    """``on_shutdown``: end every open bridge with 1001 "server shutting down".
+
+    Returns once each upstream leg is closed; each handler then closes its client
+    and ends, which aiohttp's shutdown waits for.
+    """
+    bridges: weakref.WeakSet[WebSocketBridge] = app[REALTIME_BRIDGES]
+    await asyncio.gather(
+        *(
+            bridge.close(WSCloseCode.GOING_AWAY, "server shutting down", ended_by="shutdown")
+            for bridge in list(bridges)
+        )
+    )
+
+
+def _checked_query(request: web.Request, settings: Settings) -> str | None:
+    """Refuse a query that does not name exactly one session; return its model."""
+    query = request.query
+    named = [name for name in _SELECTORS if name in query]
+    if len(named) != 1:
+        found = " and ".join(named) if named else "none"
+        raise BadRequestError(
+            f"Name exactly one of model, call_id or intent in the query (found {found}).",
+            code="invalid_realtime_query",
+        )
+    name = named[0]
+    values = query.getall(name)
+    if len(values) != 1 or not values[0].strip():
+        raise BadRequestError(
+            f"The query parameter {name!r} must be given once, with a value.",
+            code="invalid_realtime_query",
+            param=name,
+        )
+    if name != "model":
+        return None
+    _check_model(values[0], settings)
+    return values[0]
+
+
+def _check_model(model: str, settings: Settings) -> None:
+    allowed = settings.realtime_allowed_models
+    if allowed and model not in allowed:
+        raise BadRequestError(
+            f"The model {model!r} is not allowed for realtime on this relay; "
+            f"allowed: {', '.join(allowed)}.",
+            code="model_not_allowed",
+            param="model",
+        )
+
+
+def _offered_protocols(request: web.Request) -> list[str]:
+    return [
+        protocol.strip()
+        for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+        for protocol in value.split(",")
+        if protocol.strip()
+    ]
+
+
+def _selected_protocol(offered: list[str], upstream_choice: str | None) -> tuple[str, ...]:
+    if _SUBPROTOCOL in offered:
+        return (_SUBPROTOCOL,)
+    if upstream_choice and upstream_choice in offered:
+        return (upstream_choice,)
+    return ()
+
+
+def _ephemeral_secret(request: web.Request, offered: list[str]) -> str | None:
+    """The client's own ``ek_…`` secret, from its Bearer header or a key subprotocol."""
+    scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token.startswith(EPHEMERAL_PREFIX):
+        return token
+    for protocol in offered:
+        if protocol.startswith(_EPHEMERAL_PROTOCOL):
+            return protocol.removeprefix(WS_KEY_PREFIX)
+    return None
+
+
+def _upstream_headers(request: web.Request, secret: str | None) -> CIMultiDict[str]:
+    headers = request.app[UPSTREAM].headers(request.headers)
+    # A browser's Origin is relayd's business; upstream sees relayd as the client.
+    headers.popall(hdrs.ORIGIN, None)
+    if secret is not None:
+        # The secret is bound to its own organisation and project upstream.
+        headers[hdrs.AUTHORIZATION] = f"Bearer {secret}"
+        headers.popall("OpenAI-Organization", None)
+        headers.popall("OpenAI-Project", None)
+    return headers
+
+
+def _redacted(reason: str, upstream_key: str) -> str:
+    # Close reasons are short free text; one that echoes a key never reaches a peer.
+    return redact_secrets(reason.encode(), (upstream_key,)).decode("utf-8", "replace")
+
+
+class _UsageTap:
+    """Sums token usage from ``response.done`` events (the bridge's frame observer).
+
+    Per frame: two comparisons and, for upstream TEXT frames, one substring search;
+    only a frame containing ``response.done`` is parsed, and none is ever re-encoded.
+    """
+
+    __slots__ = ("input_tokens", "output_tokens", "responses", "total_tokens")
+
+    def __init__(self) -> None:
+        self.responses = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.total_tokens = 0
+
+    def __call__(self, leg: Leg, kind: WSMsgType, data: bytes) -> None:
+        if leg is not Leg.UPSTREAM or kind is not WSMsgType.TEXT or _USAGE_EVENT not in data:
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:  # includes invalid UTF-8
+            return
+        if not isinstance(event, dict) or event.get("type") != "response.done":
+            return
+        response = event.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
+        if not isinstance(usage, dict):
+            return
+        self.responses += 1
+        self.input_tokens += _count(usage, "input_tokens")
+        self.output_tokens += _count(usage, "output_tokens")
+        self.total_tokens += _count(usage, "total_tokens")
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "responses": self.responses,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+def _count(usage: dict[str, Any], name: str) -> int:
+    value = usage.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _account(
+    request: web.Request, model: str | None, stats: BridgeStats, usage: _UsageTap
+) -> None:
+    """The session's one log line, its usage on the request, its tokens in metrics."""
+    request[REALTIME_USAGE] = usage.totals()
+    key = request.get(KEY)
+    key_name = key.name if key is not None else "-"
+    if usage.responses:
+        tokens = request.app[METRICS].tokens
+        tokens.labels(key_name, model or "unknown", "input").inc(usage.input_tokens)
+        tokens.labels(key_name, model or "unknown", "output").inc(usage.output_tokens)
+    fields = {
+        "request_id": request.get(REQUEST_ID),
+        "key": key_name,
+        "model": model,
+        "duration_ms": round(stats.duration * 1000, 2),
+        "ended_by": stats.ended_by,
+        "frames_in": stats.downstream.frames,
+        "bytes_in": stats.downstream.bytes,
+        "frames_out": stats.upstream.frames,
+        "bytes_out": stats.upstream.bytes,
+        "client_close": stats.downstream.close_code,
+        "upstream_close": stats.upstream.close_code,
+        **usage.totals(),
+    }
+    log.info("realtime session", extra={"fields": fields})
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+async def create_session(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/realtime/sessions`` (legacy): model checked, default model filled in.
+
+    A body without ``model`` gets ``[realtime] default_model``; a model outside
+    ``[realtime] allowed_models`` (when that list is set) is a 400 with
+    ``param: "model"``. Everything else passes through unchanged.
+    """
+    path = checked_path(request)
+    settings = request.app[SETTINGS]
+    payload = await read_json_object(request)
+    model = payload.get("model")
+    if model is None:
+        payload["model"] = settings.realtime_default_model
+    elif not isinstance(model, str) or not model:
+        raise BadRequestError("'model' must be a non-empty string.", param="model")
+    else:
+        _check_model(model, settings)
+    return await relay(request, "POST", path, data=json.dumps(payload).encode())

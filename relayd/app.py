@@ -23,7 +23,7 @@ from relayd.filestore import Handoff, handoff_ctx
 from relayd.handlers.realtime import close_bridges
 from relayd.limits import limits_middleware
 from relayd.metrics import Metrics
-from relayd.observe import access_middleware, add_request_id
+from relayd.observe import access_middleware, add_request_id, scrub_aiohttp_logs
 from relayd.openapi import actions_routes
 from relayd.policy import PathPolicy
 from relayd.routes import TABLE
@@ -77,6 +77,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application:
+    scrub_aiohttp_logs()  # aiohttp quotes client bytes (relay keys too) in two log lines
     app = web.Application(
         middlewares=[access_middleware, error_middleware, auth_middleware, limits_middleware],
         client_max_size=settings.max_json_bytes,

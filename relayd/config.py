@@ -181,7 +181,7 @@ class Settings:
     actions_fetch_timeout_s: float = 10.0
     actions_max_file_bytes: int = 25 * MiB  # decoded base64 payloads and fetched files
     # Files handed back as openaiFileResponse: inline when small, else signed URLs.
-    actions_inline_max_bytes: int = 48 * 1024
+    actions_inline_max_bytes: int = 32 * 1024  # 43,692 base64 characters
     actions_link_ttl_s: float = 300.0
     # HMAC key for those URLs; None: a random one per process (workers > 1 need one).
     actions_signing_secret: str | None = field(default=None, repr=False)

@@ -38,7 +38,7 @@ _READ: Final = 256 * 1024
 class Fetched:
     data: bytearray  # filled in place as it arrives: one buffer, no joined copy
     media_type: str  # sniffed from the bytes
-    filename: str  # from the link's path, else "file"
+    filename: str  # the link's last path segment, "" if none
 
 
 def _forbidden(message: str, param: str | None) -> PermissionDeniedError:
@@ -119,7 +119,7 @@ async def fetch_link(
     except ClientRequestError as exc:
         exc.param = exc.param or param
         raise
-    return Fetched(data, sniff(data), posixpath.basename(url.path) or "file")
+    return Fetched(data, sniff(data), posixpath.basename(url.path))
 
 
 def _too_large(what: str, cap: int, param: str | None) -> PayloadTooLargeError:

@@ -44,7 +44,6 @@ __all__ = ["Claims", "Handoff", "handoff_ctx"]
 
 log = logging.getLogger("relayd.filestore")
 
-DOWNLOAD_PATH: Final = "/v1/actions/downloads/"
 _BLOB_NAME: Final = 32  # hex characters of a blob id
 
 
@@ -187,9 +186,9 @@ class Handoff:
             self._owned = None
         self._store = None
 
-    def link(self, origin: str, claims: Claims) -> str:
-        token = self._signer.sign(claims, time.time() + self._ttl_s)
-        return f"{origin.rstrip('/')}{DOWNLOAD_PATH}{token}"
+    def token(self, claims: Claims) -> str:
+        """A signed token naming ``claims``, valid for ``[actions] link_ttl`` seconds."""
+        return self._signer.sign(claims, time.time() + self._ttl_s)
 
     def claims(self, token: str) -> Claims:
         return self._signer.verify(token, time.time())

@@ -18,6 +18,7 @@ import uuid
 from typing import Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from relayd.errors import CLIENT_CLOSED
 from relayd.routing import Handler
@@ -33,7 +34,13 @@ from relayd.state import (
     UPSTREAM_WAIT,
 )
 
-__all__ = ["REQUEST_ID_HEADER", "access_middleware", "add_request_id", "setup_logging"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "access_middleware",
+    "add_request_id",
+    "scrub_aiohttp_logs",
+    "setup_logging",
+]
 
 REQUEST_ID_HEADER: Final = "X-Relay-Request-Id"
 _SANE_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -190,3 +197,45 @@ def setup_logging(fmt: str, level: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log is replaced by relayd.access.
     logging.getLogger("aiohttp.access").disabled = True
+
+
+# --------------------------------------------------------------------------- aiohttp's own lines
+#
+# Two of aiohttp's server-side log lines quote what a client sent, relay keys included
+# (notes/aiohttp-proxy.md §6; LiteLLM #11264 and #7603 are the same leak elsewhere):
+# - aiohttp.server logs a malformed request head at ERROR with a traceback whose
+#   message quotes the offending line, which may be the Authorization header;
+# - aiohttp.websocket warns when it selects none of the offered subprotocols and
+#   lists them all, a browser's ``openai-insecure-api-key.<key>`` among them.
+
+_KEY_PROTOCOL: Final = re.compile(r"openai-insecure-api-key\.[^'\",\s\]]*")
+_BEARER: Final = re.compile(r"(?i)(bearer\s+)[^'\",\s\]]+")
+_SCRUBBED_LOGGERS: Final = ("aiohttp.server", "aiohttp.websocket")
+
+
+class _AiohttpLogScrubber(logging.Filter):
+    """Rewrites aiohttp's records so that nothing a client sent reaches the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            # A malformed head from the network: one line, no quote of the bytes.
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.msg = "rejected a malformed request from %s: %s (HTTP %s)"
+            record.args = (remote, type(exc).__name__, exc.code)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return True
+        message = record.getMessage()
+        scrubbed = _BEARER.sub(r"\1[redacted]", _KEY_PROTOCOL.sub("[redacted]", message))
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
+        return True
+
+
+def scrub_aiohttp_logs() -> None:
+    """Install the scrubber on aiohttp's server-side loggers (idempotent)."""
+    for name in _SCRUBBED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _AiohttpLogScrubber) for f in logger.filters):
+            logger.addFilter(_AiohttpLogScrubber())

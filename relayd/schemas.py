@@ -290,7 +290,7 @@ class VideoCreateRequest(_PassOn):
     prompt = fields.String(required=True, validate=validate.Length(min=1))
     model = fields.String()
     size = fields.String()
-    seconds = _Seconds()
+    seconds = _Seconds(metadata={"type": "integer", "description": "4, 8 or 12."})
     input_reference = _free_object("{image_url} or {file_id} of a first frame.")
 
 

@@ -263,6 +263,7 @@ class Upstream:
         )
         self._session: ClientSession | None = None
         self._links: ClientSession | None = None
+        self._link_resolver: aiohttp.abc.AbstractResolver | None = None
 
     @property
     def in_flight(self) -> int:
@@ -294,10 +295,12 @@ class Upstream:
         context = ssl.create_default_context(cafile=s.actions_fetch_ca_file)
         guarded = not s.actions_fetch_allow_private
         connector_type = _PublicOnlyConnector if guarded else _NoDelayConnector
+        # A connector does not close a resolver it was given; close() does.
+        self._link_resolver = _PublicOnlyResolver() if guarded else None
         connector = connector_type(
             limit=64,
             ssl=context,
-            resolver=_PublicOnlyResolver() if guarded else None,
+            resolver=self._link_resolver,
             socket_factory=_refuse_non_public if guarded else None,
             use_dns_cache=False,  # every fetch is checked against a fresh answer
             force_close=True,  # links point at many hosts; keep no idle sockets
@@ -320,6 +323,9 @@ class Upstream:
         if self._links is not None:
             await self._links.close()
             self._links = None
+        if self._link_resolver is not None:
+            await self._link_resolver.close()
+            self._link_resolver = None
 
     @contextlib.asynccontextmanager
     async def open_link(self, url: URL) -> AsyncIterator[ClientResponse]:

@@ -1,15 +1,18 @@
 """Shared fixtures: a fake OpenAI upstream, relayd in front of it, the official SDK.
 
 Every secret in the suite is a canary: the final check in each test that uses the
-``relay`` fixture greps the captured log for them.
+``relay`` fixture greps the captured log for them, and :data:`CANARY` watches the
+whole run (every log record, every response head and body byte relayd's test
+clients receive) and fails the test in which one showed up.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -22,6 +25,87 @@ from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
 RELAY_KEY = "rk-canary-relay-0123456789abcdef"
 OTHER_KEY = "rk-canary-other-fedcba9876543210"
 SECRETS = (UPSTREAM_KEY, RELAY_KEY, OTHER_KEY)
+
+
+class CanaryWatch(logging.Handler):
+    """Greps every log record and every response relayd's test clients receive.
+
+    Logs: installed on the root logger for the whole run (level DEBUG), so records
+    no test asked for are seen too. Responses: :meth:`trace` is an aiohttp
+    ``TraceConfig`` given to every relay test client (heads and body chunks, with a
+    tail kept so a secret split across chunks is still found); raw-socket helpers
+    call :meth:`check` themselves. WebSocket frames and the SDK's httpx traffic are
+    not watched here (the realtime tests check their own frames). Nor are the
+    SDK's own client libraries' logs: at DEBUG they print the headers the SDK sends.
+    """
+
+    CLIENT_LOGGERS = ("websockets", "httpx", "httpcore", "openai", "hpack")
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        super().__init__(logging.NOTSET)
+        self.secrets = secrets
+        self.hits: list[str] = []
+        self.test = "(outside any test)"
+
+    def check(self, where: str, text: str | bytes) -> None:
+        data = text if isinstance(text, str) else text.decode("latin-1")
+        for secret in self.secrets:
+            if secret in data:
+                self.hits.append(f"{self.test}: {where} holds {secret[:12]}…")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(self.CLIENT_LOGGERS):
+            return
+        text = record.getMessage() + str(getattr(record, "fields", ""))
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        self.check(f"log record {record.name}", text)
+
+    def trace(self) -> aiohttp.TraceConfig:
+        config = aiohttp.TraceConfig()
+        overlap = max(len(s) for s in self.secrets)
+
+        async def chunk(_: Any, ctx: Any, params: aiohttp.TraceResponseChunkReceivedParams) -> None:
+            data = getattr(ctx, "tail", b"") + params.chunk
+            self.check(f"response body {params.method} {params.url.path}", data)
+            ctx.tail = data[-overlap:]
+
+        async def end(_: Any, ctx: Any, params: aiohttp.TraceRequestEndParams) -> None:
+            self.check(
+                f"response head {params.method} {params.url.path}",
+                str(params.response.raw_headers),
+            )
+
+        config.on_response_chunk_received.append(chunk)
+        config.on_request_end.append(end)
+        return config
+
+
+CANARY = CanaryWatch(SECRETS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def canary_watch() -> Iterator[CanaryWatch]:
+    """The final check: nothing captured during the whole run held a canary secret."""
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(CANARY)
+    root.setLevel(logging.DEBUG)
+    yield CANARY
+    root.removeHandler(CANARY)
+    root.setLevel(level)
+    assert not CANARY.hits, "canary secrets escaped:\n" + "\n".join(CANARY.hits)
+
+
+@pytest.fixture(autouse=True)
+def canary_per_test(request: pytest.FixtureRequest, canary_watch: CanaryWatch) -> Iterator[None]:
+    """Names the test for :data:`CANARY` and fails it if a secret escaped during it."""
+    canary_watch.test = request.node.nodeid
+    before = len(canary_watch.hits)
+    yield
+    canary_watch.test = "(between tests)"
+    escaped = canary_watch.hits[before:]
+    assert not escaped, "canary secrets escaped:\n" + "\n".join(escaped)
 
 
 @pytest.fixture
@@ -54,7 +138,7 @@ def relay_factory(aiohttp_client: AiohttpClient, fake_server: TestServer) -> Rel
     async def start(**overrides: Any) -> TestClient:
         overrides.setdefault("upstream_url", str(fake_server.make_url("")))
         settings = make_settings(**overrides)
-        return await aiohttp_client(create_app(settings))
+        return await aiohttp_client(create_app(settings), trace_configs=[CANARY.trace()])
 
     return start
 

@@ -28,41 +28,32 @@ JPEG = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF\x00" + b"\x00" * 64 + b"\xff\xd9"
 
 @dataclass
 class FileHost:
-    server: TestServer
     ca_file: str
+    server: TestServer | None = None
     files: dict[str, bytes] = field(default_factory=dict)
     hits: list[str] = field(default_factory=list)
 
     def url(self, path: str) -> str:
+        assert self.server is not None
         return str(self.server.make_url(path))
 
     def put(self, name: str, data: bytes) -> str:
         self.files[name] = data
         return self.url(f"/files/{name}")
 
-
-async def start_file_host(aiohttp_server: AiohttpServer, tmp_path: Path) -> FileHost:
-    ca = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    ca_file = tmp_path / "file-host-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    app = web.Application()
-    host: dict[str, Any] = {}
-
-    async def serve(request: web.Request) -> web.StreamResponse:
-        host["self"].hits.append(request.path)
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        self.hits.append(request.path)
         name = request.match_info["name"]
-        if name not in host["self"].files:
+        if name not in self.files:
             return web.Response(status=403, text="expired")  # as an expired signed blob link
-        return web.Response(body=host["self"].files[name], content_type="application/octet-stream")
+        return web.Response(body=self.files[name], content_type="application/octet-stream")
 
-    async def redirect(request: web.Request) -> web.StreamResponse:
-        host["self"].hits.append(request.path)
+    async def redirect(self, request: web.Request) -> web.StreamResponse:
+        self.hits.append(request.path)
         raise web.HTTPFound("https://169.254.169.254/latest/meta-data/")
 
-    async def endless(request: web.Request) -> web.StreamResponse:
-        host["self"].hits.append(request.path)
+    async def endless(self, request: web.Request) -> web.StreamResponse:
+        self.hits.append(request.path)
         response = web.StreamResponse()  # no Content-Length: the cap must count bytes
         await response.prepare(request)
         block = b"\0" * 65536
@@ -71,8 +62,8 @@ async def start_file_host(aiohttp_server: AiohttpServer, tmp_path: Path) -> File
         await response.write_eof()
         return response
 
-    async def slow(request: web.Request) -> web.StreamResponse:
-        host["self"].hits.append(request.path)
+    async def slow(self, request: web.Request) -> web.StreamResponse:
+        self.hits.append(request.path)
         response = web.StreamResponse(headers={"Content-Length": "1000"})
         await response.prepare(request)
         for _ in range(100):
@@ -80,13 +71,21 @@ async def start_file_host(aiohttp_server: AiohttpServer, tmp_path: Path) -> File
             await asyncio.sleep(0.2)
         return response
 
-    app.router.add_get("/files/{name}", serve)
-    app.router.add_get("/redirect", redirect)
-    app.router.add_get("/endless", endless)
-    app.router.add_get("/slow", slow)
-    server = await aiohttp_server(app, ssl=context)
-    host["self"] = FileHost(server, str(ca_file))
-    return host["self"]
+
+async def start_file_host(aiohttp_server: AiohttpServer, tmp_path: Path) -> FileHost:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    ca_file = tmp_path / "file-host-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    host = FileHost(str(ca_file))
+    app = web.Application()
+    app.router.add_get("/files/{name}", host.serve)
+    app.router.add_get("/redirect", host.redirect)
+    app.router.add_get("/endless", host.endless)
+    app.router.add_get("/slow", host.slow)
+    host.server = await aiohttp_server(app, ssl=context)
+    return host
 
 
 def fetch_settings(host: FileHost, **overrides: Any) -> dict[str, Any]:

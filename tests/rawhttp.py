@@ -59,6 +59,9 @@ async def request(
         status, response_headers = await read_head(reader)
         length = int(response_headers.get("content-length", "0"))
         data = await reader.readexactly(length) if length else b""
+        from tests.conftest import CANARY  # the run-wide secret check sees raw answers too
+
+        CANARY.check(f"raw response {method} {target}", f"{response_headers}".encode() + data)
         return RawResponse(status, response_headers, data)
     finally:
         writer.close()

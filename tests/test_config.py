@@ -736,7 +736,10 @@ def test_the_example_config_loads_with_safe_defaults() -> None:
 def test_every_optional_setting_in_the_example_config_is_valid(tmp_path: Path) -> None:
     path = write(tmp_path / "relayd.toml", _switched_on((CONF / "relayd.toml").read_text()))
     keys_file = write(tmp_path / "keys", "")
-    settings = load({"RELAYD_KEYS_FILE": str(keys_file)}, path)
+    secret = write(tmp_path / "signing_secret", "s" * 32)  # the env wins over the example
+    settings = load(
+        {"RELAYD_KEYS_FILE": str(keys_file), "RELAYD_SIGNING_SECRET_FILE": str(secret)}, path
+    )
     assert settings.public_url == "https://relay.example.com"
     assert settings.organization and settings.project
     assert [(k.name, k.scopes) for k in settings.keys] == [
@@ -759,6 +762,12 @@ TOML_KEYS = {
     "logging": {"format", "level"},
     "realtime": {"enabled", "allowed_models", "default_model", "max_message_bytes",
                  "idle_timeout", "max_session"},
+    "actions": {"operations", "auth", "answer_budget", "poll_interval", "max_answer_chars",
+                "privacy_text", "privacy_url", "fetch_hosts", "fetch_https_only",
+                "fetch_allow_private", "fetch_ca_file", "fetch_timeout", "max_file_bytes",
+                "inline_max_bytes", "link_ttl", "signing_secret_file", "store_dir",
+                "store_max_bytes", "video_models", "video_sizes", "video_seconds",
+                "video_max_bytes"},
 }
 
 

@@ -12,7 +12,6 @@ a file.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 from urllib.parse import quote
 
@@ -28,6 +27,7 @@ from relayd.handlers.payload import (
     form_fields,
     is_json,
     json_answer,
+    json_body,
     load,
     read_json,
     upstream_call,
@@ -70,7 +70,7 @@ def _segment(request: web.Request, name: str) -> str:
 
 
 async def _send_json(request: web.Request, path: str, body: dict[str, Any]) -> web.StreamResponse:
-    return await relay(request, "POST", path, data=json.dumps(body).encode())
+    return await relay(request, "POST", path, data=json_body(body))
 
 
 async def _send_form(
@@ -270,7 +270,7 @@ async def generate_image(request: web.Request) -> web.StreamResponse:
     body.pop("stream", None)  # ChatGPT cannot read a stream of partial images
     body.pop("partial_images", None)
     return await _images_back(request, "/v1/images/generations",
-                              data=json.dumps(body).encode(), content_type="application/json")
+                              data=json_body(body), content_type="application/json")
 
 
 # ------------------------------------------------------------------ videos

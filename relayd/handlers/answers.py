@@ -14,7 +14,6 @@ cut to ``[actions] max_answer_chars`` with a note that says so (fit.py).
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -22,7 +21,14 @@ from aiohttp import web
 
 from relayd.fit import fit_json
 from relayd.handlers.common import checked_path, relay, send_back
-from relayd.handlers.payload import is_json, json_answer, load, read_json, upstream_call
+from relayd.handlers.payload import (
+    is_json,
+    json_answer,
+    json_body,
+    load,
+    read_json,
+    upstream_call,
+)
 from relayd.schemas import ActionResponseRequest
 from relayd.state import SETTINGS
 
@@ -121,7 +127,7 @@ async def create_action_response(request: web.Request) -> web.StreamResponse:
     body.setdefault("model", settings.default_model)
     body.update(stream=False, background=True, store=True)  # store: background needs it
     async with upstream_call(
-        request, "POST", "/v1/responses", data=json.dumps(body).encode(),
+        request, "POST", "/v1/responses", data=json_body(body),
         content_type="application/json",
     ) as answer:
         if not is_json(answer):
@@ -156,4 +162,4 @@ async def stream_action_response(request: web.Request) -> web.StreamResponse:
     body = await load(request, ActionResponseRequest())
     body.setdefault("model", settings.default_model)
     body["stream"] = True
-    return await relay(request, "POST", "/v1/responses", data=json.dumps(body).encode())
+    return await relay(request, "POST", "/v1/responses", data=json_body(body))

@@ -22,12 +22,17 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from relayd.errors import NotFoundError, PayloadTooLargeError, PermissionDeniedError
+from relayd.errors import (
+    BadRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+)
 from relayd.filestore import Claims
-from relayd.handlers.common import read_capped, send_back
+from relayd.handlers.common import checked_path, read_capped, send_back
 from relayd.handlers.payload import is_json, json_answer, read_json, upstream_call
 from relayd.mime import EXTENSIONS, sniff
-from relayd.state import HANDOFF, SETTINGS, UPSTREAM
+from relayd.state import HANDOFF, SETTINGS, TABLE, UPSTREAM
 from relayd.streams import BrokenStreamError, abort, pump
 from relayd.upstream import mapped_errors
 
@@ -41,6 +46,8 @@ __all__ = [
     "video_content_for_chatgpt",
 ]
 
+# The route that serves the links (declared in routes.py; found, not repeated).
+DOWNLOAD_OPERATION: Final = "downloadHandout"
 CHATGPT_MAX_FILES: Final = 10
 CHATGPT_MAX_FILE_BYTES: Final = 10 * 1024 * 1024  # "Each file may be up to 10 MB"
 _VARIANTS: Final = {
@@ -70,6 +77,7 @@ async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
     """``openaiFileResponse`` for ``items``: all inline, or all signed links."""
     settings = request.app[SETTINGS]
     handoff = request.app[HANDOFF]
+    download_route = request.app[TABLE].by_operation_id(DOWNLOAD_OPERATION)
     inline_budget = settings.actions_max_answer_chars // 2
     sizes = [len(i.data) if i.data is not None else None for i in items]
     if all(s is not None and s <= settings.actions_inline_max_bytes for s in sizes) and (
@@ -89,7 +97,8 @@ async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
         if claims is None:
             blob = await handoff.keep(item.data or b"")
             claims = Claims("blob", blob, item.name, item.media_type)
-        links.append(handoff.link(origin(request), claims))
+        token = handoff.token(claims)
+        links.append(origin(request) + download_route.path.replace("{token}", token))
     return links
 
 
@@ -141,6 +150,7 @@ async def file_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
     The metadata comes first: ``user_data`` files are refused (403, as on the
     pass-through), and files over ChatGPT's 10 MB are refused with a clear 413.
     """
+    checked_path(request)
     file_id = request.match_info["file_id"]
     settings = request.app[SETTINGS]
     async with upstream_call(request, "GET", f"/v1/files/{quote(file_id, safe='')}") as answer:
@@ -186,10 +196,11 @@ async def file_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
 
 async def video_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
     """``GET /v1/actions/videos/{video_id}/content``: a link to a finished video."""
+    checked_path(request)
     video_id = request.match_info["video_id"]
     variant = request.query.get("variant", "video")
     if variant not in _VARIANTS:
-        raise NotFoundError(
+        raise BadRequestError(
             f"variant must be one of: {', '.join(_VARIANTS)}.", code="invalid_value",
             param="variant",
         )

@@ -31,7 +31,7 @@ from relayd.handlers.common import read_capped, read_json_object
 from relayd.headers import response_headers
 from relayd.mime import EXTENSIONS, sniff
 from relayd.state import SETTINGS, UPSTREAM, UPSTREAM_REQUEST_ID, UPSTREAM_STATUS, UPSTREAM_WAIT
-from relayd.streams.multipart import FilePart, TextPart
+from relayd.streams.multipart import FilePart, SlicedBytesPayload, TextPart
 from relayd.upstream import mapped_errors
 
 __all__ = [
@@ -39,10 +39,13 @@ __all__ = [
     "file_from_base64",
     "file_from_link",
     "form_fields",
+    "is_json",
     "json_answer",
+    "json_body",
     "load",
     "read_json",
     "upstream_call",
+    "validated",
 ]
 
 _DATA_URL: Final = re.compile(r"^data:[\w.+/-]*(?:;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -167,10 +170,12 @@ async def file_from_link(
     fetched = await fetch_link(request.app[UPSTREAM], request.app[SETTINGS], link, param=param)
     if not fetched.data:
         raise BadRequestError(f"'{param}' points at an empty file.", param=param)
-    name = filename
-    if name is None and "." in fetched.filename:
-        name = fetched.filename
     kind = fetched.media_type
+    name = filename
+    if name is None and fetched.filename:  # the link's last path segment
+        name = fetched.filename
+        if "." not in name:
+            name += EXTENSIONS.get(kind, ".bin")
     return InputFile(fetched.data, _named(name, kind, fallback_name), kind)
 
 
@@ -193,6 +198,11 @@ def form_fields(values: Mapping[str, Any], prefix: str = "") -> list[TextPart]:
         else:
             parts.append(TextPart(name, _scalar(value)))
     return parts
+
+
+def json_body(value: Any) -> SlicedBytesPayload:
+    """``value`` as a JSON request body for upstream (any size, no warning)."""
+    return SlicedBytesPayload(json.dumps(value).encode(), content_type="application/json")
 
 
 def _scalar(value: Any) -> str:

@@ -8,13 +8,18 @@ must be (with a note saying so); anything else comes back as upstream sent it.
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
 from relayd.fit import fit_json
 from relayd.handlers.common import send_back
-from relayd.handlers.payload import is_json, json_answer, load, read_json, upstream_call
+from relayd.handlers.payload import (
+    is_json,
+    json_answer,
+    json_body,
+    load,
+    read_json,
+    upstream_call,
+)
 from relayd.proxy_policy import check_proxy_call
 from relayd.schemas import ProxyRequest
 from relayd.state import SETTINGS, TABLE
@@ -33,7 +38,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     )
     data = None
     if call.method not in ("GET", "DELETE"):
-        data = json.dumps(call.body if call.body is not None else {}).encode()
+        data = json_body(call.body if call.body is not None else {})
     content_type = "application/json" if data is not None else None
     async with upstream_call(
         request, call.method, call.path_qs, data=data, content_type=content_type

@@ -89,7 +89,9 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
         raise PermissionDeniedError(
             "Realtime WebSockets are disabled on this relay.", code="realtime_disabled"
         )
-    if not web.WebSocketResponse().can_prepare(request).ok:
+    # Probing with the offered protocols: a probe that knows none of them makes
+    # aiohttp warn on every browser handshake (listing them, the key one included).
+    if not web.WebSocketResponse(protocols=_offered_protocols(request)).can_prepare(request).ok:
         raise UpgradeRequiredError(
             f"{request.path} only accepts WebSocket connections.",
             headers={"Upgrade": "websocket"},

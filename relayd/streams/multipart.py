@@ -16,7 +16,7 @@ from aiohttp import MultipartWriter, hdrs
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload, StringPayload
 
-__all__ = ["FilePart", "TextPart", "multipart_body"]
+__all__ = ["FilePart", "SlicedBytesPayload", "TextPart", "multipart_body"]
 
 _SLICE: Final = 64 * 1024
 
@@ -35,8 +35,12 @@ class FilePart:
     data: bytes | bytearray
 
 
-class _SlicedBytesPayload(Payload):
-    """Bytes written in slices of a memoryview (aiohttp's BytesPayload writes at once)."""
+class SlicedBytesPayload(Payload):
+    """Bytes written in slices of a memoryview.
+
+    aiohttp's BytesPayload writes everything at once and warns (ResourceWarning) past
+    1 MiB; a JSON body relayd re-encodes can be larger (base64 inside).
+    """
 
     _value: bytes | bytearray
 
@@ -75,7 +79,7 @@ def multipart_body(parts: Iterable[TextPart | FilePart]) -> MultipartWriter:
             # Plain fields carry no Content-Type, as the openai SDK (httpx) sends them.
             payload.headers.popall(hdrs.CONTENT_TYPE, None)
         else:
-            payload = _SlicedBytesPayload(part.data, content_type=part.content_type)
+            payload = SlicedBytesPayload(part.data, content_type=part.content_type)
             # Raw UTF-8 filenames, as browsers and httpx send them (RFC 7578 §4.2);
             # quote_fields=True would percent-encode them, and upstream would keep
             # "caf%C3%A9.png" as the file's name.

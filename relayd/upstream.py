@@ -371,17 +371,9 @@ class Upstream:
         request upstream. Errors before the head arrives are relayd errors; errors
         while the caller reads the body are aiohttp's own (streams/ wraps them).
         """
-        if self._session is None:
-            raise RuntimeError("Upstream.start() was not called")
-        if self._in_flight >= self._limit:
-            raise OverloadedError(
-                "The relay has too many upstream requests in flight; retry shortly.",
-                headers={"Retry-After": "1"},
-            )
-        self._in_flight += 1
-        try:
+        with self._slot() as session:
             with mapped_errors():
-                response = await self._session.request(
+                response = await session.request(
                     method,
                     self.url(path_qs),
                     headers=headers,
@@ -397,6 +389,23 @@ class Upstream:
                     response.release()  # whole body read: the connection is reusable
                 else:
                     response.close()  # anything else: drop it, cancelling upstream work
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[ClientSession]:
+        """One of the ``max_connections`` upstream slots, or a 503 at once when all are taken.
+
+        A WebSocket holds its slot for its whole life, like a stream.
+        """
+        if self._session is None:
+            raise RuntimeError("Upstream.start() was not called")
+        if self._in_flight >= self._limit:
+            raise OverloadedError(
+                "The relay has too many upstream requests in flight; retry shortly.",
+                headers={"Retry-After": "1"},
+            )
+        self._in_flight += 1
+        try:
+            yield self._session
         finally:
             self._in_flight -= 1
 
@@ -420,21 +429,11 @@ class Upstream:
         than waiting for a slot with no timeout). A refused handshake raises before
         anything was sent to the client, so the caller can still answer with HTTP.
         """
-        if self._session is None:
-            raise RuntimeError("Upstream.start() was not called")
-        if self._in_flight >= self._limit:
-            raise OverloadedError(
-                "The relay has too many upstream connections open; retry shortly.",
-                headers={"Retry-After": "1"},
-            )
-        self._in_flight += 1
-        try:
+        with self._slot() as session:
             url = URL(self._base.replace("http", "ws", 1) + path_qs, encoded=True)
             with mapped_errors():
-                ws = await self._session.ws_connect(url, headers=headers, **kwargs)
+                ws = await session.ws_connect(url, headers=headers, **kwargs)
             try:
                 yield ws
             finally:
                 await ws.close()
-        finally:
-            self._in_flight -= 1

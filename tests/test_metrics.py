@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 
@@ -110,3 +111,16 @@ def test_usage_tap_reads_chat_usage_chunks_and_ignores_garbage() -> None:
     broken = UsageTap(event_stream=False)
     broken(b'{"usage": {"input_tokens": "x"')
     assert broken.usage() is None
+
+
+async def test_open_websockets_gauge_follows_bridges(relay: TestClient) -> None:
+    url = "/v1/realtime?model=gpt-realtime"
+    headers = {"Authorization": f"Bearer {RELAY_KEY}"}
+    async with asyncio.timeout(5):
+        async with relay.ws_connect(url, headers=headers) as ws:
+            assert value(await scrape(relay), "relayd_open_websockets") == 1
+            await ws.close()
+        while value(await scrape(relay), "relayd_open_websockets") != 0:
+            await asyncio.sleep(0.01)
+    samples = await scrape(relay)
+    assert value(samples, "relayd_requests_total", group="realtime", status="101") == 1

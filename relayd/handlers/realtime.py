@@ -295,9 +295,9 @@ def _account(
     key = request.get(KEY)
     key_name = key.name if key is not None else "-"
     if usage.responses:
-        tokens = request.app[METRICS].tokens
-        tokens.labels(key_name, model or "unknown", "input").inc(usage.input_tokens)
-        tokens.labels(key_name, model or "unknown", "output").inc(usage.output_tokens)
+        request.app[METRICS].count_tokens(
+            key_name, model or "unknown", usage.input_tokens, usage.output_tokens
+        )
     fields = {
         "request_id": request.get(REQUEST_ID),
         "key": key_name,

@@ -11,6 +11,7 @@ Hierarchy (whose fault is part of the type, as in h11's Local/RemoteProtocolErro
     │   ├── MethodNotAllowedError        405
     │   ├── PayloadTooLargeError         413
     │   ├── UnsupportedMediaTypeError    415
+    │   ├── RateLimitError               429
     │   └── RequestHeaderTooLargeError   431
     ├── OverloadedError                  503: relayd's own capacity is used up
     └── UpstreamError                    the upstream leg failed
@@ -42,6 +43,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "RateLimitError",
     "RelaydError",
     "RequestHeaderTooLargeError",
     "UnsupportedMediaTypeError",
@@ -123,6 +125,14 @@ class UnsupportedMediaTypeError(ClientRequestError):
     default_code = "unsupported_media_type"
 
 
+class RateLimitError(ClientRequestError):
+    """Upstream's 429 where its body cannot cross (a refused WebSocket handshake)."""
+
+    status = 429
+    type = "requests"  # OpenAI's type for rate limits
+    default_code = "rate_limit_exceeded"
+
+
 class RequestHeaderTooLargeError(ClientRequestError):
     status = 431
     default_code = "request_header_too_large"
@@ -176,6 +186,7 @@ _HTTP_EXCEPTIONS: dict[int, type[RelaydError]] = {
     405: MethodNotAllowedError,
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,
+    429: RateLimitError,
     431: RequestHeaderTooLargeError,
 }
 

@@ -2,15 +2,19 @@
 
 - total size of the request head (aiohttp bounds each header line, not their sum);
 - ``Content-Type`` against what the route accepts (415);
+- a multipart body whose ``Content-Type`` names no boundary (400);
 - a declared ``Content-Length`` against the body cap (413); bodies without a length
   are counted as they stream (streams.pump_request_body) and cut at the same cap.
 """
 
 from __future__ import annotations
 
+from email.message import Message
+
 from aiohttp import web
 
 from relayd.errors import (
+    BadRequestError,
     PayloadTooLargeError,
     RequestHeaderTooLargeError,
     UnsupportedMediaTypeError,
@@ -44,5 +48,19 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
             f"{route.method} {route.path} expects {' or '.join(accepted)}, "
             f"not {request.content_type or 'a body without Content-Type'}.",
         )
+    if request.content_type.startswith("multipart/") and not _boundary(request):
+        # Nobody can split such a body into parts, upstream included (RFC 2046 §5.1.1).
+        raise BadRequestError(
+            "A multipart body needs a boundary parameter in its Content-Type.",
+            code="invalid_multipart",
+        )
     # Body.NONE and Body.ANY accept whatever comes (SDKs send "{}" on cancels).
     return await handler(request)
+
+
+
+def _boundary(request: web.Request) -> str | None:
+    message = Message()
+    message["Content-Type"] = request.headers.get("Content-Type", "")
+    boundary = message.get_param("boundary")
+    return boundary if isinstance(boundary, str) and boundary else None

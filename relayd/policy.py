@@ -21,7 +21,7 @@ from typing import Final
 __all__ = ["PathPolicy", "Verdict", "check_raw_path"]
 
 _FORBIDDEN: Final = re.compile(
-    r"%(?:2[fFeE]|5[cC]|00)"  # encoded '/', '.', '\', NUL
+    r"%(?:2[fFeE]|5[cC]|[01][0-9a-fA-F]|7[fF])"  # encoded '/', '.', '\', control bytes
     r"|[\\\x00-\x1f\x7f]"  # backslash and control bytes
     r"|//"  # empty segment
     r"|/\.{1,2}(?:/|\?|$)"  # dot segments

@@ -9,21 +9,29 @@ httpx ``map_httpcore_exceptions`` idiom).
 
 Timeouts (SPEC §4): ``connect`` bounds the TCP/TLS connect; ``first_byte`` bounds
 the wait for the response head once the request body is sent; ``idle`` bounds each
-gap between body chunks afterwards. There is no total cap, so a stream may run as
-long as upstream keeps talking.
+gap between body chunks afterwards, and how long upstream may leave a chunk of a
+streamed request body unread (:class:`_SendWatch`). There is no total cap, so a
+stream may run as long as upstream keeps talking.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import inspect
 import ipaddress
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aiohttp
-from aiohttp import ClientResponse, ClientSession
+from aiohttp import ClientResponse, ClientSession, StreamReader
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -35,6 +43,7 @@ from relayd.errors import (
     OverloadedError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    RateLimitError,
     RelaydError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
@@ -85,12 +94,14 @@ def mapped_errors() -> Iterator[None]:
 
 # aiohttp drops the body of a refused WebSocket handshake, so only the status can
 # cross. A 4xx relayd has a class for keeps its status (an expired ek_ secret is the
-# caller's 401, a model upstream does not know its 404); anything else is a 502.
+# caller's 401, a model upstream does not know its 404, a rate limit its 429 with
+# Retry-After: api7/aisix#721); anything else is a 502.
 _HANDSHAKE_REFUSALS: Final[dict[int, type[RelaydError]]] = {
     400: BadRequestError,
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,
+    429: RateLimitError,
 }
 
 
@@ -107,8 +118,32 @@ def _refused_handshake(exc: aiohttp.WSServerHandshakeError) -> RelaydError:
     )
 
 
+class _UpstreamProtocol(ResponseHandler):
+    """aiohttp's protocol, except that dropping a connection never waits on upstream.
+
+    ``transport.close()`` first flushes what is still queued; when upstream stopped
+    reading (a stalled upload), that is never, and the socket, its buffer and its
+    descriptor stay behind for good. A connection relayd drops with bytes still
+    queued is aborted instead: those bytes were going nowhere.
+    """
+
+    def close(self) -> None:
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size():
+            self.abort()
+            return
+        super().close()
+
+
 class _NoDelayConnector(aiohttp.TCPConnector):
     """TCP_NODELAY on every upstream socket (aiohttp sets it too, but say it)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._factory = cast(
+            "functools.partial[ResponseHandler]",
+            functools.partial(_UpstreamProtocol, loop=self._loop),
+        )
 
     async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
         transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
@@ -116,6 +151,18 @@ class _NoDelayConnector(aiohttp.TCPConnector):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return transport, protocol
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        # aiohttp reuses a pooled connection while it is open, even when upstream
+        # wrote to it while it sat idle (a body longer than its Content-Length).
+        # Those bytes parse as the *next* request's answer: one client would read
+        # what upstream sent after another's response. Such a connection is closed.
+        while (connection := await super()._get(key, traces)) is not None:
+            protocol = connection.protocol
+            if protocol is not None and not protocol.should_close:
+                return connection
+            connection.close()
+        return None
 
 
 # ---------------------------------------------------------------- user file links
@@ -238,6 +285,51 @@ def link_errors(what: str) -> Iterator[None]:
         raise BadRequestError(
             f"Fetching {what} failed ({type(exc).__name__}).", code="file_fetch_failed"
         ) from exc
+
+
+class _SendWatch:
+    """Bounds how long upstream may leave each chunk of a streamed request body unread.
+
+    aiohttp arms ``sock_read`` only once the whole body is written
+    (``ClientRequest.write_bytes``), so an upstream that stops reading mid-upload
+    would hold the request, its slot and the client forever. The deadline runs
+    while aiohttp writes a chunk (the body generator waits at ``yield``), never
+    while relayd waits for the client's next bytes: a slow client is not upstream's
+    fault. It ends when the head arrives (from then on ``sock_read`` rules).
+    """
+
+    __slots__ = ("_active", "_limit", "_scope")
+
+    def __init__(self, scope: asyncio.Timeout, limit: float) -> None:
+        self._scope = scope
+        self._limit = limit
+        self._active = True
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def bounding(cls, limit: float) -> AsyncIterator[_SendWatch]:
+        async with asyncio.timeout(None) as scope:
+            watch = cls(scope, limit)
+            try:
+                yield watch
+            finally:
+                watch._active = False  # the body may still be sent after the head
+
+    def wrap(self, data: Any) -> Any:
+        if isinstance(data, StreamReader):
+            return self._watched(data.iter_any())
+        if inspect.isasyncgen(data):
+            return self._watched(cast(AsyncIterator[bytes], data))
+        return data  # bytes and payloads relayd built: no client to wait for
+
+    async def _watched(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        async for chunk in body:
+            if self._active:
+                self._scope.reschedule(loop.time() + self._limit)
+            yield chunk  # resumed once aiohttp has written (and drained) the chunk
+            if self._active:
+                self._scope.reschedule(None)
 
 
 class Upstream:
@@ -373,14 +465,15 @@ class Upstream:
         """
         with self._slot() as session:
             with mapped_errors():
-                response = await session.request(
-                    method,
-                    self.url(path_qs),
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    skip_auto_headers=_SKIP_AUTO_HEADERS,
-                )
+                async with _SendWatch.bounding(self._settings.idle_timeout_s) as watch:
+                    response = await session.request(
+                        method,
+                        self.url(path_qs),
+                        headers=headers,
+                        data=watch.wrap(data),
+                        allow_redirects=False,
+                        skip_auto_headers=_SKIP_AUTO_HEADERS,
+                    )
             try:
                 self._switch_to_idle_timeout(response)
                 yield response

@@ -53,6 +53,9 @@ def output_text(response: dict[str, Any]) -> str:
     return "\n\n".join(texts)
 
 
+_USAGE_COUNTS: Final = ("input_tokens", "output_tokens", "total_tokens")
+
+
 def _answer(response: dict[str, Any], poll_after_s: float, limit: int) -> dict[str, Any]:
     status = response.get("status")
     answer: dict[str, Any] = {
@@ -63,7 +66,9 @@ def _answer(response: dict[str, Any], poll_after_s: float, limit: int) -> dict[s
     }
     if status in _FINISHED:
         answer["output_text"] = output_text(response)
-        answer["usage"] = response.get("usage")
+        usage = response.get("usage")
+        if isinstance(usage, dict):  # the three counts ActionAnswer documents, no more
+            answer["usage"] = {k: v for k, v in usage.items() if k in _USAGE_COUNTS}
         for detail in ("error", "incomplete_details"):
             if response.get(detail):
                 answer[detail] = response[detail]

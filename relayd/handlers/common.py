@@ -227,12 +227,14 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """
     if request.content_type != "application/json":
         raise BadRequestError("Expected a JSON body (Content-Type: application/json).")
+    cap = request.app[SETTINGS].max_json_bytes
+    too_large = f"JSON body exceeds the relay's limit of {cap} bytes."
+    if request.content_length is not None and request.content_length > cap:
+        raise PayloadTooLargeError(too_large)  # said up front: answer before reading
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLargeError(
-            f"JSON body exceeds the relay's limit of {request.app[SETTINGS].max_json_bytes} bytes."
-        ) from exc
+        raise PayloadTooLargeError(too_large) from exc
     try:
         payload = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

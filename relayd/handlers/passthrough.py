@@ -8,6 +8,7 @@ file downloads refuse ``user_data`` files, and the catch-all asks the path polic
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -18,6 +19,7 @@ from relayd.errors import (
     UpstreamUnavailableError,
 )
 from relayd.handlers.common import checked_path, read_capped, read_json_object, relay
+from relayd.handlers.payload import json_body
 from relayd.policy import Verdict
 from relayd.state import POLICY, TABLE, UPSTREAM
 from relayd.upstream import mapped_errors
@@ -38,7 +40,7 @@ async def create_response_stream(request: web.Request) -> web.StreamResponse:
     payload["stream"] = True
     query = request.rel_url.raw_query_string
     path = "/v1/responses" + (f"?{query}" if query else "")
-    return await relay(request, "POST", path, data=json.dumps(payload).encode())
+    return await relay(request, "POST", path, data=json_body(payload))
 
 
 async def download_file(request: web.Request) -> web.StreamResponse:
@@ -49,7 +51,7 @@ async def download_file(request: web.Request) -> web.StreamResponse:
     through the relay (the predecessor's guard never fired).
     """
     path = checked_path(request)
-    file_id = request.match_info["file_id"]
+    file_id = quote(request.match_info["file_id"], safe="")  # decoded by the router
     upstream = request.app[UPSTREAM]
     headers = upstream.headers({"Accept": "application/json"})
     async with upstream.open("GET", f"/v1/files/{file_id}", headers=headers) as meta:

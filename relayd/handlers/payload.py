@@ -50,6 +50,7 @@ __all__ = [
 
 _DATA_URL: Final = re.compile(r"^data:[\w.+/-]*(?:;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE: Final = re.compile(r"\s+")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 _CODES: Final = {
     "Missing data for required field.": "missing_required_parameter",
@@ -185,6 +186,11 @@ def form_fields(values: Mapping[str, Any], prefix: str = "") -> list[TextPart]:
     parts: list[TextPart] = []
     for key, value in values.items():
         name = f"{prefix}[{key}]" if prefix else str(key)
+        if _CONTROL.search(name):  # a part header cannot carry it (aiohttp raises)
+            raise BadRequestError(
+                f"Invalid field name {name!r}: control characters are not allowed.",
+                code="invalid_value", param=name,
+            )
         if value is None:
             continue
         if isinstance(value, dict):

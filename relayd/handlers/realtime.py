@@ -33,6 +33,7 @@ from relayd.auth import EPHEMERAL_PREFIX, WS_KEY_PREFIX
 from relayd.config import Settings
 from relayd.errors import BadRequestError, ClientRequestError, PermissionDeniedError
 from relayd.handlers.common import checked_path, read_json_object, relay
+from relayd.handlers.payload import json_body
 from relayd.headers import redact_secrets
 from relayd.state import (
     KEY,
@@ -335,4 +336,4 @@ async def create_session(request: web.Request) -> web.StreamResponse:
         raise BadRequestError("'model' must be a non-empty string.", param="model")
     else:
         _check_model(model, settings)
-    return await relay(request, "POST", path, data=json.dumps(payload).encode())
+    return await relay(request, "POST", path, data=json_body(payload))

@@ -635,10 +635,14 @@ def main() -> None:
     parser.add_argument("--pace", type=float, default=0.2, help="seconds between 'slow' events")
     parser.add_argument("--backlog", type=int, default=128, help="listen backlog")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument(
+        "--no-realtime-record", action="store_true", help="keep no realtime sessions/frames"
+    )
     args = parser.parse_args()
     fake = FakeOpenAI(
         key=args.key, record=False, keep_bytes=1024 * 1024, events=args.events, pace=args.pace
     )
+    fake.realtime.record = not args.no_realtime_record
     loop = None
     if args.uvloop:
         import uvloop

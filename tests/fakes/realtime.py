@@ -64,8 +64,9 @@ class RealtimeSession:
 
 
 class FakeRealtime:
-    def __init__(self, key: str, notify: Callable[[], None]) -> None:
+    def __init__(self, key: str, notify: Callable[[], None], record: bool = True) -> None:
         self.key = key
+        self.record = record  # False (bench): keep no sessions or frames
         self.sessions: list[RealtimeSession] = []
         self._notify = notify
 
@@ -80,7 +81,8 @@ class FakeRealtime:
             if p.strip()
         ]
         session = RealtimeSession(dict(request.query), dict(request.headers), offered)
-        self.sessions.append(session)
+        if self.record:
+            self.sessions.append(session)
         self._notify()
         try:
             return await self._serve(request, session)
@@ -114,7 +116,8 @@ class FakeRealtime:
                 continue  # only seen with autoping off ("deaf"): left unanswered
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 return ws  # CLOSED / ERROR: relayd went away
-            session.frames.append((msg.type, msg.data))
+            if self.record:
+                session.frames.append((msg.type, msg.data))
             self._notify()
             command = _command(msg.data) if msg.type is WSMsgType.TEXT else None
             if command is None:

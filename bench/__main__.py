@@ -1,5 +1,7 @@
 """``python -m bench``: relayd against the direct upstream and nginx, in one run.
 
+``python -m bench soak`` is the bounded mixed soak against relayd alone (bench.soak).
+
 Starts the fake upstream(s), relayd (info and warning logging) and nginx as separate
 processes on loopback, drives load from separate worker processes, interleaving
 the targets round by round, and prints and saves the medians. See bench/README.md.
@@ -28,6 +30,8 @@ import relayd
 from bench.procs import cpu_seconds, rss_bytes, tree_pids
 from bench.report import Report, add_derived
 from bench.scenarios import SCENARIOS, Plan
+from bench.soak import latest_soak
+from bench.soak import main as soak_main
 from bench.stack import REPO, Stack, find_nginx
 from bench.workers import LoadPool, raise_fd_limit
 
@@ -35,7 +39,10 @@ MiB = 1024 * 1024
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.split("\n")[0],
+        epilog="python -m bench soak [--minutes N]: the bounded mixed soak (see --help there)",
+    )
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, small)")
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 3; quick 1)")
     parser.add_argument("--workers", type=int, default=1, help="load worker processes (1)")
@@ -147,6 +154,9 @@ def _run_rounds(stack: Stack, pool: LoadPool, plan: Plan, notes: list[str]) -> l
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["soak"]:
+        return soak_main(argv[1:])
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {"workers": args.workers, "paced": not args.no_paced}
     if args.rounds:
@@ -178,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if server.proc.poll() is not None:
                 notes.append(f"{server.name} exited during the run ({server.proc.returncode})")
         notes += _log_notes(stack)
-        report = Report(plan, environment, rounds, once, notes)
+        report = Report(plan, environment, rounds, once, notes, latest_soak(args.results))
         print(report.text())
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         md, js = report.write(args.results, stamp)

@@ -18,11 +18,13 @@ from pathlib import Path
 __all__ = [
     "Server",
     "cpu_seconds",
+    "fd_count",
     "free_port",
     "listen_overflows",
     "rss_bytes",
     "start_server",
     "tree_pids",
+    "upstream_connections",
 ]
 
 HOST = "127.0.0.1"
@@ -175,3 +177,48 @@ def listen_overflows() -> int:
             table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
             return int(table.get("ListenOverflows", 0))
     return 0
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of ``pid`` (0 if it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes: set[str] = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    return inodes
+
+
+def upstream_connections(pid: int, port: int) -> int:
+    """ESTABLISHED TCP connections held by ``pid`` to a remote ``port`` on any address.
+
+    /proc/<pid>/net/tcp lists the whole network namespace; a row belongs to ``pid``
+    when its socket inode is one of the process's fds.
+    """
+    inodes = _socket_inodes(pid)
+    count = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # fields: sl local_address rem_address st ... uid timeout inode
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                count += fields[9] in inodes
+    return count

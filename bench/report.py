@@ -9,12 +9,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.goals import goal_lines
 from bench.scenarios import Plan
 
 __all__ = ["COLUMNS", "Figure", "Report", "add_derived", "figures_for"]
 
 COLUMNS = ("direct", "relayd", "relayd-warn", "nginx")
-GROWTH_GOAL_MIB = 32.0
 
 Rounds = list[dict[str, dict[str, Any]]]  # round -> target -> figure key -> value
 
@@ -31,6 +31,7 @@ class Figure:
 def figures_for(plan: Plan) -> list[Figure]:
     conns, streams, paced = plan.concurrency, plan.sse_streams, plan.paced_streams
     down, up = _size(plan.download_bytes), _size(plan.upload_bytes)
+    rt = plan.realtime_sessions
     figures = [
         Figure("idle_rss_mib", "idle RSS after start (MiB)"),
         Figure("lat_p50_ms", "1 conn: latency p50 (ms)", digits=3),
@@ -66,6 +67,14 @@ def figures_for(plan: Plan) -> list[Figure]:
         Figure("up_peak_rss_mib", f"{up} upload: peak RSS (MiB, worst)", "max"),
         Figure("up_rss_growth_mib", f"{up} upload: RSS growth (MiB, worst)", "max"),
         Figure("upload_cpu_pct", f"{up} upload: proxy CPU (% of one core)", digits=0),
+        Figure("rt_rps", f"{rt} realtime bridges: round trips/s", digits=0),
+        Figure("rt_p50_ms", f"{rt} realtime: round trip p50 (ms)", digits=2),
+        Figure("rt_p99_ms", f"{rt} realtime: round trip p99 (ms)", digits=2),
+        Figure("realtime_cpu_pct", f"{rt} realtime: proxy CPU (% of one core)", digits=0),
+        Figure("rt_cpu_us", f"{rt} realtime: proxy CPU per round trip (µs)"),
+        Figure("rt_rss_per_session_kib", f"{rt} realtime: RSS per open session (KiB, worst)",
+               "max"),
+        Figure("rt_sessions", f"{rt} realtime: sessions open (worst)", "min", False, 0),
         Figure("final_rss_mib", "RSS after the run (MiB)"),
         Figure("failed", "failed requests, all rounds", "sum", False, 0),
     ]
@@ -85,11 +94,15 @@ _COMBINE: dict[str, Callable[[list[float]], float]] = {
 
 
 def add_derived(round_: dict[str, dict[str, Any]]) -> None:
-    """Added latency is computed within a round, against that round's direct run."""
+    """Added latency is computed within a round, against that round's direct run;
+    CPU per realtime round trip from that scenario's CPU share and rate."""
     direct = round_.get("direct", {})
     for name, figures in round_.items():
         if name == "direct":
             continue
+        cpu, rate = figures.get("realtime_cpu_pct"), figures.get("rt_rps")
+        if cpu is not None and rate:
+            figures["rt_cpu_us"] = cpu / 100 / rate * 1e6
         for pct in ("p50", "p99"):
             mine, base = figures.get(f"lat_{pct}_ms"), direct.get(f"lat_{pct}_ms")
             if mine is not None and base is not None:
@@ -103,6 +116,7 @@ class Report:
     rounds: Rounds
     once: dict[str, dict[str, Any]]  # target -> figures measured once (idle, final RSS)
     notes: list[str]
+    soak: dict[str, Any] | None = None  # the newest soak's summary (bench.soak)
 
     def combined(self) -> dict[str, dict[str, float | None]]:
         table: dict[str, dict[str, float | None]] = {}
@@ -136,20 +150,7 @@ class Report:
         return rows
 
     def goals(self) -> list[str]:
-        table = self.combined()
-        lines = []
-        for key, what in (("down_rss_growth_mib", "download"), ("up_rss_growth_mib", "upload")):
-            for column in ("relayd", "relayd-warn"):
-                growth = table.get(key, {}).get(column)
-                if growth is None:
-                    lines.append(f"{column} RSS growth during the {what}: not measured")
-                    continue
-                verdict = "PASS" if growth < GROWTH_GOAL_MIB else "FAIL"
-                lines.append(
-                    f"{verdict}: {column} RSS growth during the {what} {growth:.1f} MiB "
-                    f"(goal < {GROWTH_GOAL_MIB:.0f} MiB)"
-                )
-        return lines
+        return goal_lines(self.combined(), self.plan, self.soak)
 
     def text(self) -> str:
         header = ["figure", *COLUMNS, "relayd/direct", "relayd/nginx"]

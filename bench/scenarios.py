@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.memory import RssSampler
-from bench.procs import listen_overflows, tree_pids
+from bench.procs import listen_overflows, rss_bytes, tree_pids
 from bench.stack import Target
 from bench.workers import LoadPool
 
@@ -36,6 +36,9 @@ class Plan:
     paced_streams: int = 1000
     download_bytes: int = 1024 * MiB
     upload_bytes: int = 512 * MiB
+    realtime_sessions: int = 200
+    realtime_s: float = 5.0
+    frame_bytes: int = 1024
     paced: bool = True
 
     @classmethod
@@ -48,6 +51,7 @@ class Plan:
             paced_streams=200,
             download_bytes=128 * MiB,
             upload_bytes=64 * MiB,
+            realtime_s=1.5,
         )
         values.update(overrides)
         return cls(**values)
@@ -198,10 +202,47 @@ def upload(pool: LoadPool, target: Target, plan: Plan) -> Figures:
     return _transfer(pool, target, job, "up")
 
 
+def realtime(pool: LoadPool, target: Target, plan: Plan) -> Figures:
+    """Bridged WebSockets echoing 1 KiB TEXT frames; RSS cost of an open session."""
+    pids = tree_pids(target.server.pid) if target.server else []
+    jobs = [
+        {
+            "kind": "ws_echo",
+            "url": target.url("/v1/realtime?model=gpt-realtime"),
+            "headers": target.headers,
+            "sessions": share,
+            "frame_bytes": plan.frame_bytes,
+            "duration": plan.realtime_s,
+            "timeout": 30.0,
+            "rss_pids": pids,
+        }
+        for share in _split(plan.realtime_sessions, pool.size)
+    ]
+    before = rss_bytes(pids)
+    answers = pool.run(jobs, timeout=90 + plan.realtime_s)
+    times = [t for answer in answers for t in answer["latencies"]]
+    elapsed = max(answer["elapsed"] for answer in answers)
+    opened = sum(answer["opened"] for answer in answers)
+    figures: Figures = {
+        "rt_rps": len(times) / elapsed if elapsed and times else None,
+        "rt_p50_ms": _ms(percentile(times, 50)),
+        "rt_p99_ms": _ms(percentile(times, 99)),
+        "rt_sessions": opened,
+        "errors": _errors(answers),
+    }
+    if pids and opened:
+        rss_open = max(answer["rss_open"] for answer in answers)
+        figures["rt_rss_per_session_kib"] = (rss_open - before) / opened / 1024
+    return figures
+
+
 Scenario = Callable[[LoadPool, Target, Plan], Figures]
 
 # (name, profile whose targets it loads, function); run in this order every round.
+# realtime goes first: in round 1 its sessions land on a heap no other load has
+# grown yet, so the RSS cost per session (worst round) is not hidden by reuse.
 SCENARIOS: list[tuple[str, str, Scenario]] = [
+    ("realtime", "default", realtime),
     ("latency", "default", latency),
     ("throughput", "default", throughput),
     ("sse-burst", "default", sse_burst),

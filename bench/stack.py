@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +29,11 @@ UPSTREAM_KEY: str = importlib.import_module("tests.fakes.openai").UPSTREAM_KEY
 
 # Knobs every fake gets: a deep accept queue and uvloop, so the upstream is not the
 # bottleneck of any target.
-FAKE_COMMON = ("--backlog", "4096", "--uvloop")
+FAKE_COMMON = ("--backlog", "4096", "--uvloop", "--no-realtime-record")
 PROFILES: dict[str, tuple[str, ...]] = {
     "default": (),
     "paced": ("--events", "50", "--pace", "0.02"),
+    "soak": ("--pace", "0.05"),  # bench.soak: its ``slow`` streams last ~0.35 s
 }
 # "relayd" is the figure of record: every feature on, one access-log line per request.
 RELAYD_LEVELS: dict[str, str] = {"relayd": "info", "relayd-warn": "warning"}
@@ -90,6 +91,15 @@ def nginx_conf(tmp: Path, pairs: Sequence[tuple[int, int]]) -> str:
     }}
     server {{
         listen {HOST}:{listen} backlog=4096;
+        location = /v1/realtime {{
+            proxy_pass http://fake{index};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_buffering off;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
         location / {{
             proxy_pass http://fake{index};
             proxy_http_version 1.1;
@@ -109,6 +119,7 @@ events {{ worker_connections 8192; }}
 http {{
     access_log off;
     client_max_body_size 0;
+    map $http_upgrade $connection_upgrade {{ default upgrade; "" ""; }}
     keepalive_requests 1000000;
     client_body_temp_path {temp}/body;
     proxy_temp_path {temp}/proxy;
@@ -126,6 +137,7 @@ class Stack:
     profiles: Sequence[str]
     use_nginx: bool = True
     relayd_workers: int = 1
+    levels: Mapping[str, str] = field(default_factory=lambda: dict(RELAYD_LEVELS))
     relay_key: str = field(default_factory=lambda: secrets.token_hex(16))  # 32 chars
     servers: list[Server] = field(default_factory=list)
     targets: dict[str, dict[str, Target]] = field(default_factory=dict)
@@ -147,7 +159,7 @@ class Stack:
             )
             self.fakes[profile] = fake
             targets = {"direct": Target("direct", f"http://{HOST}:{fake_port}", upstream_auth)}
-            for name, level in RELAYD_LEVELS.items():
+            for name, level in self.levels.items():
                 port = free_port()
                 relayd = self._spawn(
                     f"{name}-{profile}",

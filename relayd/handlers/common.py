@@ -144,8 +144,8 @@ async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamR
         else:
             moved = await pump(answer.content, response, tap=tap)
     except BrokenStreamError as exc:
-        log.warning("upstream stream broke after %d bytes: %s", response.body_length, exc)
-        request[BROKEN] = str(exc)
+        log.warning("upstream stream broke after %d bytes: %s", exc.sent, exc)
+        request[BROKEN] = f"after {exc.sent} bytes: {exc}"
         abort(request)
         return response  # aiohttp's write_eof then fails quietly on the closed transport
     except ConnectionResetError:

@@ -41,6 +41,10 @@ __all__ = [
 class BrokenStreamError(Exception):
     """The source failed before its end (reset, truncated, idle too long)."""
 
+    def __init__(self, reason: str, *, sent: int) -> None:
+        super().__init__(reason)
+        self.sent = sent  # bytes that reached the sink before the break
+
 
 class LimitExceededError(Exception):
     """A body grew past the byte limit its reader was given."""
@@ -79,7 +83,8 @@ async def pump(source: StreamReader, sink: web.StreamResponse, *, tap: Tap | Non
         try:
             chunk = await source.readany()
         except Exception as exc:
-            raise BrokenStreamError(str(exc) or type(exc).__name__) from exc
+            reason = str(exc) or type(exc).__name__
+            raise BrokenStreamError(reason, sent=moved.sent) from exc
         moved.waited += clock() - started
         if not chunk:
             return moved

@@ -75,7 +75,8 @@ class SSEPump:
                 try:
                     chunk = await self._source.readany()
                 except Exception as exc:
-                    raise BrokenStreamError(str(exc) or type(exc).__name__) from exc
+                    reason = str(exc) or type(exc).__name__
+                    raise BrokenStreamError(reason, sent=moved.sent) from exc
                 moved.waited += clock() - started
                 if not chunk:
                     return moved

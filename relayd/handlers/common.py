@@ -8,10 +8,12 @@ and redaction of upstream error bodies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from aiohttp import ClientResponse, StreamReader, web
@@ -41,7 +43,14 @@ from relayd.streams import (
 from relayd.upstream import mapped_errors
 from relayd.usage import UsageTap
 
-__all__ = ["checked_path", "read_capped", "read_json_object", "relay", "send_back"]
+__all__ = [
+    "checked_path",
+    "exchange",
+    "read_capped",
+    "read_json_object",
+    "relay",
+    "send_back",
+]
 
 log = logging.getLogger("relayd.relay")
 
@@ -107,17 +116,33 @@ async def relay(
         headers = upstream.headers(request.headers, keep_length=keep_length)
     elif headers is None:
         headers = upstream.headers(request.headers, keep_length=False)
-    started = time.perf_counter()
-    async with upstream.open(method, path_qs, headers=headers, data=data) as answer:
-        request[UPSTREAM_WAIT] = time.perf_counter() - started
+    async with exchange(request, method, path_qs, headers=headers, data=data) as answer:
         return await send_back(request, answer)
+
+
+@contextlib.asynccontextmanager
+async def exchange(
+    request: web.Request,
+    method: str,
+    path_qs: str,
+    *,
+    headers: CIMultiDict[str],
+    data: Any = None,
+) -> AsyncIterator[ClientResponse]:
+    """``Upstream.open()`` with the request's accounting: the wait for the head (added
+    to any earlier upstream call's), the upstream status and ``x-request-id``. Every
+    handler that talks to upstream goes through here, so logs and metrics agree."""
+    started = time.perf_counter()
+    async with request.app[UPSTREAM].open(method, path_qs, headers=headers, data=data) as answer:
+        request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - started
+        request[UPSTREAM_STATUS] = answer.status
+        if (upstream_id := answer.headers.get("x-request-id")) is not None:
+            request[UPSTREAM_REQUEST_ID] = upstream_id
+        yield answer
 
 
 async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamResponse:
     """Stream an upstream response to the client, unchanged but for headers."""
-    request[UPSTREAM_STATUS] = answer.status
-    if (upstream_id := answer.headers.get("x-request-id")) is not None:
-        request[UPSTREAM_REQUEST_ID] = upstream_id
     if answer.status >= 400:
         return await _error_back(request, answer)
     settings = request.app[SETTINGS]

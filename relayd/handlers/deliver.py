@@ -29,7 +29,7 @@ from relayd.errors import (
     PermissionDeniedError,
 )
 from relayd.filestore import Claims
-from relayd.handlers.common import checked_path, read_capped, send_back
+from relayd.handlers.common import checked_path, exchange, read_capped, send_back
 from relayd.handlers.payload import is_json, json_answer, read_json, upstream_call
 from relayd.mime import EXTENSIONS, sniff
 from relayd.state import HANDOFF, SETTINGS, TABLE, UPSTREAM
@@ -260,7 +260,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         raise NotFoundError("This download link is not valid.", code="link_invalid")
     upstream = request.app[UPSTREAM]
     headers = upstream.headers({"Accept": "*/*"})
-    async with upstream.open("GET", path_qs, headers=headers) as answer:
+    async with exchange(request, "GET", path_qs, headers=headers) as answer:
         if answer.status >= 400:
             return await send_back(request, answer)
         response = web.StreamResponse(headers=labels)

@@ -18,7 +18,13 @@ from relayd.errors import (
     PermissionDeniedError,
     UpstreamUnavailableError,
 )
-from relayd.handlers.common import checked_path, read_capped, read_json_object, relay
+from relayd.handlers.common import (
+    checked_path,
+    exchange,
+    read_capped,
+    read_json_object,
+    relay,
+)
 from relayd.handlers.payload import json_body
 from relayd.policy import Verdict
 from relayd.state import POLICY, TABLE, UPSTREAM
@@ -54,7 +60,7 @@ async def download_file(request: web.Request) -> web.StreamResponse:
     file_id = quote(request.match_info["file_id"], safe="")  # decoded by the router
     upstream = request.app[UPSTREAM]
     headers = upstream.headers({"Accept": "application/json"})
-    async with upstream.open("GET", f"/v1/files/{file_id}", headers=headers) as meta:
+    async with exchange(request, "GET", f"/v1/files/{file_id}", headers=headers) as meta:
         if meta.status == 200:
             try:
                 with mapped_errors():

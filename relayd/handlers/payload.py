@@ -16,7 +16,6 @@ import binascii
 import contextlib
 import json
 import re
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -27,10 +26,10 @@ from multidict import CIMultiDict
 
 from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
 from relayd.fetch import fetch_link
-from relayd.handlers.common import read_capped, read_json_object
+from relayd.handlers.common import exchange, read_capped, read_json_object
 from relayd.headers import response_headers
 from relayd.mime import EXTENSIONS, sniff
-from relayd.state import SETTINGS, UPSTREAM, UPSTREAM_REQUEST_ID, UPSTREAM_STATUS, UPSTREAM_WAIT
+from relayd.state import SETTINGS, UPSTREAM
 from relayd.streams.multipart import FilePart, SlicedBytesPayload, TextPart
 from relayd.upstream import mapped_errors
 
@@ -239,12 +238,7 @@ async def upstream_call(
     headers.popall("Content-Type", None)
     if content_type is not None:
         headers["Content-Type"] = content_type
-    started = time.perf_counter()
-    async with upstream.open(method, path_qs, headers=headers, data=data) as answer:
-        request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - started
-        request[UPSTREAM_STATUS] = answer.status
-        if (upstream_id := answer.headers.get("x-request-id")) is not None:
-            request[UPSTREAM_REQUEST_ID] = upstream_id
+    async with exchange(request, method, path_qs, headers=headers, data=data) as answer:
         yield answer
 
 

@@ -36,9 +36,10 @@ def is_event_stream(content_type: str | None) -> bool:
 class SSEPump:
     """Copy an event stream from ``source`` to a prepared ``sink``.
 
-    Per chunk the work is one write, one counter increment and a look at the last
-    four bytes; the keepalive timer runs in its own task and only ever writes when
-    the pump is idle between events. Failure semantics are :func:`pump`'s.
+    Per chunk the work is one write, two clock reads (time spent waiting on the
+    source, for the relay-overhead metric), a counter, a look at the last four bytes
+    and the optional tap; the keepalive timer runs in its own task and only ever
+    writes when the pump is idle between events. Failure semantics are :func:`pump`'s.
     """
 
     __slots__ = ("_chunks", "_keepalive_s", "_sink", "_source", "_tail", "_tap", "_writing")

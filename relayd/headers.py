@@ -10,6 +10,7 @@ stays behind, so nothing about the upstream account leaks to clients.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from collections.abc import Iterable, Mapping
@@ -138,6 +139,7 @@ def request_headers(
     return out
 
 
+@functools.lru_cache(maxsize=64)  # clients send the same few Accept-Encoding values
 def _decodable_encodings(value: str) -> str:
     tokens = [t.strip() for t in value.split(",")]
     return ", ".join(t for t in tokens if t.split(";", 1)[0].strip().lower() in _DECODABLE)

@@ -30,6 +30,7 @@ _OVERHEAD_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
 class Metrics:
     def __init__(self) -> None:
         self._request_children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+        self._token_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # In multiprocess mode values live in files; registering them would double count.
         self._registry = CollectorRegistry(auto_describe=True)
@@ -98,8 +99,14 @@ class Metrics:
             overheads.observe(overhead)
 
     def count_tokens(self, key: str, model: str, input_tokens: int, output_tokens: int) -> None:
-        self.tokens.labels(key, model, "input").inc(input_tokens)
-        self.tokens.labels(key, model, "output").inc(output_tokens)
+        children = self._token_children.get((key, model))
+        if children is None:
+            children = self._token_children[(key, model)] = (
+                self.tokens.labels(key, model, "input"),
+                self.tokens.labels(key, model, "output"),
+            )
+        children[0].inc(input_tokens)
+        children[1].inc(output_tokens)
 
     def exposition(self) -> bytes:
         if self._multiprocess:

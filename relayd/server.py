@@ -10,6 +10,7 @@ the path policy; requests in flight keep what they started with.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -112,6 +113,9 @@ async def serve(settings: Settings, config: str | None) -> None:
         await _start_sites(runner, settings)
         addresses = bound_addresses(runner)
         log.info("relayd %s listening on %s", __version__, addresses)
+        # What start-up built lives as long as the process: keep it out of every
+        # future collection (fewer and shorter GC pauses on the request path).
+        gc.freeze()
         _report_ready(notifier, f"serving on {addresses}")
         pinger = spawn(notifier.watchdog(watchdog), name="relayd.watchdog") if watchdog else None
 

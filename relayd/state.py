@@ -13,6 +13,7 @@ from aiohttp.web import AbstractRoute
 
 from relayd.config import RelayKey, Settings
 from relayd.routing import Route, RouteTable
+from relayd.usage import UsageTap
 
 if TYPE_CHECKING:
     from weakref import WeakSet
@@ -45,6 +46,7 @@ __all__ = [
     "UPSTREAM_REQUEST_ID",
     "UPSTREAM_STATUS",
     "UPSTREAM_WAIT",
+    "USAGE_TAP",
 ]
 
 SETTINGS: Final = web.AppKey("relayd.settings", Settings)
@@ -72,5 +74,7 @@ BROKEN: Final = web.RequestKey("relayd.broken", str)
 UPSTREAM_WAIT: Final = web.RequestKey("relayd.upstream_wait", float)
 UPSTREAM_STATUS: Final = web.RequestKey("relayd.upstream_status", int)
 ERROR_CODE: Final = web.RequestKey("relayd.error_code", str)
+# The usage tap that watched a model answer; read when the request is accounted.
+USAGE_TAP: Final = web.RequestKey("relayd.usage_tap", UsageTap)
 # Token totals of a realtime session, summed from its response.done events.
 REALTIME_USAGE: Final = web.RequestKey("relayd.realtime_usage", dict[str, int])

@@ -51,7 +51,14 @@ from relayd.errors import (
 from relayd.headers import request_headers
 from relayd.streams import LimitExceededError
 
-__all__ = ["ForbiddenAddressError", "Upstream", "link_errors", "mapped_errors", "non_public_reason"]
+__all__ = [
+    "ForbiddenAddressError",
+    "Upstream",
+    "link_errors",
+    "mapped_errors",
+    "non_public_reason",
+    "translated",
+]
 
 # aiohttp would otherwise invent these; a transparent relay sends the client's own.
 _SKIP_AUTO_HEADERS: Final = ("Accept-Encoding", "User-Agent", "Content-Type")
@@ -66,30 +73,34 @@ def _cause_chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+_UPSTREAM_FAILURES: Final = (aiohttp.ClientError, TimeoutError, OSError)
+
+
+def translated(exc: BaseException) -> RelaydError:
+    """The relayd error (502/504/413) for a failure of the upstream leg."""
+    for cause in _cause_chain(exc):
+        if isinstance(cause, LimitExceededError):
+            return PayloadTooLargeError(str(cause))
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeoutError("Timed out connecting to the upstream API.")
+    if isinstance(exc, TimeoutError):  # includes aiohttp's SocketTimeoutError
+        return UpstreamTimeoutError("The upstream API did not answer in time.")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnavailableError("Cannot connect to the upstream API.")
+    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        return _refused_handshake(exc)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamUnavailableError("The upstream API sent a malformed response.")
+    return UpstreamUnavailableError("The connection to the upstream API failed.")
+
+
 @contextlib.contextmanager
 def mapped_errors() -> Iterator[None]:
-    """Translate failures of the upstream leg into relayd errors (502/504/413)."""
+    """Translate failures of the upstream leg into relayd errors (see :func:`translated`)."""
     try:
         yield
-    except RelaydError:
-        raise
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        for cause in _cause_chain(exc):
-            if isinstance(cause, LimitExceededError):
-                raise PayloadTooLargeError(str(cause)) from exc
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            raise UpstreamTimeoutError("Timed out connecting to the upstream API.") from exc
-        if isinstance(exc, TimeoutError):  # includes aiohttp's SocketTimeoutError
-            raise UpstreamTimeoutError("The upstream API did not answer in time.") from exc
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            raise UpstreamUnavailableError("Cannot connect to the upstream API.") from exc
-        if isinstance(exc, aiohttp.WSServerHandshakeError):
-            raise _refused_handshake(exc) from exc
-        if isinstance(exc, aiohttp.ClientResponseError):
-            raise UpstreamUnavailableError(
-                "The upstream API sent a malformed response."
-            ) from exc
-        raise UpstreamUnavailableError("The connection to the upstream API failed.") from exc
+    except _UPSTREAM_FAILURES as exc:
+        raise translated(exc) from exc
 
 
 # aiohttp drops the body of a refused WebSocket handshake, so only the status can
@@ -315,12 +326,14 @@ class _SendWatch:
             finally:
                 watch._active = False  # the body may still be sent after the head
 
-    def wrap(self, data: Any) -> Any:
-        if isinstance(data, StreamReader):
-            return self._watched(data.iter_any())
-        if inspect.isasyncgen(data):
-            return self._watched(cast(AsyncIterator[bytes], data))
-        return data  # bytes and payloads relayd built: no client to wait for
+    @staticmethod
+    def needed(data: Any) -> bool:
+        """Whether ``data`` streams (from the client, or built as it goes); bytes and
+        payloads relayd built have no client to wait for."""
+        return isinstance(data, StreamReader) or inspect.isasyncgen(data)
+
+    def wrap(self, data: StreamReader | AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return self._watched(data.iter_any() if isinstance(data, StreamReader) else data)
 
     async def _watched(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
@@ -379,6 +392,7 @@ class Upstream:
             auto_decompress=False,  # bytes pass through as upstream encoded them
             timeout=self._timeout,
             trust_env=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
         )
         self._links = self._link_session()
 
@@ -464,16 +478,7 @@ class Upstream:
         while the caller reads the body are aiohttp's own (streams/ wraps them).
         """
         with self._slot() as session:
-            with mapped_errors():
-                async with _SendWatch.bounding(self._settings.idle_timeout_s) as watch:
-                    response = await session.request(
-                        method,
-                        self.url(path_qs),
-                        headers=headers,
-                        data=watch.wrap(data),
-                        allow_redirects=False,
-                        skip_auto_headers=_SKIP_AUTO_HEADERS,
-                    )
+            response = await self._send(session, method, self.url(path_qs), headers, data)
             try:
                 self._switch_to_idle_timeout(response)
                 yield response
@@ -482,6 +487,21 @@ class Upstream:
                     response.release()  # whole body read: the connection is reusable
                 else:
                     response.close()  # anything else: drop it, cancelling upstream work
+
+    async def _send(
+        self, session: ClientSession, method: str, url: URL, headers: CIMultiDict[str], data: Any
+    ) -> ClientResponse:
+        try:
+            if not _SendWatch.needed(data):  # bytes relayd holds: nothing to watch
+                return await session.request(
+                    method, url, headers=headers, data=data, allow_redirects=False
+                )
+            async with _SendWatch.bounding(self._settings.idle_timeout_s) as watch:
+                return await session.request(
+                    method, url, headers=headers, data=watch.wrap(data), allow_redirects=False
+                )
+        except _UPSTREAM_FAILURES as exc:
+            raise translated(exc) from exc
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[ClientSession]:

@@ -24,13 +24,13 @@ from relayd.headers import decompress, redact_secrets, response_headers
 from relayd.policy import check_raw_path
 from relayd.state import (
     BROKEN,
-    KEY,
     METRICS,
     SETTINGS,
     UPSTREAM,
     UPSTREAM_REQUEST_ID,
     UPSTREAM_STATUS,
     UPSTREAM_WAIT,
+    USAGE_TAP,
 )
 from relayd.streams import (
     BrokenStreamError,
@@ -179,7 +179,8 @@ async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamR
         if sse:
             metrics.open_streams.dec()
     request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + moved.waited
-    _count_usage(request, tap)
+    if tap is not None:
+        request[USAGE_TAP] = tap  # read when the request is accounted, after the answer
     await response.write_eof()
     return response
 
@@ -194,16 +195,8 @@ async def _small_back(
     request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - started
     if tap is not None:
         tap(body)
-        _count_usage(request, tap)
+        request[USAGE_TAP] = tap  # read when the request is accounted, after the answer
     return web.Response(status=answer.status, reason=answer.reason, body=body, headers=headers)
-
-
-def _count_usage(request: web.Request, tap: UsageTap | None) -> None:
-    if tap is None or (usage := tap.usage()) is None:
-        return
-    key = request.get(KEY)
-    name = key.name if key is not None else "-"
-    request.app[METRICS].count_tokens(name, usage.model, usage.input_tokens, usage.output_tokens)
 
 
 def _usage_tap(request: web.Request, answer: ClientResponse, sse: bool) -> UsageTap | None:

@@ -1,10 +1,11 @@
-"""``python -m bench``: relayd against the direct upstream and nginx, in one run.
+"""``python -m bench``: relayd against the direct upstream, an aiohttp floor and nginx.
 
 ``python -m bench soak`` is the bounded mixed soak against relayd alone (bench.soak).
 
-Starts the fake upstream(s), relayd (info and warning logging) and nginx as separate
-processes on loopback, drives load from separate worker processes, interleaving
-the targets round by round, and prints and saves the medians. See bench/README.md.
+Starts the fake upstream(s), relayd (info and warning logging), the plain aiohttp
+pass-through (bench.floor) and nginx as separate processes on loopback, drives load
+from separate worker processes, interleaving the targets round by round, and prints
+and saves the medians. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-paced", action="store_true", help="skip the paced SSE scenario")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
     parser.add_argument(
+        "--no-floor", action="store_true", help="leave out the aiohttp floor (bench.floor)"
+    )
+    parser.add_argument(
         "--results", type=Path, default=REPO / "bench" / "results", help="output directory"
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
@@ -86,7 +90,7 @@ def _environment(fd_limit: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
         "relayd": relayd.__version__,
-        "event loops": f"{loop} (relayd, fake, load)",
+        "event loops": f"{loop} (relayd, aiohttp floor, fake, load)",
         "nginx": _command_output([nginx, "-v"]) if nginx else "absent",
         "RLIMIT_NOFILE (load, servers)": fd_limit,
         "somaxconn": Path("/proc/sys/net/core/somaxconn").read_text().strip(),
@@ -94,12 +98,13 @@ def _environment(fd_limit: int) -> dict[str, Any]:
 
 
 def _log_notes(stack: Stack) -> list[str]:
-    """relayd's warnings and errors: a benchmark that provokes them is worth a look."""
+    """relayd's and the floor's warnings and errors: a run that provokes them is worth
+    a look (the floor logs only aiohttp's "Error handling request" and tracebacks)."""
     notes = []
-    for server in stack.relayds():
+    for server in stack.relayds() + stack.floors():
         lines = [
             line for line in server.log_tail(1_000_000).splitlines()
-            if line.startswith(("warning", "error", "critical", "Traceback"))
+            if line.startswith(("warning", "error", "critical", "Traceback", "Error handling"))
         ]
         if lines:
             notes.append(f"{server.name} logged {len(lines)} warning/error line(s); first: "
@@ -168,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     environment = _environment(fd_limit)
     tmp = Path(tempfile.mkdtemp(prefix="relayd-bench-"))
     profiles = ["default", "paced"] if plan.paced else ["default"]
-    stack = Stack(tmp, profiles, use_nginx=not args.no_nginx, relayd_workers=args.relayd_workers)
+    stack = Stack(tmp, profiles, use_nginx=not args.no_nginx, use_floor=not args.no_floor,
+                  relayd_workers=args.relayd_workers)
     environment["relayd workers"] = args.relayd_workers
     pool: LoadPool | None = None
     notes: list[str] = []

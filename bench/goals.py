@@ -3,7 +3,8 @@
 Each goal is checked for ``relayd`` (info logging, every feature on: the figure of
 record, whose verdict leads the line) and for ``relayd-warn``. Goals relative to
 nginx need the nginx column; the soak goal comes from the newest ``bench soak``
-result, which is a separate command.
+result, which is a separate command. Where the aiohttp floor (bench/floor.py) was
+measured, the line ends with its figure too, as context: it has no verdict.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.scenarios import Plan
+from bench.stack import FLOOR
 
 __all__ = ["goal_lines"]
 
@@ -123,6 +125,9 @@ def goal_lines(table: Table, plan: Plan, soak: dict[str, Any] | None) -> list[st
             f"{column} {'not measured' if r is None else r[0]} ({_verdict(r)})"
             for column, r in results.items()
         ]
+        floor = check(table, FLOOR)
+        if floor is not None:
+            parts.append(f"{FLOOR} floor {floor[0]}")
         lines.append(f"{_verdict(lead)}: {goal} — {'; '.join(parts)}")
     if soak is None:
         lines.append("n/a: soak RSS within 10 % — no soak result yet (python -m bench soak)")

@@ -11,10 +11,14 @@ from typing import Any
 
 from bench.goals import goal_lines
 from bench.scenarios import Plan
+from bench.stack import FLOOR
 
-__all__ = ["COLUMNS", "Figure", "Report", "add_derived", "figures_for"]
+__all__ = ["COLUMNS", "RATIOS", "Figure", "Report", "add_derived", "figures_for"]
 
-COLUMNS = ("direct", "relayd", "relayd-warn", "nginx")
+# "aiohttp" is bench/floor.py, the plainest aiohttp pass-through: context, not a goal.
+COLUMNS = ("direct", "relayd", "relayd-warn", FLOOR, "nginx")
+RATIOS = ("direct", FLOOR, "nginx")  # relayd (info) over each of these
+HEADER = ["figure", *COLUMNS, *(f"relayd/{base}" for base in RATIOS)]
 
 Rounds = list[dict[str, dict[str, Any]]]  # round -> target -> figure key -> value
 
@@ -142,7 +146,7 @@ class Report:
             row = table[figure.key]
             cells = [figure.label] + [_fmt(row[c], figure.digits) for c in COLUMNS]
             relayd = row["relayd"]
-            for base in ("direct", "nginx"):
+            for base in RATIOS:
                 other = row[base]
                 ok = figure.ratio and relayd is not None and other
                 cells.append(f"{relayd / other:.2f}x" if ok else "—")  # type: ignore[operator]
@@ -153,9 +157,8 @@ class Report:
         return goal_lines(self.combined(), self.plan, self.soak)
 
     def text(self) -> str:
-        header = ["figure", *COLUMNS, "relayd/direct", "relayd/nginx"]
-        rows = [header, *self.rows()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        rows = [HEADER, *self.rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
         lines = []
         for index, row in enumerate(rows):
             cells = [row[0].ljust(widths[0])] + [
@@ -167,15 +170,16 @@ class Report:
         return "\n".join([*lines, "", *self.goals(), *self.notes])
 
     def markdown(self) -> str:
-        header = ["figure", *COLUMNS, "relayd/direct", "relayd/nginx"]
         lines = [
             f"# relayd benchmark, {self.environment['started']}",
             "",
             f"Medians of {self.plan.rounds} round(s) unless the figure says worst or sum. "
-            "`relayd` logs at info (every feature on), `relayd-warn` at warning.",
+            "`relayd` logs at info (every feature on), `relayd-warn` at warning; "
+            f"`{FLOOR}` is the plainest aiohttp pass-through on uvloop (bench/floor.py), "
+            "the floor a Python relay on aiohttp cannot go below.",
             "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
+            "| " + " | ".join(HEADER) + " |",
+            "|" + "---|" * len(HEADER),
         ]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
         lines += ["", "## Goals", "", *(f"- {g}" for g in self.goals())]

@@ -1,7 +1,9 @@
-"""The processes under test: fake upstreams, relayd (two log levels) and nginx.
+"""The processes under test: fake upstreams, relayd (two log levels), the aiohttp
+floor (bench.floor) and nginx.
 
 A *profile* is one fake upstream with its own knobs; every profile gets its own
-relayd instances and an nginx server block, because relayd has one upstream.
+relayd instances, its own floor and an nginx server block, because relayd (and the
+floor) has one upstream.
 "default" is the fake as tests use it (7 SSE events, no pacing); "paced" sends 50
 events 20 ms apart to the ``slow`` model.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from bench.procs import HOST, Server, free_port, start_server
 
-__all__ = ["RELAYD_LEVELS", "Stack", "Target", "find_nginx"]
+__all__ = ["FLOOR", "RELAYD_LEVELS", "Stack", "Target", "find_nginx"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +39,8 @@ PROFILES: dict[str, tuple[str, ...]] = {
 }
 # "relayd" is the figure of record: every feature on, one access-log line per request.
 RELAYD_LEVELS: dict[str, str] = {"relayd": "info", "relayd-warn": "warning"}
+# The plainest aiohttp pass-through on uvloop (bench/floor.py): the issue's ceiling.
+FLOOR = "aiohttp"
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class Stack:
     tmp: Path
     profiles: Sequence[str]
     use_nginx: bool = True
+    use_floor: bool = False  # python -m bench turns it on (--no-floor); the soak does not
     relayd_workers: int = 1
     levels: Mapping[str, str] = field(default_factory=lambda: dict(RELAYD_LEVELS))
     relay_key: str = field(default_factory=lambda: secrets.token_hex(16))  # 32 chars
@@ -168,6 +173,15 @@ class Stack:
                     env=_relayd_env(fake_port, port, self.relay_key, level, self.relayd_workers),
                 )
                 targets[name] = Target(name, f"http://{HOST}:{port}", relay_auth, relayd)
+            if self.use_floor:  # like nginx, it forwards the client's key: the fake's
+                port = free_port()
+                floor = self._spawn(
+                    f"{FLOOR}-{profile}",
+                    [sys.executable, "-m", "bench.floor", "--port", str(port),
+                     "--upstream", f"http://{HOST}:{fake_port}"],
+                    port,
+                )
+                targets[FLOOR] = Target(FLOOR, f"http://{HOST}:{port}", upstream_auth, floor)
             self.targets[profile] = targets
             nginx_pairs.append((free_port(), fake_port))
         if self.use_nginx:
@@ -202,6 +216,9 @@ class Stack:
 
     def relayds(self) -> list[Server]:
         return [s for s in self.servers if s.name.startswith("relayd")]
+
+    def floors(self) -> list[Server]:
+        return [s for s in self.servers if s.name.startswith(f"{FLOOR}-")]
 
     def stop(self) -> None:
         for server in reversed(self.servers):

@@ -107,6 +107,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
         autoclose=False,
         heartbeat=HEARTBEAT_S,
         max_msg_size=limit,
+        compress=0,  # no permessage-deflate: frames pass through as they come
         decode_text=False,
         timeout=ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S),
     ) as upstream:
@@ -129,7 +130,9 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
             idle_timeout=settings.realtime_idle_timeout_s,
             max_session=settings.realtime_max_session_s,
             observer=usage,
+            observed=(Leg.UPSTREAM,),  # response.done comes from upstream only
             reason_filter=lambda reason: _redacted(reason, upstream_key),
+            max_message_bytes=limit,
         )
         bridges = request.app[REALTIME_BRIDGES]
         metrics = request.app[METRICS]

@@ -6,6 +6,11 @@ other, turns a peer that vanished into a 1011 for the one that is left, and
 enforces two plain time limits (idle, whole session). Per frame it does one send,
 two counter updates, a clock read and, when given, one call of an observer.
 
+Given ``max_message_bytes`` (the limit both legs were opened with), each leg also
+gets a :class:`relayd.streams.wsframes.FrameLane`: plain data frames then go from
+socket to socket as bytes, and only what needs a decision (closes, pings, errors,
+fragments, limits) reaches the pumps below, which handle it as described here.
+
 Rules the caller must keep (notes/aiohttp-proxy.md §1.9), because aiohttp's
 defaults would lose the close code or read a socket from two tasks:
 
@@ -35,14 +40,16 @@ Who does what, and why:
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final, TypeAlias
 
 from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
 
+from relayd.streams import wsframes
 from relayd.tasks import spawn
 
 __all__ = [
@@ -142,8 +149,11 @@ class WebSocketBridge:
         "_down_close",
         "_failure",
         "_idle_timeout",
+        "_lanes",
         "_last_frame",
+        "_max_message_bytes",
         "_max_session",
+        "_observed",
         "_observer",
         "_reason_filter",
         "_up",
@@ -159,13 +169,18 @@ class WebSocketBridge:
         idle_timeout: float | None = None,
         max_session: float | None = None,
         observer: FrameObserver | None = None,
+        observed: Collection[Leg] = (Leg.DOWNSTREAM, Leg.UPSTREAM),
         reason_filter: Callable[[str], str] | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         self._down = downstream
         self._up = upstream
         self._idle_timeout = idle_timeout
         self._max_session = max_session
         self._observer = observer
+        self._observed = frozenset(observed)
+        self._max_message_bytes = max_message_bytes
+        self._lanes: list[wsframes.FrameLane] = []
         self._reason_filter = reason_filter
         self._clock = asyncio.get_running_loop().time
         self._last_frame = self._clock()
@@ -177,6 +192,7 @@ class WebSocketBridge:
 
     async def run(self) -> BridgeStats:
         """Move frames until both legs are closed; await it from the handler task."""
+        self._open_lanes()
         reader = spawn(self._read_upstream(), name="ws-bridge-upstream")
         watchdog = None
         if self._idle_timeout or self._max_session:
@@ -205,6 +221,10 @@ class WebSocketBridge:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+            for lane in self._lanes:
+                lane.close()
+            wsframes.release(self._down)
+            wsframes.release(self._up)
             self.stats.ended = self._clock()
         if self._failure is not None:
             raise self._failure
@@ -217,6 +237,37 @@ class WebSocketBridge:
         downstream leg. Idempotent: the first caller's code wins.
         """
         await self._start_closing(code, reason, ended_by)
+
+    # ------------------------------------------------------------------ fast lanes
+
+    def _open_lanes(self) -> None:
+        """Let plain data frames bypass aiohttp's messages, when the limit is known."""
+        if self._max_message_bytes is None:
+            return
+        for source, sink, leg, stats in (
+            (self._down, self._up, Leg.DOWNSTREAM, self.stats.downstream),
+            (self._up, self._down, Leg.UPSTREAM, self.stats.upstream),
+        ):
+            observer = self._observer if leg in self._observed else None
+            lane = wsframes.attach(
+                source,
+                sink,
+                masked=leg is Leg.DOWNSTREAM,  # RFC 6455 §5.3: clients mask, servers don't
+                max_size=self._max_message_bytes,
+                is_open=self._is_open,
+                on_frames=functools.partial(self._count, stats),
+                observer=None if observer is None else functools.partial(observer, leg),
+            )
+            if lane is not None:
+                self._lanes.append(lane)
+
+    def _is_open(self) -> bool:
+        return self._down_close is None and not self._down.closed and not self._up.closed
+
+    def _count(self, stats: LegStats, frames: int, payload: int) -> None:
+        stats.frames += frames
+        stats.bytes += payload
+        self._last_frame = self._clock()
 
     # ------------------------------------------------------------------ downstream
 
@@ -299,7 +350,7 @@ class WebSocketBridge:
         self, source: _Socket, sink: _Socket, leg: Leg, stats: LegStats
     ) -> tuple[WSMsgType, int, str] | None:
         """Forward data frames; return how ``source`` ended, or None if ``sink`` failed."""
-        observer = self._observer
+        observer = self._observer if leg in self._observed else None
         clock = self._clock
         while True:
             msg = await source.receive()

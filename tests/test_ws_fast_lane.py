@@ -188,9 +188,9 @@ async def test_oversize_client_frame_after_fast_frames_closes_1009(
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers=AUTH) as ws:
             for _ in range(3):
-                await ws.send_bytes(b"\x00" * 1023)  # aiohttp: the limit itself is too big
-                assert (await ws.receive()).data == b"\x00" * 1023
-            await ws.send_bytes(b"\x00" * 1024)
+                await ws.send_bytes(b"\x00" * 1024)  # the limit itself is allowed
+                assert (await ws.receive()).data == b"\x00" * 1024
+            await ws.send_bytes(b"\x00" * 1025)
             msg = await ws.receive()
     assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1009)
     async with asyncio.timeout(BOUND):

@@ -99,7 +99,9 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
         )
     model = _checked_query(request, settings)
     offered = _offered_protocols(request)
-    limit = settings.realtime_max_message_bytes
+    # aiohttp refuses a message of max_msg_size bytes or more; the setting is the
+    # largest message allowed.
+    limit = settings.realtime_max_message_bytes + 1
     async with request.app[UPSTREAM].ws_connect(
         f"/v1/realtime?{request.rel_url.raw_query_string}",
         headers=_upstream_headers(request, _ephemeral_secret(request, offered)),

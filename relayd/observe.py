@@ -85,7 +85,7 @@ def _account(
     request: web.Request, response: web.StreamResponse | None, status: int, duration: float
 ) -> None:
     """Metrics, token usage and the access line for one request (synchronous; see
-    the caller). Reading a usage tap parses JSON: it belongs here, off the answer's path."""
+    the caller). Reading a usage tap decodes JSON: it belongs here, off the answer's path."""
     route = request.get(ROUTE)
     group = route.group if route else "unmatched"
     waited = request.get(UPSTREAM_WAIT)

@@ -57,7 +57,6 @@ __all__ = [
     "link_errors",
     "mapped_errors",
     "non_public_reason",
-    "translated",
 ]
 
 # aiohttp would otherwise invent these; a transparent relay sends the client's own.
@@ -76,7 +75,7 @@ def _cause_chain(exc: BaseException) -> Iterator[BaseException]:
 _UPSTREAM_FAILURES: Final = (aiohttp.ClientError, TimeoutError, OSError)
 
 
-def translated(exc: BaseException) -> RelaydError:
+def _translated(exc: BaseException) -> RelaydError:
     """The relayd error (502/504/413) for a failure of the upstream leg."""
     for cause in _cause_chain(exc):
         if isinstance(cause, LimitExceededError):
@@ -96,11 +95,11 @@ def translated(exc: BaseException) -> RelaydError:
 
 @contextlib.contextmanager
 def mapped_errors() -> Iterator[None]:
-    """Translate failures of the upstream leg into relayd errors (see :func:`translated`)."""
+    """Translate failures of the upstream leg into relayd errors (see :func:`_translated`)."""
     try:
         yield
     except _UPSTREAM_FAILURES as exc:
-        raise translated(exc) from exc
+        raise _translated(exc) from exc
 
 
 # aiohttp drops the body of a refused WebSocket handshake, so only the status can
@@ -501,7 +500,7 @@ class Upstream:
                     method, url, headers=headers, data=watch.wrap(data), allow_redirects=False
                 )
         except _UPSTREAM_FAILURES as exc:
-            raise translated(exc) from exc
+            raise _translated(exc) from exc
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[ClientSession]:

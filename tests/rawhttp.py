@@ -7,6 +7,8 @@ Every read is bounded by the caller's ``asyncio.timeout``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 from dataclasses import dataclass
 
 from aiohttp.test_utils import TestClient
@@ -22,6 +24,16 @@ class RawResponse:
 async def open_raw(client: TestClient) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     assert client.server.host is not None and client.server.port is not None
     return await asyncio.open_connection(client.server.host, client.server.port)
+
+
+def websocket_upgrade() -> dict[str, str]:
+    """The headers of a WebSocket handshake (RFC 6455 §4.1), with a fresh key."""
+    return {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+    }
 
 
 def head(method: str, target: str, headers: dict[str, str] | None = None) -> bytes:

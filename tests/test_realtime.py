@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from relayd.streams.websocket import sendable_close_code
 from tests.conftest import RELAY_KEY, RelayFactory
 from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
 from tests.fakes.realtime import USAGE
-from tests.rawhttp import head, open_raw, read_head
+from tests.rawhttp import head, open_raw, read_head, websocket_upgrade
 
 BOUND = 5.0  # seconds any single wait in this file may take
 URL = "/v1/realtime?model=gpt-realtime"
@@ -44,14 +42,8 @@ async def raw_handshake(
     relay: TestClient, path: str, headers: dict[str, str] | None = None
 ) -> aiohttp.ClientResponse:
     """A WebSocket handshake sent as a plain GET, so a refusal's body can be read."""
-    upgrade = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-    }
     async with asyncio.timeout(BOUND):
-        response = await relay.get(path, headers={**upgrade, **(headers or {})})
+        response = await relay.get(path, headers={**websocket_upgrade(), **(headers or {})})
         await response.read()
     return response
 
@@ -166,13 +158,7 @@ async def test_upstream_that_vanishes_closes_the_client_with_1011(
 async def test_client_that_vanishes_leaves_upstream_with_1011(
     relay: TestClient, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    upgrade = {
-        **AUTH,
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-    }
+    upgrade = {**AUTH, **websocket_upgrade()}
     async with asyncio.timeout(BOUND):
         reader, writer = await open_raw(relay)
         writer.write(head("GET", URL, upgrade))

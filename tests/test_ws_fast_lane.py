@@ -8,7 +8,6 @@ oversize frames), so each test pins what a peer sees, not how relayd got there.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import struct
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from relayd.streams import wsframes
 from tests.conftest import RELAY_KEY, RelayFactory
 from tests.fakes.openai import FakeOpenAI
-from tests.rawhttp import head, open_raw, read_head
+from tests.rawhttp import head, open_raw, read_head, websocket_upgrade
 
 BOUND = 5.0
 URL = "/v1/realtime?model=gpt-realtime"
@@ -60,13 +59,7 @@ async def read_frame(reader: Reader) -> tuple[int, bytes]:
 
 async def raw_session(relay: TestClient) -> tuple[Reader, Writer]:
     reader, writer = await open_raw(relay)
-    writer.write(head("GET", URL, {
-        **AUTH,
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-    }))
+    writer.write(head("GET", URL, {**AUTH, **websocket_upgrade()}))
     status, _ = await read_head(reader)
     assert status == 101
     return reader, writer

@@ -8,8 +8,6 @@ every route kind alike.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -27,16 +25,6 @@ from tests.reliability.faults import Exchange, FaultServer, scripts
 
 CANCEL_WITHIN_S = 1.0
 MULTIPART = "multipart/form-data; boundary=relaydtestboundary"
-
-
-def _ws_head(path: str) -> dict[str, str]:
-    return {
-        **AUTH,
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-    }
 
 
 async def _hang_up_when(
@@ -122,7 +110,7 @@ async def test_client_hangup_cancels_upstream_work_within_a_second(
     baseline = footprint(relay)
     all_headers = {**AUTH, **headers}
     if "realtime" in path:
-        all_headers.update(_ws_head(path))
+        all_headers.update(rawhttp.websocket_upgrade())
     elif body and "Content-Length" not in headers:
         all_headers["Content-Length"] = str(len(body))
     opening = rawhttp.head(method, path, all_headers) + body

@@ -1,8 +1,9 @@
 """The application factory: middlewares, resource lifetimes, and the route table.
 
-A request travels: access (request id, log line) → errors (OpenAI shape) → auth
-(route lookup, relay key, scopes) → limits (head size, media type, body size) →
-handler. Errors are rendered outside auth so that its refusals share the shape.
+A request travels: access (request id, log line) → errors (OpenAI shape) → paths
+(no path tricks, on every route) → auth (route lookup, relay key, scopes) → limits
+(head size, media type, body size) → handler. Errors are rendered outside auth so
+that its refusals share the shape.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from relayd.limits import limits_middleware
 from relayd.metrics import Metrics
 from relayd.observe import access_middleware, add_request_id, scrub_aiohttp_logs
 from relayd.openapi import actions_routes
-from relayd.policy import PathPolicy
+from relayd.policy import PathPolicy, path_middleware
 from relayd.routes import TABLE
 from relayd.routing import RouteTable
 from relayd.state import (
@@ -79,7 +80,13 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application:
     scrub_aiohttp_logs()  # aiohttp quotes client bytes (relay keys too) in two log lines
     app = web.Application(
-        middlewares=[access_middleware, error_middleware, auth_middleware, limits_middleware],
+        middlewares=[
+            access_middleware,
+            error_middleware,
+            path_middleware,  # a path trick is refused before the key is even asked for
+            auth_middleware,
+            limits_middleware,
+        ],
         client_max_size=settings.max_json_bytes,
         handler_args={"max_field_size": 16 * 1024},
     )

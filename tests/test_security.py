@@ -277,6 +277,60 @@ async def test_path_tricks_are_refused_before_upstream(
 
 
 @pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/%6frganization/admin_api_keys",  # 'o' encoded: upstream decodes it
+        "/v1/%61dmin/keys",
+        "/v1/%4Frganization/users",  # upper-case hex, and the policy ignores case
+        "/v1/evals/%7e",  # '~' is unreserved too
+        "/v1/evals/x#/../../organization/users",  # a fragment no server receives
+        "/v1/organization/users/..#",  # '..' hidden from the dot-segment rule by '#'
+        "/v1/evals#",
+        "/v1/evals?after=x#y",
+        "/v1/evals/%2561dmin",  # an encoded '%': a second decoding would differ
+        "/v1/evals/..;/organization/users",  # a dot segment with a path parameter
+    ],
+)
+async def test_the_policy_judges_the_path_upstream_will_see(
+    relay_factory: RelayFactory, fake: FakeOpenAI, target: str
+) -> None:
+    # Issue 11: with an allow pattern that also covers a denied family, encoded
+    # letters and fragments reached upstream, which decodes them.
+    relay = await relay_factory(policy_allow=("/v1/*",))
+    response = await rawhttp.request(relay, "GET", target, {"Authorization": f"Bearer {RELAY_KEY}"})
+    assert response.status == 400, target
+    assert_openai_error(json.loads(response.body), "invalid_path")
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/v1/models/%67pt-5", "/v1/models/gpt-5#x", "/v1/files/../models", "/v1/responses/%2e"],
+)
+async def test_path_tricks_are_400_on_every_route_before_the_key_is_asked(
+    relay: TestClient, fake: FakeOpenAI, target: str
+) -> None:
+    response = await rawhttp.request(relay, "GET", target)  # no key at all
+    assert response.status == 400, target
+    assert_openai_error(json.loads(response.body), "invalid_path")
+    assert fake.seen == []
+
+
+async def test_honest_encodings_still_pass(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    # Reserved characters and UTF-8 stay encodable: they mean the same to upstream.
+    relay = await relay_factory(policy_allow=("/v1/evals*",))
+    auth = {"Authorization": f"Bearer {RELAY_KEY}"}
+    response = await rawhttp.request(relay, "GET", "/v1/evals/ev%3A1%20caf%C3%A9?q=%61", auth)
+    assert response.status == 200
+    assert fake.seen[-1].path == "/v1/evals/ev:1 café"
+    response = await rawhttp.request(relay, "GET", "/v1/models/ft%3Agpt-4o%3Aorg", auth)
+    assert response.status == 200
+    assert fake.seen[-1].path == "/v1/models/ft:gpt-4o:org"
+
+
+@pytest.mark.parametrize(
     "path, content_type",
     [
         ("/v1/responses", "text/plain"),

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 
 from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
 from relayd.headers import decompress, redact_secrets, response_headers
-from relayd.policy import check_raw_path
+from relayd.policy import upstream_path
 from relayd.state import (
     BROKEN,
     METRICS,
@@ -64,10 +64,9 @@ _CLIENT_BODY: Final = object()
 
 
 def checked_path(request: web.Request) -> str:
-    """The raw path and query, refused (400) if it hides a path trick."""
-    problem = check_raw_path(request.raw_path)
-    if problem is not None:
-        raise BadRequestError(f"Invalid request path: {problem}.", code="invalid_path")
+    """The raw path and query, refused (400) if it hides a path trick (the path
+    middleware refused it already; handlers ask again so that none relies on it)."""
+    upstream_path(request.raw_path)
     return request.raw_path
 
 

@@ -26,7 +26,7 @@ from relayd.handlers.common import (
     relay,
 )
 from relayd.handlers.payload import json_body
-from relayd.policy import Verdict
+from relayd.policy import Verdict, upstream_path
 from relayd.state import POLICY, TABLE, UPSTREAM
 from relayd.upstream import mapped_errors
 
@@ -80,8 +80,9 @@ async def download_file(request: web.Request) -> web.StreamResponse:
 
 
 async def forward_by_policy(request: web.Request) -> web.StreamResponse:
-    """The catch-all under ``/v1/``: paths the route table does not declare."""
-    path = checked_path(request).split("?", 1)[0]
+    """The catch-all under ``/v1/``: paths the route table does not declare, judged
+    by their decoded path, the one upstream resolves."""
+    path = upstream_path(request.raw_path)
     allowed = request.app[TABLE].methods_for(path)
     if allowed:
         raise MethodNotAllowedError(

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
+import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import requests
@@ -32,8 +33,9 @@ from schemathesis.specs.openapi.checks import (
 from yarl import URL
 
 from relayd.app import create_app
+from relayd.config import DEFAULT_DENY
 from relayd.errors import BadRequestError, PermissionDeniedError
-from relayd.policy import PathPolicy, Verdict, check_raw_path
+from relayd.policy import PathPolicy, Verdict, check_raw_path, upstream_path
 from relayd.proxy_policy import check_proxy_call, normalise_path
 from relayd.routes import TABLE
 from tests.conftest import CANARY, RELAY_KEY, make_settings
@@ -188,6 +190,93 @@ def test_an_accepted_raw_path_means_the_same_once_decoded(raw: str) -> None:
         assert segment or index == len(segments) - 1, raw  # only a trailing slash
     path = raw.split("?", 1)[0]
     assert posixpath.normpath(path) == path.rstrip("/") or path == "/v1/", raw
+
+
+# Targets as an attacker writes them: segments of the denied families' names with
+# one letter percent-encoded (either case of hex), dots bare and encoded, separators
+# bare and encoded, fragments and parameters, glued in any order.
+_WORDS = ("v1", "organization", "admin", "files", "evals", "x")
+_PIECES = st.sampled_from(
+    [".", "..", "%2e", "%2E", "%2f", "%5c", "%25", "%3b", "%3f", "%23", "%20", "%7e", "~",
+     "#", "?", ";", "\\", ":", "@", "/", "//", "%e2%80%a8", "%ff", "%6", "a", "o"]
+)
+
+
+@st.composite
+def _disguised_word(draw: st.DrawFn) -> str:
+    word = draw(st.sampled_from(_WORDS))
+    index = draw(st.integers(0, len(word) - 1))
+    escape = f"%{ord(word[index]):02{draw(st.sampled_from(['x', 'X']))}}"
+    return word[:index] + escape + word[index + 1 :]
+
+
+_SEGMENTS = st.lists(
+    st.one_of(st.sampled_from(_WORDS), _disguised_word(), _PIECES,
+              st.lists(_PIECES, min_size=2, max_size=4).map("".join)),
+    max_size=6,
+)
+_TARGETS = st.tuples(st.sampled_from(["/v1/", "/"]), _SEGMENTS, st.sampled_from(["", "/"])).map(
+    lambda parts: parts[0] + "/".join(parts[1]) + parts[2]
+)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4, as written."""
+    source, out = path, ""
+    while source:
+        if source.startswith(("../", "./")):
+            source = source[source.index("/") + 1 :]
+        elif source.startswith("/./") or source == "/.":
+            source = "/" + source[3:]
+        elif source.startswith("/../") or source == "/..":
+            source = "/" + source[4:]
+            out = out[: out.rfind("/")] if "/" in out else ""
+        elif source in (".", ".."):
+            source = ""
+        else:
+            end = source.find("/", 1)
+            end = len(source) if end == -1 else end
+            out, source = out + source[:end], source[end:]
+    return out
+
+
+def _resolutions_upstream(target: str) -> set[str]:
+    """The paths a normal server may resolve ``target`` to: the fragment dropped,
+    percent-decoded once and dot segments removed, in either order, and also with
+    backslashes read as slashes and empty segments collapsed."""
+    path = urlsplit(target).path
+    found = set()
+    for decode_first in (True, False):
+        for lenient in (False, True):
+            candidate = path.replace("\\", "/") if lenient else path
+            if decode_first:
+                candidate = unquote(candidate)
+            if lenient:
+                candidate = re.sub("/{2,}", "/", candidate)
+            candidate = _remove_dot_segments(candidate)
+            found.add(candidate if decode_first else unquote(candidate))
+    return found
+
+
+@given(_TARGETS)
+@example("/v1/%6frganization/admin_api_keys")
+@example("/v1/%61dmin/keys")
+@example("/v1/organization/x/..#")
+@example("/v1/evals#/../organization")
+@settings(max_examples=1000, deadline=None, database=None)
+def test_no_target_the_policy_passes_resolves_upstream_to_a_denied_path(target: str) -> None:
+    # The whole catch-all decision: the path gate, then the operator's patterns on
+    # the decoded path, with an allow pattern that also covers the denied families.
+    policy = PathPolicy(["/v1/*"], DEFAULT_DENY)
+    try:
+        judged = upstream_path(target)
+    except BadRequestError:
+        return
+    if policy.decide(judged)[0] is not Verdict.ALLOW:
+        return
+    for resolved in _resolutions_upstream(target):
+        assert resolved == judged, (target, resolved)
+        assert policy.decide(resolved)[0] is Verdict.ALLOW, (target, resolved)
 
 
 _PROXY_PATHS = st.one_of(

@@ -7,11 +7,13 @@ own, so it is narrow on purpose. A call passes only if, in this order:
    dot), backslashes read as slashes, empty segments dropped, no dot segments, no
    whitespace or control characters, no absolute URL, no query or fragment;
 2. no block matches the lower-cased path (so case tricks meet the block too):
-   ``stream: true``, ``:`` paths, the blocked families (admin, organization,
+   a stream asked for in any spelling (``stream`` in the body or the query, any
+   value but false), ``:`` paths, the blocked families (admin, organization,
    webhooks, moderations, realtime, uploads, audio), ``/content`` and ``/results``,
    the proxy itself, and every endpoint the route table marks multipart;
 3. the route table serves exactly that method and path (case-sensitive), in one of
-   the allowed families below.
+   the allowed families below. The call carries that route's group: the caller's key
+   needs its scope as well as ``proxy`` (handlers/proxy.py checks it).
 
 Every refusal is a 403 with its reason (a malformed envelope is a 400).
 This module is apart from policy.py, which rules the catch-all by operator patterns;
@@ -74,6 +76,7 @@ class ProxyCall:
     method: str
     path_qs: str  # normalised path and encoded query, ready for Upstream.open()
     body: Any
+    group: str  # the route group of the target: a key needs its scope too
 
 
 def _blocked(reason: str) -> PermissionDeniedError:
@@ -118,6 +121,21 @@ def normalise_path(raw: str) -> str:
     return "/" + "/".join(segments)
 
 
+def _asks_for_stream(body: Any, query: Mapping[str, Any] | None) -> bool:
+    """Whether a stream is asked for in any spelling. Only false (or null, or
+    absent) passes: upstream, or anything between, may read ``"true"``, ``1``,
+    ``"false"`` (a non-empty string) or ``["true"]`` as true."""
+    if isinstance(body, dict) and body.get("stream", False) not in (False, None):
+        return True
+    for name, value in (query or {}).items():
+        if name.lower().rstrip("[]") != "stream":
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item is not False and not (isinstance(item, str) and item.lower() == "false"):
+                return True
+    return False
+
+
 def _query(query: Mapping[str, Any] | None) -> dict[str, str | list[str]]:
     out: dict[str, str | list[str]] = {}
     for name, value in (query or {}).items():
@@ -144,10 +162,10 @@ def check_proxy_call(
     """The upstream call an envelope stands for, or the 400/403 that refuses it."""
     path = normalise_path(raw_path)
     lowered = path.lower()
-    if isinstance(body, dict) and body.get("stream") is True:
+    if _asks_for_stream(body, query):
         raise _blocked(
-            "stream=true is not allowed (ChatGPT cannot read a stream; scripts can use "
-            "/v1/actions/responses/stream)"
+            "stream=true (or any stream value but false) is not allowed (ChatGPT cannot "
+            "read a stream; scripts can use /v1/actions/responses/stream)"
         )
     if ":" in path:
         raise _blocked("':' paths are not allowed")
@@ -177,4 +195,6 @@ def check_proxy_call(
     if method in ("GET", "DELETE") and body:
         raise BadRequestError(f"{method} calls take no body.", param="body")
     encoded = URL.build(path=path, query=_query(query))
-    return ProxyCall(method, str(encoded), body if method not in ("GET", "DELETE") else None)
+    return ProxyCall(
+        method, str(encoded), body if method not in ("GET", "DELETE") else None, route.group
+    )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from relayd.config import RelayKey
 from relayd.proxy_policy import normalise_path
 from tests.conftest import RELAY_KEY
 from tests.fakes.openai import FakeOpenAI
@@ -244,3 +246,101 @@ async def test_upstream_errors_come_back_redacted(relay: TestClient) -> None:
                                         "body": {"model": "error-500"}})
     assert status == 500
     assert answer["error"]["message"] == "Simulated upstream error 500"
+
+
+# ----------------------------------------------------------------------- issue 11
+
+SCOPED_SECRET = "rk-proxy-only-key-0000000000"
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("GET", "/v1/files", None),
+        ("DELETE", "/v1/files/file-abc", None),
+        ("POST", "/v1/responses", {"model": "gpt-5", "input": "hi"}),
+        ("GET", "/v1/models", None),
+    ],
+)
+async def test_a_proxy_call_needs_the_scope_of_the_route_it_reaches(
+    relay_factory: Any, fake: FakeOpenAI, method: str, path: str, body: Any
+) -> None:
+    proxy_only = RelayKey(
+        "gpt-proxy", hashlib.sha256(SCOPED_SECRET.encode()).digest(), frozenset({"proxy"})
+    )
+    relay = await relay_factory(keys=(proxy_only,))
+    envelope: dict[str, Any] = {"method": method, "path": path}
+    if body is not None:
+        envelope["body"] = body
+    response = await relay.post(
+        "/v1/proxy", json=envelope, headers={"Authorization": f"Bearer {SCOPED_SECRET}"}
+    )
+    answer = await response.json()
+    assert response.status == 403, answer
+    assert answer["error"]["code"] == "key_scope"
+    assert "gpt-proxy" in answer["error"]["message"]
+    assert fake.seen == []
+
+
+async def test_a_proxy_call_passes_with_both_scopes(
+    relay_factory: Any, fake: FakeOpenAI
+) -> None:
+    both = RelayKey(
+        "gpt-files", hashlib.sha256(SCOPED_SECRET.encode()).digest(),
+        frozenset({"proxy", "files"}),
+    )
+    relay = await relay_factory(keys=(both,))
+    headers = {"Authorization": f"Bearer {SCOPED_SECRET}"}
+    response = await relay.post("/v1/proxy", json={"method": "GET", "path": "/v1/files"},
+                                headers=headers)
+    assert response.status == 200
+    response = await relay.post("/v1/proxy", json={"method": "GET", "path": "/v1/models"},
+                                headers=headers)
+    assert response.status == 403
+    assert [s.path for s in fake.seen] == ["/v1/files"]
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        {"body": {"model": "gpt-5", "stream": "true"}},
+        {"body": {"model": "gpt-5", "stream": "True"}},
+        {"body": {"model": "gpt-5", "stream": 1}},
+        {"body": {"model": "gpt-5", "stream": "1"}},
+        {"body": {"model": "gpt-5", "stream": ["true"]}},
+        {"body": {"model": "gpt-5", "stream": {"x": 1}}},
+        {"body": {"model": "gpt-5", "stream": "false"}},  # truthy to a lax reader
+        {"body": {"model": "gpt-5"}, "query": {"stream": "true"}},
+        {"body": {"model": "gpt-5"}, "query": {"stream": True}},
+        {"body": {"model": "gpt-5"}, "query": {"stream": "TRUE"}},
+        {"body": {"model": "gpt-5"}, "query": {"stream": ["false", "true"]}},
+        {"body": {"model": "gpt-5"}, "query": {"Stream": "yes"}},
+        {"body": {"model": "gpt-5"}, "params": {"stream": 1}},
+    ],
+    ids=["str-true", "str-True", "one", "str-one", "list", "object", "str-false", "query",
+         "query-bool", "query-upper", "query-list", "query-name-case", "params"],
+)
+async def test_every_spelling_of_stream_true_is_refused(
+    relay: TestClient, fake: FakeOpenAI, envelope: dict[str, Any]
+) -> None:
+    status, answer = await call(relay, {"method": "POST", "path": "/v1/responses", **envelope})
+    assert status == 403, answer
+    assert answer["error"]["code"] == "proxy_blocked"
+    assert "stream" in answer["error"]["message"]
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        {"body": {"model": "gpt-5", "stream": False}},
+        {"body": {"model": "gpt-5", "stream": None}},
+        {"body": {"model": "gpt-5"}, "query": {"stream": False}},
+        {"body": {"model": "gpt-5"}, "query": {"stream": "False"}},
+    ],
+)
+async def test_stream_false_still_passes(
+    relay: TestClient, fake: FakeOpenAI, envelope: dict[str, Any]
+) -> None:
+    status, answer = await call(relay, {"method": "POST", "path": "/v1/responses", **envelope})
+    assert status == 200, answer

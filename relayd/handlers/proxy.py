@@ -2,14 +2,17 @@
 
 The envelope is ``{method, path, query|params, body|json}`` (the predecessor's
 names). proxy_policy.py decides; a refusal is a 403 with its reason and nothing
-goes upstream. JSON answers come back cut to ChatGPT's character limit when they
-must be (with a note saying so); anything else comes back as upstream sent it.
+goes upstream. The key needs the scope of the route the call reaches, not only
+``proxy``: otherwise a key scoped to ``proxy`` could list and delete files. JSON
+answers come back cut to ChatGPT's character limit when they must be (with a note
+saying so); anything else comes back as upstream sent it.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from relayd.errors import PermissionDeniedError
 from relayd.fit import fit_json
 from relayd.handlers.common import send_back
 from relayd.handlers.payload import (
@@ -22,7 +25,7 @@ from relayd.handlers.payload import (
 )
 from relayd.proxy_policy import check_proxy_call
 from relayd.schemas import ProxyRequest
-from relayd.state import SETTINGS, TABLE
+from relayd.state import KEY, SETTINGS, TABLE
 
 __all__ = ["proxy"]
 
@@ -36,6 +39,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         envelope.get("query"),
         envelope.get("body"),
     )
+    key = request.get(KEY)  # None when no keys are configured (loopback) or public
+    if key is not None and not key.allows(call.group):
+        raise PermissionDeniedError(
+            f"The relay key '{key.name}' may not use the '{call.group}' routes "
+            "(through /v1/proxy either).",
+            code="key_scope",
+        )
     data = None
     if call.method not in ("GET", "DELETE"):
         data = json_body(call.body if call.body is not None else {})

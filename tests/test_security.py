@@ -397,6 +397,39 @@ async def test_bad_json_on_a_parsing_route_is_400(
     assert fake.seen == []
 
 
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/actions/responses", "[" * 100_000),
+        ("/v1/responses:stream", "[" * 100_000),
+        ("/v1/proxy", "[" * 100_000),
+        ("/v1/proxy", '{"method": "POST", "path": "/v1/embeddings", "body": {"input": '
+         + _nested(900) + "}}"),
+        ("/v1/responses:stream", '{"model": "gpt-5", "input": ' + _nested(900) + "}"),
+        ("/v1/actions/responses", '{"input": "hi", "metadata": ' + '{"a":' * 300
+         + "1" + "}" * 300 + "}"),
+    ],
+    ids=["wrapper-unclosed", "stream-unclosed", "proxy-unclosed", "proxy-deep", "stream-deep",
+         "wrapper-deep-object"],
+)
+async def test_deeply_nested_json_is_400_not_500(
+    relay: TestClient, auth: dict[str, str], fake: FakeOpenAI, path: str, body: str
+) -> None:
+    # Issue 11: Python's parser (and every encoder after it) recurses; deep nesting
+    # raised RecursionError, a 500.
+    response = await relay.post(
+        path, data=body.encode(), headers={**auth, "Content-Type": "application/json"}
+    )
+    assert response.status == 400, await response.text()
+    assert_openai_error(await response.json(), "invalid_json")
+    assert "nest" in (await response.json())["error"]["message"]
+    assert fake.seen == []
+
+
 async def test_responses_stream_route_forces_stream(
     relay: TestClient, auth: dict[str, str], fake: FakeOpenAI
 ) -> None:

@@ -44,8 +44,10 @@ from relayd.upstream import mapped_errors
 from relayd.usage import UsageTap
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "checked_path",
     "exchange",
+    "parse_json",
     "read_capped",
     "read_json_object",
     "relay",
@@ -61,6 +63,13 @@ ERROR_BODY_CAP: Final = 1024 * 1024
 SMALL_BODY: Final = 64 * 1024
 
 _CLIENT_BODY: Final = object()
+
+# How deeply a client's JSON may nest. Python's parser and encoders recurse (the
+# interpreter's limit is about 1,000 frames, shared with the handler's own stack),
+# so a body nested a few hundred deep fails with RecursionError in json.loads, in
+# validation or when re-encoded for upstream. OpenAI's own bodies nest a few tens
+# deep at most (structured-output schemas allow 10 levels).
+MAX_JSON_DEPTH: Final = 128
 
 
 def checked_path(request: web.Request) -> str:
@@ -252,12 +261,52 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLargeError(too_large) from exc
+    payload = parse_json(raw)
+    if not isinstance(payload, dict):
+        raise BadRequestError("Request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+def parse_json(raw: bytes) -> Any:
+    """A client's JSON document: the one place relayd parses one. Malformed JSON,
+    invalid UTF-8 and nesting deeper than :data:`MAX_JSON_DEPTH` are the client's
+    mistake (400 ``invalid_json``), never a RecursionError's 500."""
     try:
-        payload = json.loads(raw.decode("utf-8"))
+        document = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequestError(
             f"Request body is not valid JSON: {exc}.", code="invalid_json"
         ) from exc
-    if not isinstance(payload, dict):
-        raise BadRequestError("Request body must be a JSON object.", code="invalid_json")
-    return payload
+    except RecursionError:
+        raise _too_deep() from None
+    # Each level needs an opening bracket: counting them (in C) spares nearly every
+    # body the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(document) > MAX_JSON_DEPTH:
+        raise _too_deep()
+    return document
+
+
+def _too_deep() -> BadRequestError:
+    return BadRequestError(
+        f"Request body nests deeper than {MAX_JSON_DEPTH} levels, more than this relay "
+        "accepts.",
+        code="invalid_json",
+    )
+
+
+def _depth(document: Any) -> int:
+    """How deeply ``document`` nests (a scalar is 0), without recursing."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(document, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return depth  # deep enough to refuse: no need to walk the rest
+        deepest = max(deepest, depth)
+        stack.extend((item, depth) for item in value if isinstance(item, dict | list))
+    return deepest

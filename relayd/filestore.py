@@ -85,7 +85,9 @@ class _Signer:
 
     def verify(self, token: str, now: float) -> Claims:
         payload, _, mac = token.partition(".")
-        if not mac or not hmac.compare_digest(mac, self._mac(payload)):
+        # A token we made is URL-safe base64, so ASCII; compare_digest raises
+        # TypeError on any other str, which must not be a 500.
+        if not mac or not token.isascii() or not hmac.compare_digest(mac, self._mac(payload)):
             raise NotFoundError("This download link is not valid.", code="link_invalid")
         try:
             body: dict[str, Any] = json.loads(_unb64(payload))

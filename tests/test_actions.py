@@ -340,6 +340,20 @@ async def test_large_images_come_back_as_signed_links_anyone_can_fetch_briefly(
     assert (await expired.json())["error"]["code"] == "link_expired"
 
 
+@pytest.mark.parametrize(
+    "token",
+    ["abc.d%C3%A9f", "%C3%A9t%C3%A9.abc", "abc.%E2%80%A8", "abc.\u00e9", "x.%F0%9F%98%80"],
+)
+async def test_a_token_with_non_ascii_characters_is_an_invalid_link(
+    relay: TestClient, caplog: pytest.LogCaptureFixture, token: str
+) -> None:
+    # Issue 11: comparing a non-ASCII signature raised TypeError, a 500 with a traceback.
+    response = await relay.get(f"/v1/actions/downloads/{token}")
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "link_invalid"
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
 async def test_file_content_comes_back_inline_or_as_a_link(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:

@@ -159,6 +159,26 @@ _JOURNAL_PRIORITY: Final = {
 }
 
 
+def _printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped as in a Python
+    literal (``\\n``, ``\\x1b``, ``\\u2028``): control characters, line and
+    paragraph separators, bidi overrides. What a client sent (a decoded path, a
+    query value, an exception's text) then cannot start a forged log line or
+    drive the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _field(name: str, value: object) -> str:
+    """``name=value``, the value quoted (logfmt) when it holds a space, ``=`` or ``"``,
+    so that a client's text cannot pose as another field of the line."""
+    text = _printable(str(value))
+    if not text or any(c in text for c in ' ="'):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{_printable(name)}={text}"
+
+
 class _Formatter(logging.Formatter):
     def __init__(self, *, json_lines: bool, journald: bool) -> None:
         super().__init__()
@@ -179,12 +199,16 @@ class _Formatter(logging.Formatter):
                 entry["exc"] = self.formatException(record.exc_info)
             line = json.dumps(entry, default=str)
         else:
-            extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-            line = f"{record.levelname.lower():<7} {record.name}: {record.getMessage()}"
+            extra = " ".join(_field(k, v) for k, v in fields.items() if v is not None)
+            message = _printable(record.getMessage())
+            line = f"{record.levelname.lower():<7} {record.name}: {message}"
             if extra:
                 line += " " + extra
             if record.exc_info:
-                line += "\n" + self.formatException(record.exc_info)
+                # A traceback keeps its lines, each indented: only a record's first
+                # line starts at the margin, whatever an exception's text holds.
+                trace = self.formatException(record.exc_info).split("\n")
+                line += "".join("\n    " + _printable(part) for part in trace)
         if self._journald:
             # SyslogLevelPrefix=yes (the default) turns <N> into the journal PRIORITY.
             line = f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{line}"

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 
 import openai
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpClient
 
+from relayd.app import create_app
 from relayd.observe import _Formatter
-from tests.conftest import RELAY_KEY
+from relayd.routes import TABLE
+from relayd.routing import Exposure, Route, RouteTable
+from tests.conftest import RELAY_KEY, make_settings
 
 BODY_CANARY = "body-canary-7d1f0a"
 
@@ -74,3 +81,80 @@ def test_journald_priority_prefixes() -> None:
     assert formatter.format(_record(logging.INFO)).startswith("<6>")
     assert formatter.format(_record(logging.ERROR)).startswith("<3>")
     assert formatter.format(_record(logging.WARNING)).startswith("<4>")
+
+
+# ------------------------------------------------------------ issue 11: forged lines
+
+FORGERY = "x\ninfo    relayd.access: access status=200\r\x1b[2K\u2028\u202e\x85"
+
+
+def _console(record: logging.LogRecord) -> str:
+    return _Formatter(json_lines=False, journald=False).format(record)
+
+
+def test_a_console_record_stays_one_line_whatever_a_client_sent() -> None:
+    record = logging.LogRecord(
+        "relayd.errors", logging.INFO, __file__, 1, "unhandled error on %s %s", ("GET", FORGERY),
+        None,
+    )
+    record.fields = {"model": FORGERY, "ke\ny": "v", "note": "a b=c"}
+    line = _console(record)
+    assert len(line.splitlines()) == 1, line
+    assert line.isprintable()
+    assert "x\\ninfo    relayd.access: access status=200\\r\\x1b[2K\\u2028\\u202e\\x85" in line
+    assert 'ke\\ny=v' in line
+    assert 'note="a b=c"' in line  # a value with spaces cannot pose as more fields
+    assert 'model="x\\\\ninfo' in line
+
+
+def test_a_traceback_keeps_its_lines_but_no_forged_line_starts_at_the_margin() -> None:
+    try:
+        raise RuntimeError(FORGERY)
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord(
+        "relayd.errors", logging.ERROR, __file__, 1, "unhandled error", None, exc_info
+    )
+    lines = _console(record).split("\n")
+    assert lines[0] == "error   relayd.errors: unhandled error"
+    assert len(lines) > 2 and all(line.startswith("    ") for line in lines[1:])
+    assert all(line.isprintable() for line in lines)
+
+
+def test_json_lines_escape_what_a_client_sent() -> None:
+    record = logging.LogRecord(
+        "relayd.errors", logging.INFO, __file__, 1, "path %s", (FORGERY,), None
+    )
+    record.fields = {"model": FORGERY}
+    line = _Formatter(json_lines=True, journald=False).format(record)
+    assert len(line.splitlines()) == 1 and line.isprintable()
+    entry = json.loads(line)
+    assert entry["msg"] == "path " + FORGERY and entry["model"] == FORGERY
+
+
+async def test_a_decoded_path_in_an_error_log_is_one_escaped_line(
+    aiohttp_client: AiohttpClient, fake_server: TestServer
+) -> None:
+    async def boom(request: web.Request) -> web.StreamResponse:
+        raise RuntimeError(f"cannot handle {request.path}")
+
+    table = RouteTable(
+        [Route("GET", "/boom/{x}", boom, "meta", Exposure.PUBLIC, "boom", "Fail"), *TABLE]
+    )
+    settings = make_settings(upstream_url=str(fake_server.make_url("")))
+    client = await aiohttp_client(create_app(settings, table))
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(_Formatter(json_lines=False, journald=False))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        # U+2028 and U+0085 end a line for many readers; U+202E reverses the text after it.
+        response = await client.get("/boom/a%E2%80%A8info%20relayd.access:%20forged%C2%85%E2%80%AE")
+    finally:
+        root.removeHandler(handler)
+    assert response.status == 500
+    [first] = [line for line in out.getvalue().splitlines() if "unhandled error" in line]
+    assert "/boom/a\\u2028info relayd.access: forged\\x85\\u202e" in first
+    assert not [line for line in out.getvalue().splitlines() if line.startswith("info relayd")]
+    assert all(line.isprintable() for line in out.getvalue().splitlines())

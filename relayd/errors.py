@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
-from relayd.state import ERROR_CODE
+from relayd.state import ERROR_CODE, TABLE
 
 __all__ = [
     "AuthenticationError",
@@ -194,7 +194,7 @@ _HTTP_EXCEPTIONS: dict[int, type[RelaydError]] = {
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> RelaydError:
     kind = _HTTP_EXCEPTIONS.get(exc.status, ClientRequestError if exc.status < 500 else RelaydError)
     if exc.status == 404:
-        message = f"Unknown request URL: {request.method} {request.path}."
+        message = f"Unknown request URL: {request.method} {request.path}." + _under_v1(request)
     elif exc.status == 405:
         allowed = exc.headers.get("Allow", "")
         message = f"Method {request.method} is not allowed on {request.path}; allowed: {allowed}."
@@ -204,6 +204,21 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Relayd
         message = exc.reason or HTTPStatus(exc.status).phrase
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
     return kind(message, headers=headers)
+
+
+def _under_v1(request: web.Request) -> str:
+    """The hint for an SDK whose ``base_url`` lacks ``/v1`` (``OpenAI(base_url=
+    "http://host:8080")`` asks for ``POST /responses``): said only when the route
+    table serves that path under ``/v1``."""
+    table = request.app.get(TABLE)
+    if table is None or request.path.startswith("/v1/") or not table.methods_for(
+        "/v1" + request.path
+    ):
+        return ""
+    return (
+        f" This relay serves the OpenAI API under /v1 (/v1{request.path}): add /v1 to "
+        "the SDK's base_url, e.g. base_url=\"http://127.0.0.1:8080/v1\"."
+    )
 
 
 @web.middleware

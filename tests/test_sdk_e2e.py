@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+from typing import Any
 
 import openai
 import pytest
@@ -431,3 +432,41 @@ async def test_chat_completions_stream_is_data_only_sse_ending_with_done(
     for seen in chat:
         assert json.loads(seen.body)["stream"] is True
         assert_relay_credentials_stayed_behind(seen)
+
+
+# ------------------------------------------------------------- a forgotten /v1
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda sdk: sdk.responses.create(model="gpt-5", input="hi"),
+        lambda sdk: sdk.chat.completions.create(
+            model="gpt-5", messages=[{"role": "user", "content": "hi"}]
+        ),
+        lambda sdk: sdk.files.retrieve("file-abc"),
+        lambda sdk: sdk.models.list(),
+    ],
+    ids=["responses", "chat", "files", "models"],
+)
+async def test_a_base_url_without_v1_gets_a_404_that_says_to_add_it(
+    relay: TestClient, fake: FakeOpenAI, call: Any
+) -> None:
+    # The operator's first hour (issue 11): OpenAI(base_url="http://host:8080").
+    client = openai.AsyncOpenAI(
+        base_url=str(relay.make_url("")), api_key=RELAY_KEY, max_retries=0, timeout=30
+    )
+    async with client:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await call(client)
+    error = caught.value.body
+    assert isinstance(error, dict) and error["code"] == "unknown_url"
+    assert error["type"] == "invalid_request_error"
+    assert "/v1" in error["message"] and "base_url" in error["message"]
+    assert fake.seen == []
+
+
+async def test_an_unknown_path_outside_v1_gets_no_hint(relay: TestClient) -> None:
+    response = await relay.get("/nothing/here", headers={"Authorization": f"Bearer {RELAY_KEY}"})
+    assert response.status == 404
+    assert "base_url" not in (await response.json())["error"]["message"]

@@ -5,8 +5,10 @@
   fake OpenAI behind it. No answer may be a 5xx relayd made itself (a 5xx the
   fake produced and relayd passed through is the fake's), and every answer must
   fit the document: status, media type, schema (relayd's own errors and answers).
-- hypothesis checks the two path gates: ``check_raw_path`` (pass-through routes)
-  and the ``/v1/proxy`` normaliser and policy, plus the operator's ``PathPolicy``.
+- hypothesis checks the two path gates: ``check_raw_path`` (every route) and the
+  ``/v1/proxy`` normaliser and policy, plus the operator's ``PathPolicy``; and that
+  no target the gate and the policy pass resolves, at an upstream that decodes and
+  removes dot segments like a normal server, to a path the policy denies.
 """
 
 from __future__ import annotations

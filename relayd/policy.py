@@ -12,12 +12,13 @@ Two questions, answered in this order:
    - a percent-encoded unreserved character (``%61`` for ``a``): RFC 3986 §2.3 makes
      it equivalent to the plain character and says it should not be encoded, so no
      honest client sends one, and ``/v1/%61dmin`` is ``/v1/admin`` to upstream;
-   - an encoded ``/``, backslash, ``%``, ``?`` or ``#`` (a second decoding or a lax
-     parser anywhere would see another path), an encoded control byte, a malformed
-     escape, or bytes that are not UTF-8;
+   - an encoded ``/``, backslash, ``%``, ``?``, ``#`` or ``;`` (a second decoding
+     or a lax parser anywhere would see another path), an encoded control byte, a
+     malformed escape, or bytes that are not UTF-8;
    - a character outside RFC 3986's ``pchar`` (raw backslash, space, control bytes,
-     raw non-ASCII), empty segments, and dot segments (``.``, ``..``, also with a
-     ``;`` parameter, which some servers strip before resolving).
+     raw non-ASCII), and ``;``: some servers strip ``;params`` from a segment before
+     resolving it (``/..;/``), and no OpenAI path has one;
+   - empty segments and dot segments (``.``, ``..``).
 
 2. For paths outside the route table (the catch-all): does the configured policy
    deny the decoded path (403), allow it, or not know it (404)? Deny wins over allow.
@@ -40,15 +41,17 @@ from relayd.routing import Handler
 __all__ = ["PathPolicy", "Verdict", "check_raw_path", "path_middleware", "upstream_path"]
 
 # RFC 3986 §3.3: segment = *pchar; pchar = unreserved / pct-encoded / sub-delims / ":" / "@"
-_PATH: Final = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+# (less ";", see above)
+_PATH: Final = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/%]*")
 _ESCAPE: Final = re.compile(r"%(.{0,2})", re.DOTALL)
 _HEX_PAIR: Final = re.compile(r"[0-9A-Fa-f]{2}")
 # RFC 3986 §2.3: ALPHA / DIGIT / "-" / "." / "_" / "~"
 _UNRESERVED: Final = re.compile(r"[A-Za-z0-9\-._~]")
 # Beyond the unreserved ones, bytes that must not hide behind a percent sign.
 # A second parser (a decoding hop, a lax server) would read them as separators.
-_NEVER_ENCODED: Final = {0x2F: "'/'", 0x5C: "backslash", 0x25: "'%'", 0x3F: "'?'", 0x23: "'#'"}
-_DOT_SEGMENT: Final = re.compile(r"\.{1,2}(?:;.*)?", re.DOTALL)
+_NEVER_ENCODED: Final = {
+    0x2F: "'/'", 0x5C: "backslash", 0x25: "'%'", 0x3F: "'?'", 0x23: "'#'", 0x3B: "';'"
+}
 
 
 class _UnsafePathError(ValueError):
@@ -70,12 +73,12 @@ def _resolve(raw_target: str) -> str:
             decoded = unquote(path, errors="strict")
         except UnicodeDecodeError:
             raise _UnsafePathError("percent-encoded bytes that are not UTF-8") from None
-    segments = decoded.split("/")[1:]
-    for index, segment in enumerate(segments):
-        if not segment and index < len(segments) - 1:
-            raise _UnsafePathError("an empty segment ('//')")
-        if _DOT_SEGMENT.fullmatch(segment):
-            raise _UnsafePathError(f"the dot segment {segment!r}")
+    if "//" in decoded:
+        raise _UnsafePathError("an empty segment ('//')")
+    if "." in decoded:
+        for segment in decoded.split("/"):
+            if segment in (".", ".."):
+                raise _UnsafePathError(f"the dot segment {segment!r}")
     return decoded
 
 

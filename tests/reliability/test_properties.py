@@ -245,7 +245,7 @@ def _remove_dot_segments(path: str) -> str:
 def _resolutions_upstream(target: str) -> set[str]:
     """The paths a normal server may resolve ``target`` to: the fragment dropped,
     percent-decoded once and dot segments removed, in either order, and also with
-    backslashes read as slashes and empty segments collapsed."""
+    backslashes read as slashes, empty segments collapsed and ``;params`` dropped."""
     path = urlsplit(target).path
     found = set()
     for decode_first in (True, False):
@@ -255,6 +255,8 @@ def _resolutions_upstream(target: str) -> set[str]:
                 candidate = unquote(candidate)
             if lenient:
                 candidate = re.sub("/{2,}", "/", candidate)
+            if lenient:  # servers that drop ;params before resolving (/..;/)
+                candidate = re.sub(";[^/]*", "", candidate)
             candidate = _remove_dot_segments(candidate)
             found.add(candidate if decode_first else unquote(candidate))
     return found

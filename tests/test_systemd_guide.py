@@ -1,0 +1,158 @@
+"""systemd/README.md, followed word for word, gives a relayd that passes check-config.
+
+The guide's shell blocks (the ```bash fences of its "Install" section) run, in order,
+in one bash process, against a temporary root that stands in for a fresh machine:
+
+- Paths under ``/etc/``, ``/opt/``, ``/var/lib/`` and ``/usr/local/`` are rewritten
+  to the same paths under ``tmp_path / "root"`` (:data:`MAPPED_PREFIXES`); the
+  skeleton a fresh Debian has (``/etc/systemd/system``, ``/opt``, ``/var/lib``,
+  ``/usr/local/bin``) is created first. Nothing else is rewritten, so ``/dev/stdin``
+  and relative paths (the guide runs from a relayd checkout) stay what they are.
+- Commands that need a real systemd, root or a network are replaced by shell
+  functions that only record their arguments: ``systemctl``, ``useradd``, and the
+  venv/pip install (the test runs the relayd already installed here instead: the
+  stub venv's ``bin/relayd`` is ``python -m relayd``). The recorded list must be
+  exactly :data:`EXPECTED_SKIPPED`, so a guide that grows a step the test cannot run
+  fails here rather than being skipped silently.
+- stdin holds what the operator types: the upstream key.
+
+Then the result is checked as systemd would use it: every file the unit names
+(``Documentation=``, ``LoadCredential=``, ``ExecStart=``, its ``--config``) exists,
+and the guide's own ``check-config`` step printed a config with one relay key, the
+upstream key, the tools manifest, and no warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).parent.parent
+GUIDE = REPO / "systemd" / "README.md"
+UNIT = REPO / "systemd" / "relayd.service"
+
+MAPPED_PREFIXES = ("/etc/", "/opt/", "/var/lib/", "/usr/local/")
+FRESH_MACHINE = ("etc/systemd/system", "opt", "var/lib", "usr/local/bin")
+EXPECTED_SKIPPED = [
+    "python3 -m venv /opt/relayd/venv",
+    "/opt/relayd/venv/bin/pip install .",
+    "systemctl daemon-reload",
+    "systemctl enable --now relayd.service",
+]
+TYPED_UPSTREAM_KEY = "sk-guide-test-upstream-0123456789abcdef"
+
+_PATH = re.compile(r"(?<![\w./-])(" + "|".join(re.escape(p) for p in MAPPED_PREFIXES) + ")")
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+
+# Runs before the guide's steps: the stand-ins for what needs systemd or a network.
+_PRELUDE = r"""
+set -euo pipefail
+skip() { printf '%s\n' "$*" >> "$SKIPPED"; }
+systemctl() { skip systemctl "$@"; }
+useradd() { skip useradd "$@"; }
+python3() {
+    if [ "${1-}" = -m ] && [ "${2-}" = venv ]; then
+        skip python3 "$@"
+        mkdir -p "$3/bin"
+        printf '#!/bin/sh\necho "$0 $*" >> "%s"\n' "$SKIPPED" > "$3/bin/pip"
+        printf '#!/bin/sh\nexec "%s" -m relayd "$@"\n' "$PYTHON" > "$3/bin/relayd"
+        chmod 0755 "$3/bin/pip" "$3/bin/relayd"
+    else
+        command python3 "$@"
+    fi
+}
+"""
+
+
+def section(markdown: str, title: str) -> str:
+    """The text of the ``## title`` section, up to the next ``## `` heading."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", markdown, re.M | re.S)
+    assert match is not None, f"systemd/README.md has no '## {title}' section"
+    return match.group(1)
+
+
+def shell_blocks(text: str) -> list[str]:
+    return [body for lang, body in _FENCE.findall(text) if lang in ("bash", "sh", "shell")]
+
+
+def mapped(text: str, root: Path) -> str:
+    return _PATH.sub(lambda m: f"{root}{m.group(1)}", text)
+
+
+def unmapped(text: str, root: Path) -> str:
+    return text.replace(str(root), "")
+
+
+def unit_values(unit: str, name: str) -> list[str]:
+    return re.findall(rf"^{name}=(.*)$", unit, re.M)
+
+
+def _follow(root: Path, skipped: Path, blocks: list[str]) -> subprocess.CompletedProcess[str]:
+    for directory in FRESH_MACHINE:
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "RELAYD_", "NOTIFY_", "LISTEN_", "WATCHDOG_"))
+        and k not in ("CREDENTIALS_DIRECTORY", "JOURNAL_STREAM")
+    }
+    env.update(SKIPPED=str(skipped), PYTHON=sys.executable)
+    script = _PRELUDE + "\n".join(mapped(block, root) for block in blocks)
+    return subprocess.run(
+        ["bash", "-c", script],
+        cwd=REPO,
+        env=env,
+        input=TYPED_UPSTREAM_KEY + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_install_steps_give_a_config_that_checks_clean(tmp_path: Path) -> None:
+    root, skipped = tmp_path / "root", tmp_path / "skipped"
+    blocks = shell_blocks(section(GUIDE.read_text(), "Install"))
+    assert blocks, "the Install section has no ```bash block"
+    result = _follow(root, skipped, blocks)
+    assert result.returncode == 0, result.stderr
+    assert unmapped(skipped.read_text(), root).splitlines() == EXPECTED_SKIPPED
+
+    # The guide's check-config step printed the effective settings, and nothing else.
+    settings = json.loads(result.stdout)
+    assert [k["name"] for k in settings["keys"]] == ["team"]
+    assert settings["upstream_key"] == "<set>"
+    assert settings["tools_manifest"] == f"{root}/etc/relayd/tools.json"
+    assert settings["public_url"] and settings["public_url"].startswith("https://")
+    assert not re.search(r"(?i)warn|error|cannot|no such", result.stderr), result.stderr
+    assert TYPED_UPSTREAM_KEY not in result.stdout + result.stderr
+
+    # The relay key is a real one, generated, in a file only root reads.
+    keys = root / "etc/relayd/relay_keys"
+    assert keys.stat().st_mode & 0o077 == 0
+    [line] = [x for x in keys.read_text().splitlines() if x.strip() and not x.startswith("#")]
+    name, _, secret = line.partition(":")
+    assert name == "team" and len(secret) >= 32 and "example" not in secret
+    upstream_key = root / "etc/relayd/openai_api_key"
+    assert upstream_key.read_text().strip() == TYPED_UPSTREAM_KEY
+    assert upstream_key.stat().st_mode & 0o077 == 0
+
+    # Every file the installed unit names is where the unit looks for it.
+    unit = (root / "etc/systemd/system/relayd.service").read_text()
+    assert unit == UNIT.read_text()
+    for doc in unit_values(unit, "Documentation")[0].split():
+        if doc.startswith("file://"):
+            assert (root / doc.removeprefix("file:///")).is_file(), doc
+    for credential in unit_values(unit, "LoadCredential"):
+        name, _, source = credential.partition(":")
+        assert Path(mapped(source, root)).is_file(), credential
+        # Named after its credential, so check-config with CREDENTIALS_DIRECTORY=/etc/relayd
+        # sees exactly what the service sees.
+        assert Path(source).name == name and Path(source).parent == Path("/etc/relayd")
+    [exec_start] = unit_values(unit, "ExecStart")
+    argv = shlex.split(mapped(exec_start, root))
+    assert Path(argv[0]).is_file() and Path(argv[argv.index("--config") + 1]).is_file()

@@ -26,6 +26,7 @@ from relayd.state import (
     BROKEN,
     METRICS,
     SETTINGS,
+    STREAMED,
     UPSTREAM,
     UPSTREAM_REQUEST_ID,
     UPSTREAM_STATUS,
@@ -34,13 +35,14 @@ from relayd.state import (
 )
 from relayd.streams import (
     BrokenStreamError,
+    Pumped,
     SSEPump,
     abort,
     is_event_stream,
     pump,
     pump_request_body,
 )
-from relayd.upstream import mapped_errors
+from relayd.upstream import failure_cause, mapped_errors
 from relayd.usage import UsageTap
 
 __all__ = [
@@ -161,24 +163,28 @@ async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamR
         return await _small_back(request, answer, headers, tap)
     response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
     await response.prepare(request)
+    # Counted as it goes, so the access line has bytes and waits even for a stream
+    # that broke or whose client hung up (cancellation skips everything below).
+    moved = request[STREAMED] = Pumped()
     if sse:
         metrics.open_streams.inc()
     try:
         if keepalive is not None:
-            moved = await SSEPump(answer.content, response, keepalive_s=keepalive, tap=tap).run()
+            await SSEPump(
+                answer.content, response, keepalive_s=keepalive, tap=tap, moved=moved
+            ).run()
         else:
-            moved = await pump(answer.content, response, tap=tap)
+            await pump(answer.content, response, tap=tap, moved=moved)
     except BrokenStreamError as exc:
-        log.warning("upstream stream broke after %d bytes: %s", exc.sent, exc)
-        request[BROKEN] = f"after {exc.sent} bytes: {exc}"
-        abort(request)
+        # The access line reports it, as a warning (one line per failure).
+        request[BROKEN] = f"after {exc.sent} bytes: {failure_cause(exc.__cause__ or exc)}"
+        moved.sent -= abort(request)  # what was still queued never reaches the client
         return response  # aiohttp's write_eof then fails quietly on the closed transport
     except ConnectionResetError:
         return response  # the client left; leaving the block closes the upstream request
     finally:
         if sse:
             metrics.open_streams.dec()
-    request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + moved.waited
     if tap is not None:
         request[USAGE_TAP] = tap  # read when the request is accounted, after the answer
     await response.write_eof()

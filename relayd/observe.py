@@ -1,8 +1,10 @@
 """Request ids and the access log: one line per request, never a body or a secret.
 
-The line carries the relay request id, key name, method, route template (not the
-concrete path: ids in paths are the client's business), status, bytes in and out,
-duration and upstream ``x-request-id``. A stream that broke is marked as such.
+The line carries the relay request id, client address, key name, method, route
+template (not the concrete path: ids in paths are the client's business), status,
+body bytes in and out, duration, relay overhead and upstream ``x-request-id``. When
+the upstream leg failed (no connection, a timeout, a 5xx, a stream that broke) the
+line is a warning and says why in ``upstream_error``: one line per failure.
 """
 
 from __future__ import annotations

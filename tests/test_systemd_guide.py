@@ -24,13 +24,23 @@ upstream key, the tools manifest, and no warning.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from tests.fakes.openai import UPSTREAM_KEY
+from tests.test_daemon import Relayd
 
 REPO = Path(__file__).parent.parent
 GUIDE = REPO / "systemd" / "README.md"
@@ -156,3 +166,69 @@ def test_install_steps_give_a_config_that_checks_clean(tmp_path: Path) -> None:
     [exec_start] = unit_values(unit, "ExecStart")
     argv = shlex.split(mapped(exec_start, root))
     assert Path(argv[0]).is_file() and Path(argv[argv.index("--config") + 1]).is_file()
+
+
+CREDENTIAL_KEY = "rk-canary-credential-key-000000000"
+TOML_KEY = "rk-canary-toml-key-1111111111111111"
+ROTATED_KEY = "rk-canary-rotated-key-22222222222222"
+
+
+def _toml_key(name: str, secret: str) -> str:
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    return f'[[auth.keys]]\nname = "{name}"\nsha256 = "{digest}"\n'
+
+
+@pytest.mark.process
+async def test_reload_takes_keys_from_the_config_and_rereads_the_credential_copy(
+    fake_server: TestServer, tmp_path: Path
+) -> None:
+    """The guide's rotation table, relayd's side: SIGHUP applies [[auth.keys]] edited in
+    the config file and keeps the keys of the relay_keys credential, whose copy
+    systemd made at start and does not refresh (hence a restart for those)."""
+    credentials = tmp_path / "credentials"  # what LoadCredential= would have made
+    credentials.mkdir()
+    (credentials / "openai_api_key").write_text(UPSTREAM_KEY + "\n")
+    (credentials / "relay_keys").write_text(f"cred:{CREDENTIAL_KEY}\n")
+    config = tmp_path / "relayd.toml"
+    config.write_text(_toml_key("toml", TOML_KEY))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "RELAYD_", "NOTIFY_", "LISTEN_", "WATCHDOG_"))
+    }
+    env.update(
+        CREDENTIALS_DIRECTORY=str(credentials),
+        RELAYD_UPSTREAM=str(fake_server.make_url("")).rstrip("/"),
+        RELAYD_LISTEN="127.0.0.1:0",
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relayd", "serve", "--config", str(config),
+        env=env, stderr=asyncio.subprocess.PIPE,
+    )
+    relayd = Relayd(process)
+    try:
+        await relayd.wait_line("listening on")
+        config.write_text(_toml_key("rotated", ROTATED_KEY))
+        process.send_signal(signal.SIGHUP)
+        line = await relayd.wait_line("reloaded")
+        assert "added: rotated" in line and "removed: toml" in line
+        async with aiohttp.ClientSession() as session:
+
+            async def status(key: str) -> int:
+                async with session.get(
+                    relayd.url("/v1/models"), headers={"Authorization": f"Bearer {key}"}
+                ) as response:
+                    return response.status
+
+            assert await status(ROTATED_KEY) == 200
+            assert await status(TOML_KEY) == 401
+            assert await status(CREDENTIAL_KEY) == 200
+        assert await relayd.stop() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        relayd._reader.cancel()
+    log = "\n".join(relayd.lines)
+    for secret in (UPSTREAM_KEY, CREDENTIAL_KEY, TOML_KEY, ROTATED_KEY):
+        assert secret not in log

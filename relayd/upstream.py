@@ -33,6 +33,7 @@ from aiohttp import ClientResponse, ClientSession, StreamReader
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
+from aiohttp.http_exceptions import ContentLengthError, TransferEncodingError
 from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
@@ -126,6 +127,10 @@ def failure_cause(exc: BaseException) -> str:
         return "upstream closed the connection before answering"
     if isinstance(exc, aiohttp.ClientPayloadError):
         inner = exc.__cause__ or exc.__context__
+        if isinstance(inner, TransferEncodingError):
+            return "upstream closed the connection before the chunked body ended"
+        if isinstance(inner, ContentLengthError):
+            return "upstream closed the connection before Content-Length bytes arrived"
         if inner is not None and not isinstance(inner, aiohttp.ClientPayloadError):
             return f"the body ended early: {failure_cause(inner)}"
         return "the body ended early or was malformed"

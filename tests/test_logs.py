@@ -147,6 +147,7 @@ async def test_broken_stream_logs_one_warning_with_request_id_key_and_cause(
     fields = record.fields  # type: ignore[attr-defined]
     assert fields["request_id"] == request_id and fields["key"] == "team"
     assert fields["upstream_error"].startswith("stream broke after ")
+    assert fields["upstream_error"].endswith("closed the connection before the chunked body ended")
 
 
 async def test_upstream_5xx_answer_logs_a_warning(

@@ -52,6 +52,7 @@ __all__ = [
     "read_json_object",
     "relay",
     "send_back",
+    "stream_back",
 ]
 
 log = logging.getLogger("relayd.relay")
@@ -163,32 +164,53 @@ async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamR
         return await _small_back(request, answer, headers, tap)
     response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
     await response.prepare(request)
-    # Counted as it goes, so the access line has bytes and waits even for a stream
-    # that broke or whose client hung up (cancellation skips everything below).
-    moved = request[STREAMED] = Pumped()
     if sse:
         metrics.open_streams.inc()
     try:
-        if keepalive is not None:
-            await SSEPump(
-                answer.content, response, keepalive_s=keepalive, tap=tap, moved=moved
-            ).run()
-        else:
-            await pump(answer.content, response, tap=tap, moved=moved)
-    except BrokenStreamError as exc:
-        # The access line reports it, as a warning (one line per failure).
-        request[BROKEN] = f"after {exc.sent} bytes: {failure_cause(exc.__cause__ or exc)}"
-        moved.sent -= abort(request)  # what was still queued never reaches the client
-        return response  # aiohttp's write_eof then fails quietly on the closed transport
-    except ConnectionResetError:
-        return response  # the client left; leaving the block closes the upstream request
+        ended = await stream_back(request, answer, response, keepalive_s=keepalive, tap=tap)
     finally:
         if sse:
             metrics.open_streams.dec()
+    if not ended:
+        return response  # aiohttp's write_eof then fails quietly on the closed transport
     if tap is not None:
         request[USAGE_TAP] = tap  # read when the request is accounted, after the answer
     await response.write_eof()
     return response
+
+
+async def stream_back(
+    request: web.Request,
+    answer: ClientResponse,
+    response: web.StreamResponse,
+    *,
+    keepalive_s: float | None = None,
+    tap: UsageTap | None = None,
+) -> bool:
+    """Pump upstream's body into the prepared ``response``; False unless it ended cleanly.
+
+    The counters live in the request (``STREAMED``), so the access line has the bytes
+    sent and the waits however the stream ends, a cancelled one included. When
+    upstream breaks, the client connection is cut (a truncated body must not look
+    complete) and the access line becomes the one warning about it; when the client
+    left, leaving the caller's block closes the upstream request. Either way the
+    caller must not ``write_eof()``.
+    """
+    moved = request[STREAMED] = Pumped()
+    try:
+        if keepalive_s is not None:
+            await SSEPump(
+                answer.content, response, keepalive_s=keepalive_s, tap=tap, moved=moved
+            ).run()
+        else:
+            await pump(answer.content, response, tap=tap, moved=moved)
+    except BrokenStreamError as exc:
+        request[BROKEN] = f"after {exc.sent} bytes: {failure_cause(exc.__cause__ or exc)}"
+        moved.sent -= abort(request)  # what was still queued never reaches the client
+        return False
+    except ConnectionResetError:
+        return False
+    return True
 
 
 async def _small_back(

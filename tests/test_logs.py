@@ -312,3 +312,17 @@ async def test_scope_refusal_logs_the_key_name(
     assert response.status == 403
     line = await _access_line(caplog)
     assert line["key"] == "scraper" and line["status"] == 403
+
+
+async def test_overhead_excludes_waiting_for_a_background_answer(
+    relay_factory: RelayFactory, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    relay = await relay_factory(actions_answer_budget_s=2, actions_poll_interval_s=0.1)
+    response = await relay.post(
+        "/v1/actions/responses", json={"model": "wait-0.5", "input": "think"}, headers=auth
+    )
+    assert (await response.json())["status"] == "completed"
+    line = await _access_line(caplog)
+    assert line["duration_ms"] >= 500
+    assert line["overhead_ms"] < 150, line

@@ -53,6 +53,7 @@ __all__ = [
     "relay",
     "send_back",
     "stream_back",
+    "waited_on_upstream",
 ]
 
 log = logging.getLogger("relayd.relay")
@@ -137,11 +138,17 @@ async def exchange(
     handler that talks to upstream goes through here, so logs and metrics agree."""
     started = time.perf_counter()
     async with request.app[UPSTREAM].open(method, path_qs, headers=headers, data=data) as answer:
-        request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - started
+        waited_on_upstream(request, started)
         request[UPSTREAM_STATUS] = answer.status
         if (upstream_id := answer.headers.get("x-request-id")) is not None:
             request[UPSTREAM_REQUEST_ID] = upstream_id
         yield answer
+
+
+def waited_on_upstream(request: web.Request, since: float) -> None:
+    """Book the time since ``since`` (a ``time.perf_counter()``) as waiting on upstream:
+    it is no part of the relay's overhead."""
+    request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - since
 
 
 async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamResponse:
@@ -220,7 +227,7 @@ async def _small_back(
     started = time.perf_counter()
     with mapped_errors():
         body = await read_capped(answer.content, SMALL_BODY)
-    request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - started
+    waited_on_upstream(request, started)
     if tap is not None:
         tap(body)
         request[USAGE_TAP] = tap  # read when the request is accounted, after the answer

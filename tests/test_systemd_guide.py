@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -124,6 +125,18 @@ def _follow(root: Path, skipped: Path, blocks: list[str]) -> subprocess.Complete
     )
 
 
+def printed_documents(stdout: str) -> list[dict[str, Any]]:
+    """The JSON documents the guide's check-config steps printed, in order."""
+    decoder, documents, at = json.JSONDecoder(), [], 0
+    while at < len(stdout):
+        if stdout[at].isspace():
+            at += 1
+            continue
+        document, at = decoder.raw_decode(stdout, at)
+        documents.append(document)
+    return documents
+
+
 def test_install_steps_give_a_config_that_checks_clean(tmp_path: Path) -> None:
     root, skipped = tmp_path / "root", tmp_path / "skipped"
     blocks = shell_blocks(section(GUIDE.read_text(), "Install"))
@@ -133,7 +146,7 @@ def test_install_steps_give_a_config_that_checks_clean(tmp_path: Path) -> None:
     assert unmapped(skipped.read_text(), root).splitlines() == EXPECTED_SKIPPED
 
     # The guide's check-config step printed the effective settings, and nothing else.
-    settings = json.loads(result.stdout)
+    [settings] = printed_documents(result.stdout)
     assert [k["name"] for k in settings["keys"]] == ["team"]
     assert settings["upstream_key"] == "<set>"
     assert settings["tools_manifest"] == f"{root}/etc/relayd/tools.json"
@@ -166,6 +179,31 @@ def test_install_steps_give_a_config_that_checks_clean(tmp_path: Path) -> None:
     [exec_start] = unit_values(unit, "ExecStart")
     argv = shlex.split(mapped(exec_start, root))
     assert Path(argv[0]).is_file() and Path(argv[argv.index("--config") + 1]).is_file()
+
+
+def test_several_cores_steps_share_one_signing_secret_and_store(tmp_path: Path) -> None:
+    root, skipped = tmp_path / "root", tmp_path / "skipped"
+    guide = GUIDE.read_text()
+    blocks = shell_blocks(section(guide, "Install")) + shell_blocks(section(guide, "Several cores"))
+    result = _follow(root, skipped, blocks)
+    assert result.returncode == 0, result.stderr
+    assert unmapped(skipped.read_text(), root).splitlines() == [
+        *EXPECTED_SKIPPED,
+        "systemctl daemon-reload",
+        "systemctl restart relayd",
+    ]
+    settings = printed_documents(result.stdout)[-1]
+    assert settings["workers"] == 2
+    assert settings["actions_signing_secret"] == "<set>"
+    # The store lives in the directory systemd makes writable for the service.
+    [state] = unit_values(UNIT.read_text(), "StateDirectory")
+    assert settings["actions_store_dir"] == f"{root}/var/lib/{state}/files"
+    assert not re.search(r"(?i)warn|error|cannot|no such", result.stderr), result.stderr
+    dropin = (root / "etc/systemd/system/relayd.service.d/workers.conf").read_text()
+    [credential] = unit_values(dropin, "LoadCredential")
+    name, _, source = credential.partition(":")
+    assert name == "actions_signing_secret" and Path(source).name == name
+    assert Path(source).is_file() and Path(source).stat().st_mode & 0o077 == 0
 
 
 CREDENTIAL_KEY = "rk-canary-credential-key-000000000"

@@ -1,7 +1,8 @@
 """systemd/README.md, followed word for word, gives a relayd that passes check-config.
 
-The guide's shell blocks (the ```bash fences of its "Install" section) run, in order,
-in one bash process, against a temporary root that stands in for a fresh machine:
+The guide's shell blocks (the ```bash fences of its "Install" section, then in a
+second test those of "Several cores" too) run, in order, in one bash process,
+against a temporary root that stands in for a fresh machine:
 
 - Paths under ``/etc/``, ``/opt/``, ``/var/lib/`` and ``/usr/local/`` are rewritten
   to the same paths under ``tmp_path / "root"`` (:data:`MAPPED_PREFIXES`); the

@@ -213,7 +213,8 @@ async def stream_back(
             await pump(answer.content, response, tap=tap, moved=moved)
     except BrokenStreamError as exc:
         request[BROKEN] = f"after {exc.sent} bytes: {failure_cause(exc.__cause__ or exc)}"
-        moved.sent -= abort(request)  # what was still queued never reaches the client
+        # What was still queued never reaches the client (framing counted too: clamp).
+        moved.sent = max(0, moved.sent - abort(request))
         return False
     except ConnectionResetError:
         return False

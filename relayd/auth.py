@@ -105,10 +105,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     key = keyring.identify(secret)
     if key is None:
         raise AuthenticationError("Incorrect relay key provided.")
+    request[KEY] = key  # known from here on: a refusal below is logged under its name
     if not key.allows(route.group):
         raise PermissionDeniedError(
             f"The relay key '{key.name}' may not use the '{route.group}' routes.",
             code="key_scope",
         )
-    request[KEY] = key
     return await handler(request)

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
-from relayd.state import ERROR_CODE, TABLE
+from relayd.state import ERROR_CODE, TABLE, UPSTREAM_FAILURE
 
 __all__ = [
     "AuthenticationError",
@@ -148,6 +148,9 @@ class UpstreamError(RelaydError):
     status = 502
     type = "upstream_error"
     default_code = "upstream_error"
+    # What failed (connection refused, TLS, timeout, ...), for the operator's log
+    # line; the client gets only the message.
+    cause: str | None = None
 
 
 class UpstreamUnavailableError(UpstreamError, ConnectionError):
@@ -234,6 +237,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except RelaydError as exc:
         if exc.code is not None:
             request[ERROR_CODE] = exc.code
+        if isinstance(exc, UpstreamError):
+            request[UPSTREAM_FAILURE] = exc.cause or exc.message
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -50,7 +50,7 @@ class Metrics:
         )
         self.overhead = Histogram(
             "relayd_relay_overhead_seconds",
-            "Time relayd spent on a relayed request other than waiting on upstream.",
+            "Time relayd spent on a relayed request other than waiting on upstream or the client.",
             ("group",),
             buckets=_OVERHEAD_BUCKETS,
             registry=registry,

@@ -1,8 +1,10 @@
 """Request ids and the access log: one line per request, never a body or a secret.
 
-The line carries the relay request id, key name, method, route template (not the
-concrete path: ids in paths are the client's business), status, bytes in and out,
-duration and upstream ``x-request-id``. A stream that broke is marked as such.
+The line carries the relay request id, client address, key name, method, route
+template (not the concrete path: ids in paths are the client's business), status,
+body bytes in and out, duration, relay overhead and upstream ``x-request-id``. When
+the upstream leg failed (no connection, a timeout, a 5xx, a stream that broke) the
+line is a warning and says why in ``upstream_error``: one line per failure.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from relayd.state import (
     METRICS,
     REQUEST_ID,
     ROUTE,
+    STREAMED,
+    UPSTREAM_FAILURE,
     UPSTREAM_REQUEST_ID,
     UPSTREAM_STATUS,
     UPSTREAM_WAIT,
@@ -88,8 +92,7 @@ def _account(
     the caller). Reading a usage tap decodes JSON: it belongs here, off the answer's path."""
     route = request.get(ROUTE)
     group = route.group if route else "unmatched"
-    waited = request.get(UPSTREAM_WAIT)
-    overhead = max(0.0, duration - waited) if waited is not None else None
+    overhead = _overhead(request, duration)
     metrics = request.app[METRICS]
     metrics.observe_request(group, status, duration, overhead)
     if (tap := request.get(USAGE_TAP)) is not None and (usage := tap.usage()) is not None:
@@ -99,25 +102,53 @@ def _account(
     error_kind = _upstream_error_kind(request)
     if error_kind is not None:
         metrics.upstream_errors.labels(error_kind).inc()
-    if not access_log.isEnabledFor(logging.INFO):
+    # A failure of the upstream leg makes the access line itself a warning: one line
+    # per failure, with the request id and key name beside the cause, for
+    # `journalctl -p warning`.
+    failure = _upstream_failure(request)
+    level = logging.WARNING if failure is not None else logging.INFO
+    if not access_log.isEnabledFor(level):
         return
     key = request.get(KEY)
     fields = {
         "request_id": request.get(REQUEST_ID),
+        "client": request.remote,
         "key": key.name if key else None,
         "method": request.method,
         "route": route.path if route else None,
         "group": group,
         "status": status,
         "bytes_in": request.content_length,
-        "bytes_out": _bytes_out(response),
+        "bytes_out": _bytes_out(request, response),
         "duration_ms": round(duration * 1000, 2),
         "overhead_ms": round(overhead * 1000, 3) if overhead is not None else None,
         "upstream_request_id": request.get(UPSTREAM_REQUEST_ID),
     }
+    if failure is not None:
+        fields["upstream_error"] = failure
+    access_log.log(level, "access", extra={"fields": fields})
+
+
+def _overhead(request: web.Request, duration: float) -> float | None:
+    """The relay's own share of ``duration``: neither waiting on upstream (the head,
+    the gaps in a stream, a stall that ended in a break) nor on a client that reads
+    slowly. None for requests that never went upstream."""
+    waited = request.get(UPSTREAM_WAIT)
+    streamed = request.get(STREAMED)
+    if streamed is not None:
+        waited = (waited or 0.0) + streamed.waited + streamed.blocked
+    return max(0.0, duration - waited) if waited is not None else None
+
+
+def _upstream_failure(request: web.Request) -> str | None:
     if broken := request.get(BROKEN):
-        fields["broken"] = broken
-    access_log.info("access", extra={"fields": fields})
+        return f"stream broke {broken}"
+    if (failure := request.get(UPSTREAM_FAILURE)) is not None:
+        return str(failure)
+    upstream_status = request.get(UPSTREAM_STATUS)
+    if upstream_status is not None and upstream_status >= 500:
+        return f"upstream answered HTTP {upstream_status}"
+    return None
 
 
 def _upstream_error_kind(request: web.Request) -> str | None:
@@ -132,13 +163,21 @@ def _upstream_error_kind(request: web.Request) -> str | None:
     return None
 
 
-def _bytes_out(response: web.StreamResponse | None) -> int:
+def _bytes_out(request: web.Request, response: web.StreamResponse | None) -> int:
+    """Body bytes that left relayd for the client.
+
+    A streamed answer counts what its pump wrote, less what was still queued when a
+    broken stream's connection was cut; that holds however the stream ended, a
+    cancelled one (the client hung up: ``response`` is None) included.
+    """
+    if (streamed := request.get(STREAMED)) is not None:
+        return int(streamed.sent)
     if response is None:
         return 0
-    if response.prepared:
-        return response.body_length
-    # A plain Response is written after the middlewares return; its size is known.
-    return response.content_length or 0
+    if isinstance(response, web.Response) or not response.prepared:
+        # A plain Response is written after the middlewares return; its size is known.
+        return response.content_length or 0
+    return response.body_length
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -187,10 +226,14 @@ class _Formatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, object] = getattr(record, "fields", {})
+        # The pid tells workers apart; the journal would name only the supervisor,
+        # which opened the stream they all write to.
+        pid = os.getpid()
         if self._json:
             entry: dict[str, object] = {
                 "ts": round(record.created, 3),
                 "level": record.levelname.lower(),
+                "pid": pid,
                 "logger": record.name,
                 "msg": record.getMessage(),
                 **fields,
@@ -201,7 +244,9 @@ class _Formatter(logging.Formatter):
         else:
             extra = " ".join(_field(k, v) for k, v in fields.items() if v is not None)
             message = _printable(record.getMessage())
-            line = f"{record.levelname.lower():<7} {record.name}: {message}"
+            line = f"{record.levelname.lower():<7} [{pid}] {record.name}: {message}"
+            if not self._journald:  # the journal stamps every line itself
+                line = f"{_utc_stamp(record.created)} {line}"
             if extra:
                 line += " " + extra
             if record.exc_info:
@@ -213,6 +258,13 @@ class _Formatter(logging.Formatter):
             # SyslogLevelPrefix=yes (the default) turns <N> into the journal PRIORITY.
             line = f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{line}"
         return line
+
+
+def _utc_stamp(created: float) -> str:
+    """RFC 3339 in UTC with milliseconds, e.g. ``2026-01-31T17:04:05.123Z``."""
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 def setup_logging(fmt: str, level: str) -> None:

@@ -13,6 +13,7 @@ from aiohttp.web import AbstractRoute
 
 from relayd.config import RelayKey, Settings
 from relayd.routing import Route, RouteTable
+from relayd.streams import Pumped
 from relayd.usage import UsageTap
 
 if TYPE_CHECKING:
@@ -40,9 +41,11 @@ __all__ = [
     "ROUTE_MAP",
     "SETTINGS",
     "STARTED",
+    "STREAMED",
     "TABLE",
     "TOOLS",
     "UPSTREAM",
+    "UPSTREAM_FAILURE",
     "UPSTREAM_REQUEST_ID",
     "UPSTREAM_STATUS",
     "UPSTREAM_WAIT",
@@ -70,8 +73,14 @@ ROUTE: Final = web.RequestKey("relayd.route", Route)
 KEY: Final = web.RequestKey("relayd.key", RelayKey)
 UPSTREAM_REQUEST_ID: Final = web.RequestKey("relayd.upstream_request_id", str)
 BROKEN: Final = web.RequestKey("relayd.broken", str)
-# Seconds spent waiting on upstream (head, then body reads): the rest is relay overhead.
+# Seconds spent waiting on upstream for answer heads and whole small bodies.
 UPSTREAM_WAIT: Final = web.RequestKey("relayd.upstream_wait", float)
+# The streamed answer's counters (bytes sent, seconds waiting on upstream and on the
+# client), live: read when the request is accounted, however the stream ended. What
+# neither wait covers is relay overhead.
+STREAMED: Final = web.RequestKey("relayd.streamed", Pumped)
+# What failed on the upstream leg, in an operator's words (never sent to the client).
+UPSTREAM_FAILURE: Final = web.RequestKey("relayd.upstream_failure", str)
 UPSTREAM_STATUS: Final = web.RequestKey("relayd.upstream_status", int)
 ERROR_CODE: Final = web.RequestKey("relayd.error_code", str)
 # The usage tap that watched a model answer; read when the request is accounted.

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import inspect
 import ipaddress
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -31,6 +33,7 @@ from aiohttp import ClientResponse, ClientSession, StreamReader
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
+from aiohttp.http_exceptions import ContentLengthError, TransferEncodingError
 from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
@@ -45,6 +48,7 @@ from relayd.errors import (
     PermissionDeniedError,
     RateLimitError,
     RelaydError,
+    UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
@@ -54,6 +58,7 @@ from relayd.streams import LimitExceededError
 __all__ = [
     "ForbiddenAddressError",
     "Upstream",
+    "failure_cause",
     "link_errors",
     "mapped_errors",
     "non_public_reason",
@@ -80,17 +85,71 @@ def _translated(exc: BaseException) -> RelaydError:
     for cause in _cause_chain(exc):
         if isinstance(cause, LimitExceededError):
             return PayloadTooLargeError(str(cause))
+    error: RelaydError
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamTimeoutError("Timed out connecting to the upstream API.")
-    if isinstance(exc, TimeoutError):  # includes aiohttp's SocketTimeoutError
-        return UpstreamTimeoutError("The upstream API did not answer in time.")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnavailableError("Cannot connect to the upstream API.")
-    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        error = UpstreamTimeoutError("Timed out connecting to the upstream API.")
+    elif isinstance(exc, TimeoutError):  # includes aiohttp's SocketTimeoutError
+        error = UpstreamTimeoutError("The upstream API did not answer in time.")
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        error = UpstreamUnavailableError("Cannot connect to the upstream API.")
+    elif isinstance(exc, aiohttp.WSServerHandshakeError):
         return _refused_handshake(exc)
+    elif isinstance(exc, aiohttp.ClientResponseError):
+        error = UpstreamUnavailableError("The upstream API sent a malformed response.")
+    else:
+        error = UpstreamUnavailableError("The connection to the upstream API failed.")
+    if isinstance(error, UpstreamError):
+        error.cause = failure_cause(exc)  # the client gets the message, the log the cause
+    return error
+
+
+def failure_cause(exc: BaseException) -> str:
+    """What failed on the upstream leg, in an operator's words, for the one log line.
+
+    Built from exception types, OS error names and the configured host only, never
+    from what upstream or the client sent, so no body, header or key can reach the log.
+    """
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "timed out connecting"
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return "timed out waiting for data (first-byte or idle timeout)"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"DNS lookup failed for {exc.host}: {_os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"TLS certificate of {exc.host}:{exc.port} not accepted ({exc.certificate_error})"
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return f"TLS handshake with {exc.host}:{exc.port} failed ({_os_reason(exc.os_error)})"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {_os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "upstream closed the connection before answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        inner = exc.__cause__ or exc.__context__
+        if isinstance(inner, TransferEncodingError):
+            return "upstream closed the connection before the chunked body ended"
+        if isinstance(inner, ContentLengthError):
+            return "upstream closed the connection before Content-Length bytes arrived"
+        if inner is not None and not isinstance(inner, aiohttp.ClientPayloadError):
+            return f"the body ended early: {failure_cause(inner)}"
+        return "the body ended early or was malformed"
     if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamUnavailableError("The upstream API sent a malformed response.")
-    return UpstreamUnavailableError("The connection to the upstream API failed.")
+        return f"malformed response ({type(exc).__name__})"
+    if isinstance(exc, ConnectionResetError) or getattr(exc, "errno", None) == errno.ECONNRESET:
+        return "connection reset by upstream"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error ({exc.reason or type(exc).__name__})"
+    if isinstance(exc, OSError) and exc.errno:
+        return _os_reason(exc)
+    return type(exc).__name__
+
+
+def _os_reason(exc: OSError) -> str:
+    """``connection refused`` for ECONNREFUSED; asyncio's own messages quote addresses."""
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return str(exc.strerror or type(exc).__name__)
 
 
 @contextlib.contextmanager

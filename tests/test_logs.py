@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import io
 import json
 import logging
+import os
+import re
+import socket
+import ssl
 import sys
+from pathlib import Path
+from typing import Any
+from unittest import mock
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from pytest_aiohttp import AiohttpClient
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from relayd.app import create_app
+from relayd.config import parse_keys_file
 from relayd.observe import _Formatter
 from relayd.routes import TABLE
 from relayd.routing import Exposure, Route, RouteTable
-from tests.conftest import RELAY_KEY, make_settings
+from relayd.upstream import failure_cause
+from tests.conftest import RELAY_KEY, RelayFactory, make_settings
+from tests.fakes.openai import FakeOpenAI
 
 BODY_CANARY = "body-canary-7d1f0a"
 
@@ -116,7 +130,7 @@ def test_a_traceback_keeps_its_lines_but_no_forged_line_starts_at_the_margin() -
         "relayd.errors", logging.ERROR, __file__, 1, "unhandled error", None, exc_info
     )
     lines = _console(record).split("\n")
-    assert lines[0] == "error   relayd.errors: unhandled error"
+    assert lines[0].endswith(f"error   [{os.getpid()}] relayd.errors: unhandled error")
     assert len(lines) > 2 and all(line.startswith("    ") for line in lines[1:])
     assert all(line.isprintable() for line in lines)
 
@@ -158,3 +172,237 @@ async def test_a_decoded_path_in_an_error_log_is_one_escaped_line(
     assert "/boom/a\\u2028info relayd.access: forged\\x85\\u202e" in first
     assert not [line for line in out.getvalue().splitlines() if line.startswith("info relayd")]
     assert all(line.isprintable() for line in out.getvalue().splitlines())
+# --------------------------------------------------------------------------- diagnosis
+
+
+def warnings_from_relayd(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r for r in caplog.records if r.name.startswith("relayd") and r.levelno >= logging.WARNING
+    ]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unreachable_upstream_logs_one_warning_with_request_id_key_and_cause(
+    relay_factory: RelayFactory, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    relay = await relay_factory(upstream_url=f"http://127.0.0.1:{_closed_port()}")
+    response = await relay.get("/v1/models", headers=auth)
+    assert response.status == 502
+    [record] = warnings_from_relayd(caplog)
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["request_id"] == response.headers["X-Relay-Request-Id"]
+    assert fields["key"] == "team" and fields["status"] == 502
+    assert "refused" in fields["upstream_error"]
+    assert record.exc_info is None  # one line, not a traceback
+
+
+async def test_upstream_timeout_logs_one_warning_naming_the_timeout(
+    relay_factory: RelayFactory, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    relay = await relay_factory(first_byte_timeout_s=0.3)
+    response = await relay.post("/v1/responses", json={"model": "silent"}, headers=auth)
+    assert response.status == 504
+    [record] = warnings_from_relayd(caplog)
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["key"] == "team" and "timed out" in fields["upstream_error"]
+
+
+async def test_broken_stream_logs_one_warning_with_request_id_key_and_cause(
+    relay: TestClient, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    body = {"model": "break", "input": "hi", "stream": True}
+    async with relay.post("/v1/responses", json=body, headers=auth) as response:
+        request_id = response.headers["X-Relay-Request-Id"]
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    await _access_line(caplog, request_id)
+    [record] = warnings_from_relayd(caplog)
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["request_id"] == request_id and fields["key"] == "team"
+    assert fields["upstream_error"].startswith("stream broke after ")
+    assert fields["upstream_error"].endswith("closed the connection before the chunked body ended")
+
+
+async def test_upstream_5xx_answer_logs_a_warning(
+    relay: TestClient, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    response = await relay.post("/v1/responses", json={"model": "error-503"}, headers=auth)
+    assert response.status == 503
+    await _access_line(caplog, response.headers["X-Relay-Request-Id"])
+    [record] = warnings_from_relayd(caplog)
+    assert record.fields["upstream_error"] == "upstream answered HTTP 503"  # type: ignore[attr-defined]
+
+
+def test_failure_causes_name_dns_and_tls_without_tracebacks() -> None:
+    key = mock.Mock(host="api.example.com", port=443, ssl=True)
+    dns = aiohttp.ClientConnectorDNSError(key, OSError(-2, "Name or service not known"))
+    assert failure_cause(dns) == "DNS lookup failed for api.example.com: Name or service not known"
+    cert = aiohttp.ClientConnectorCertificateError(key, ssl.SSLCertVerificationError("bad"))
+    assert failure_cause(cert).startswith("TLS certificate of api.example.com:443 not accepted")
+    reset = aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset by peer")
+    assert failure_cause(reset) == "connection reset by upstream"
+
+
+async def _access_line(
+    caplog: pytest.LogCaptureFixture, request_id: str | None = None, timeout: float = 5
+) -> dict[str, Any]:
+    """The access line for ``request_id`` (or the first), once it is written."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for fields in access_lines(caplog):
+                if request_id is None or fields["request_id"] == request_id:
+                    return fields
+            await asyncio.sleep(0.01)
+
+
+async def test_broken_stream_bytes_out_counts_what_reached_the_client(
+    relay: TestClient, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    body = {"model": "break", "input": "hi", "stream": True}
+    received = 0
+    async with relay.post("/v1/responses", json=body, headers=auth) as response:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for chunk in response.content.iter_any():
+                received += len(chunk)
+    line = await _access_line(caplog)
+    assert received > 0
+    assert received <= line["bytes_out"] <= received + 64  # at most a chunk's framing short
+
+
+async def test_client_hangup_bytes_out_counts_what_was_sent(
+    relay: TestClient, fake: FakeOpenAI, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.pace = 2  # the client leaves during the first pause
+    body = {"model": "slow", "input": "hi", "stream": True}
+    response = await relay.post("/v1/responses", json=body, headers=auth)
+    received = len(await response.content.readuntil(b"\n\n"))
+    response.close()
+    await fake.wait_cancelled("/v1/responses")
+    line = await _access_line(caplog)
+    assert line["status"] == 499
+    assert line["bytes_out"] >= received > 0
+
+
+def _stalling_upstream(stall: float, ending: str) -> web.Application:
+    """SSE: one event, ``stall`` seconds of silence, then another event and ``ending``
+    ("end" a clean end, "break" a dropped connection), for the relay-overhead tests."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"n": 1}\n\n')
+        await asyncio.sleep(stall)
+        await response.write(b'data: {"n": 2}\n\n')
+        if ending == "break":
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", handler)
+    return app
+
+
+@pytest.mark.parametrize("ending", ["end", "break", "client_hangup"])
+async def test_overhead_excludes_an_upstream_stall_mid_stream(
+    ending: str,
+    relay_factory: RelayFactory,
+    aiohttp_server: AiohttpServer,
+    auth: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    # A client that hangs up does so 0.5 s into a longer stall.
+    stall = 30 if ending == "client_hangup" else 0.5
+    upstream = await aiohttp_server(_stalling_upstream(stall, ending))
+    relay = await relay_factory(upstream_url=str(upstream.make_url("")))
+    body = {"model": "gpt-5", "input": "hi", "stream": True}
+    async with relay.post("/v1/responses", json=body, headers=auth) as response:
+        if ending == "client_hangup":
+            await response.content.readuntil(b"\n\n")
+            await asyncio.sleep(0.5)  # upstream is silent meanwhile
+            response.close()
+        else:
+            with contextlib.suppress(aiohttp.ClientPayloadError):
+                await response.read()
+    line = await _access_line(caplog)
+    assert line["status"] == (499 if ending == "client_hangup" else 200)
+    assert line["duration_ms"] >= 500
+    assert line["overhead_ms"] < 150, line
+
+
+async def test_overhead_excludes_time_blocked_on_a_slow_client(
+    relay: TestClient, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    file_id = f"gen-{32 * 1024 * 1024}"  # the fake makes it up as it streams
+    async with relay.get(f"/v1/files/{file_id}/content", headers=auth) as response:
+        assert response.status == 200
+        await asyncio.sleep(0.5)  # not reading: relayd's writes wait for the socket to drain
+        size = len(await response.read())
+    assert size == 32 * 1024 * 1024
+    line = await _access_line(caplog)
+    assert line["duration_ms"] >= 500 and line["bytes_out"] == size
+    assert line["overhead_ms"] < 150, line
+
+
+# --------------------------------------------------------------------------- the console line
+
+
+def test_console_lines_carry_time_pid_and_client() -> None:
+    record = _record(logging.INFO)
+    record.fields["client"] = "192.0.2.7"  # type: ignore[attr-defined]
+    line = _Formatter(json_lines=False, journald=False).format(record)
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z info +\[\d+\] relayd\.access:", line)
+    assert f"[{os.getpid()}]" in line and "client=192.0.2.7" in line
+    # The journal stamps each line itself; the pid still tells workers apart.
+    journal = _Formatter(json_lines=False, journald=True).format(record)
+    assert journal.startswith(f"<6>info    [{os.getpid()}] relayd.access:")
+    entry = json.loads(_Formatter(json_lines=True, journald=False).format(record))
+    assert entry["pid"] == os.getpid() and entry["client"] == "192.0.2.7"
+
+
+async def test_access_line_names_the_client_address(
+    relay: TestClient, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    await relay.get("/v1/models", headers=auth)
+    assert (await _access_line(caplog))["client"] == "127.0.0.1"
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+async def test_scope_refusal_logs_the_key_name(
+    relay_factory: RelayFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    keys = tmp_path / "keys"
+    keys.write_text(f"scraper:{RELAY_KEY} scopes=metrics\n")
+    relay = await relay_factory(keys=parse_keys_file(str(keys)))
+    response = await relay.get("/v1/models", headers={"Authorization": f"Bearer {RELAY_KEY}"})
+    assert response.status == 403
+    line = await _access_line(caplog)
+    assert line["key"] == "scraper" and line["status"] == 403
+
+
+async def test_overhead_excludes_waiting_for_a_background_answer(
+    relay_factory: RelayFactory, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    relay = await relay_factory(actions_answer_budget_s=2, actions_poll_interval_s=0.1)
+    response = await relay.post(
+        "/v1/actions/responses", json={"model": "wait-0.5", "input": "think"}, headers=auth
+    )
+    assert (await response.json())["status"] == "completed"
+    line = await _access_line(caplog)
+    assert line["duration_ms"] >= 500
+    assert line["overhead_ms"] < 150, line

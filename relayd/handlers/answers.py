@@ -14,13 +14,14 @@ cut to ``[actions] max_answer_chars`` with a note that says so (fit.py).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Final
 from urllib.parse import quote
 
 from aiohttp import web
 
 from relayd.fit import fit_json
-from relayd.handlers.common import checked_path, relay, send_back
+from relayd.handlers.common import checked_path, relay, send_back, waited_on_upstream
 from relayd.handlers.payload import (
     is_json,
     json_answer,
@@ -93,7 +94,9 @@ async def _poll(
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
+        slept = time.perf_counter()
         await asyncio.sleep(min(settings.actions_poll_interval_s, remaining))
+        waited_on_upstream(request, slept)  # the model's time, not the relay's
         async with upstream_call(request, "GET", path) as answer:
             if not is_json(answer):
                 raise _Passthrough(await send_back(request, answer))

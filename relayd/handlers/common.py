@@ -26,6 +26,7 @@ from relayd.state import (
     BROKEN,
     METRICS,
     SETTINGS,
+    STREAMED,
     UPSTREAM,
     UPSTREAM_REQUEST_ID,
     UPSTREAM_STATUS,
@@ -34,13 +35,14 @@ from relayd.state import (
 )
 from relayd.streams import (
     BrokenStreamError,
+    Pumped,
     SSEPump,
     abort,
     is_event_stream,
     pump,
     pump_request_body,
 )
-from relayd.upstream import mapped_errors
+from relayd.upstream import failure_cause, mapped_errors
 from relayd.usage import UsageTap
 
 __all__ = [
@@ -52,6 +54,8 @@ __all__ = [
     "read_json_object",
     "relay",
     "send_back",
+    "stream_back",
+    "waited_on_upstream",
 ]
 
 log = logging.getLogger("relayd.relay")
@@ -142,11 +146,17 @@ async def exchange(
     handler that talks to upstream goes through here, so logs and metrics agree."""
     started = time.perf_counter()
     async with request.app[UPSTREAM].open(method, path_qs, headers=headers, data=data) as answer:
-        request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - started
+        waited_on_upstream(request, started)
         request[UPSTREAM_STATUS] = answer.status
         if (upstream_id := answer.headers.get("x-request-id")) is not None:
             request[UPSTREAM_REQUEST_ID] = upstream_id
         yield answer
+
+
+def waited_on_upstream(request: web.Request, since: float) -> None:
+    """Book the time since ``since`` (a ``time.perf_counter()``) as waiting on upstream:
+    it is no part of the relay's overhead."""
+    request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - since
 
 
 async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamResponse:
@@ -172,25 +182,51 @@ async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamR
     if sse:
         metrics.open_streams.inc()
     try:
-        if keepalive is not None:
-            moved = await SSEPump(answer.content, response, keepalive_s=keepalive, tap=tap).run()
-        else:
-            moved = await pump(answer.content, response, tap=tap)
-    except BrokenStreamError as exc:
-        log.warning("upstream stream broke after %d bytes: %s", exc.sent, exc)
-        request[BROKEN] = f"after {exc.sent} bytes: {exc}"
-        abort(request)
-        return response  # aiohttp's write_eof then fails quietly on the closed transport
-    except ConnectionResetError:
-        return response  # the client left; leaving the block closes the upstream request
+        ended = await stream_back(request, answer, response, keepalive_s=keepalive, tap=tap)
     finally:
         if sse:
             metrics.open_streams.dec()
-    request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + moved.waited
+    if not ended:
+        return response  # aiohttp's write_eof then fails quietly on the closed transport
     if tap is not None:
         request[USAGE_TAP] = tap  # read when the request is accounted, after the answer
     await response.write_eof()
     return response
+
+
+async def stream_back(
+    request: web.Request,
+    answer: ClientResponse,
+    response: web.StreamResponse,
+    *,
+    keepalive_s: float | None = None,
+    tap: UsageTap | None = None,
+) -> bool:
+    """Pump upstream's body into the prepared ``response``; False unless it ended cleanly.
+
+    The counters live in the request (``STREAMED``), so the access line has the bytes
+    sent and the waits however the stream ends, a cancelled one included. When
+    upstream breaks, the client connection is cut (a truncated body must not look
+    complete) and the access line becomes the one warning about it; when the client
+    left, leaving the caller's block closes the upstream request. Either way the
+    caller must not ``write_eof()``.
+    """
+    moved = request[STREAMED] = Pumped()
+    try:
+        if keepalive_s is not None:
+            await SSEPump(
+                answer.content, response, keepalive_s=keepalive_s, tap=tap, moved=moved
+            ).run()
+        else:
+            await pump(answer.content, response, tap=tap, moved=moved)
+    except BrokenStreamError as exc:
+        request[BROKEN] = f"after {exc.sent} bytes: {failure_cause(exc.__cause__ or exc)}"
+        # What was still queued never reaches the client (framing counted too: clamp).
+        moved.sent = max(0, moved.sent - abort(request))
+        return False
+    except ConnectionResetError:
+        return False
+    return True
 
 
 async def _small_back(
@@ -200,7 +236,7 @@ async def _small_back(
     started = time.perf_counter()
     with mapped_errors():
         body = await read_capped(answer.content, SMALL_BODY)
-    request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - started
+    waited_on_upstream(request, started)
     if tap is not None:
         tap(body)
         request[USAGE_TAP] = tap  # read when the request is accounted, after the answer

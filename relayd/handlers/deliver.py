@@ -29,11 +29,16 @@ from relayd.errors import (
     PermissionDeniedError,
 )
 from relayd.filestore import Claims
-from relayd.handlers.common import checked_path, exchange, read_capped, send_back
+from relayd.handlers.common import (
+    checked_path,
+    exchange,
+    read_capped,
+    send_back,
+    stream_back,
+)
 from relayd.handlers.payload import is_json, json_answer, read_json, upstream_call
 from relayd.mime import EXTENSIONS, sniff
 from relayd.state import HANDOFF, SETTINGS, TABLE, UPSTREAM
-from relayd.streams import BrokenStreamError, abort, pump
 from relayd.upstream import mapped_errors
 
 __all__ = [
@@ -267,12 +272,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         if answer.content_length is not None and "Content-Encoding" not in answer.headers:
             response.content_length = answer.content_length
         await response.prepare(request)
-        try:
-            await pump(answer.content, response)
-        except BrokenStreamError:
-            abort(request)
-            return response
-        except ConnectionResetError:
+        if not await stream_back(request, answer, response):
             return response
         await response.write_eof()
         return response

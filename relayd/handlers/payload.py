@@ -16,6 +16,7 @@ import binascii
 import contextlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -26,7 +27,12 @@ from multidict import CIMultiDict
 
 from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
 from relayd.fetch import fetch_link
-from relayd.handlers.common import exchange, read_capped, read_json_object
+from relayd.handlers.common import (
+    exchange,
+    read_capped,
+    read_json_object,
+    waited_on_upstream,
+)
 from relayd.headers import response_headers
 from relayd.mime import EXTENSIONS, sniff
 from relayd.state import SETTINGS, UPSTREAM
@@ -249,8 +255,10 @@ def is_json(answer: ClientResponse) -> bool:
 async def read_json(request: web.Request, answer: ClientResponse) -> Any:
     """A whole JSON answer (under the JSON cap); malformed JSON is upstream's fault."""
     cap = request.app[SETTINGS].max_json_bytes
+    started = time.perf_counter()
     with mapped_errors():
         raw = await read_capped(answer.content, cap)
+    waited_on_upstream(request, started)
     try:
         return json.loads(raw)
     except ValueError as exc:

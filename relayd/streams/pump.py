@@ -58,17 +58,36 @@ Tap = Callable[[bytes], None]
 
 
 class Pumped:
-    """What a pump moved: bytes sent, and seconds spent waiting on the source."""
+    """What a pump moved: bytes written to the sink, seconds spent waiting on the
+    source, and seconds spent blocked writing to the sink (a client reading slowly).
 
-    __slots__ = ("sent", "waited")
+    A caller that hands in its own reads it however the pump ended: a break, a
+    client gone, cancellation. What is left is the relay's own time (overhead).
+    """
+
+    __slots__ = ("blocked", "sent", "waited")
 
     def __init__(self) -> None:
         self.sent = 0
         self.waited = 0.0
+        self.blocked = 0.0
+
+    def spent(self, seconds: float, *, writing: bool) -> None:
+        """Book ``seconds`` to the sink (``writing``) or to the source."""
+        if writing:
+            self.blocked += seconds
+        else:
+            self.waited += seconds
 
 
-async def pump(source: StreamReader, sink: web.StreamResponse, *, tap: Tap | None = None) -> Pumped:
-    """Copy ``source`` to a prepared ``sink`` until EOF.
+async def pump(
+    source: StreamReader,
+    sink: web.StreamResponse,
+    *,
+    tap: Tap | None = None,
+    moved: Pumped | None = None,
+) -> Pumped:
+    """Copy ``source`` to a prepared ``sink`` until EOF, counting into ``moved``.
 
     ``tap`` sees every chunk after it was written (it must be cheap and must not
     keep references beyond a bounded tail). A source failure raises
@@ -76,22 +95,35 @@ async def pump(source: StreamReader, sink: web.StreamResponse, *, tap: Tap | Non
     that went away raises ``ConnectionResetError`` from the write; cancellation
     propagates untouched.
     """
-    moved = Pumped()
+    moved = Pumped() if moved is None else moved
     clock = time.perf_counter
-    while True:
-        started = clock()
-        try:
-            chunk = await source.readany()
-        except Exception as exc:
-            reason = str(exc) or type(exc).__name__
-            raise BrokenStreamError(reason, sent=moved.sent) from exc
-        moved.waited += clock() - started
-        if not chunk:
-            return moved
-        await sink.write(chunk)
-        moved.sent += len(chunk)
-        if tap is not None:
-            tap(chunk)
+    since = clock()
+    on_sink = False  # whether the time since ``since`` is spent writing (else reading)
+    try:
+        while True:
+            try:
+                chunk = await source.readany()
+            except Exception as exc:
+                reason = str(exc) or type(exc).__name__
+                raise BrokenStreamError(reason, sent=moved.sent) from exc
+            now = clock()
+            moved.waited += now - since
+            since = now
+            if not chunk:
+                return moved
+            on_sink = True
+            await sink.write(chunk)
+            now = clock()
+            moved.blocked += now - since
+            moved.sent += len(chunk)
+            if tap is not None:
+                tap(chunk)
+                now = clock()  # the tap's time is the relay's own
+            since, on_sink = now, False
+    finally:
+        # However the pump ended, the time since the last clock read belongs to the
+        # side it was waiting on (a stall that broke, a write the client never took).
+        moved.spent(clock() - since, writing=on_sink)
 
 
 async def pump_request_body(source: StreamReader, limit: int) -> AsyncIterator[bytes]:
@@ -104,8 +136,14 @@ async def pump_request_body(source: StreamReader, limit: int) -> AsyncIterator[b
         yield chunk
 
 
-def abort(request: web.BaseRequest) -> None:
-    """Cut the client connection so a broken stream cannot look like a clean end."""
+def abort(request: web.BaseRequest) -> int:
+    """Cut the client connection so a broken stream cannot look like a clean end.
+
+    Returns how many bytes were still queued for the client and are now dropped.
+    """
     transport = request.transport
-    if transport is not None:
-        transport.abort()
+    if transport is None:
+        return 0
+    dropped = transport.get_write_buffer_size()
+    transport.abort()
+    return dropped

@@ -36,13 +36,23 @@ def is_event_stream(content_type: str | None) -> bool:
 class SSEPump:
     """Copy an event stream from ``source`` to a prepared ``sink``.
 
-    Per chunk the work is one write, two clock reads (time spent waiting on the
-    source, for the relay-overhead metric), a counter, a look at the last four bytes
-    and the optional tap; the keepalive timer runs in its own task and only ever
-    writes when the pump is idle between events. Failure semantics are :func:`pump`'s.
+    Per chunk the work is one write, three clock reads (time spent waiting on the
+    source and on the sink, for the relay-overhead metric), a counter, a look at the
+    last four bytes and the optional tap; the keepalive timer runs in its own task
+    and only ever writes when the pump is idle between events. Failure semantics,
+    and the counting into ``moved``, are :func:`pump`'s.
     """
 
-    __slots__ = ("_chunks", "_keepalive_s", "_sink", "_source", "_tail", "_tap", "_writing")
+    __slots__ = (
+        "_chunks",
+        "_keepalive_s",
+        "_moved",
+        "_sink",
+        "_source",
+        "_tail",
+        "_tap",
+        "_writing",
+    )
 
     def __init__(
         self,
@@ -51,11 +61,13 @@ class SSEPump:
         *,
         keepalive_s: float | None,
         tap: Tap | None = None,
+        moved: Pumped | None = None,
     ) -> None:
         self._source = source
         self._sink = sink
         self._keepalive_s = keepalive_s
         self._tap = tap
+        self._moved = Pumped() if moved is None else moved
         self._chunks = 0
         self._tail = b"\n\n"  # before the first byte we are between events
         self._writing = False
@@ -68,30 +80,40 @@ class SSEPump:
         ticker = None
         if self._keepalive_s:
             ticker = spawn(self._keepalive(self._keepalive_s), name="relayd.sse.keepalive")
-        moved = Pumped()
+        moved = self._moved
         clock = time.perf_counter
+        since = clock()
+        on_sink = False  # whether the time since ``since`` is spent writing (else reading)
         try:
             while True:
-                started = clock()
                 try:
                     chunk = await self._source.readany()
                 except Exception as exc:
                     reason = str(exc) or type(exc).__name__
                     raise BrokenStreamError(reason, sent=moved.sent) from exc
-                moved.waited += clock() - started
+                now = clock()
+                moved.waited += now - since
+                since = now
                 if not chunk:
                     return moved
-                self._writing = True
+                self._writing = on_sink = True
                 try:
                     await self._sink.write(chunk)
                 finally:
                     self._writing = False
+                now = clock()
+                moved.blocked += now - since
                 moved.sent += len(chunk)
                 self._chunks += 1
                 self._tail = chunk[-4:] if len(chunk) >= 4 else (self._tail + chunk)[-4:]
                 if self._tap is not None:
                     self._tap(chunk)
+                    now = clock()  # the tap's time is the relay's own
+                since, on_sink = now, False
         finally:
+            # As in pump(): the time since the last clock read belongs to the side
+            # the pump was waiting on when it ended.
+            moved.spent(clock() - since, writing=on_sink)
             if ticker is not None:
                 ticker.cancel()
 
@@ -104,4 +126,5 @@ class SSEPump:
                     await self._sink.write(KEEPALIVE)
                 except ConnectionError:
                     return  # the pump notices the closed client on its own
+                self._moved.sent += len(KEEPALIVE)
             seen = self._chunks

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 from collections.abc import Callable
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from relayd.config import RelayKey, parse_keys_env
 from relayd.headers import redact_secrets
 from tests import rawhttp
 from tests.conftest import OTHER_KEY, RELAY_KEY, RelayFactory
-from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
+from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI, Scripted, error_answer
 
 
 def assert_openai_error(body: dict[str, object], code: str | None = None) -> None:
@@ -377,6 +379,59 @@ async def test_user_data_files_cannot_be_downloaded(
     assert not any(s.path.endswith("/content") for s in fake.seen)
     response = await relay.get(f"/v1/files/{public}/content", headers=auth)
     assert response.status == 200 and await response.read() == b"shared"
+
+
+def _metadata_answer(status: int, body: object) -> Scripted:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if status >= 400:
+            return error_answer(status)
+        return web.json_response(body, status=status)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (429, None, 429),  # upstream's own 429 (with its retry hints) comes back
+        (500, None, 502),
+        (503, None, 502),
+        (401, None, 401),
+        (200, {"id": "f", "object": "file"}, 502),  # a 200 that names no purpose
+        (200, {"id": "f", "purpose": None}, 502),
+        (200, ["not", "an", "object"], 502),
+        (202, {"id": "f", "purpose": "assistants"}, 502),  # only a 200 is a verdict
+    ],
+    ids=["429", "500", "503", "401", "no-purpose", "null-purpose", "not-object", "202"],
+)
+async def test_user_data_guard_fails_closed_when_metadata_is_not_a_clear_200(
+    relay: TestClient,
+    auth: dict[str, str],
+    fake: FakeOpenAI,
+    status: int,
+    body: object,
+    expected: int,
+) -> None:
+    private = fake.add_file(b"someone's diary", purpose="user_data")
+    fake.script("GET", f"/v1/files/{private}", _metadata_answer(status, body))
+    response = await relay.get(f"/v1/files/{private}/content", headers=auth)
+    assert response.status == expected
+    assert_openai_error(await response.json())
+    if expected == 429:
+        assert response.headers["Retry-After"] == "7"
+    assert not any(s.path.endswith("/content") for s in fake.seen)
+
+
+async def test_user_data_guard_fails_closed_when_upstream_is_unreachable(
+    relay_factory: RelayFactory, auth: dict[str, str]
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    relay = await relay_factory(upstream_url=f"http://127.0.0.1:{port}")
+    response = await relay.get("/v1/files/file-x/content", headers=auth)
+    assert response.status == 502
+    assert_openai_error(await response.json())
 
 
 async def test_missing_file_download_passes_upstream_404(

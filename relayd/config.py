@@ -153,7 +153,7 @@ class Settings:
     log_format: str = "console"
     log_level: str = "info"
 
-    # [realtime] (SPEC §3): the WebSocket bridge and the legacy sessions model check.
+    # [realtime]: every route under /v1/realtime (handlers/realtime.py applies it).
     realtime_enabled: bool = True
     realtime_allowed_models: tuple[str, ...] = ()  # empty: any model
     realtime_default_model: str = "gpt-realtime"

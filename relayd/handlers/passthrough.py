@@ -27,6 +27,7 @@ from relayd.handlers.common import (
     send_back,
 )
 from relayd.handlers.payload import json_body
+from relayd.handlers.realtime import admit_unlisted, is_realtime_path
 from relayd.policy import Verdict
 from relayd.state import POLICY, TABLE, UPSTREAM
 from relayd.upstream import mapped_errors
@@ -103,6 +104,8 @@ async def forward_by_policy(request: web.Request) -> web.StreamResponse:
             f"{', '.join(sorted(allowed))}.",
             headers={"Allow": ", ".join(sorted(allowed))},
         )
+    if is_realtime_path(request.path):  # decoded, as upstream will read it
+        admit_unlisted(request)
     verdict, rule = request.app[POLICY].decide(path)
     if verdict is Verdict.DENY:
         raise PermissionDeniedError(

@@ -1,13 +1,27 @@
-"""Realtime: the WebSocket bridge the official SDKs dial, and the legacy sessions check.
+"""Realtime: one policy for every realtime route, and the WebSocket bridge.
+
+The policy (``[realtime]``) governs everything under ``/v1/realtime``, not only
+the bridge: the REST routes mint ``ek_`` secrets and start calls that then run
+against OpenAI directly, outside relayd's keys, logs and limits. So, on every
+realtime route and on any ``/v1/realtime`` path the catch-all would pass:
+
+- realtime disabled is a 403 (for the bridge, before the upgrade);
+- every model the request names (query, JSON body, a call's ``session`` part)
+  must be one of ``allowed_models`` when that list is set; a session that names
+  none gets ``default_model``, so upstream's own default cannot slip past the
+  list; a path relayd does not know how to read is refused while the list is set.
 
 The frames are moved by :class:`relayd.streams.websocket.WebSocketBridge`, which
 knows nothing of OpenAI. What is OpenAI's is decided here, all of it before the
 client's upgrade is accepted, so every refusal is a plain HTTP answer in OpenAI's
 error shape and never an accept-then-close (api7/aisix#721):
 
-- the query names exactly one of ``model``, ``call_id``, ``intent``, as the
-  official clients build it (openai-node ``buildRealtimeURL``), and a ``model``
-  must be one of ``[realtime] allowed_models`` when that list is set;
+- the query names exactly one of ``model``, ``call_id``, ``intent``, once, and
+  nothing else, as the official clients build it (openai-node
+  ``buildRealtimeURL``); upstream is dialled with that one parameter re-encoded,
+  so a spelling relayd did not check (``Model=``, ``model[]=``) never reaches it.
+  A ``call_id`` session joins a call whose model was checked when the call was
+  created or accepted through relayd (or fixed by a secret relayd minted);
 - credentials: the relay key stays in relayd. Upstream is dialled with the
   upstream key, or with the client's own ephemeral secret (``ek_…``, from
   ``/v1/realtime/client_secrets``) when it sends one as Bearer or as an
@@ -25,13 +39,28 @@ import json
 import logging
 import weakref
 from typing import Any, Final
+from urllib.parse import urlencode
 
-from aiohttp import ClientWSTimeout, WSCloseCode, WSMsgType, hdrs, web
+from aiohttp import (
+    BodyPartReader,
+    ClientWSTimeout,
+    MultipartWriter,
+    WSCloseCode,
+    WSMsgType,
+    hdrs,
+    web,
+)
+from aiohttp.payload import BytesPayload
 from multidict import CIMultiDict
 
 from relayd.auth import EPHEMERAL_PREFIX, WS_KEY_PREFIX
 from relayd.config import Settings
-from relayd.errors import BadRequestError, ClientRequestError, PermissionDeniedError
+from relayd.errors import (
+    BadRequestError,
+    ClientRequestError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+)
 from relayd.handlers.common import checked_path, read_json_object, relay
 from relayd.handlers.payload import json_body
 from relayd.headers import redact_secrets
@@ -46,7 +75,18 @@ from relayd.state import (
 )
 from relayd.streams import BridgeStats, Leg, WebSocketBridge
 
-__all__ = ["UpgradeRequiredError", "bridge_realtime", "close_bridges", "create_session"]
+__all__ = [
+    "UpgradeRequiredError",
+    "accept_call",
+    "admit_unlisted",
+    "bridge_realtime",
+    "close_bridges",
+    "create_call",
+    "create_client_secret",
+    "create_session",
+    "forward_realtime",
+    "is_realtime_path",
+]
 
 log = logging.getLogger("relayd.realtime")
 
@@ -86,10 +126,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
     handler, and the upstream leg is closed with 1011.
     """
     settings = request.app[SETTINGS]
-    if not settings.realtime_enabled:
-        raise PermissionDeniedError(
-            "Realtime WebSockets are disabled on this relay.", code="realtime_disabled"
-        )
+    _refuse_if_disabled(settings)
     # Probing with the offered protocols: a probe that knows none of them makes
     # aiohttp warn on every browser handshake (listing them, the key one included).
     if not web.WebSocketResponse(protocols=_offered_protocols(request)).can_prepare(request).ok:
@@ -97,13 +134,14 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
             f"{request.path} only accepts WebSocket connections.",
             headers={"Upgrade": "websocket"},
         )
-    model = _checked_query(request, settings)
+    name, value = _checked_query(request, settings)
+    model = value if name == "model" else None
     offered = _offered_protocols(request)
     # aiohttp refuses a message of max_msg_size bytes or more; the setting is the
     # largest message allowed.
     limit = settings.realtime_max_message_bytes + 1
     async with request.app[UPSTREAM].ws_connect(
-        f"/v1/realtime?{request.rel_url.raw_query_string}",
+        f"/v1/realtime?{urlencode({name: value})}",
         headers=_upstream_headers(request, _ephemeral_secret(request, offered)),
         protocols=[p for p in offered if not p.startswith(_CREDENTIAL_PROTOCOLS)],
         autoclose=False,
@@ -165,9 +203,17 @@ async def close_bridges(app: web.Application) -> None:
     )
 
 
-def _checked_query(request: web.Request, settings: Settings) -> str | None:
-    """Refuse a query that does not name exactly one session; return its model."""
+def _checked_query(request: web.Request, settings: Settings) -> tuple[str, str]:
+    """The one session selector the query names, and its value; anything else is a 400."""
     query = request.query
+    unknown = sorted({name for name in query if name not in _SELECTORS})
+    if unknown:
+        raise BadRequestError(
+            f"Unknown query parameter {unknown[0]!r}; the realtime query names one of "
+            "model, call_id or intent, and nothing else.",
+            code="invalid_realtime_query",
+            param=unknown[0],
+        )
     named = [name for name in _SELECTORS if name in query]
     if len(named) != 1:
         found = " and ".join(named) if named else "none"
@@ -183,13 +229,14 @@ def _checked_query(request: web.Request, settings: Settings) -> str | None:
             code="invalid_realtime_query",
             param=name,
         )
-    if name != "model":
-        return None
-    _check_model(values[0], settings)
-    return values[0]
+    if name == "model":
+        _check_model(values[0], settings)
+    return name, values[0]
 
 
-def _check_model(model: str, settings: Settings) -> None:
+def _check_model(model: object, settings: Settings) -> None:
+    if not isinstance(model, str) or not model:
+        raise BadRequestError("'model' must be a non-empty string.", param="model")
     allowed = settings.realtime_allowed_models
     if allowed and model not in allowed:
         raise BadRequestError(
@@ -321,7 +368,109 @@ def _account(
     log.info("realtime session", extra={"fields": fields})
 
 
-# --------------------------------------------------------------------------- sessions
+# --------------------------------------------------------------------------- policy
+
+
+def is_realtime_path(path: str) -> bool:
+    """Whether a (decoded) path is one the realtime policy governs."""
+    lowered = path.lower()  # case-insensitive, like the path policy
+    return lowered == "/v1/realtime" or lowered.startswith("/v1/realtime/")
+
+
+def _refuse_if_disabled(settings: Settings) -> None:
+    if not settings.realtime_enabled:
+        raise PermissionDeniedError(
+            "Realtime is disabled on this relay.", code="realtime_disabled"
+        )
+
+
+def _admit(request: web.Request) -> Settings:
+    """The checks every realtime REST route makes first: enabled, query models allowed.
+
+    Any query parameter upstream might read as the model counts (``Model``,
+    ``model[]``), each value checked.
+    """
+    settings = request.app[SETTINGS]
+    _refuse_if_disabled(settings)
+    for name, value in request.query.items():
+        if name.lower().rstrip("[]") == "model":
+            _check_model(value, settings)
+    return settings
+
+
+def admit_unlisted(request: web.Request) -> None:
+    """A ``/v1/realtime`` path outside the route table (the catch-all): refused when
+    realtime is disabled, and while models are restricted, since relayd does not
+    know where such a route names its model."""
+    settings = _admit(request)
+    if settings.realtime_allowed_models:
+        raise PermissionDeniedError(
+            f"{request.path} is not a realtime route this relay can check against "
+            "[realtime] allowed_models.",
+            code="realtime_route_not_checked",
+        )
+
+
+def _check_named_models(payload: dict[str, Any], settings: Settings) -> None:
+    """Every model a JSON body names, at the top or in its ``session``."""
+    session = payload.get("session")
+    for holder in (payload, session):
+        if isinstance(holder, dict) and "model" in holder:
+            _check_model(holder["model"], settings)
+
+
+def _fill_default_model(session: dict[str, Any], settings: Settings) -> None:
+    """A realtime session naming no model gets the default (transcription sessions
+    name no realtime model)."""
+    if session.get("type", "realtime") == "realtime" and "model" not in session:
+        session["model"] = settings.realtime_default_model
+
+
+async def _relay_checked_json(
+    request: web.Request, *, session_key: str | None, fill: bool
+) -> web.StreamResponse:
+    """Check (and, while models are restricted, complete) a JSON body, then relay it.
+
+    ``session_key`` names where the session sits (``None``: the body is the
+    session). Unrestricted, a body that needs no default passes untouched.
+    """
+    path = checked_path(request)
+    settings = _admit(request)
+    restricted = bool(settings.realtime_allowed_models)
+    if not (restricted or fill) or request.content_type != "application/json":
+        return await relay(request, request.method, path)
+    payload = await read_json_object(request)
+    _check_named_models(payload, settings)
+    session: Any = payload
+    if session_key is not None:
+        session = payload.setdefault(session_key, {"type": "realtime"})
+    if isinstance(session, dict):
+        _fill_default_model(session, settings)
+    return await relay(request, request.method, path, data=json_body(payload))
+
+
+async def forward_realtime(request: web.Request) -> web.StreamResponse:
+    """Realtime REST routes without a session to complete (translation secrets, the
+    legacy transcription sessions, call hangup/refer/reject): policy, then relay."""
+    path = checked_path(request)
+    settings = _admit(request)
+    if not settings.realtime_allowed_models or request.content_type != "application/json":
+        return await relay(request, request.method, path)
+    payload = await read_json_object(request)
+    _check_named_models(payload, settings)
+    return await relay(request, request.method, path, data=json_body(payload))
+
+
+async def create_client_secret(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/realtime/client_secrets``: the ``ek_`` secret fixes its session's
+    model, so ``session.model`` is checked (and the default filled in while models
+    are restricted) before the secret exists."""
+    return await _relay_checked_json(request, session_key="session", fill=False)
+
+
+async def accept_call(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/realtime/calls/{call_id}/accept``: the body is the call's session."""
+    return await _relay_checked_json(request, session_key=None, fill=False)
 
 
 async def create_session(request: web.Request) -> web.StreamResponse:
@@ -331,14 +480,76 @@ async def create_session(request: web.Request) -> web.StreamResponse:
     ``[realtime] allowed_models`` (when that list is set) is a 400 with
     ``param: "model"``. Everything else passes through unchanged.
     """
+    return await _relay_checked_json(request, session_key=None, fill=True)
+
+
+async def create_call(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/realtime/calls``: a WebRTC call, its model in the ``session`` part.
+
+    Unrestricted, the body (SDP, or a form with ``sdp`` and ``session``) streams
+    through. While models are restricted the form is read (under the JSON cap),
+    its ``session`` checked and completed, and sent on as relayd rebuilt it; a
+    bare SDP body names no model relayd can check, so it is refused.
+    """
     path = checked_path(request)
-    settings = request.app[SETTINGS]
-    payload = await read_json_object(request)
-    model = payload.get("model")
-    if model is None:
-        payload["model"] = settings.realtime_default_model
-    elif not isinstance(model, str) or not model:
-        raise BadRequestError("'model' must be a non-empty string.", param="model")
-    else:
-        _check_model(model, settings)
-    return await relay(request, "POST", path, data=json_body(payload))
+    settings = _admit(request)
+    if not settings.realtime_allowed_models:
+        return await relay(request, "POST", path)
+    if request.content_type != "multipart/form-data":
+        raise BadRequestError(
+            "This relay restricts realtime models: start the call with a "
+            "multipart/form-data body whose 'session' part names the model.",
+            code="model_required",
+            param="model",
+        )
+    form = await _checked_call_form(request, settings)
+    headers = request.app[UPSTREAM].headers(request.headers, keep_length=False)
+    headers[hdrs.CONTENT_TYPE] = form.content_type
+    return await relay(request, "POST", path, data=form, headers=headers)
+
+
+async def _checked_call_form(request: web.Request, settings: Settings) -> MultipartWriter:
+    cap = settings.max_json_bytes
+    size = 0
+    parts: list[tuple[str, str | None, str, bytes]] = []
+    reader = await request.multipart()
+    async for part in reader:
+        if not isinstance(part, BodyPartReader) or not part.name:
+            raise BadRequestError(
+                "Every part of a call form needs a name.", code="invalid_multipart"
+            )
+        held = bytearray()
+        while chunk := await part.read_chunk():
+            size += len(chunk)
+            if size > cap:
+                raise PayloadTooLargeError(f"The call form exceeds {cap} bytes.")
+            held += chunk
+        kind = part.headers.get(hdrs.CONTENT_TYPE, "text/plain")
+        parts.append((part.name, part.filename, kind, bytes(held)))
+    sessions = [i for i, part in enumerate(parts) if part[0] == "session"]
+    if len(sessions) != 1:
+        raise BadRequestError(
+            "A call form needs exactly one 'session' part naming the model.",
+            code="model_required",
+            param="model",
+        )
+    name, filename, kind, raw = parts[sessions[0]]
+    try:
+        session = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequestError("The 'session' part is not valid JSON.", code="invalid_json") from exc
+    if not isinstance(session, dict):
+        raise BadRequestError("The 'session' part must be a JSON object.", code="invalid_json")
+    _check_named_models(session, settings)
+    _fill_default_model(session, settings)
+    parts[sessions[0]] = (name, filename, "application/json", json.dumps(session).encode())
+    form = MultipartWriter("form-data")
+    for name, filename, kind, data in parts:
+        payload = BytesPayload(data, content_type=kind)
+        if filename is None:
+            payload.set_content_disposition("form-data", name=name)
+        else:
+            payload.set_content_disposition("form-data", name=name, filename=filename)
+        payload.headers.popall(hdrs.CONTENT_LENGTH, None)
+        form.append_payload(payload)
+    return form

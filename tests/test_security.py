@@ -167,6 +167,40 @@ async def test_upstream_sees_only_the_upstream_key_and_clean_headers(
     assert seen["host"].startswith("127.0.0.1:")
 
 
+# Headers some upstream stack honours as a method or target override, or as the
+# client's network identity: none of them is the client's to set upstream.
+_OVERRIDE_AND_IDENTITY = {
+    "X-HTTP-Method-Override": "DELETE",
+    "X-HTTP-Method": "DELETE",
+    "X-Method-Override": "DELETE",
+    "X-Original-URL": "/v1/organization/admin_api_keys",
+    "X-Rewrite-URL": "/v1/organization/admin_api_keys",
+    "X-Forwarded-For": "203.0.113.9",
+    "X-Real-IP": "203.0.113.9",
+    "Forwarded": "for=203.0.113.9;proto=https",
+    "X-Forwarded-Host": "evil.example",
+    "X-Forwarded-Proto": "https",
+    "True-Client-IP": "203.0.113.9",
+    "CF-Connecting-IP": "203.0.113.9",
+    "X-Client-IP": "203.0.113.9",
+}
+
+
+async def test_override_and_client_ip_headers_never_reach_upstream(
+    relay: TestClient, auth: dict[str, str], fake: FakeOpenAI
+) -> None:
+    headers = {**auth, **_OVERRIDE_AND_IDENTITY, "X-Custom": "keep me"}
+    response = await relay.get("/v1/models", headers=headers)
+    assert response.status == 200
+    async with asyncio.timeout(5):
+        async with relay.ws_connect("/v1/realtime?model=gpt-realtime", headers=headers):
+            pass
+    for seen in (fake.last("/v1/models").headers, fake.realtime.last().headers):
+        names = {name.lower() for name in seen}
+        assert "x-custom" in names
+        assert not names & {name.lower() for name in _OVERRIDE_AND_IDENTITY}
+
+
 async def test_only_useful_upstream_headers_reach_the_client(
     relay: TestClient, auth: dict[str, str]
 ) -> None:

@@ -87,6 +87,57 @@ async def test_auth_happens_before_the_body_is_read(relay: TestClient, fake: Fak
     assert fake.seen == []
 
 
+async def _expect_continue(
+    relay: TestClient, headers: dict[str, str], body: bytes, *, length: int | None = None
+) -> list[int]:
+    """Statuses a client announcing ``Expect: 100-continue`` sees, in order.
+
+    The body goes out only after a 100, as a client that waits for it would do.
+    """
+    reader, writer = await rawhttp.open_raw(relay)
+    statuses = []
+    try:
+        async with asyncio.timeout(2):
+            writer.write(
+                rawhttp.head(
+                    "POST",
+                    "/v1/embeddings",
+                    {
+                        **headers,
+                        "Content-Type": "application/json",
+                        "Content-Length": str(len(body) if length is None else length),
+                        "Expect": "100-continue",
+                        "Connection": "close",
+                    },
+                )
+            )
+            await writer.drain()
+            status, _ = await rawhttp.read_head(reader)
+            statuses.append(status)
+            if status == 100:
+                writer.write(body)
+                await writer.drain()
+                status, _ = await rawhttp.read_head(reader)
+                statuses.append(status)
+    finally:
+        writer.close()
+    return statuses
+
+
+async def test_expect_continue_is_answered_only_after_auth_and_limits(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(max_body_bytes=1024)
+    body = json.dumps({"model": "text-embedding-3-small", "input": "hi"}).encode()
+    auth = {"Authorization": f"Bearer {RELAY_KEY}"}
+    assert await _expect_continue(relay, {}, body) == [401]
+    assert await _expect_continue(relay, {"Authorization": "Bearer rk-wrong"}, body) == [401]
+    assert await _expect_continue(relay, auth, body, length=4096) == [413]
+    assert fake.seen == []
+    assert await _expect_continue(relay, auth, body) == [100, 200]
+    assert json.loads(fake.last("/v1/embeddings").body)["input"] == "hi"
+
+
 async def test_scoped_key_reaches_only_its_groups(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:

@@ -185,6 +185,32 @@ async def test_public_routes_need_no_key_and_reveal_no_secret(relay: TestClient,
         assert secret not in text
 
 
+_HEALTH_PUBLIC = {"object", "status", "environment", "default_model", "timestamp"}
+_HEALTH_DETAILS = {"relay", "upstream", "meta"}  # upstream URL, key count, PID
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/v1/health"])
+async def test_public_health_shows_deployment_details_only_to_a_key_holder(
+    relay: TestClient, path: str
+) -> None:
+    for headers in ({}, {"Authorization": "Bearer rk-wrong-key-0123456789"}):
+        response = await relay.get(path, headers=headers)
+        assert response.status == 200  # public: a wrong key is no refusal either
+        assert set(await response.json()) == _HEALTH_PUBLIC
+    for headers in ({"Authorization": f"Bearer {RELAY_KEY}"}, {"X-Relay-Key": OTHER_KEY}):
+        response = await relay.get(path, headers=headers)
+        assert response.status == 200
+        assert set(await response.json()) == _HEALTH_PUBLIC | _HEALTH_DETAILS
+
+
+async def test_keyless_health_shows_details_since_every_route_is_open(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(keys=())
+    response = await relay.get("/health")
+    assert set(await response.json()) == _HEALTH_PUBLIC | _HEALTH_DETAILS
+
+
 @pytest.mark.parametrize("case", [str, str.lower, str.upper], ids=["as-is", "lower", "upper"])
 async def test_upstream_sees_only_the_upstream_key_and_clean_headers(
     relay_factory: RelayFactory, fake: FakeOpenAI, case: Callable[[str], str]

@@ -625,9 +625,11 @@ async def test_client_secrets_get_the_default_model_when_models_are_restricted(
             headers=AUTH,
         )
         assert allowed.status == 200
+        bodiless = await relay.post("/v1/realtime/client_secrets", headers=AUTH)
+        assert bodiless.status == 200
     sent = [json.loads(s.body) for s in fake.seen]
     assert [body["session"]["model"] for body in sent] == [
-        "gpt-realtime-mini", "gpt-realtime-mini", "gpt-realtime"
+        "gpt-realtime-mini", "gpt-realtime-mini", "gpt-realtime", "gpt-realtime-mini"
     ]
     assert sent[1]["session"]["instructions"] == "hi"
 

@@ -436,10 +436,10 @@ async def _relay_checked_json(
     """
     path = checked_path(request)
     settings = _admit(request)
-    restricted = bool(settings.realtime_allowed_models)
-    if not (restricted or fill) or request.content_type != "application/json":
+    if not (settings.realtime_allowed_models or fill):
         return await relay(request, request.method, path)
-    payload = await read_json_object(request)
+    # No body is a session with upstream's defaults: completed like an empty one.
+    payload = await read_json_object(request) if request.body_exists else {}
     _check_named_models(payload, settings)
     session: Any = payload
     if session_key is not None:

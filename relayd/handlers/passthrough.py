@@ -27,7 +27,7 @@ from relayd.handlers.common import (
     send_back,
 )
 from relayd.handlers.payload import json_body
-from relayd.handlers.realtime import admit_unlisted, is_realtime_path
+from relayd.handlers.realtime_policy import admit_unlisted, is_realtime_path
 from relayd.policy import Verdict
 from relayd.state import POLICY, TABLE, UPSTREAM
 from relayd.upstream import mapped_errors

@@ -1,27 +1,16 @@
-"""Realtime: one policy for every realtime route, and the WebSocket bridge.
+"""Realtime: the WebSocket bridge the official SDKs dial, and the realtime REST routes.
 
-The policy (``[realtime]``) governs everything under ``/v1/realtime``, not only
-the bridge: the REST routes mint ``ek_`` secrets and start calls that then run
-against OpenAI directly, outside relayd's keys, logs and limits. So, on every
-realtime route and on any ``/v1/realtime`` path the catch-all would pass:
-
-- realtime disabled is a 403 (for the bridge, before the upgrade);
-- every model the request names (query, JSON body, a call's ``session`` part)
-  must be one of ``allowed_models`` when that list is set; a session that names
-  none gets ``default_model``, so upstream's own default cannot slip past the
-  list; a path relayd does not know how to read is refused while the list is set.
+Every route here first applies the ``[realtime]`` policy (``realtime_policy.py``):
+enabled, and only allowed models, wherever a model is named.
 
 The frames are moved by :class:`relayd.streams.websocket.WebSocketBridge`, which
 knows nothing of OpenAI. What is OpenAI's is decided here, all of it before the
 client's upgrade is accepted, so every refusal is a plain HTTP answer in OpenAI's
 error shape and never an accept-then-close (api7/aisix#721):
 
-- the query names exactly one of ``model``, ``call_id``, ``intent``, once, and
-  nothing else, as the official clients build it (openai-node
-  ``buildRealtimeURL``); upstream is dialled with that one parameter re-encoded,
-  so a spelling relayd did not check (``Model=``, ``model[]=``) never reaches it.
-  A ``call_id`` session joins a call whose model was checked when the call was
-  created or accepted through relayd (or fixed by a secret relayd minted);
+- the query names exactly one session selector, and upstream is dialled with that
+  one parameter re-encoded, so a spelling relayd did not check (``Model=``,
+  ``model[]=``) never reaches it;
 - credentials: the relay key stays in relayd. Upstream is dialled with the
   upstream key, or with the client's own ephemeral secret (``ek_…``, from
   ``/v1/realtime/client_secrets``) when it sends one as Bearer or as an
@@ -41,28 +30,21 @@ import weakref
 from typing import Any, Final
 from urllib.parse import urlencode
 
-from aiohttp import (
-    BodyPartReader,
-    ClientWSTimeout,
-    MultipartWriter,
-    WSCloseCode,
-    WSMsgType,
-    hdrs,
-    web,
-)
-from aiohttp.payload import BytesPayload
+from aiohttp import ClientWSTimeout, WSCloseCode, WSMsgType, hdrs, web
 from multidict import CIMultiDict
 
 from relayd.auth import EPHEMERAL_PREFIX, WS_KEY_PREFIX
-from relayd.config import Settings
-from relayd.errors import (
-    BadRequestError,
-    ClientRequestError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
-)
+from relayd.errors import BadRequestError, ClientRequestError
 from relayd.handlers.common import checked_path, read_json_object, relay
 from relayd.handlers.payload import json_body
+from relayd.handlers.realtime_policy import (
+    admit,
+    check_named_models,
+    checked_call_form,
+    checked_query,
+    fill_default_model,
+    refuse_if_disabled,
+)
 from relayd.headers import redact_secrets
 from relayd.state import (
     KEY,
@@ -78,14 +60,12 @@ from relayd.streams import BridgeStats, Leg, WebSocketBridge
 __all__ = [
     "UpgradeRequiredError",
     "accept_call",
-    "admit_unlisted",
     "bridge_realtime",
     "close_bridges",
     "create_call",
     "create_client_secret",
     "create_session",
     "forward_realtime",
-    "is_realtime_path",
 ]
 
 log = logging.getLogger("relayd.realtime")
@@ -96,7 +76,6 @@ HEARTBEAT_S: Final = 30.0
 # How long a closing handshake may wait for the peer's CLOSE reply.
 CLOSE_TIMEOUT_S: Final = 5.0
 
-_SELECTORS: Final = ("model", "call_id", "intent")
 _SUBPROTOCOL: Final = "realtime"
 # Subprotocols that carry credentials or account choices: upstream gets relayd's own.
 _CREDENTIAL_PROTOCOLS: Final = (WS_KEY_PREFIX, "openai-organization.", "openai-project.")
@@ -126,7 +105,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
     handler, and the upstream leg is closed with 1011.
     """
     settings = request.app[SETTINGS]
-    _refuse_if_disabled(settings)
+    refuse_if_disabled(settings)
     # Probing with the offered protocols: a probe that knows none of them makes
     # aiohttp warn on every browser handshake (listing them, the key one included).
     if not web.WebSocketResponse(protocols=_offered_protocols(request)).can_prepare(request).ok:
@@ -134,7 +113,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
             f"{request.path} only accepts WebSocket connections.",
             headers={"Upgrade": "websocket"},
         )
-    name, value = _checked_query(request, settings)
+    name, value = checked_query(request, settings)
     model = value if name == "model" else None
     offered = _offered_protocols(request)
     # aiohttp refuses a message of max_msg_size bytes or more; the setting is the
@@ -201,50 +180,6 @@ async def close_bridges(app: web.Application) -> None:
             for bridge in list(bridges)
         )
     )
-
-
-def _checked_query(request: web.Request, settings: Settings) -> tuple[str, str]:
-    """The one session selector the query names, and its value; anything else is a 400."""
-    query = request.query
-    unknown = sorted({name for name in query if name not in _SELECTORS})
-    if unknown:
-        raise BadRequestError(
-            f"Unknown query parameter {unknown[0]!r}; the realtime query names one of "
-            "model, call_id or intent, and nothing else.",
-            code="invalid_realtime_query",
-            param=unknown[0],
-        )
-    named = [name for name in _SELECTORS if name in query]
-    if len(named) != 1:
-        found = " and ".join(named) if named else "none"
-        raise BadRequestError(
-            f"Name exactly one of model, call_id or intent in the query (found {found}).",
-            code="invalid_realtime_query",
-        )
-    name = named[0]
-    values = query.getall(name)
-    if len(values) != 1 or not values[0].strip():
-        raise BadRequestError(
-            f"The query parameter {name!r} must be given once, with a value.",
-            code="invalid_realtime_query",
-            param=name,
-        )
-    if name == "model":
-        _check_model(values[0], settings)
-    return name, values[0]
-
-
-def _check_model(model: object, settings: Settings) -> None:
-    if not isinstance(model, str) or not model:
-        raise BadRequestError("'model' must be a non-empty string.", param="model")
-    allowed = settings.realtime_allowed_models
-    if allowed and model not in allowed:
-        raise BadRequestError(
-            f"The model {model!r} is not allowed for realtime on this relay; "
-            f"allowed: {', '.join(allowed)}.",
-            code="model_not_allowed",
-            param="model",
-        )
 
 
 def _offered_protocols(request: web.Request) -> list[str]:
@@ -368,62 +303,7 @@ def _account(
     log.info("realtime session", extra={"fields": fields})
 
 
-# --------------------------------------------------------------------------- policy
-
-
-def is_realtime_path(path: str) -> bool:
-    """Whether a (decoded) path is one the realtime policy governs."""
-    lowered = path.lower()  # case-insensitive, like the path policy
-    return lowered == "/v1/realtime" or lowered.startswith("/v1/realtime/")
-
-
-def _refuse_if_disabled(settings: Settings) -> None:
-    if not settings.realtime_enabled:
-        raise PermissionDeniedError(
-            "Realtime is disabled on this relay.", code="realtime_disabled"
-        )
-
-
-def _admit(request: web.Request) -> Settings:
-    """The checks every realtime REST route makes first: enabled, query models allowed.
-
-    Any query parameter upstream might read as the model counts (``Model``,
-    ``model[]``), each value checked.
-    """
-    settings = request.app[SETTINGS]
-    _refuse_if_disabled(settings)
-    for name, value in request.query.items():
-        if name.lower().rstrip("[]") == "model":
-            _check_model(value, settings)
-    return settings
-
-
-def admit_unlisted(request: web.Request) -> None:
-    """A ``/v1/realtime`` path outside the route table (the catch-all): refused when
-    realtime is disabled, and while models are restricted, since relayd does not
-    know where such a route names its model."""
-    settings = _admit(request)
-    if settings.realtime_allowed_models:
-        raise PermissionDeniedError(
-            f"{request.path} is not a realtime route this relay can check against "
-            "[realtime] allowed_models.",
-            code="realtime_route_not_checked",
-        )
-
-
-def _check_named_models(payload: dict[str, Any], settings: Settings) -> None:
-    """Every model a JSON body names, at the top or in its ``session``."""
-    session = payload.get("session")
-    for holder in (payload, session):
-        if isinstance(holder, dict) and "model" in holder:
-            _check_model(holder["model"], settings)
-
-
-def _fill_default_model(session: dict[str, Any], settings: Settings) -> None:
-    """A realtime session naming no model gets the default (transcription sessions
-    name no realtime model)."""
-    if session.get("type", "realtime") == "realtime" and "model" not in session:
-        session["model"] = settings.realtime_default_model
+# --------------------------------------------------------------------------- REST
 
 
 async def _relay_checked_json(
@@ -435,17 +315,17 @@ async def _relay_checked_json(
     session). Unrestricted, a body that needs no default passes untouched.
     """
     path = checked_path(request)
-    settings = _admit(request)
+    settings = admit(request)
     if not (settings.realtime_allowed_models or fill):
         return await relay(request, request.method, path)
     # No body is a session with upstream's defaults: completed like an empty one.
     payload = await read_json_object(request) if request.body_exists else {}
-    _check_named_models(payload, settings)
+    check_named_models(payload, settings)
     session: Any = payload
     if session_key is not None:
         session = payload.setdefault(session_key, {"type": "realtime"})
     if isinstance(session, dict):
-        _fill_default_model(session, settings)
+        fill_default_model(session, settings)
     return await relay(request, request.method, path, data=json_body(payload))
 
 
@@ -453,11 +333,11 @@ async def forward_realtime(request: web.Request) -> web.StreamResponse:
     """Realtime REST routes without a session to complete (translation secrets, the
     legacy transcription sessions, call hangup/refer/reject): policy, then relay."""
     path = checked_path(request)
-    settings = _admit(request)
+    settings = admit(request)
     if not settings.realtime_allowed_models or request.content_type != "application/json":
         return await relay(request, request.method, path)
     payload = await read_json_object(request)
-    _check_named_models(payload, settings)
+    check_named_models(payload, settings)
     return await relay(request, request.method, path, data=json_body(payload))
 
 
@@ -492,7 +372,7 @@ async def create_call(request: web.Request) -> web.StreamResponse:
     bare SDP body names no model relayd can check, so it is refused.
     """
     path = checked_path(request)
-    settings = _admit(request)
+    settings = admit(request)
     if not settings.realtime_allowed_models:
         return await relay(request, "POST", path)
     if request.content_type != "multipart/form-data":
@@ -502,54 +382,7 @@ async def create_call(request: web.Request) -> web.StreamResponse:
             code="model_required",
             param="model",
         )
-    form = await _checked_call_form(request, settings)
+    form = await checked_call_form(request, settings)
     headers = request.app[UPSTREAM].headers(request.headers, keep_length=False)
     headers[hdrs.CONTENT_TYPE] = form.content_type
     return await relay(request, "POST", path, data=form, headers=headers)
-
-
-async def _checked_call_form(request: web.Request, settings: Settings) -> MultipartWriter:
-    cap = settings.max_json_bytes
-    size = 0
-    parts: list[tuple[str, str | None, str, bytes]] = []
-    reader = await request.multipart()
-    async for part in reader:
-        if not isinstance(part, BodyPartReader) or not part.name:
-            raise BadRequestError(
-                "Every part of a call form needs a name.", code="invalid_multipart"
-            )
-        held = bytearray()
-        while chunk := await part.read_chunk():
-            size += len(chunk)
-            if size > cap:
-                raise PayloadTooLargeError(f"The call form exceeds {cap} bytes.")
-            held += chunk
-        kind = part.headers.get(hdrs.CONTENT_TYPE, "text/plain")
-        parts.append((part.name, part.filename, kind, bytes(held)))
-    sessions = [i for i, part in enumerate(parts) if part[0] == "session"]
-    if len(sessions) != 1:
-        raise BadRequestError(
-            "A call form needs exactly one 'session' part naming the model.",
-            code="model_required",
-            param="model",
-        )
-    name, filename, kind, raw = parts[sessions[0]]
-    try:
-        session = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequestError("The 'session' part is not valid JSON.", code="invalid_json") from exc
-    if not isinstance(session, dict):
-        raise BadRequestError("The 'session' part must be a JSON object.", code="invalid_json")
-    _check_named_models(session, settings)
-    _fill_default_model(session, settings)
-    parts[sessions[0]] = (name, filename, "application/json", json.dumps(session).encode())
-    form = MultipartWriter("form-data")
-    for name, filename, kind, data in parts:
-        payload = BytesPayload(data, content_type=kind)
-        if filename is None:
-            payload.set_content_disposition("form-data", name=name)
-        else:
-            payload.set_content_disposition("form-data", name=name, filename=filename)
-        payload.headers.popall(hdrs.CONTENT_LENGTH, None)
-        form.append_payload(payload)
-    return form

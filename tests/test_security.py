@@ -138,6 +138,17 @@ async def test_expect_continue_is_answered_only_after_auth_and_limits(
     assert json.loads(fake.last("/v1/embeddings").body)["input"] == "hi"
 
 
+async def test_an_unknown_expectation_is_a_417_after_auth(relay: TestClient) -> None:
+    auth = {"Authorization": f"Bearer {RELAY_KEY}"}
+    for headers, status in (({"Expect": "x-teapot"}, 401), ({**auth, "Expect": "x-teapot"}, 417)):
+        response = await rawhttp.request(
+            relay, "POST", "/v1/embeddings",
+            {**headers, "Content-Type": "application/json"}, b"{}",
+        )
+        assert response.status == status
+        assert_openai_error(json.loads(response.body))
+
+
 async def test_scoped_key_reaches_only_its_groups(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:

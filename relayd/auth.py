@@ -93,9 +93,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     keyring = request.app[KEYRING]
     # No keys at all is the loopback-only safe default (config.validate refuses it
     # on any other address): every route is open, and the log said so at start.
-    if settings.auth_disabled or not keyring.keys or _is_public(route, settings):
+    if settings.auth_disabled or not keyring.keys:
         return await handler(request)
     secret = presented_key(request, settings.key_header)
+    if _is_public(route, settings):
+        # Open to all, but a valid key is still identified (/health shows a key
+        # holder more); a wrong one is no refusal here.
+        if secret is not None and (key := keyring.identify(secret)) is not None:
+            request[KEY] = key
+        return await handler(request)
     if secret is None:
         raise AuthenticationError(
             "Missing relay key. Send it as 'Authorization: Bearer <key>' or in the "

@@ -41,13 +41,16 @@ MiB: Final = 1024 * 1024
 # Path families that never pass the catch-all unless explicitly allowed (SPEC §3).
 DEFAULT_DENY: Final = ("/v1/organization/*", "/v1/organization", "/v1/admin*")
 
-# Where ChatGPT's file links (openaiFileIdRefs download_link) point; shell-style host
-# patterns. The predecessor allowed the same hosts (SPEC §2, "Fetching user files").
+# Where ChatGPT's file links (openaiFileIdRefs download_link) point: exact host
+# names, no patterns. A wildcard can match hosts OpenAI does not control (anyone
+# can register an Azure storage account called oaidalle<anything>), and a link
+# there would make relayd fetch an attacker's file as if the user had sent it.
+# ChatGPT's signed links use files.oaiusercontent.com; DALL-E's image URLs the
+# oaidalleapiprodscus storage account. Operators may still list patterns.
 DEFAULT_FETCH_HOSTS: Final = (
-    "*.oaiusercontent.com",
-    "*.openaiusercontent.com",
+    "files.oaiusercontent.com",
     "files.openai.com",
-    "oaidalle*.blob.core.windows.net",
+    "oaidalleapiprodscus.blob.core.windows.net",
 )
 
 CREDENTIAL_UPSTREAM_KEY: Final = "openai_api_key"
@@ -153,7 +156,7 @@ class Settings:
     log_format: str = "console"
     log_level: str = "info"
 
-    # [realtime] (SPEC §3): the WebSocket bridge and the legacy sessions model check.
+    # [realtime]: every route under /v1/realtime (handlers/realtime.py applies it).
     realtime_enabled: bool = True
     realtime_allowed_models: tuple[str, ...] = ()  # empty: any model
     realtime_default_model: str = "gpt-realtime"

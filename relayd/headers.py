@@ -2,7 +2,8 @@
 
 Requests keep the client's headers minus hop-by-hop ones (RFC 9110 §7.6.1), minus
 everything that carries identity or credentials (the relay key, cookies, forwarding
-headers); relayd adds its own ``Authorization`` and organisation headers.
+and client-address headers) or overrides the method or target relayd checked;
+relayd adds its own ``Authorization`` and organisation headers.
 Responses keep an allowlist: what the SDKs read (request id, rate limits, retry
 hints) and what describes the body. Anything else (``Set-Cookie``, CDN headers)
 stays behind, so nothing about the upstream account leaks to clients.
@@ -46,7 +47,10 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 # Never forwarded upstream: the host is the upstream's, credentials are relayd's,
-# and the client's network identity is nobody's business upstream.
+# the client's network identity is nobody's business upstream, and the method and
+# target are the ones relayd checked: some stacks honour an override header
+# (X-HTTP-Method-Override, IIS's X-Original-URL/X-Rewrite-URL), which would turn
+# a checked GET /v1/models into something else behind relayd's back.
 _REQUEST_DROP: Final = HOP_BY_HOP | frozenset(
     h.lower()
     for h in (
@@ -56,11 +60,19 @@ _REQUEST_DROP: Final = HOP_BY_HOP | frozenset(
         "Expect",
         "OpenAI-Organization",
         "OpenAI-Project",
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+        "X-Original-URL",
+        "X-Rewrite-URL",
         "Forwarded",
         "X-Forwarded-For",
         "X-Forwarded-Host",
         "X-Forwarded-Proto",
         "X-Real-IP",
+        "True-Client-IP",
+        "CF-Connecting-IP",
+        "X-Client-IP",
         "Sec-WebSocket-Key",
         "Sec-WebSocket-Version",
         "Sec-WebSocket-Extensions",

@@ -4,17 +4,22 @@
 - ``Content-Type`` against what the route accepts (415);
 - a multipart body whose ``Content-Type`` names no boundary (400);
 - a declared ``Content-Length`` against the body cap (413); bodies without a length
-  are counted as they stream (streams.pump_request_body) and cut at the same cap.
+  are counted as they stream (streams.pump_request_body) and cut at the same cap;
+- ``Expect: 100-continue`` (RFC 9110 §10.1.1) is answered here, once auth and
+  every limit above have passed: a client that waits for the ``100`` never sends
+  a body relayd would refuse (aiohttp's own answer, before any middleware, is
+  turned off in ``RouteTable.register``).
 """
 
 from __future__ import annotations
 
 from email.message import Message
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 
 from relayd.errors import (
     BadRequestError,
+    ClientRequestError,
     PayloadTooLargeError,
     RequestHeaderTooLargeError,
     UnsupportedMediaTypeError,
@@ -22,7 +27,16 @@ from relayd.errors import (
 from relayd.routing import Handler
 from relayd.state import ROUTE, SETTINGS
 
-__all__ = ["limits_middleware"]
+__all__ = ["ExpectationFailedError", "limits_middleware"]
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ExpectationFailedError(ClientRequestError):
+    """An ``Expect`` other than ``100-continue`` (RFC 9110 §15.5.18)."""
+
+    status = 417
+    default_code = "expectation_failed"
 
 
 @web.middleware
@@ -55,7 +69,21 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
             code="invalid_multipart",
         )
     # Body.NONE and Body.ANY accept whatever comes (SDKs send "{}" on cancels).
+    await _invite_body(request)
     return await handler(request)
+
+
+async def _invite_body(request: web.Request) -> None:
+    """Send ``100 Continue`` if the client waits for it (HTTP/1.1 only: a 1.0
+    client's Expect is ignored, RFC 9110 §10.1.1)."""
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect is None or request.version != HttpVersion11:
+        return
+    if expect.strip().lower() != "100-continue":
+        raise ExpectationFailedError(f"Unsupported expectation: {expect!r}.")
+    await request.writer.write(_CONTINUE)
+    # What the answer writes is counted from here: the 100 is not the response.
+    request.writer.output_size = 0
 
 
 

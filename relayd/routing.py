@@ -88,6 +88,12 @@ def _template_regex(path: str) -> re.Pattern[str]:
     return re.compile(pattern + re.escape(path[last:]) + r"\Z")
 
 
+async def _expect_after_checks(request: web.Request) -> None:
+    """aiohttp's default sends ``100 Continue`` before any middleware runs, inviting
+    an unauthenticated client to send its body; relayd answers ``Expect`` in the
+    limits middleware instead, after auth and limits."""
+
+
 class RouteTable:
     """An ordered, validated collection of routes."""
 
@@ -147,6 +153,8 @@ class RouteTable:
             resource = resources.get(route.path)
             if resource is None:
                 resource = resources[route.path] = router.add_resource(route.path)
-            aio_route = resource.add_route(route.method, route.handler)
+            aio_route = resource.add_route(
+                route.method, route.handler, expect_handler=_expect_after_checks
+            )
             mapping[aio_route] = route
         return mapping

@@ -537,6 +537,15 @@ class Upstream:
         """
         with self._slot() as session:
             response = await self._send(session, method, self.url(path_qs), headers, data)
+            if response.status == 101:
+                # relayd never asks for an upgrade here (Upgrade is hop-by-hop and
+                # dropped; WebSockets go through ws_connect), so the connection is no
+                # longer HTTP and holds no answer for the client: drop it.
+                response.close()
+                raise UpstreamUnavailableError(
+                    "The upstream API switched protocols (101) on a request that asked "
+                    "for no upgrade."
+                )
             try:
                 self._switch_to_idle_timeout(response)
                 yield response

@@ -185,8 +185,9 @@ class Relayd:
         self.stderr: list[str] = []
         self.port = 0
 
-    async def wait_ready(self) -> dict[str, Any]:
-        """Read stderr up to the listening line, then GET /health; its JSON body.
+    async def wait_ready(self, key: str | None = None) -> dict[str, Any]:
+        """Read stderr up to the listening line, then GET /health (with ``key``, to
+        see the detailed sections); its JSON body.
 
         The health answer matters beyond itself: relayd logs "listening" a moment
         before it installs its signal handlers, and a SIGTERM in that gap kills it
@@ -202,7 +203,9 @@ class Relayd:
                 if match := LISTENING.search(self.stderr[-1]):
                     self.port = int(match.group(1))
             async with aiohttp.ClientSession() as http:
-                async with http.get(f"http://127.0.0.1:{self.port}/health") as response:
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                url = f"http://127.0.0.1:{self.port}/health"
+                async with http.get(url, headers=headers) as response:
                     assert response.status == 200
                     health: dict[str, Any] = await response.json()
         return health
@@ -249,7 +252,7 @@ async def test_serve_answers_health_and_exits_0_on_sigterm() -> None:
         OPENAI_API_KEY=UPSTREAM, RELAYD_KEYS=f"team:{KEY_ENV}", RELAYD_LISTEN="127.0.0.1:0"
     )
     async with serving(env) as server:
-        health = await server.wait_ready()
+        health = await server.wait_ready(KEY_ENV)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             async with http.get(f"http://127.0.0.1:{server.port}/v1/models") as response:
                 assert response.status == 401  # a key is required off the public routes

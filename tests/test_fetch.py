@@ -19,7 +19,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpServer
 
-from relayd.config import DEFAULT_FETCH_HOSTS
+from relayd.config import DEFAULT_FETCH_HOSTS, Settings, load_settings
+from relayd.errors import PermissionDeniedError
+from relayd.fetch import check_link
 from relayd.upstream import (
     ForbiddenAddressError,
     _PublicOnlyConnector,
@@ -58,9 +60,11 @@ async def host(aiohttp_server: AiohttpServer, tmp_path: Path) -> FileHost:
         ("https://user:pw@files.oaiusercontent.com/file-abc", "credentials"),
         ("https://evil.example.com/file", "not fetched"),
         ("file:///etc/passwd", "https"),
+        # Anyone can register an Azure storage account named oaidalle<anything>.
+        ("https://oaidalleattacker.blob.core.windows.net/private/x.png", "not fetched"),
     ],
     ids=["loopback", "loopback-v6", "metadata", "plain-http", "userinfo", "other-host",
-         "file-scheme"],
+         "file-scheme", "lookalike-storage-account"],
 )
 async def test_default_config_refuses_links_before_connecting(
     relay_factory: RelayFactory, fake: FakeOpenAI, link: str, words: str
@@ -156,9 +160,27 @@ async def test_an_allowed_link_arrives_whole(
     assert fake.seen[0].parts[-1]["data"] == PNG
 
 
-def test_default_hosts_are_chatgpts_file_hosts() -> None:
-    assert "*.oaiusercontent.com" in DEFAULT_FETCH_HOSTS
-    assert not any("*" == h or h.startswith("*.com") for h in DEFAULT_FETCH_HOSTS)
+def test_default_hosts_are_exact_names() -> None:
+    # No wildcard: a pattern can match hosts nobody at OpenAI controls.
+    assert "files.oaiusercontent.com" in DEFAULT_FETCH_HOSTS
+    assert not any(set(h) & set("*?[") for h in DEFAULT_FETCH_HOSTS)
+    settings = Settings(upstream_key="sk-test")
+    for link in (
+        "https://files.oaiusercontent.com/file-abc?sig=x",
+        "https://oaidalleapiprodscus.blob.core.windows.net/private/img.png",
+    ):
+        assert check_link(link, settings).host is not None
+
+
+def test_operator_wildcards_still_match(tmp_path: Path) -> None:
+    config = tmp_path / "relayd.toml"
+    config.write_text('[actions]\nfetch_hosts = ["*.files.example", "cdn?.example"]\n')
+    settings = load_settings(config, {"OPENAI_API_KEY": "sk-test"})
+    for link in ("https://a.files.example/x", "https://cdn1.example/x"):
+        assert check_link(link, settings).host is not None
+    for link in ("https://files.example.evil/x", "https://files.oaiusercontent.com/x"):
+        with pytest.raises(PermissionDeniedError):
+            check_link(link, settings)
 
 
 @pytest.mark.parametrize(

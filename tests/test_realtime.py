@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from relayd.config import ConfigError, load_settings
 from relayd.handlers import realtime as realtime_handler
+from relayd.routes import TABLE
 from relayd.state import METRICS
 from relayd.streams.websocket import sendable_close_code
 from tests.conftest import RELAY_KEY, RelayFactory
@@ -314,6 +315,35 @@ async def test_a_query_that_names_no_single_session_is_a_400(
     assert fake.realtime.sessions == []
 
 
+@pytest.mark.parametrize(
+    "query",
+    ["Model=gpt-4o-realtime-preview", "model[]=gpt-4o-realtime-preview",
+     "model=gpt-realtime&Model=gpt-4o-realtime-preview", "model=gpt-realtime&debug=1",
+     "call_id=rtc_1&call_id=rtc_2", "intent=transcription&intent=transcription"],
+    ids=["capitalised", "array", "shadowed", "unknown", "repeated-call_id", "repeated-intent"],
+)
+async def test_unknown_or_repeated_query_parameters_on_the_bridge_are_a_400(
+    relay_factory: RelayFactory, fake: FakeOpenAI, query: str
+) -> None:
+    relay = await relay_factory(realtime_allowed_models=("gpt-realtime",))
+    response = await raw_handshake(relay, f"/v1/realtime?{query}", AUTH)
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_realtime_query"
+    assert fake.realtime.sessions == []
+
+
+async def test_a_call_id_bridge_is_allowed_when_models_are_restricted(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    # The call's model was checked when the call was created or accepted through
+    # relayd (or fixed by a client secret relayd minted and checked).
+    relay = await relay_factory(realtime_allowed_models=("gpt-realtime",))
+    async with asyncio.timeout(BOUND):
+        async with relay.ws_connect("/v1/realtime?call_id=rtc_0123", headers=AUTH):
+            pass
+    assert fake.realtime.last().query == {"call_id": "rtc_0123"}
+
+
 async def test_a_model_outside_allowed_models_is_a_400_before_the_upgrade(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
@@ -486,6 +516,150 @@ async def test_realtime_rest_routes_pass_through(
     seen = fake.last(path)
     assert seen.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert json.loads(seen.body) == {"session": {"type": "realtime"}}
+
+
+def _concrete(path: str) -> str:
+    return path.replace("{call_id}", "rtc_1")
+
+
+_REALTIME_ROUTES = [route for route in TABLE if route.group == "realtime"]
+
+
+@pytest.mark.parametrize(
+    "route", _REALTIME_ROUTES, ids=[r.operation_id for r in _REALTIME_ROUTES]
+)
+async def test_disabled_realtime_refuses_every_realtime_route(
+    relay_factory: RelayFactory, fake: FakeOpenAI, route: Any
+) -> None:
+    relay = await relay_factory(realtime_enabled=False)
+    path = _concrete(route.path)
+    async with asyncio.timeout(BOUND):
+        if route.method == "GET":
+            response = await relay.get(
+                f"{path}?model=gpt-realtime", headers={**websocket_upgrade(), **AUTH}
+            )
+        else:
+            response = await relay.post(
+                path, json={"session": {"type": "realtime"}}, headers=AUTH
+            )
+        error = (await response.json())["error"]
+    assert response.status == 403
+    assert error["code"] == "realtime_disabled"
+    assert fake.seen == [] and fake.realtime.sessions == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/realtime/unlisted_secrets", "/v1/REALTIME/client_secrets", "/v1/realtime/calls/rtc_1"],
+    ids=["unlisted", "capitalised", "call"],
+)
+async def test_disabled_realtime_refuses_realtime_paths_the_catch_all_would_pass(
+    relay_factory: RelayFactory, fake: FakeOpenAI, path: str
+) -> None:
+    relay = await relay_factory(realtime_enabled=False, policy_allow=("/v1/*",))
+    async with asyncio.timeout(BOUND):
+        response = await relay.post(path, json={"session": {"type": "realtime"}}, headers=AUTH)
+        error = (await response.json())["error"]
+    assert response.status == 403
+    assert error["code"] == "realtime_disabled"
+    assert fake.seen == []
+
+
+async def test_restricted_models_refuse_realtime_paths_relayd_cannot_check(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(
+        realtime_allowed_models=("gpt-realtime",), policy_allow=("/v1/*",)
+    )
+    async with asyncio.timeout(BOUND):
+        response = await relay.post(
+            "/v1/realtime/unlisted_secrets", json={"model": "gpt-4o"}, headers=AUTH
+        )
+        await response.read()
+    assert response.status == 403
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/realtime/client_secrets", {"session": {"type": "realtime", "model": "gpt-4o-rt"}}),
+        ("/v1/realtime/client_secrets?model=gpt-4o-rt", {"session": {"type": "realtime"}}),
+        ("/v1/realtime/client_secrets?Model=gpt-4o-rt", {"session": {"type": "realtime"}}),
+        ("/v1/realtime/translations/client_secrets", {"session": {"model": "gpt-4o-rt"}}),
+        ("/v1/realtime/calls/rtc_1/accept", {"type": "realtime", "model": "gpt-4o-rt"}),
+        ("/v1/realtime/transcription_sessions", {"model": "gpt-4o-rt"}),
+        ("/v1/realtime/sessions", {"model": "gpt-4o-rt"}),
+        ("/v1/realtime/calls/rtc_1/hangup?model=gpt-4o-rt", {}),
+        ("/v1/realtime/client_secrets", {"session": {"type": "realtime", "model": 7}}),
+    ],
+    ids=["client_secrets", "query", "query-variant", "translations", "accept",
+         "transcription", "sessions", "hangup-query", "not-a-string"],
+)
+async def test_every_realtime_route_checks_the_models_it_names(
+    relay_factory: RelayFactory, fake: FakeOpenAI, path: str, body: dict[str, Any]
+) -> None:
+    relay = await relay_factory(realtime_allowed_models=("gpt-realtime",))
+    async with asyncio.timeout(BOUND):
+        response = await relay.post(path, json=body, headers=AUTH)
+        error = (await response.json())["error"]
+    assert response.status == 400
+    assert error["param"] == "model"
+    assert fake.seen == []
+
+
+async def test_client_secrets_get_the_default_model_when_models_are_restricted(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(
+        realtime_allowed_models=("gpt-realtime", "gpt-realtime-mini"),
+        realtime_default_model="gpt-realtime-mini",
+    )
+    async with asyncio.timeout(BOUND):
+        for body in ({}, {"session": {"type": "realtime", "instructions": "hi"}}):
+            response = await relay.post("/v1/realtime/client_secrets", json=body, headers=AUTH)
+            assert response.status == 200
+        allowed = await relay.post(
+            "/v1/realtime/client_secrets",
+            json={"session": {"type": "realtime", "model": "gpt-realtime"}},
+            headers=AUTH,
+        )
+        assert allowed.status == 200
+        bodiless = await relay.post("/v1/realtime/client_secrets", headers=AUTH)
+        assert bodiless.status == 200
+    sent = [json.loads(s.body) for s in fake.seen]
+    assert [body["session"]["model"] for body in sent] == [
+        "gpt-realtime-mini", "gpt-realtime-mini", "gpt-realtime", "gpt-realtime-mini"
+    ]
+    assert sent[1]["session"]["instructions"] == "hi"
+
+
+async def test_realtime_calls_check_the_session_model_when_models_are_restricted(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(realtime_allowed_models=("gpt-realtime",))
+    sdp = b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\n"
+
+    def form(model: str) -> aiohttp.FormData:
+        data = aiohttp.FormData()
+        data.add_field("sdp", sdp.decode(), content_type="application/sdp")
+        session = json.dumps({"type": "realtime", "model": model})
+        data.add_field("session", session, content_type="application/json")
+        return data
+
+    async with asyncio.timeout(BOUND):
+        refused = await relay.post("/v1/realtime/calls", data=form("gpt-4o-rt"), headers=AUTH)
+        assert refused.status == 400
+        unnamed = await relay.post(
+            "/v1/realtime/calls", data=sdp, headers={**AUTH, "Content-Type": "application/sdp"}
+        )
+        assert unnamed.status == 400
+        assert fake.seen == []
+        allowed = await relay.post("/v1/realtime/calls", data=form("gpt-realtime"), headers=AUTH)
+        assert allowed.status == 200
+    parts = {p["name"]: p["data"] for p in fake.last("/v1/realtime/calls").parts}
+    assert parts["sdp"] == sdp
+    assert json.loads(parts["session"])["model"] == "gpt-realtime"
 
 
 async def test_realtime_calls_pass_sdp_through(relay: TestClient, fake: FakeOpenAI) -> None:

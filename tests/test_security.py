@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 from collections.abc import Callable
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from relayd.config import RelayKey, parse_keys_env
 from relayd.headers import redact_secrets
 from tests import rawhttp
 from tests.conftest import OTHER_KEY, RELAY_KEY, RelayFactory
-from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
+from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI, Scripted, error_answer
 
 
 def assert_openai_error(body: dict[str, object], code: str | None = None) -> None:
@@ -85,6 +87,68 @@ async def test_auth_happens_before_the_body_is_read(relay: TestClient, fake: Fak
     assert fake.seen == []
 
 
+async def _expect_continue(
+    relay: TestClient, headers: dict[str, str], body: bytes, *, length: int | None = None
+) -> list[int]:
+    """Statuses a client announcing ``Expect: 100-continue`` sees, in order.
+
+    The body goes out only after a 100, as a client that waits for it would do.
+    """
+    reader, writer = await rawhttp.open_raw(relay)
+    statuses = []
+    try:
+        async with asyncio.timeout(2):
+            writer.write(
+                rawhttp.head(
+                    "POST",
+                    "/v1/embeddings",
+                    {
+                        **headers,
+                        "Content-Type": "application/json",
+                        "Content-Length": str(len(body) if length is None else length),
+                        "Expect": "100-continue",
+                        "Connection": "close",
+                    },
+                )
+            )
+            await writer.drain()
+            status, _ = await rawhttp.read_head(reader)
+            statuses.append(status)
+            if status == 100:
+                writer.write(body)
+                await writer.drain()
+                status, _ = await rawhttp.read_head(reader)
+                statuses.append(status)
+    finally:
+        writer.close()
+    return statuses
+
+
+async def test_expect_continue_is_answered_only_after_auth_and_limits(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(max_body_bytes=1024)
+    body = json.dumps({"model": "text-embedding-3-small", "input": "hi"}).encode()
+    auth = {"Authorization": f"Bearer {RELAY_KEY}"}
+    assert await _expect_continue(relay, {}, body) == [401]
+    assert await _expect_continue(relay, {"Authorization": "Bearer rk-wrong"}, body) == [401]
+    assert await _expect_continue(relay, auth, body, length=4096) == [413]
+    assert fake.seen == []
+    assert await _expect_continue(relay, auth, body) == [100, 200]
+    assert json.loads(fake.last("/v1/embeddings").body)["input"] == "hi"
+
+
+async def test_an_unknown_expectation_is_a_417_after_auth(relay: TestClient) -> None:
+    auth = {"Authorization": f"Bearer {RELAY_KEY}"}
+    for headers, status in (({"Expect": "x-teapot"}, 401), ({**auth, "Expect": "x-teapot"}, 417)):
+        response = await rawhttp.request(
+            relay, "POST", "/v1/embeddings",
+            {**headers, "Content-Type": "application/json"}, b"{}",
+        )
+        assert response.status == status
+        assert_openai_error(json.loads(response.body))
+
+
 async def test_scoped_key_reaches_only_its_groups(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
@@ -132,6 +196,32 @@ async def test_public_routes_need_no_key_and_reveal_no_secret(relay: TestClient,
         assert secret not in text
 
 
+_HEALTH_PUBLIC = {"object", "status", "environment", "default_model", "timestamp"}
+_HEALTH_DETAILS = {"relay", "upstream", "meta"}  # upstream URL, key count, PID
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/v1/health"])
+async def test_public_health_shows_deployment_details_only_to_a_key_holder(
+    relay: TestClient, path: str
+) -> None:
+    for headers in ({}, {"Authorization": "Bearer rk-wrong-key-0123456789"}):
+        response = await relay.get(path, headers=headers)
+        assert response.status == 200  # public: a wrong key is no refusal either
+        assert set(await response.json()) == _HEALTH_PUBLIC
+    for headers in ({"Authorization": f"Bearer {RELAY_KEY}"}, {"X-Relay-Key": OTHER_KEY}):
+        response = await relay.get(path, headers=headers)
+        assert response.status == 200
+        assert set(await response.json()) == _HEALTH_PUBLIC | _HEALTH_DETAILS
+
+
+async def test_keyless_health_shows_details_since_every_route_is_open(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(keys=())
+    response = await relay.get("/health")
+    assert set(await response.json()) == _HEALTH_PUBLIC | _HEALTH_DETAILS
+
+
 @pytest.mark.parametrize("case", [str, str.lower, str.upper], ids=["as-is", "lower", "upper"])
 async def test_upstream_sees_only_the_upstream_key_and_clean_headers(
     relay_factory: RelayFactory, fake: FakeOpenAI, case: Callable[[str], str]
@@ -163,6 +253,40 @@ async def test_upstream_sees_only_the_upstream_key_and_clean_headers(
     for dropped in ("x-relay-key", "cookie", "x-forwarded-for", "x-hop"):
         assert dropped not in seen
     assert seen["host"].startswith("127.0.0.1:")
+
+
+# Headers some upstream stack honours as a method or target override, or as the
+# client's network identity: none of them is the client's to set upstream.
+_OVERRIDE_AND_IDENTITY = {
+    "X-HTTP-Method-Override": "DELETE",
+    "X-HTTP-Method": "DELETE",
+    "X-Method-Override": "DELETE",
+    "X-Original-URL": "/v1/organization/admin_api_keys",
+    "X-Rewrite-URL": "/v1/organization/admin_api_keys",
+    "X-Forwarded-For": "203.0.113.9",
+    "X-Real-IP": "203.0.113.9",
+    "Forwarded": "for=203.0.113.9;proto=https",
+    "X-Forwarded-Host": "evil.example",
+    "X-Forwarded-Proto": "https",
+    "True-Client-IP": "203.0.113.9",
+    "CF-Connecting-IP": "203.0.113.9",
+    "X-Client-IP": "203.0.113.9",
+}
+
+
+async def test_override_and_client_ip_headers_never_reach_upstream(
+    relay: TestClient, auth: dict[str, str], fake: FakeOpenAI
+) -> None:
+    headers = {**auth, **_OVERRIDE_AND_IDENTITY, "X-Custom": "keep me"}
+    response = await relay.get("/v1/models", headers=headers)
+    assert response.status == 200
+    async with asyncio.timeout(5):
+        async with relay.ws_connect("/v1/realtime?model=gpt-realtime", headers=headers):
+            pass
+    for seen in (fake.last("/v1/models").headers, fake.realtime.last().headers):
+        names = {name.lower() for name in seen}
+        assert "x-custom" in names
+        assert not names & {name.lower() for name in _OVERRIDE_AND_IDENTITY}
 
 
 async def test_only_useful_upstream_headers_reach_the_client(
@@ -464,6 +588,59 @@ async def test_user_data_files_cannot_be_downloaded(
     assert not any(s.path.endswith("/content") for s in fake.seen)
     response = await relay.get(f"/v1/files/{public}/content", headers=auth)
     assert response.status == 200 and await response.read() == b"shared"
+
+
+def _metadata_answer(status: int, body: object) -> Scripted:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if status >= 400:
+            return error_answer(status)
+        return web.json_response(body, status=status)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (429, None, 429),  # upstream's own 429 (with its retry hints) comes back
+        (500, None, 502),
+        (503, None, 502),
+        (401, None, 401),
+        (200, {"id": "f", "object": "file"}, 502),  # a 200 that names no purpose
+        (200, {"id": "f", "purpose": None}, 502),
+        (200, ["not", "an", "object"], 502),
+        (202, {"id": "f", "purpose": "assistants"}, 502),  # only a 200 is a verdict
+    ],
+    ids=["429", "500", "503", "401", "no-purpose", "null-purpose", "not-object", "202"],
+)
+async def test_user_data_guard_fails_closed_when_metadata_is_not_a_clear_200(
+    relay: TestClient,
+    auth: dict[str, str],
+    fake: FakeOpenAI,
+    status: int,
+    body: object,
+    expected: int,
+) -> None:
+    private = fake.add_file(b"someone's diary", purpose="user_data")
+    fake.script("GET", f"/v1/files/{private}", _metadata_answer(status, body))
+    response = await relay.get(f"/v1/files/{private}/content", headers=auth)
+    assert response.status == expected
+    assert_openai_error(await response.json())
+    if expected == 429:
+        assert response.headers["Retry-After"] == "7"
+    assert not any(s.path.endswith("/content") for s in fake.seen)
+
+
+async def test_user_data_guard_fails_closed_when_upstream_is_unreachable(
+    relay_factory: RelayFactory, auth: dict[str, str]
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    relay = await relay_factory(upstream_url=f"http://127.0.0.1:{port}")
+    response = await relay.get("/v1/files/file-x/content", headers=auth)
+    assert response.status == 502
+    assert_openai_error(await response.json())
 
 
 async def test_missing_file_download_passes_upstream_404(

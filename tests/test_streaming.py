@@ -256,3 +256,34 @@ async def test_chunked_upload_past_the_cap_is_refused_with_413(
     )
     assert response.status == 413
     assert (await response.json())["error"]["code"] == "request_too_large"
+
+
+async def test_an_unasked_upgrade_from_upstream_is_a_prompt_502(
+    relay_factory: RelayFactory, auth: dict[str, str]
+) -> None:
+    # An upstream (or something in front of it) that answers a plain GET with 101
+    # would leave relayd waiting for a body on a connection that is no longer HTTP.
+    closed = asyncio.Event()
+
+    async def switch_protocols(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()  # until relayd drops the connection
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(switch_protocols, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        relay = await relay_factory(upstream_url=f"http://127.0.0.1:{port}")
+        async with asyncio.timeout(3):
+            response = await relay.get("/v1/models", headers=auth)
+            assert response.status == 502
+            assert "upgrade" in (await response.json())["error"]["message"].lower()
+            await closed.wait()

@@ -19,7 +19,7 @@ from relayd import __version__
 from relayd.errors import NotFoundError
 from relayd.metrics import CONTENT_TYPE_LATEST
 from relayd.openapi import build_openapi
-from relayd.state import KEYRING, METRICS, SETTINGS, STARTED, TABLE, TOOLS, UPSTREAM
+from relayd.state import KEY, KEYRING, METRICS, SETTINGS, STARTED, TABLE, TOOLS, UPSTREAM
 
 __all__ = [
     "ai_plugin",
@@ -38,35 +38,40 @@ __all__ = [
 
 
 async def health(request: web.Request) -> web.Response:
+    """Public liveness; the upstream URL, key count, PID and versions (a map of the
+    deployment for an attacker) only for a relay key holder, or in keyless mode,
+    where every route is open anyway."""
     settings = request.app[SETTINGS]
+    body: dict[str, Any] = {
+        "object": "health",
+        "status": "ok",
+        "environment": settings.environment,
+        "default_model": settings.default_model,
+        "timestamp": datetime.now(UTC).isoformat(),
+    }
+    keys = request.app[KEYRING].keys
+    if request.get(KEY) is None and keys and not settings.auth_disabled:
+        return web.json_response(body)
     upstream = request.app[UPSTREAM]
-    return web.json_response(
-        {
-            "object": "health",
-            "status": "ok",
-            "environment": settings.environment,
-            "default_model": settings.default_model,
-            "timestamp": datetime.now(UTC).isoformat(),
-            "relay": {
-                "name": settings.relay_name,
-                "version": __version__,
-                "auth_required": settings.auth_required,
-                "key_header": settings.key_header,
-                "keys_configured": len(request.app[KEYRING].keys),
-                "uptime_s": round(time.monotonic() - request.app[STARTED], 3),
-            },
-            "upstream": {
-                "base_url": upstream.base_url,
-                "api_key_configured": bool(settings.upstream_key),
-                "in_flight": upstream.in_flight,
-            },
-            "meta": {
-                "python": platform.python_version(),
-                "aiohttp": aiohttp.__version__,
-                "pid": os.getpid(),
-            },
-        }
-    )
+    body["relay"] = {
+        "name": settings.relay_name,
+        "version": __version__,
+        "auth_required": settings.auth_required,
+        "key_header": settings.key_header,
+        "keys_configured": len(keys),
+        "uptime_s": round(time.monotonic() - request.app[STARTED], 3),
+    }
+    body["upstream"] = {
+        "base_url": upstream.base_url,
+        "api_key_configured": bool(settings.upstream_key),
+        "in_flight": upstream.in_flight,
+    }
+    body["meta"] = {
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "pid": os.getpid(),
+    }
+    return web.json_response(body)
 
 
 async def ping(request: web.Request) -> web.Response:

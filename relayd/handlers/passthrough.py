@@ -24,8 +24,10 @@ from relayd.handlers.common import (
     read_capped,
     read_json_object,
     relay,
+    send_back,
 )
 from relayd.handlers.payload import json_body
+from relayd.handlers.realtime_policy import admit_unlisted, is_realtime_path
 from relayd.policy import Verdict, upstream_path
 from relayd.state import POLICY, TABLE, UPSTREAM
 from relayd.upstream import mapped_errors
@@ -54,28 +56,41 @@ async def download_file(request: web.Request) -> web.StreamResponse:
 
     The file's metadata is asked first; its purpose cannot change, and the extra
     round trip buys the guarantee that a user's private upload never leaves
-    through the relay (the predecessor's guard never fired).
+    through the relay. The guard fails closed: only a 200 whose JSON names the
+    purpose lets the content through. A client error upstream (404 unknown file,
+    401, 429 with its retry hints) is the client's answer, passed back redacted;
+    any other answer (5xx, 1xx/3xx, another 2xx, no purpose) is a 502, since
+    relayd cannot tell what the file is.
     """
     path = checked_path(request)
     file_id = quote(request.match_info["file_id"], safe="")  # decoded by the router
     upstream = request.app[UPSTREAM]
     headers = upstream.headers({"Accept": "application/json"})
     async with exchange(request, "GET", f"/v1/files/{file_id}", headers=headers) as meta:
-        if meta.status == 200:
-            try:
-                with mapped_errors():
-                    info = json.loads(await read_capped(meta.content, METADATA_CAP))
-            except ValueError as exc:  # fail closed: no verdict, no download
-                raise UpstreamUnavailableError(
-                    "The upstream API sent malformed file metadata."
-                ) from exc
-            if isinstance(info, dict) and info.get("purpose") == "user_data":
-                raise PermissionDeniedError(
-                    "Files with purpose 'user_data' cannot be downloaded through this relay.",
-                    code="user_data_download_forbidden",
-                    param="file_id",
-                )
-    # Any other answer (404, 401, …) comes back from the content request itself.
+        if 400 <= meta.status < 500:
+            return await send_back(request, meta)
+        if meta.status != 200:
+            raise UpstreamUnavailableError(
+                f"The upstream API answered {meta.status} to the file metadata lookup; "
+                "the file cannot be checked, so it is not downloaded."
+            )
+        try:
+            with mapped_errors():
+                info = json.loads(await read_capped(meta.content, METADATA_CAP))
+        except ValueError:
+            info = None  # malformed JSON names no purpose either
+    purpose = info.get("purpose") if isinstance(info, dict) else None
+    if not isinstance(purpose, str):
+        raise UpstreamUnavailableError(
+            "The upstream API sent file metadata without a purpose; "
+            "the file cannot be checked, so it is not downloaded."
+        )
+    if purpose == "user_data":
+        raise PermissionDeniedError(
+            "Files with purpose 'user_data' cannot be downloaded through this relay.",
+            code="user_data_download_forbidden",
+            param="file_id",
+        )
     return await relay(request, "GET", path)
 
 
@@ -90,6 +105,8 @@ async def forward_by_policy(request: web.Request) -> web.StreamResponse:
             f"{', '.join(sorted(allowed))}.",
             headers={"Allow": ", ".join(sorted(allowed))},
         )
+    if is_realtime_path(path):
+        admit_unlisted(request)
     verdict, rule = request.app[POLICY].decide(path)
     if verdict is Verdict.DENY:
         raise PermissionDeniedError(

@@ -1,13 +1,16 @@
-"""Realtime: the WebSocket bridge the official SDKs dial, and the legacy sessions check.
+"""Realtime: the WebSocket bridge the official SDKs dial, and the realtime REST routes.
+
+Every route here first applies the ``[realtime]`` policy (``realtime_policy.py``):
+enabled, and only allowed models, wherever a model is named.
 
 The frames are moved by :class:`relayd.streams.websocket.WebSocketBridge`, which
 knows nothing of OpenAI. What is OpenAI's is decided here, all of it before the
 client's upgrade is accepted, so every refusal is a plain HTTP answer in OpenAI's
 error shape and never an accept-then-close (api7/aisix#721):
 
-- the query names exactly one of ``model``, ``call_id``, ``intent``, as the
-  official clients build it (openai-node ``buildRealtimeURL``), and a ``model``
-  must be one of ``[realtime] allowed_models`` when that list is set;
+- the query names exactly one session selector, and upstream is dialled with that
+  one parameter re-encoded, so a spelling relayd did not check (``Model=``,
+  ``model[]=``) never reaches it;
 - credentials: the relay key stays in relayd. Upstream is dialled with the
   upstream key, or with the client's own ephemeral secret (``ek_…``, from
   ``/v1/realtime/client_secrets``) when it sends one as Bearer or as an
@@ -25,15 +28,23 @@ import json
 import logging
 import weakref
 from typing import Any, Final
+from urllib.parse import urlencode
 
 from aiohttp import ClientWSTimeout, WSCloseCode, WSMsgType, hdrs, web
 from multidict import CIMultiDict
 
 from relayd.auth import EPHEMERAL_PREFIX, WS_KEY_PREFIX
-from relayd.config import Settings
-from relayd.errors import BadRequestError, ClientRequestError, PermissionDeniedError
+from relayd.errors import BadRequestError, ClientRequestError
 from relayd.handlers.common import checked_path, read_json_object, relay
 from relayd.handlers.payload import json_body
+from relayd.handlers.realtime_policy import (
+    admit,
+    check_named_models,
+    checked_call_form,
+    checked_query,
+    fill_default_model,
+    refuse_if_disabled,
+)
 from relayd.headers import redact_secrets
 from relayd.state import (
     KEY,
@@ -46,7 +57,16 @@ from relayd.state import (
 )
 from relayd.streams import BridgeStats, Leg, WebSocketBridge
 
-__all__ = ["UpgradeRequiredError", "bridge_realtime", "close_bridges", "create_session"]
+__all__ = [
+    "UpgradeRequiredError",
+    "accept_call",
+    "bridge_realtime",
+    "close_bridges",
+    "create_call",
+    "create_client_secret",
+    "create_session",
+    "forward_realtime",
+]
 
 log = logging.getLogger("relayd.realtime")
 
@@ -56,7 +76,6 @@ HEARTBEAT_S: Final = 30.0
 # How long a closing handshake may wait for the peer's CLOSE reply.
 CLOSE_TIMEOUT_S: Final = 5.0
 
-_SELECTORS: Final = ("model", "call_id", "intent")
 _SUBPROTOCOL: Final = "realtime"
 # Subprotocols that carry credentials or account choices: upstream gets relayd's own.
 _CREDENTIAL_PROTOCOLS: Final = (WS_KEY_PREFIX, "openai-organization.", "openai-project.")
@@ -86,10 +105,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
     handler, and the upstream leg is closed with 1011.
     """
     settings = request.app[SETTINGS]
-    if not settings.realtime_enabled:
-        raise PermissionDeniedError(
-            "Realtime WebSockets are disabled on this relay.", code="realtime_disabled"
-        )
+    refuse_if_disabled(settings)
     # Probing with the offered protocols: a probe that knows none of them makes
     # aiohttp warn on every browser handshake (listing them, the key one included).
     if not web.WebSocketResponse(protocols=_offered_protocols(request)).can_prepare(request).ok:
@@ -97,13 +113,14 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
             f"{request.path} only accepts WebSocket connections.",
             headers={"Upgrade": "websocket"},
         )
-    model = _checked_query(request, settings)
+    name, value = checked_query(request, settings)
+    model = value if name == "model" else None
     offered = _offered_protocols(request)
     # aiohttp refuses a message of max_msg_size bytes or more; the setting is the
     # largest message allowed.
     limit = settings.realtime_max_message_bytes + 1
     async with request.app[UPSTREAM].ws_connect(
-        f"/v1/realtime?{request.rel_url.raw_query_string}",
+        f"/v1/realtime?{urlencode({name: value})}",
         headers=_upstream_headers(request, _ephemeral_secret(request, offered)),
         protocols=[p for p in offered if not p.startswith(_CREDENTIAL_PROTOCOLS)],
         autoclose=False,
@@ -163,41 +180,6 @@ async def close_bridges(app: web.Application) -> None:
             for bridge in list(bridges)
         )
     )
-
-
-def _checked_query(request: web.Request, settings: Settings) -> str | None:
-    """Refuse a query that does not name exactly one session; return its model."""
-    query = request.query
-    named = [name for name in _SELECTORS if name in query]
-    if len(named) != 1:
-        found = " and ".join(named) if named else "none"
-        raise BadRequestError(
-            f"Name exactly one of model, call_id or intent in the query (found {found}).",
-            code="invalid_realtime_query",
-        )
-    name = named[0]
-    values = query.getall(name)
-    if len(values) != 1 or not values[0].strip():
-        raise BadRequestError(
-            f"The query parameter {name!r} must be given once, with a value.",
-            code="invalid_realtime_query",
-            param=name,
-        )
-    if name != "model":
-        return None
-    _check_model(values[0], settings)
-    return values[0]
-
-
-def _check_model(model: str, settings: Settings) -> None:
-    allowed = settings.realtime_allowed_models
-    if allowed and model not in allowed:
-        raise BadRequestError(
-            f"The model {model!r} is not allowed for realtime on this relay; "
-            f"allowed: {', '.join(allowed)}.",
-            code="model_not_allowed",
-            param="model",
-        )
 
 
 def _offered_protocols(request: web.Request) -> list[str]:
@@ -321,7 +303,54 @@ def _account(
     log.info("realtime session", extra={"fields": fields})
 
 
-# --------------------------------------------------------------------------- sessions
+# --------------------------------------------------------------------------- REST
+
+
+async def _relay_checked_json(
+    request: web.Request, *, session_key: str | None, fill: bool
+) -> web.StreamResponse:
+    """Check (and, while models are restricted, complete) a JSON body, then relay it.
+
+    ``session_key`` names where the session sits (``None``: the body is the
+    session). Unrestricted, a body that needs no default passes untouched.
+    """
+    path = checked_path(request)
+    settings = admit(request)
+    if not (settings.realtime_allowed_models or fill):
+        return await relay(request, request.method, path)
+    # No body is a session with upstream's defaults: completed like an empty one.
+    payload = await read_json_object(request) if request.body_exists else {}
+    check_named_models(payload, settings)
+    session: Any = payload
+    if session_key is not None:
+        session = payload.setdefault(session_key, {"type": "realtime"})
+    if isinstance(session, dict):
+        fill_default_model(session, settings)
+    return await relay(request, request.method, path, data=json_body(payload))
+
+
+async def forward_realtime(request: web.Request) -> web.StreamResponse:
+    """Realtime REST routes without a session to complete (translation secrets, the
+    legacy transcription sessions, call hangup/refer/reject): policy, then relay."""
+    path = checked_path(request)
+    settings = admit(request)
+    if not settings.realtime_allowed_models or request.content_type != "application/json":
+        return await relay(request, request.method, path)
+    payload = await read_json_object(request)
+    check_named_models(payload, settings)
+    return await relay(request, request.method, path, data=json_body(payload))
+
+
+async def create_client_secret(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/realtime/client_secrets``: the ``ek_`` secret fixes its session's
+    model, so ``session.model`` is checked (and the default filled in while models
+    are restricted) before the secret exists."""
+    return await _relay_checked_json(request, session_key="session", fill=False)
+
+
+async def accept_call(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/realtime/calls/{call_id}/accept``: the body is the call's session."""
+    return await _relay_checked_json(request, session_key=None, fill=False)
 
 
 async def create_session(request: web.Request) -> web.StreamResponse:
@@ -331,14 +360,29 @@ async def create_session(request: web.Request) -> web.StreamResponse:
     ``[realtime] allowed_models`` (when that list is set) is a 400 with
     ``param: "model"``. Everything else passes through unchanged.
     """
+    return await _relay_checked_json(request, session_key=None, fill=True)
+
+
+async def create_call(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/realtime/calls``: a WebRTC call, its model in the ``session`` part.
+
+    Unrestricted, the body (SDP, or a form with ``sdp`` and ``session``) streams
+    through. While models are restricted the form is read (under the JSON cap),
+    its ``session`` checked and completed, and sent on as relayd rebuilt it; a
+    bare SDP body names no model relayd can check, so it is refused.
+    """
     path = checked_path(request)
-    settings = request.app[SETTINGS]
-    payload = await read_json_object(request)
-    model = payload.get("model")
-    if model is None:
-        payload["model"] = settings.realtime_default_model
-    elif not isinstance(model, str) or not model:
-        raise BadRequestError("'model' must be a non-empty string.", param="model")
-    else:
-        _check_model(model, settings)
-    return await relay(request, "POST", path, data=json_body(payload))
+    settings = admit(request)
+    if not settings.realtime_allowed_models:
+        return await relay(request, "POST", path)
+    if request.content_type != "multipart/form-data":
+        raise BadRequestError(
+            "This relay restricts realtime models: start the call with a "
+            "multipart/form-data body whose 'session' part names the model.",
+            code="model_required",
+            param="model",
+        )
+    form = await checked_call_form(request, settings)
+    headers = request.app[UPSTREAM].headers(request.headers, keep_length=False)
+    headers[hdrs.CONTENT_TYPE] = form.content_type
+    return await relay(request, "POST", path, data=form, headers=headers)

@@ -15,6 +15,10 @@ model              behaviour
 ``error-<code>``   that status in OpenAI's error shape, with retry headers
 =================  ============================================================
 
+A test may script one path's answer (``fake.script("GET", "/v1/files/x", handler)``):
+the handler answers instead of the table above, after the key check; ``error_answer``
+builds OpenAI's error shape for it.
+
 A WebSocket handshake to ``/v1/realtime`` goes to the fake realtime API
 (``tests/fakes/realtime.py``; its own table says how it behaves).
 
@@ -30,12 +34,15 @@ import hashlib
 import itertools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from tests.fakes.realtime import FakeRealtime
+
+Scripted = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 UPSTREAM_KEY = "sk-canary-upstream-5f0c1d2e3b4a69788796a5b4c3d2e1f0"
 _ids = itertools.count(1)
@@ -105,6 +112,7 @@ class FakeOpenAI:
         self.image_bytes: bytes | None = None  # images answer these, base64, n times
         self.video_status: str | None = None  # GET /v1/videos/{id} answers this status
         self.background: dict[str, dict[str, Any]] = {}
+        self.scripted: dict[tuple[str, str], Scripted] = {}
         self.app = web.Application(client_max_size=1024**3)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
 
@@ -133,6 +141,10 @@ class FakeOpenAI:
     def _notify(self) -> None:
         self._changed.set()
 
+    def script(self, method: str, path: str, handler: Scripted) -> None:
+        """``handler`` answers ``method path`` from now on (after the key check)."""
+        self.scripted[(method, path)] = handler
+
     # ------------------------------------------------------------------ dispatch
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
@@ -159,6 +171,8 @@ class FakeOpenAI:
 
     async def _route(self, request: web.Request, seen: Seen) -> web.StreamResponse:
         path, method = request.path, request.method
+        if (scripted := self.scripted.get((method, path))) is not None:
+            return await scripted(request)
         if request.content_type.startswith("multipart/"):
             body: Any = await self._read_multipart(request, seen)
         else:
@@ -492,6 +506,11 @@ def _openai_headers() -> dict[str, str]:
         "x-ratelimit-remaining-requests": "9999",
         "set-cookie": "__cf_bm=canary; path=/",
     }
+
+
+def error_answer(status: int, message: str | None = None) -> web.Response:
+    """OpenAI's error shape with ``status`` (and its retry headers), for scripts."""
+    return _error(status, message)
 
 
 def _error(status: int, message: str | None = None, type_: str = "api_error") -> web.Response:

@@ -599,6 +599,14 @@ def _metadata_answer(status: int, body: object) -> Scripted:
     return answer
 
 
+# Every route that hands out a stored file's content asks the same question first.
+FILE_CONTENT_ROUTES = [
+    pytest.param("/v1/files/{}/content", id="passthrough"),
+    pytest.param("/v1/actions/files/{}/content", id="actions"),
+]
+
+
+@pytest.mark.parametrize("route", FILE_CONTENT_ROUTES)
 @pytest.mark.parametrize(
     ("status", "body", "expected"),
     [
@@ -617,13 +625,14 @@ async def test_user_data_guard_fails_closed_when_metadata_is_not_a_clear_200(
     relay: TestClient,
     auth: dict[str, str],
     fake: FakeOpenAI,
+    route: str,
     status: int,
     body: object,
     expected: int,
 ) -> None:
     private = fake.add_file(b"someone's diary", purpose="user_data")
     fake.script("GET", f"/v1/files/{private}", _metadata_answer(status, body))
-    response = await relay.get(f"/v1/files/{private}/content", headers=auth)
+    response = await relay.get(route.format(private), headers=auth)
     assert response.status == expected
     assert_openai_error(await response.json())
     if expected == 429:
@@ -631,14 +640,15 @@ async def test_user_data_guard_fails_closed_when_metadata_is_not_a_clear_200(
     assert not any(s.path.endswith("/content") for s in fake.seen)
 
 
+@pytest.mark.parametrize("route", FILE_CONTENT_ROUTES)
 async def test_user_data_guard_fails_closed_when_upstream_is_unreachable(
-    relay_factory: RelayFactory, auth: dict[str, str]
+    relay_factory: RelayFactory, auth: dict[str, str], route: str
 ) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     relay = await relay_factory(upstream_url=f"http://127.0.0.1:{port}")
-    response = await relay.get("/v1/files/file-x/content", headers=auth)
+    response = await relay.get(route.format("file-x"), headers=auth)
     assert response.status == 502
     assert_openai_error(await response.json())
 

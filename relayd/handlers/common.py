@@ -15,11 +15,17 @@ import time
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any, Final
+from urllib.parse import quote
 
 from aiohttp import ClientResponse, StreamReader, web
 from multidict import CIMultiDict
 
-from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
+from relayd.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    UpstreamUnavailableError,
+)
 from relayd.headers import decompress, redact_secrets, response_headers
 from relayd.policy import upstream_path
 from relayd.state import (
@@ -48,6 +54,7 @@ from relayd.usage import UsageTap
 __all__ = [
     "MAX_JSON_DEPTH",
     "checked_path",
+    "downloadable_file",
     "exchange",
     "parse_json",
     "read_capped",
@@ -67,6 +74,9 @@ ERROR_BODY_CAP: Final = 1024 * 1024
 SMALL_BODY: Final = 64 * 1024
 
 _CLIENT_BODY: Final = object()
+
+# A file object is a few hundred bytes.
+FILE_METADATA_CAP: Final = 64 * 1024
 
 # How deeply a client's JSON may nest. Python's parser and encoders recurse (the
 # interpreter's limit is about 1,000 frames, shared with the handler's own stack),
@@ -151,6 +161,49 @@ async def exchange(
         if (upstream_id := answer.headers.get("x-request-id")) is not None:
             request[UPSTREAM_REQUEST_ID] = upstream_id
         yield answer
+
+
+async def downloadable_file(
+    request: web.Request, file_id: str
+) -> dict[str, Any] | web.StreamResponse:
+    """The metadata of a stored file whose content may leave through the relay, or
+    the answer to give instead.
+
+    Every route that hands out a file's content asks this first: files whose
+    purpose is ``user_data`` (a user's private upload) never leave. The check fails
+    closed: only a 200 whose JSON object names a purpose is a verdict. A client
+    error upstream (404 unknown file, 401, 429 with its retry hints) is the
+    client's answer and comes back, redacted; anything else (5xx, 1xx/3xx, another
+    2xx, no purpose) is a 502, since relayd cannot tell what the file is (issue 11).
+    """
+    headers = request.app[UPSTREAM].headers({"Accept": "application/json"})
+    path = f"/v1/files/{quote(file_id, safe='')}"
+    async with exchange(request, "GET", path, headers=headers) as answer:
+        if 400 <= answer.status < 500:
+            return await send_back(request, answer)
+        if answer.status != 200:
+            raise UpstreamUnavailableError(
+                f"The upstream API answered {answer.status} to the file metadata lookup; "
+                "the file cannot be checked, so its content is not handed out."
+            )
+        with mapped_errors():
+            raw = await read_capped(answer.content, FILE_METADATA_CAP)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None  # malformed JSON names no purpose either
+    if not isinstance(meta, dict) or not isinstance(meta.get("purpose"), str):
+        raise UpstreamUnavailableError(
+            "The upstream API sent file metadata without a purpose; "
+            "the file cannot be checked, so its content is not handed out."
+        )
+    if meta["purpose"] == "user_data":
+        raise PermissionDeniedError(
+            "Files with purpose 'user_data' cannot be downloaded through this relay.",
+            code="user_data_download_forbidden",
+            param="file_id",
+        )
+    return meta
 
 
 def waited_on_upstream(request: web.Request, since: float) -> None:

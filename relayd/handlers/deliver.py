@@ -26,11 +26,11 @@ from relayd.errors import (
     BadRequestError,
     NotFoundError,
     PayloadTooLargeError,
-    PermissionDeniedError,
 )
 from relayd.filestore import Claims
 from relayd.handlers.common import (
     checked_path,
+    downloadable_file,
     exchange,
     read_capped,
     send_back,
@@ -152,24 +152,16 @@ def _guess_type(filename: str) -> str:
 async def file_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
     """``GET /v1/actions/files/{file_id}/content``: a stored file, for ChatGPT.
 
-    The metadata comes first: ``user_data`` files are refused (403, as on the
-    pass-through), and files over ChatGPT's 10 MB are refused with a clear 413.
+    The metadata comes first, through the same check as the pass-through
+    (``user_data`` files are refused, and only a clear answer is a verdict), and
+    files over ChatGPT's 10 MB are refused with a clear 413.
     """
     checked_path(request)
     file_id = request.match_info["file_id"]
     settings = request.app[SETTINGS]
-    async with upstream_call(request, "GET", f"/v1/files/{quote(file_id, safe='')}") as answer:
-        if not is_json(answer):
-            return await send_back(request, answer)
-        meta = await read_json(request, answer)
-    if not isinstance(meta, dict):
-        raise NotFoundError(f"No such file: {file_id}.", param="file_id")
-    if meta.get("purpose") == "user_data":
-        raise PermissionDeniedError(
-            "Files with purpose 'user_data' cannot be downloaded through this relay.",
-            code="user_data_download_forbidden",
-            param="file_id",
-        )
+    meta = await downloadable_file(request, file_id)
+    if isinstance(meta, web.StreamResponse):
+        return meta
     size = meta.get("bytes") if isinstance(meta.get("bytes"), int) else None
     if size is not None and size > CHATGPT_MAX_FILE_BYTES:
         raise PayloadTooLargeError(

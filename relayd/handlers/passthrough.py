@@ -7,35 +7,16 @@ file downloads refuse ``user_data`` files, and the catch-all asks the path polic
 
 from __future__ import annotations
 
-import json
-from urllib.parse import quote
-
 from aiohttp import web
 
-from relayd.errors import (
-    MethodNotAllowedError,
-    NotFoundError,
-    PermissionDeniedError,
-    UpstreamUnavailableError,
-)
-from relayd.handlers.common import (
-    checked_path,
-    exchange,
-    read_capped,
-    read_json_object,
-    relay,
-    send_back,
-)
+from relayd.errors import MethodNotAllowedError, NotFoundError, PermissionDeniedError
+from relayd.handlers.common import checked_path, downloadable_file, read_json_object, relay
 from relayd.handlers.payload import json_body
 from relayd.handlers.realtime_policy import admit_unlisted, is_realtime_path
 from relayd.policy import Verdict, upstream_path
-from relayd.state import POLICY, TABLE, UPSTREAM
-from relayd.upstream import mapped_errors
+from relayd.state import POLICY, TABLE
 
 __all__ = ["create_response_stream", "download_file", "forward", "forward_by_policy"]
-
-METADATA_CAP = 64 * 1024  # a file object is a few hundred bytes
-
 
 async def forward(request: web.Request) -> web.StreamResponse:
     return await relay(request, request.method, checked_path(request))
@@ -54,43 +35,14 @@ async def create_response_stream(request: web.Request) -> web.StreamResponse:
 async def download_file(request: web.Request) -> web.StreamResponse:
     """``GET /v1/files/{file_id}/content``, refusing files whose purpose is user_data.
 
-    The file's metadata is asked first; its purpose cannot change, and the extra
-    round trip buys the guarantee that a user's private upload never leaves
-    through the relay. The guard fails closed: only a 200 whose JSON names the
-    purpose lets the content through. A client error upstream (404 unknown file,
-    401, 429 with its retry hints) is the client's answer, passed back redacted;
-    any other answer (5xx, 1xx/3xx, another 2xx, no purpose) is a 502, since
-    relayd cannot tell what the file is.
+    The file's metadata is asked first (:func:`downloadable_file`); its purpose
+    cannot change, and the extra round trip buys the guarantee that a user's
+    private upload never leaves through the relay.
     """
     path = checked_path(request)
-    file_id = quote(request.match_info["file_id"], safe="")  # decoded by the router
-    upstream = request.app[UPSTREAM]
-    headers = upstream.headers({"Accept": "application/json"})
-    async with exchange(request, "GET", f"/v1/files/{file_id}", headers=headers) as meta:
-        if 400 <= meta.status < 500:
-            return await send_back(request, meta)
-        if meta.status != 200:
-            raise UpstreamUnavailableError(
-                f"The upstream API answered {meta.status} to the file metadata lookup; "
-                "the file cannot be checked, so it is not downloaded."
-            )
-        try:
-            with mapped_errors():
-                info = json.loads(await read_capped(meta.content, METADATA_CAP))
-        except ValueError:
-            info = None  # malformed JSON names no purpose either
-    purpose = info.get("purpose") if isinstance(info, dict) else None
-    if not isinstance(purpose, str):
-        raise UpstreamUnavailableError(
-            "The upstream API sent file metadata without a purpose; "
-            "the file cannot be checked, so it is not downloaded."
-        )
-    if purpose == "user_data":
-        raise PermissionDeniedError(
-            "Files with purpose 'user_data' cannot be downloaded through this relay.",
-            code="user_data_download_forbidden",
-            param="file_id",
-        )
+    verdict = await downloadable_file(request, request.match_info["file_id"])
+    if isinstance(verdict, web.StreamResponse):
+        return verdict
     return await relay(request, "GET", path)
 
 

@@ -398,6 +398,13 @@ def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
             "which is not a loopback address: set RELAYD_KEYS or RELAYD_KEYS_FILE, or set "
             "[auth] disabled = true if another layer authenticates every request"
         )
+    if not settings.keys and not settings.auth_disabled and settings.public_url:
+        # Issue 11, item 3: a relay published at a public origin cannot be keyless.
+        raise ConfigError(
+            f"public url {settings.public_url} is set but no relay keys are configured: "
+            "a public relay needs keys (RELAYD_KEYS or RELAYD_KEYS_FILE), or "
+            "[auth] disabled = true if another layer authenticates every request"
+        )
     _check_proxy_loop(settings)
 
 

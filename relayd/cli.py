@@ -129,12 +129,6 @@ def serve(settings: Settings, config: str | None, argv: Sequence[str]) -> int:
     if workers.is_worker():
         server.run(settings, config)
         return 0
-    if not settings.keys and not settings.auth_disabled:
-        log.warning(
-            "NO RELAY KEYS ARE CONFIGURED: relayd accepts requests without a key and only "
-            "listens on loopback (%s). Set RELAYD_KEYS or RELAYD_KEYS_FILE before exposing it.",
-            settings.listen,
-        )
     if settings.auth_disabled:
         log.warning("auth is disabled in config: every route is open to anyone who can reach it")
     if settings.workers > 1:

@@ -398,8 +398,12 @@ def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
             "which is not a loopback address: set RELAYD_KEYS or RELAYD_KEYS_FILE, or set "
             "[auth] disabled = true if another layer authenticates every request"
         )
-    if not settings.keys and not settings.auth_disabled and settings.public_url:
+    if require_upstream_key and not settings.keys and not settings.auth_disabled and (
+        settings.public_url
+    ):
         # Issue 11, item 3: a relay published at a public origin cannot be keyless.
+        # (Commands that never serve, such as printing the OpenAPI documents, may
+        # name the public url of a relay whose keys live elsewhere.)
         raise ConfigError(
             f"public url {settings.public_url} is set but no relay keys are configured: "
             "a public relay needs keys (RELAYD_KEYS or RELAYD_KEYS_FILE), or "

@@ -176,7 +176,9 @@ ENV_OVER_TOML = [
     ("RELAYD_LISTEN", "127.0.0.1:9001", '[server]\nlisten = "127.0.0.1:9002"',
      "listen", Listen("127.0.0.1", 9001)),
     ("RELAYD_PUBLIC_URL", "https://env.example.com",
-     '[server]\npublic_url = "https://toml.example.com"', "public_url",
+     # A public relay needs keys (issue 11).
+     '[server]\npublic_url = "https://toml.example.com"\n'
+     f'[[auth.keys]]\nname = "a"\nkey = "{KEY_A}"', "public_url",
      "https://env.example.com"),
     ("RELAYD_WORKERS", "3", "[server]\nworkers = 2", "workers", 3),
     ("RELAYD_CONNECT_TIMEOUT", "2.5", "[upstream]\nconnect_timeout = 9",
@@ -549,7 +551,7 @@ def test_an_upstream_that_is_relayd_itself_is_refused(listen: str, upstream: str
     ],
 )
 def test_an_upstream_that_is_the_public_url_is_refused(public_url: str, upstream: str) -> None:
-    environ = {"RELAYD_PUBLIC_URL": public_url, "RELAYD_UPSTREAM": upstream}
+    environ = {"RELAYD_PUBLIC_URL": public_url, "RELAYD_UPSTREAM": upstream, "RELAYD_KEYS": KEY_A}
     with pytest.raises(ConfigError, match="points back at relayd itself"):
         load(environ)
 
@@ -801,7 +803,7 @@ def test_the_env_example_holds_only_non_secret_settings_that_load(tmp_path: Path
     for secret in ("OPENAI_API_KEY", "RELAYD_KEYS", "OPENAI_API_KEY_FILE", "RELAYD_KEYS_FILE"):
         assert secret not in assignments
     assignments.pop("RELAYD_CONFIG")  # names the file the operator installs
-    settings = load(assignments)
+    settings = load({**assignments, "RELAYD_KEYS": KEY_A})  # keys come as a credential
     assert settings.public_url == "https://relay.example.com"
     assert "LoadCredential=openai_api_key" in text and "LoadCredential=relay_keys" in text
 

@@ -49,6 +49,17 @@ class KeyRing:
     def replace(self, keys: Iterable[RelayKey]) -> None:
         self._keys = tuple(keys)
 
+    def current(self, key: RelayKey) -> RelayKey | None:
+        """``key`` as the ring holds it now (scopes may have changed), or None once
+        it was removed or its secret replaced: what it opened must then end."""
+        for held in self._keys:
+            if held.name == key.name and hmac.compare_digest(held.digest, key.digest):
+                return held
+        return None
+
+    def by_name(self, name: str) -> RelayKey | None:
+        return next((held for held in self._keys if held.name == name), None)
+
     def identify(self, secret: str) -> RelayKey | None:
         """The key matching ``secret``, checking every key so timing reveals nothing."""
         digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()

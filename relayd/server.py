@@ -22,6 +22,7 @@ from aiohttp import web
 from relayd import __version__
 from relayd.app import create_app
 from relayd.config import ConfigError, Settings, load_settings
+from relayd.handlers.realtime import end_revoked_sessions
 from relayd.loopback import is_loopback_address, socket_label
 from relayd.state import KEYRING, POLICY
 from relayd.systemd import Notifier, listen_sockets, watchdog_interval
@@ -190,10 +191,26 @@ def reload(app: web.Application, config: str | None, notifier: Notifier) -> None
         notifier.status(f"reload failed: {exc}")
         return
     keyring, policy = app[KEYRING], app[POLICY]
+    if keyring.keys and not fresh.keys:
+        # Issue 11: a keys file whose every line is commented out would otherwise
+        # turn a keyed relay into an open one without a word.
+        log.error(
+            "reload refused: the new configuration has no relay keys, which would open "
+            "every route to anyone who reaches relayd; keeping the %d current relay keys "
+            "and policy. Check the keys file (is every line commented out?)",
+            len(keyring.keys),
+        )
+        notifier.status("reload refused: no relay keys in the new configuration")
+        return
+    for warning in fresh.warnings:
+        log.warning("%s", warning)
     before = {k.name: k for k in keyring.keys}
     after = {k.name: k for k in fresh.keys}
     changed = sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
     keyring.replace(fresh.keys)
+    # What the removed keys opened ends now: realtime sessions here, signed links
+    # when next presented (filestore.py).
+    spawn(end_revoked_sessions(app), name="relayd.revoke_sessions")
     policy_changed = (policy.allow, policy.deny) != (
         tuple(p.lower() for p in fresh.policy_allow),
         tuple(p.lower() for p in fresh.policy_deny),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpServer
 
+from relayd.config import RelayKey, parse_keys_env
+from relayd.state import KEYRING
 from tests.conftest import RELAY_KEY, RelayFactory
 from tests.fakes.openai import FakeOpenAI, Seen
 from tests.filehost import JPEG, PNG, FileHost, fetch_settings, start_file_host
@@ -573,3 +576,40 @@ async def test_privacy_page_needs_no_key(relay_factory: RelayFactory) -> None:
     response = await relay.get("/privacy", allow_redirects=False)
     assert response.status == 302
     assert response.headers["Location"] == "https://example.com/privacy"
+
+
+# ------------------------------------------------------------------ links end with their key
+
+
+async def test_a_link_ends_when_its_key_is_removed_or_its_secret_replaced(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    # Issue 11, item 7: a removed key's links stayed alive until they expired.
+    relay = await relay_factory(actions_inline_max_bytes=0, public_url=PUBLIC)
+    fake.image_bytes = PNG
+    _, body = await post(relay, "/v1/actions/images/generations", {"prompt": "p"})
+    path = body["openaiFileResponse"][0].removeprefix(PUBLIC)
+    assert RELAY_KEY not in path and hashlib.sha256(RELAY_KEY.encode()).hexdigest() not in path
+    keyring = relay.server.app[KEYRING]
+    team, other = keyring.keys
+    keyring.replace([other])
+    response = await relay.get(path)
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "link_revoked"
+    keyring.replace([team, other])  # back: the link works again until it expires
+    assert (await relay.get(path)).status == 200
+    keyring.replace([RelayKey("team", hashlib.sha256(b"a new secret for team").digest()), other])
+    assert (await relay.get(path)).status == 404  # same name, new secret: revoked
+
+
+async def test_a_keyless_link_ends_once_keys_are_required(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(keys=(), actions_inline_max_bytes=0, public_url=PUBLIC)
+    fake.image_bytes = PNG
+    response = await relay.post("/v1/actions/images/generations", json={"prompt": "p"})
+    path = (await response.json())["openaiFileResponse"][0].removeprefix(PUBLIC)
+    assert (await relay.get(path)).status == 200
+    relay.server.app[KEYRING].replace(parse_keys_env(f"team:{RELAY_KEY}"))
+    response = await relay.get(path)
+    assert (await response.json())["error"]["code"] == "link_revoked"

@@ -39,7 +39,7 @@ from relayd.handlers.common import (
 )
 from relayd.handlers.payload import is_json, json_answer, read_json, upstream_call
 from relayd.mime import EXTENSIONS, sniff
-from relayd.state import HANDOFF, SETTINGS, TABLE, UPSTREAM
+from relayd.state import HANDOFF, KEY, SETTINGS, TABLE, UPSTREAM
 from relayd.upstream import mapped_errors
 
 __all__ = [
@@ -122,7 +122,7 @@ async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
         if claims is None:
             blob = await handoff.keep(item.data or b"")
             claims = Claims("blob", blob, item.name, item.media_type)
-        token = handoff.token(claims)
+        token = handoff.token(claims, request.get(KEY))
         links.append(base + download_route.path.replace("{token}", token))
     return links
 

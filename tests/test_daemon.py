@@ -387,9 +387,10 @@ async def _echoes(ws: aiohttp.ClientWebSocketResponse, text: str) -> bool:
 
 
 async def test_sighup_removing_a_key_ends_its_realtime_sessions_and_links(
-    keyed: KeyedRelay, fake: FakeOpenAI
+    keyed: KeyedRelay, fake: FakeOpenAI, tmp_path: Path
 ) -> None:
     relayd, reload_keys = await keyed()
+    assert not [line for line in relayd.lines if "too open" in line]
     fake.image_bytes = PNG
     async with aiohttp.ClientSession() as session:
         team_ws = await session.ws_connect(relayd.url(REALTIME), headers=auth(RELAY_KEY))
@@ -400,8 +401,11 @@ async def test_sighup_removing_a_key_ends_its_realtime_sessions_and_links(
         async with session.get(other_link) as response:
             assert response.status == 200 and await response.read() == PNG
 
+        (tmp_path / "relay_keys").chmod(0o644)  # and now others can read it
         line = await reload_keys(f"team:{RELAY_KEY}\n")
         assert "removed: other" in line
+        warning = await relayd.wait_line("too open")
+        assert "permissions 0644 for keys file" in warning and "warning" in warning
 
         async with asyncio.timeout(REVOKE_BOUND):
             closing = await other_ws.receive()

@@ -96,7 +96,7 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[POLICY] = PathPolicy(settings.policy_allow, settings.policy_deny)
     app[METRICS] = Metrics()
     app[UPSTREAM] = Upstream(settings)
-    app[REALTIME_BRIDGES] = weakref.WeakSet()
+    app[REALTIME_BRIDGES] = weakref.WeakKeyDictionary()
     app[TOOLS] = load_tools(settings.tools_manifest)
     app[STARTED] = time.monotonic()
     app[ROUTE_MAP] = table.register(app.router)
@@ -104,7 +104,7 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     # The Actions surface: its download store, and its operation list checked now
     # (an unknown operationId is a config error at start, not a 500 later).
     actions_routes(table, settings)
-    app[HANDOFF] = Handoff(settings)
+    app[HANDOFF] = Handoff(settings, app[KEYRING])
     app.cleanup_ctx.append(handoff_ctx)
     app.on_shutdown.append(close_bridges)
     app.on_response_prepare.append(add_request_id)

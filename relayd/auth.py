@@ -17,10 +17,18 @@ from aiohttp import hdrs, web
 
 from relayd.config import RelayKey, Settings
 from relayd.errors import AuthenticationError, PermissionDeniedError
+from relayd.loopback import is_loopback_host, is_loopback_origin
 from relayd.routing import Exposure, Handler, Route
 from relayd.state import KEY, KEYRING, ROUTE, ROUTE_MAP, SETTINGS
 
-__all__ = ["EPHEMERAL_PREFIX", "WS_KEY_PREFIX", "KeyRing", "auth_middleware", "presented_key"]
+__all__ = [
+    "EPHEMERAL_PREFIX",
+    "WS_KEY_PREFIX",
+    "KeyRing",
+    "auth_middleware",
+    "presented_key",
+    "refuse_unless_loopback",
+]
 
 WS_KEY_PREFIX = "openai-insecure-api-key."
 EPHEMERAL_PREFIX = "ek_"  # OpenAI's ephemeral client secrets (/v1/realtime/client_secrets)
@@ -40,6 +48,17 @@ class KeyRing:
 
     def replace(self, keys: Iterable[RelayKey]) -> None:
         self._keys = tuple(keys)
+
+    def current(self, key: RelayKey) -> RelayKey | None:
+        """``key`` as the ring holds it now (scopes may have changed), or None once
+        it was removed or its secret replaced: what it opened must then end."""
+        for held in self._keys:
+            if held.name == key.name and hmac.compare_digest(held.digest, key.digest):
+                return held
+        return None
+
+    def by_name(self, name: str) -> RelayKey | None:
+        return next((held for held in self._keys if held.name == name), None)
 
     def identify(self, secret: str) -> RelayKey | None:
         """The key matching ``secret``, checking every key so timing reveals nothing."""
@@ -83,17 +102,40 @@ def _is_public(route: Route, settings: Settings) -> bool:
     return route.path in settings.public_paths
 
 
+def refuse_unless_loopback(request: web.Request) -> None:
+    """Keyless mode: only requests addressed to this machine, from no page or a page
+    served by this machine (issue 11, item 3: DNS rebinding).
+
+    The listener being on loopback is not enough: a web page can point its own
+    host name at 127.0.0.1, and the user's browser then talks to relayd for it,
+    sending that name as ``Host`` and the page as ``Origin``.
+    """
+    for name, is_loopback in ((hdrs.HOST, is_loopback_host), (hdrs.ORIGIN, is_loopback_origin)):
+        if not all(is_loopback(value) for value in request.headers.getall(name, ())):
+            raise PermissionDeniedError(
+                f"This relay has no relay keys, so it only answers requests for this "
+                f"machine; the {name} header names another. Use http://localhost or "
+                "http://127.0.0.1, or configure relay keys (RELAYD_KEYS).",
+                code="keyless_loopback_only",
+            )
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    keyring = request.app[KEYRING]
+    # No keys at all is the loopback-only safe default (config.validate refuses it
+    # on any other address, server.py on any inherited socket that is not
+    # loopback): every route is open, to requests for this machine alone. Checked
+    # before the route, so unknown paths and the realtime upgrade are covered too.
+    keyless = not settings.auth_disabled and not keyring.keys
+    if keyless:
+        refuse_unless_loopback(request)
     route = request.app[ROUTE_MAP].get(request.match_info.route)
     if route is None:
         return await handler(request)  # the router's own 404/405
     request[ROUTE] = route
-    settings = request.app[SETTINGS]
-    keyring = request.app[KEYRING]
-    # No keys at all is the loopback-only safe default (config.validate refuses it
-    # on any other address): every route is open, and the log said so at start.
-    if settings.auth_disabled or not keyring.keys:
+    if settings.auth_disabled or keyless:
         return await handler(request)
     secret = presented_key(request, settings.key_header)
     if _is_public(route, settings):

@@ -69,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(config)
         load_tools(settings.tools_manifest)
         if args.command == "check-config":
+            for warning in settings.warnings:
+                print(f"relayd: warning: {warning}", file=sys.stderr)
             print(json.dumps(redacted(settings), indent=2, default=str))
             return 0
         return serve(settings, config, sys.argv[1:] if argv is None else argv)
@@ -129,12 +131,8 @@ def serve(settings: Settings, config: str | None, argv: Sequence[str]) -> int:
     if workers.is_worker():
         server.run(settings, config)
         return 0
-    if not settings.keys and not settings.auth_disabled:
-        log.warning(
-            "NO RELAY KEYS ARE CONFIGURED: relayd accepts requests without a key and only "
-            "listens on loopback (%s). Set RELAYD_KEYS or RELAYD_KEYS_FILE before exposing it.",
-            settings.listen,
-        )
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     if settings.auth_disabled:
         log.warning("auth is disabled in config: every route is open to anyone who can reach it")
     if settings.workers > 1:

@@ -19,6 +19,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -73,6 +74,8 @@ class RelayKey:
     name: str
     digest: bytes
     scopes: frozenset[str] | None = None  # None: every route group
+    # Made from the key itself, not from a digest: its source is a secret to guard.
+    from_plaintext: bool = field(default=False, compare=False)
 
     def allows(self, group: str) -> bool:
         return self.scopes is None or group in self.scopes
@@ -155,6 +158,7 @@ class Settings:
 
     log_format: str = "console"
     log_level: str = "info"
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     # [realtime]: every route under /v1/realtime (handlers/realtime.py applies it).
     realtime_enabled: bool = True
@@ -233,6 +237,7 @@ def load_settings(
     logging_ = _table(doc, "logging")
 
     values: dict[str, Any] = {}
+    warnings: list[str] = []
 
     # [upstream]
     values["upstream_url"] = env.get("RELAYD_UPSTREAM") or _str(upstream, "url", "upstream")
@@ -240,7 +245,7 @@ def load_settings(
         upstream, "organization", "upstream"
     )
     values["project"] = env.get("OPENAI_PROJECT") or _str(upstream, "project", "upstream")
-    values["upstream_key"] = _upstream_key(env, upstream, base)
+    values["upstream_key"] = _upstream_key(env, upstream, base, warnings)
     for name, key in (
         ("connect_timeout_s", "connect_timeout"),
         ("first_byte_timeout_s", "first_byte_timeout"),
@@ -272,6 +277,10 @@ def load_settings(
         keys_file = str(Path(cred_dir) / CREDENTIAL_RELAY_KEYS)
     values["keys_file"] = keys_file
     values["keys"] = _collect_keys(env.get("RELAYD_KEYS"), keys_file, auth.get("keys", []))
+    # A keys file of digests only is no secret; one with a key in it is (issue 11).
+    if keys_file and (too_open := _too_open(Path(keys_file), "keys file")):
+        if any(key.from_plaintext for key in parse_keys_file(keys_file)):
+            warnings.append(too_open)
     values["auth_disabled"] = _bool(auth, "disabled", "auth")
     values["key_header"] = _str(auth, "header", "auth")
     public = auth.get("public_paths")
@@ -325,7 +334,12 @@ def load_settings(
     values["realtime_max_session_s"] = _num(realtime, "max_session", "realtime")
 
     # [actions]
-    values.update(_actions_values(_table(doc, "actions"), env, base))
+    values.update(_actions_values(_table(doc, "actions"), env, base, warnings))
+    if path and _holds_secrets(upstream, auth) and (
+        too_open := _too_open(Path(path), "config file holding a key")
+    ):
+        warnings.append(too_open)
+    values["warnings"] = tuple(warnings)
 
     settings = Settings(**{k: v for k, v in values.items() if v is not None})
     if keepalive == 0:
@@ -398,6 +412,17 @@ def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
             "which is not a loopback address: set RELAYD_KEYS or RELAYD_KEYS_FILE, or set "
             "[auth] disabled = true if another layer authenticates every request"
         )
+    if require_upstream_key and not settings.keys and not settings.auth_disabled and (
+        settings.public_url
+    ):
+        # Issue 11, item 3: a relay published at a public origin cannot be keyless.
+        # (Commands that never serve, such as printing the OpenAPI documents, may
+        # name the public url of a relay whose keys live elsewhere.)
+        raise ConfigError(
+            f"public url {settings.public_url} is set but no relay keys are configured: "
+            "a public relay needs keys (RELAYD_KEYS or RELAYD_KEYS_FILE), or "
+            "[auth] disabled = true if another layer authenticates every request"
+        )
     _check_proxy_loop(settings)
 
 
@@ -417,7 +442,7 @@ def _check_realtime(settings: Settings) -> None:
 
 
 def _actions_values(
-    actions: Mapping[str, Any], env: Mapping[str, str], base: Path
+    actions: Mapping[str, Any], env: Mapping[str, str], base: Path, warnings: list[str]
 ) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if "operations" in actions:
@@ -464,10 +489,12 @@ def _actions_values(
     )
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if secret_file:
-        values["actions_signing_secret"] = _read_secret(Path(secret_file), "signing secret file")
+        values["actions_signing_secret"] = _read_secret(
+            Path(secret_file), "signing secret file", warnings
+        )
     elif cred_dir and (Path(cred_dir) / CREDENTIAL_SIGNING_SECRET).is_file():
         values["actions_signing_secret"] = _read_secret(
-            Path(cred_dir) / CREDENTIAL_SIGNING_SECRET, "systemd credential"
+            Path(cred_dir) / CREDENTIAL_SIGNING_SECRET, "systemd credential", warnings
         )
     return values
 
@@ -550,28 +577,63 @@ def _check_proxy_loop(settings: Settings) -> None:
 # --------------------------------------------------------------------------- secrets
 
 
-def _upstream_key(env: Mapping[str, str], upstream: Mapping[str, Any], base: Path) -> str | None:
+def _upstream_key(
+    env: Mapping[str, str], upstream: Mapping[str, Any], base: Path, warnings: list[str]
+) -> str | None:
     if env.get("OPENAI_API_KEY"):
         return env["OPENAI_API_KEY"].strip()
     if env.get("OPENAI_API_KEY_FILE"):
-        return _read_secret(Path(env["OPENAI_API_KEY_FILE"]), "OPENAI_API_KEY_FILE")
+        return _read_secret(Path(env["OPENAI_API_KEY_FILE"]), "OPENAI_API_KEY_FILE", warnings)
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / CREDENTIAL_UPSTREAM_KEY).is_file():
-        return _read_secret(Path(cred_dir) / CREDENTIAL_UPSTREAM_KEY, "systemd credential")
+        return _read_secret(
+            Path(cred_dir) / CREDENTIAL_UPSTREAM_KEY, "systemd credential", warnings
+        )
     key_file = _path(upstream, "api_key_file", "upstream", base)
     if key_file:
-        return _read_secret(Path(key_file), "[upstream] api_key_file")
+        return _read_secret(Path(key_file), "[upstream] api_key_file", warnings)
     return _str(upstream, "api_key", "upstream")
 
 
-def _read_secret(path: Path, origin: str) -> str:
+def _read_secret(path: Path, origin: str, warnings: list[str]) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read {origin} {str(path)!r}: {exc.strerror}") from None
     if not text:
         raise ConfigError(f"{origin} {str(path)!r} is empty")
+    if too_open := _too_open(path, origin):
+        warnings.append(too_open)
     return text
+
+
+def _too_open(path: Path, what: str) -> str | None:
+    """ssh's check for private key files: a secret's file must be its owner's alone.
+
+    Only a warning (issue 11, item 7): refusing to start would take a running
+    relay down over a file mode, and the operator reads the warning at start and
+    in ``check-config``.
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    rights = (("read", mode & 0o044), ("change", mode & 0o022), ("run", mode & 0o011))
+    can = " and ".join(right for right, granted in rights if granted)
+    return (
+        f"permissions {mode:04o} for {what} {str(path)!r} are too open: users other "
+        f"than its owner can {can} it. Run: chmod 600 {str(path)!r}"
+    )
+
+
+def _holds_secrets(upstream: Mapping[str, Any], auth: Mapping[str, Any]) -> bool:
+    """The TOML file itself names the upstream key or a relay key (not a digest)."""
+    keys = auth.get("keys")
+    return bool(upstream.get("api_key")) or (
+        isinstance(keys, list) and any(isinstance(k, dict) and "key" in k for k in keys)
+    )
 
 
 def hash_key(secret: str) -> bytes:
@@ -593,7 +655,7 @@ def _make_key(name: str, secret: str, scopes: frozenset[str] | None, origin: str
         raise ConfigError(
             f"{origin}: key {name!r} must be at least 16 characters with no spaces"
         )
-    return RelayKey(name, hash_key(secret), scopes)
+    return RelayKey(name, hash_key(secret), scopes, from_plaintext=True)
 
 
 def _parse_scopes(text: str, origin: str) -> frozenset[str]:

@@ -14,6 +14,12 @@ itself is the credential: an HMAC-SHA256-signed token with an expiry.
 The signing key comes from config, else it is random per process: links then work
 only on the worker that made them, so several workers need a configured key (and a
 shared ``store_dir``).
+
+A link lives no longer than the relay key that asked for it (issue 11, item 7): the
+token names that key and a fingerprint of it (an HMAC of its digest, so the token
+reveals nothing of the key), and a reload that removes the key or replaces its
+secret makes the link a 404 ``link_revoked``. A link made in keyless mode stops
+working once keys are required.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from relayd.config import Settings
+from relayd.auth import KeyRing
+from relayd.config import RelayKey, Settings
 from relayd.errors import NotFoundError
 from relayd.state import HANDOFF
 
@@ -70,7 +77,7 @@ class _Signer:
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
 
-    def sign(self, claims: Claims, expires: float) -> str:
+    def sign(self, claims: Claims, expires: float, holder: RelayKey | None) -> str:
         body: dict[str, str | int] = {
             "k": claims.kind,
             "r": claims.ref,
@@ -79,11 +86,19 @@ class _Signer:
         }
         if claims.variant:
             body["v"] = claims.variant
+        if holder is not None:
+            body["a"] = holder.name
+            body["f"] = self.fingerprint(holder)
         body["e"] = int(expires)
         payload = _b64(json.dumps(body, separators=(",", ":")).encode())
         return f"{payload}.{self._mac(payload)}"
 
-    def verify(self, token: str, now: float) -> Claims:
+    def fingerprint(self, key: RelayKey) -> str:
+        return _b64(hmac.new(self._secret, b"holder\0" + key.digest, hashlib.sha256).digest()[:12])
+
+    def verify(self, token: str, now: float) -> tuple[Claims, tuple[str, str] | None]:
+        """The claims of a token this signer made, and the key that asked for it
+        (name, fingerprint) if one did."""
         payload, _, mac = token.partition(".")
         # A token we made is URL-safe base64, so ASCII; compare_digest raises
         # TypeError on any other str, which must not be a 500.
@@ -93,11 +108,12 @@ class _Signer:
             body: dict[str, Any] = json.loads(_unb64(payload))
             claims = Claims(body["k"], body["r"], body["n"], body["t"], body.get("v"))
             expires = int(body["e"])
+            holder = (str(body["a"]), str(body["f"])) if "a" in body else None
         except (ValueError, KeyError, TypeError) as exc:  # signed but not ours: a key reuse
             raise NotFoundError("This download link is not valid.", code="link_invalid") from exc
         if expires < now:
             raise NotFoundError("This download link has expired.", code="link_expired")
-        return claims
+        return claims, holder
 
     def _mac(self, payload: str) -> str:
         return _b64(hmac.new(self._secret, payload.encode(), hashlib.sha256).digest())
@@ -158,10 +174,11 @@ class Handoff:
     and remove the store's directory when relayd chose it.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, keyring: KeyRing) -> None:
         secret = settings.actions_signing_secret
         self._signer = _Signer(secret.encode() if secret else secrets.token_bytes(32))
         self._settings = settings
+        self._keyring = keyring
         self._ttl_s = settings.actions_link_ttl_s
         self._store: _BlobStore | None = None
         self._owned: Path | None = None
@@ -188,12 +205,28 @@ class Handoff:
             self._owned = None
         self._store = None
 
-    def token(self, claims: Claims) -> str:
-        """A signed token naming ``claims``, valid for ``[actions] link_ttl`` seconds."""
-        return self._signer.sign(claims, time.time() + self._ttl_s)
+    def token(self, claims: Claims, holder: RelayKey | None) -> str:
+        """A signed token naming ``claims``, valid for ``[actions] link_ttl`` seconds
+        and while ``holder`` (the relay key of the request, if any) stays."""
+        return self._signer.sign(claims, time.time() + self._ttl_s, holder)
 
     def claims(self, token: str) -> Claims:
-        return self._signer.verify(token, time.time())
+        """What a valid, unexpired, unrevoked token names; else a 404 saying which."""
+        claims, holder = self._signer.verify(token, time.time())
+        if holder is None:
+            revoked = bool(self._keyring.keys) and not self._settings.auth_disabled
+        else:
+            name, fingerprint = holder
+            key = self._keyring.by_name(name)
+            revoked = key is None or not hmac.compare_digest(
+                self._signer.fingerprint(key), fingerprint
+            )
+        if revoked:
+            raise NotFoundError(
+                "This download link was revoked with the relay key that asked for it.",
+                code="link_revoked",
+            )
+        return claims
 
     async def keep(self, data: bytes | bytearray) -> str:
         """Store ``data``; the blob id to put in a link's claims."""

@@ -49,6 +49,11 @@ _ACTIONS_DESCRIPTION: Final = (
     "back as openaiFileResponse; slow answers return an id to poll."
 )
 
+_NO_PUBLIC_URL: Final = (
+    "This relay has no public url: set RELAYD_PUBLIC_URL to its https origin "
+    "to name the server ChatGPT calls."
+)
+
 _PASSTHROUGH: Final = {"description": "The upstream API's answer, passed through unchanged."}
 _ERROR_REF: Final = {
     "description": "An error in OpenAI's shape.",
@@ -179,21 +184,28 @@ def _with_properties(node: Any) -> None:
             _with_properties(value)
 
 
-def build_openapi(
-    table: RouteTable, settings: Settings, *, actions: bool, origin: str | None = None
-) -> dict[str, Any]:
-    """One of the two documents. ``origin`` (the request's) stands in for an unset
-    ``RELAYD_PUBLIC_URL``; the Actions document always names an https server."""
+def build_openapi(table: RouteTable, settings: Settings, *, actions: bool) -> dict[str, Any]:
+    """One of the two documents, served by ``RELAYD_PUBLIC_URL``.
+
+    The server is never taken from a request (``Host``, ``X-Forwarded-*``): a
+    client would choose where the document sends ChatGPT (issue 11, item 7).
+    Without a public url the server is ``/`` (relative to wherever the document
+    was fetched) and the document says to set it; the GPT builder refuses that,
+    which is what the operator needs to hear.
+    """
     plugin = MarshmallowPlugin(schema_name_resolver=_schema_name)
-    server = settings.public_url or origin
-    if actions and server is not None and not server.startswith("https://"):
-        server = "https://" + server.split("://", 1)[-1]
+    description = _ACTIONS_DESCRIPTION if actions else _DESCRIPTION
+    if settings.public_url:
+        servers = [{"url": settings.public_url.rstrip("/")}]
+    else:
+        servers = [{"url": "/", "description": _NO_PUBLIC_URL}]
+        description = f"{description} {_NO_PUBLIC_URL}"
     spec = APISpec(
         title=settings.relay_name + (" (Actions)" if actions else ""),
         version=__version__,
         openapi_version="3.1.0",
-        info={"description": _ACTIONS_DESCRIPTION if actions else _DESCRIPTION},
-        servers=[{"url": server.rstrip("/")}] if server else [],
+        info={"description": description},
+        servers=servers,
         plugins=[plugin],
     )
     # Declared as strings, as the GPT builder wants (schemas.FileRefField explains).

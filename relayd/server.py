@@ -22,11 +22,13 @@ from aiohttp import web
 from relayd import __version__
 from relayd.app import create_app
 from relayd.config import ConfigError, Settings, load_settings
+from relayd.handlers.realtime import end_revoked_sessions
+from relayd.loopback import is_loopback_address, socket_label
 from relayd.state import KEYRING, POLICY
 from relayd.systemd import Notifier, listen_sockets, watchdog_interval
 from relayd.tasks import spawn
 
-__all__ = ["loop_factory", "run", "serve"]
+__all__ = ["loop_factory", "refuse_keyless_sockets", "run", "serve", "warn_if_keyless"]
 
 log = logging.getLogger("relayd")
 
@@ -57,8 +59,32 @@ def _inherited_sockets() -> list[socket.socket]:
     return listen_sockets()
 
 
-async def _start_sites(runner: web.AppRunner, settings: Settings) -> None:
-    inherited = _inherited_sockets()
+def refuse_keyless_sockets(settings: Settings, sockets: list[socket.socket]) -> None:
+    """Keyless mode on sockets relayd did not bind: judged by their real address.
+
+    The ``listen`` setting says nothing about a socket systemd (or the worker
+    supervisor) passed in, so config validation could not have refused a public
+    one (issue 11, item 3). Raises ConfigError (exit 2) before any is served.
+    """
+    if settings.keys or settings.auth_disabled:
+        return
+    public = [
+        socket_label(sock.family, sock.getsockname())
+        for sock in sockets
+        if not is_loopback_address(sock.family, sock.getsockname())
+    ]
+    if public:
+        raise ConfigError(
+            f"no relay keys are configured and the inherited socket {', '.join(public)} is "
+            "not a loopback address: set RELAYD_KEYS or RELAYD_KEYS_FILE, bind the socket "
+            "unit (ListenStream=) to 127.0.0.1, or set [auth] disabled = true if another "
+            "layer authenticates every request"
+        )
+
+
+async def _start_sites(
+    runner: web.AppRunner, settings: Settings, inherited: list[socket.socket]
+) -> None:
     sites: list[web.BaseSite]
     if inherited:
         sites = [web.SockSite(runner, sock, backlog=settings.backlog) for sock in inherited]
@@ -90,6 +116,10 @@ def bound_addresses(runner: web.AppRunner) -> str:
 
 
 async def serve(settings: Settings, config: str | None) -> None:
+    inherited = _inherited_sockets()
+    refuse_keyless_sockets(settings, inherited)
+    # A worker's supervisor has already warned about keyless mode, once for all.
+    warn_keyless = READY_FD_ENV not in os.environ
     notifier = Notifier.from_environ()
     watchdog = watchdog_interval()
     app = create_app(settings)
@@ -110,9 +140,11 @@ async def serve(settings: Settings, config: str | None) -> None:
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, app, config, notifier)
     try:
-        await _start_sites(runner, settings)
+        await _start_sites(runner, settings, inherited)
         addresses = bound_addresses(runner)
         log.info("relayd %s listening on %s", __version__, addresses)
+        if warn_keyless:
+            warn_if_keyless(settings, addresses)
         # What start-up built lives as long as the process: keep it out of every
         # future collection (fewer and shorter GC pauses on the request path).
         gc.freeze()
@@ -128,6 +160,17 @@ async def serve(settings: Settings, config: str | None) -> None:
         if pinger is not None:
             pinger.cancel()
     log.info("stopped")
+
+
+def warn_if_keyless(settings: Settings, addresses: str) -> None:
+    """The start-up warning of keyless mode, naming the addresses really served."""
+    if not settings.keys and not settings.auth_disabled:
+        log.warning(
+            "NO RELAY KEYS ARE CONFIGURED: relayd accepts requests without a key, only "
+            "for this machine (loopback Host and Origin), on %s. Set RELAYD_KEYS or "
+            "RELAYD_KEYS_FILE before exposing it.",
+            addresses,
+        )
 
 
 def _report_ready(notifier: Notifier, status: str) -> None:
@@ -148,10 +191,26 @@ def reload(app: web.Application, config: str | None, notifier: Notifier) -> None
         notifier.status(f"reload failed: {exc}")
         return
     keyring, policy = app[KEYRING], app[POLICY]
+    if keyring.keys and not fresh.keys:
+        # Issue 11: a keys file whose every line is commented out would otherwise
+        # turn a keyed relay into an open one without a word.
+        log.error(
+            "reload refused: the new configuration has no relay keys, which would open "
+            "every route to anyone who reaches relayd; keeping the %d current relay keys "
+            "and policy. Check the keys file (is every line commented out?)",
+            len(keyring.keys),
+        )
+        notifier.status("reload refused: no relay keys in the new configuration")
+        return
+    for warning in fresh.warnings:
+        log.warning("%s", warning)
     before = {k.name: k for k in keyring.keys}
     after = {k.name: k for k in fresh.keys}
     changed = sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
     keyring.replace(fresh.keys)
+    # What the removed keys opened ends now: realtime sessions here, signed links
+    # when next presented (filestore.py).
+    spawn(end_revoked_sessions(app), name="relayd.revoke_sessions")
     policy_changed = (policy.allow, policy.deny) != (
         tuple(p.lower() for p in fresh.policy_allow),
         tuple(p.lower() for p in fresh.policy_deny),

@@ -17,7 +17,7 @@ from relayd.streams import Pumped
 from relayd.usage import UsageTap
 
 if TYPE_CHECKING:
-    from weakref import WeakSet
+    from weakref import WeakKeyDictionary
 
     from relayd.auth import KeyRing
     from relayd.filestore import Handoff
@@ -63,9 +63,11 @@ TOOLS: Final = web.AppKey("relayd.tools", dict)
 STARTED: Final = web.AppKey("relayd.started", float)
 # Signed download links and the store behind them (Actions: openaiFileResponse).
 HANDOFF: Final[web.AppKey[Handoff]] = web.AppKey("relayd.handoff")
-# Open realtime bridges, closed with 1001 on shutdown (aiohttp's documented pattern).
-REALTIME_BRIDGES: Final[web.AppKey[WeakSet[WebSocketBridge]]] = web.AppKey(
-    "relayd.realtime_bridges"
+# Open realtime bridges and the request that opened each (its relay key): closed
+# with 1001 on shutdown (aiohttp's documented pattern), with 1008 when a reload
+# revokes the key.
+REALTIME_BRIDGES: Final[web.AppKey[WeakKeyDictionary[WebSocketBridge, web.Request]]] = (
+    web.AppKey("relayd.realtime_bridges")
 )
 
 REQUEST_ID: Final = web.RequestKey("relayd.request_id", str)

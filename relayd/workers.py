@@ -23,7 +23,14 @@ import tempfile
 from pathlib import Path
 
 from relayd.config import Settings
-from relayd.server import INHERITED_FDS_ENV, READY_FD_ENV, loop_factory
+from relayd.loopback import socket_label
+from relayd.server import (
+    INHERITED_FDS_ENV,
+    READY_FD_ENV,
+    loop_factory,
+    refuse_keyless_sockets,
+    warn_if_keyless,
+)
 from relayd.systemd import Notifier, listen_sockets, watchdog_interval
 from relayd.tasks import spawn
 
@@ -70,9 +77,14 @@ class _Supervisor:
     async def run(self) -> int:
         self._env[WORKER_ENV] = "1"
         if self._inherited:
+            refuse_keyless_sockets(self._settings, self._inherited)
             self._env[INHERITED_FDS_ENV] = ",".join(str(s.fileno()) for s in self._inherited)
         else:
             self._env["RELAYD_LISTEN"] = self._reserve_port()
+        sockets = self._inherited or ([self._reserved] if self._reserved else [])
+        warn_if_keyless(
+            self._settings, ", ".join(socket_label(s.family, s.getsockname()) for s in sockets)
+        )
         metrics_dir = tempfile.TemporaryDirectory(prefix="relayd-metrics-")
         self._env.setdefault(METRICS_DIR_ENV, metrics_dir.name)
         loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -17,11 +18,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpServer
 
+from relayd.config import RelayKey, parse_keys_env
+from relayd.state import KEYRING
 from tests.conftest import RELAY_KEY, RelayFactory
 from tests.fakes.openai import FakeOpenAI, Seen
 from tests.filehost import JPEG, PNG, FileHost, fetch_settings, start_file_host
 
 AUTH = {"Authorization": f"Bearer {RELAY_KEY}"}
+PUBLIC = "https://relay.example.com"  # signed links name the public url, never Host
 
 
 def b64(data: bytes) -> str:
@@ -53,7 +57,9 @@ async def host(aiohttp_server: AiohttpServer, tmp_path: Path) -> FileHost:
 
 @pytest.fixture
 async def actions(relay_factory: RelayFactory, host: FileHost) -> TestClient:
-    return await relay_factory(**fetch_settings(host), actions_poll_interval_s=0.05)
+    return await relay_factory(
+        **fetch_settings(host), actions_poll_interval_s=0.05, public_url=PUBLIC
+    )
 
 
 async def post(client: TestClient, path: str, body: Any) -> tuple[int, Any]:
@@ -340,6 +346,25 @@ async def test_large_images_come_back_as_signed_links_anyone_can_fetch_briefly(
     assert (await expired.json())["error"]["code"] == "link_expired"
 
 
+async def test_without_a_public_url_a_link_is_refused_never_guessed_from_host(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    # Issue 11, item 7: a link built from Host points wherever the client said.
+    relay = await relay_factory(actions_inline_max_bytes=100)
+    small = fake.add_file(b"hello, chat", filename="hello.txt")
+    big = fake.add_file(bytes(range(256)) * 4, filename="data.bin")
+    forged = {**AUTH, "Host": "rebind.attacker.example"}
+    response = await relay.get(f"/v1/actions/files/{big}/content", headers=forged)
+    assert response.status == 500
+    body = await response.json()
+    assert_refused(body, None, "public_url_not_set")
+    assert "RELAYD_PUBLIC_URL" in body["error"]["message"]
+    assert "attacker" not in json.dumps(body)
+    # Inline answers need no origin, and still work.
+    response = await relay.get(f"/v1/actions/files/{small}/content", headers=forged)
+    assert (await response.json())["openaiFileResponse"][0]["content"] == b64(b"hello, chat")
+
+
 @pytest.mark.parametrize(
     "token",
     ["abc.d%C3%A9f", "%C3%A9t%C3%A9.abc", "abc.%E2%80%A8", "abc.\u00e9", "x.%F0%9F%98%80"],
@@ -357,7 +382,7 @@ async def test_a_token_with_non_ascii_characters_is_an_invalid_link(
 async def test_file_content_comes_back_inline_or_as_a_link(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(actions_inline_max_bytes=100)
+    relay = await relay_factory(actions_inline_max_bytes=100, public_url=PUBLIC)
     small = fake.add_file(b"hello, chat", filename="hello.txt")
     big = fake.add_file(bytes(range(256)) * 4, filename="data.bin")
     response = await relay.get(f"/v1/actions/files/{small}/content", headers=AUTH)
@@ -367,7 +392,7 @@ async def test_file_content_comes_back_inline_or_as_a_link(
     ]
     response = await relay.get(f"/v1/actions/files/{big}/content", headers=AUTH)
     (link,) = (await response.json())["openaiFileResponse"]
-    download = await relay.get(link.removeprefix(str(relay.make_url(""))))
+    download = await relay.get(link.removeprefix(PUBLIC))
     assert download.status == 200
     assert await download.read() == bytes(range(256)) * 4
     assert download.headers["Content-Type"] == "application/octet-stream"
@@ -388,7 +413,7 @@ async def test_finished_video_comes_back_as_a_link(actions: TestClient, fake: Fa
     fake.video_status = "completed"
     body = await (await actions.get("/v1/actions/videos/video_1/content", headers=AUTH)).json()
     (link,) = body["openaiFileResponse"]
-    download = await actions.get(link.removeprefix(str(actions.make_url(""))))
+    download = await actions.get(link.removeprefix(PUBLIC))
     assert download.headers["Content-Type"] == "video/mp4"
     assert len(await download.read()) == 256 * 1024
     assert fake.seen[-1].path == "/v1/videos/video_1/content"
@@ -551,3 +576,40 @@ async def test_privacy_page_needs_no_key(relay_factory: RelayFactory) -> None:
     response = await relay.get("/privacy", allow_redirects=False)
     assert response.status == 302
     assert response.headers["Location"] == "https://example.com/privacy"
+
+
+# ------------------------------------------------------------------ links end with their key
+
+
+async def test_a_link_ends_when_its_key_is_removed_or_its_secret_replaced(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    # Issue 11, item 7: a removed key's links stayed alive until they expired.
+    relay = await relay_factory(actions_inline_max_bytes=0, public_url=PUBLIC)
+    fake.image_bytes = PNG
+    _, body = await post(relay, "/v1/actions/images/generations", {"prompt": "p"})
+    path = body["openaiFileResponse"][0].removeprefix(PUBLIC)
+    assert RELAY_KEY not in path and hashlib.sha256(RELAY_KEY.encode()).hexdigest() not in path
+    keyring = relay.server.app[KEYRING]
+    team, other = keyring.keys
+    keyring.replace([other])
+    response = await relay.get(path)
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "link_revoked"
+    keyring.replace([team, other])  # back: the link works again until it expires
+    assert (await relay.get(path)).status == 200
+    keyring.replace([RelayKey("team", hashlib.sha256(b"a new secret for team").digest()), other])
+    assert (await relay.get(path)).status == 404  # same name, new secret: revoked
+
+
+async def test_a_keyless_link_ends_once_keys_are_required(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(keys=(), actions_inline_max_bytes=0, public_url=PUBLIC)
+    fake.image_bytes = PNG
+    response = await relay.post("/v1/actions/images/generations", json={"prompt": "p"})
+    path = (await response.json())["openaiFileResponse"][0].removeprefix(PUBLIC)
+    assert (await relay.get(path)).status == 200
+    relay.server.app[KEYRING].replace(parse_keys_env(f"team:{RELAY_KEY}"))
+    response = await relay.get(path)
+    assert (await response.json())["error"]["code"] == "link_revoked"

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from relayd.app import load_tools
+from relayd.cli import main
 from relayd.config import (
     ConfigError,
     Listen,
@@ -176,7 +177,9 @@ ENV_OVER_TOML = [
     ("RELAYD_LISTEN", "127.0.0.1:9001", '[server]\nlisten = "127.0.0.1:9002"',
      "listen", Listen("127.0.0.1", 9001)),
     ("RELAYD_PUBLIC_URL", "https://env.example.com",
-     '[server]\npublic_url = "https://toml.example.com"', "public_url",
+     # A public relay needs keys (issue 11).
+     '[server]\npublic_url = "https://toml.example.com"\n'
+     f'[[auth.keys]]\nname = "a"\nkey = "{KEY_A}"', "public_url",
      "https://env.example.com"),
     ("RELAYD_WORKERS", "3", "[server]\nworkers = 2", "workers", 3),
     ("RELAYD_CONNECT_TIMEOUT", "2.5", "[upstream]\nconnect_timeout = 9",
@@ -458,6 +461,82 @@ def test_key_names_must_be_unique_across_sources(tmp_path: Path) -> None:
         load({"RELAYD_KEYS": f"team:{KEY_A}", "RELAYD_KEYS_FILE": str(path)})
 
 
+# --------------------------------------------------------------------------- secret files' modes
+
+
+def secret_file(path: Path, text: str, mode: int) -> Path:
+    write(path, text)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_an_upstream_key_file_others_can_use_is_warned_about_like_ssh(
+    tmp_path: Path, mode: int
+) -> None:
+    # Issue 11, item 7: secret files readable by others loaded silently.
+    path = secret_file(tmp_path / "openai_api_key", UPSTREAM, mode)
+    settings = load_settings(None, {"OPENAI_API_KEY_FILE": str(path)})
+    (warning,) = settings.warnings
+    assert f"permissions {mode:04o}" in warning and str(path) in warning
+    assert "too open" in warning and f"chmod 600 '{path}'" in warning
+    assert UPSTREAM not in warning
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_secret_files_of_their_owner_alone_load_quietly(tmp_path: Path, mode: int) -> None:
+    key = secret_file(tmp_path / "openai_api_key", UPSTREAM, mode)
+    keys = secret_file(tmp_path / "relay_keys", f"team:{KEY_A}\n", mode)
+    signing = secret_file(tmp_path / "signing", "s" * 40, mode)
+    environ = {
+        "OPENAI_API_KEY_FILE": str(key),
+        "RELAYD_KEYS_FILE": str(keys),
+        "RELAYD_SIGNING_SECRET_FILE": str(signing),
+    }
+    assert load_settings(None, environ).warnings == ()
+
+
+def test_a_keys_file_is_secret_only_while_it_holds_a_key(tmp_path: Path) -> None:
+    digests = secret_file(tmp_path / "keys", f"team:sha256:{sha256(KEY_A)}\n", 0o644)
+    assert load({"RELAYD_KEYS_FILE": str(digests)}).warnings == ()
+    mixed = secret_file(
+        tmp_path / "mixed", f"team:sha256:{sha256(KEY_A)}\n# ops\nops:{KEY_B}\n", 0o644
+    )
+    (warning,) = load({"RELAYD_KEYS_FILE": str(mixed)}).warnings
+    assert "keys file" in warning and str(mixed) in warning and KEY_B not in warning
+
+
+def test_credentials_signing_secret_and_a_config_file_holding_keys_are_checked(
+    tmp_path: Path,
+) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    secret_file(credentials / "openai_api_key", UPSTREAM, 0o644)
+    secret_file(credentials / "actions_signing_secret", "s" * 40, 0o644)
+    config = secret_file(
+        tmp_path / "relayd.toml", f'[[auth.keys]]\nname = "team"\nkey = "{KEY_A}"\n', 0o644
+    )
+    settings = load_settings(config, {"CREDENTIALS_DIRECTORY": str(credentials)})
+    named = sorted(Path(w.split("'")[1]).name for w in settings.warnings)
+    assert named == ["actions_signing_secret", "openai_api_key", "relayd.toml"]
+    # A config file with digests only is not secret, whatever its mode.
+    config.write_text(f'[[auth.keys]]\nname = "team"\nsha256 = "{sha256(KEY_A)}"\n')
+    assert load(path=config).warnings == ()
+
+
+def test_check_config_prints_each_warning_on_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("RELAYD_CONFIG", "OPENAI_API_KEY", "RELAYD_KEYS", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    path = secret_file(tmp_path / "openai_api_key", UPSTREAM, 0o644)
+    monkeypatch.setenv("OPENAI_API_KEY_FILE", str(path))
+    assert main(["check-config"]) == 0
+    err = capsys.readouterr().err
+    assert f"relayd: warning: permissions 0644 for OPENAI_API_KEY_FILE '{path}'" in err
+    assert UPSTREAM not in err
+
+
 def test_a_missing_keys_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read keys file .*absent"):
         load({"RELAYD_KEYS_FILE": str(tmp_path / "absent")})
@@ -549,7 +628,7 @@ def test_an_upstream_that_is_relayd_itself_is_refused(listen: str, upstream: str
     ],
 )
 def test_an_upstream_that_is_the_public_url_is_refused(public_url: str, upstream: str) -> None:
-    environ = {"RELAYD_PUBLIC_URL": public_url, "RELAYD_UPSTREAM": upstream}
+    environ = {"RELAYD_PUBLIC_URL": public_url, "RELAYD_UPSTREAM": upstream, "RELAYD_KEYS": KEY_A}
     with pytest.raises(ConfigError, match="points back at relayd itself"):
         load(environ)
 
@@ -801,7 +880,7 @@ def test_the_env_example_holds_only_non_secret_settings_that_load(tmp_path: Path
     for secret in ("OPENAI_API_KEY", "RELAYD_KEYS", "OPENAI_API_KEY_FILE", "RELAYD_KEYS_FILE"):
         assert secret not in assignments
     assignments.pop("RELAYD_CONFIG")  # names the file the operator installs
-    settings = load(assignments)
+    settings = load({**assignments, "RELAYD_KEYS": KEY_A})  # keys come as a credential
     assert settings.public_url == "https://relay.example.com"
     assert "LoadCredential=openai_api_key" in text and "LoadCredential=relay_keys" in text
 

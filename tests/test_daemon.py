@@ -1,4 +1,8 @@
-"""relayd as a real process: systemd notify, socket activation, drain, reload, workers."""
+"""relayd as a real process: systemd notify, socket activation, drain, reload, workers.
+
+Reloads that remove a relay key end what it opened (issue 11, item 7), and a reload
+never drops relayd into keyless mode by accident.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,18 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import WSMsgType
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import RELAY_KEY, SECRETS
+from tests.conftest import OTHER_KEY, RELAY_KEY, SECRETS
 from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
+from tests.filehost import PNG
 
 pytestmark = pytest.mark.process
 
@@ -309,3 +315,126 @@ async def test_slowloris_and_idle_connections_are_closed(start: Start, tmp_path:
             assert await reader.read() == b""  # closed by relayd, without an answer
         assert loop.time() - started < 3
         writer.close()
+
+
+# --------------------------------------------------------------------------- key revocation
+
+REVOKE_BOUND = 5.0
+PUBLIC = "https://relay.example.com"
+REALTIME = "/v1/realtime?model=gpt-realtime"
+
+ReloadKeys = Callable[[str], Awaitable[str]]
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+KeyedRelay = Callable[..., Awaitable[tuple[Relayd, ReloadKeys]]]
+
+
+@pytest.fixture
+def keyed(start: Start, fake_server: TestServer, tmp_path: Path) -> KeyedRelay:
+    """Starts relayd with keys ``team`` and ``other`` in a keys file and every file
+    handed out as a signed link; gives back ``reload_keys(text)``: rewrite the keys
+    file, SIGHUP, and return the log line that answers it (bounded)."""
+
+    async def make(public_url: str | None = PUBLIC) -> tuple[Relayd, ReloadKeys]:
+        keys = tmp_path / "relay_keys"
+        keys.write_text(f"team:{RELAY_KEY}\nother:{OTHER_KEY}\n")
+        keys.chmod(0o600)
+        config = tmp_path / "relayd.toml"
+        config.write_text("[actions]\ninline_max_bytes = 0\n")
+        env = _env(
+            str(fake_server.make_url("")).rstrip("/"), RELAYD_KEYS="", RELAYD_KEYS_FILE=str(keys)
+        )
+        if public_url:
+            env["RELAYD_PUBLIC_URL"] = public_url
+        relayd = await start("--config", str(config), env=env)
+
+        async def reload_keys(text: str) -> str:
+            keys.write_text(text)
+            seen = len(relayd.lines)
+            relayd.process.send_signal(signal.SIGHUP)
+            async with asyncio.timeout(REVOKE_BOUND):
+                while True:
+                    relayd._changed.clear()  # before the scan, so no line slips past
+                    for line in relayd.lines[seen:]:
+                        if any(w in line for w in ("reloaded", "reload refused", "failed")):
+                            return line
+                    await relayd._changed.wait()
+
+        return relayd, reload_keys
+
+    return make
+
+
+async def _link(session: aiohttp.ClientSession, relayd: Relayd, key: str) -> str:
+    async with session.post(
+        relayd.url("/v1/actions/images/generations"), json={"prompt": "p"}, headers=auth(key)
+    ) as response:
+        assert response.status == 200, await response.text()
+        (link,) = (await response.json())["openaiFileResponse"]
+    assert link.startswith(PUBLIC)
+    return relayd.url(link.removeprefix(PUBLIC))
+
+
+async def _echoes(ws: aiohttp.ClientWebSocketResponse, text: str) -> bool:
+    await ws.send_str(text)
+    async with asyncio.timeout(REVOKE_BOUND):
+        message = await ws.receive()
+    return message.type is WSMsgType.TEXT and message.data == text
+
+
+async def test_sighup_removing_a_key_ends_its_realtime_sessions_and_links(
+    keyed: KeyedRelay, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    relayd, reload_keys = await keyed()
+    assert not [line for line in relayd.lines if "too open" in line]
+    fake.image_bytes = PNG
+    async with aiohttp.ClientSession() as session:
+        team_ws = await session.ws_connect(relayd.url(REALTIME), headers=auth(RELAY_KEY))
+        other_ws = await session.ws_connect(relayd.url(REALTIME), headers=auth(OTHER_KEY))
+        assert await _echoes(team_ws, "team") and await _echoes(other_ws, "other")
+        team_link = await _link(session, relayd, RELAY_KEY)
+        other_link = await _link(session, relayd, OTHER_KEY)
+        async with session.get(other_link) as response:
+            assert response.status == 200 and await response.read() == PNG
+
+        (tmp_path / "relay_keys").chmod(0o644)  # and now others can read it
+        line = await reload_keys(f"team:{RELAY_KEY}\n")
+        assert "removed: other" in line
+        warning = await relayd.wait_line("too open")
+        assert "permissions 0644 for keys file" in warning and "warning" in warning
+
+        async with asyncio.timeout(REVOKE_BOUND):
+            closing = await other_ws.receive()
+        assert closing.type is WSMsgType.CLOSE
+        assert other_ws.close_code == 1008 and "revoked" in closing.extra
+        assert await _echoes(team_ws, "team, still")  # the other key's session only
+
+        async with session.get(other_link) as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["code"] == "link_revoked"
+        async with session.get(team_link) as response:
+            assert response.status == 200 and await response.read() == PNG
+        await relayd.wait_line("ended 1 realtime session")
+        await team_ws.close()
+
+
+@pytest.mark.parametrize("public_url", [None, PUBLIC])
+async def test_sighup_that_would_leave_no_keys_is_refused(
+    keyed: KeyedRelay, public_url: str | None
+) -> None:
+    relayd, reload_keys = await keyed(public_url)
+    async with aiohttp.ClientSession() as session:
+        team_ws = await session.ws_connect(relayd.url(REALTIME), headers=auth(RELAY_KEY))
+        # The guide's pitfall: every line of the keys file commented out.
+        line = await reload_keys(f"# team:{RELAY_KEY}\n# other:{OTHER_KEY}\n")
+        assert "no relay keys" in line and "keeping" in line
+        async with session.get(relayd.url("/v1/models")) as response:
+            assert response.status == 401  # still keyed: not keyless mode
+        async with session.get(relayd.url("/v1/models"), headers=auth(OTHER_KEY)) as response:
+            assert response.status == 200
+        assert await _echoes(team_ws, "still here")
+        await team_ws.close()

@@ -108,10 +108,45 @@ def test_the_actions_subset_is_configurable(tmp_path: Path) -> None:
         load_settings(config, {}, require_upstream_key=False)
 
 
-async def test_served_actions_document_names_an_https_server(relay: TestClient) -> None:
-    document = await (await relay.get("/openapi.actions.json")).json()
-    assert document["servers"] == [{"url": f"https://{relay.host}:{relay.port}"}]
-    assert lint(document) == []
+FORGED = {"Host": "rebind.attacker.example", "X-Forwarded-Host": "fwd.attacker.example"}
+
+
+@pytest.mark.parametrize("path", ["/openapi.actions.json", "/openapi.json"])
+async def test_served_documents_never_reflect_the_host_header(
+    relay_factory: RelayFactory, path: str
+) -> None:
+    # Issue 11, item 7: only RELAYD_PUBLIC_URL names the server; never Host.
+    relay = await relay_factory(public_url=PUBLIC)
+    text = await (await relay.get(path, headers=FORGED)).text()
+    assert "attacker" not in text
+    assert json.loads(text)["servers"] == [{"url": PUBLIC}]
+
+
+@pytest.mark.parametrize("path", ["/openapi.actions.json", "/openapi.json"])
+async def test_without_a_public_url_the_documents_say_so_instead_of_guessing(
+    relay: TestClient, path: str
+) -> None:
+    text = await (await relay.get(path, headers=FORGED)).text()
+    assert "attacker" not in text and str(relay.port) not in text
+    document = json.loads(text)
+    (server,) = document["servers"]
+    assert server["url"] == "/"
+    assert "RELAYD_PUBLIC_URL" in server["description"]
+    assert "RELAYD_PUBLIC_URL" in document["info"]["description"]
+    validate(document)  # a relative server is valid OpenAPI (3.1 §4.8.5)
+    if path == "/openapi.actions.json":  # the GPT builder would refuse it, and says why
+        assert "Could not find a valid URL in `servers`" in [str(v) for v in lint(document)]
+
+
+@pytest.mark.parametrize("public_url", [None, PUBLIC])
+async def test_ai_plugin_names_the_public_url_or_a_relative_one(
+    relay_factory: RelayFactory, public_url: str | None
+) -> None:
+    relay = await relay_factory(public_url=public_url)
+    text = await (await relay.get("/.well-known/ai-plugin.json", headers=FORGED)).text()
+    assert "attacker" not in text
+    expected = f"{public_url or ''}/openapi.actions.json"
+    assert json.loads(text)["api"]["url"] == expected
 
 
 async def test_served_documents_match_the_builder(relay_factory: RelayFactory) -> None:

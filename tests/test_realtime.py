@@ -16,12 +16,12 @@ import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
-from relayd.config import ConfigError, load_settings
+from relayd.config import ConfigError, RelayKey, load_settings
 from relayd.handlers import realtime as realtime_handler
 from relayd.routes import TABLE
-from relayd.state import METRICS
+from relayd.state import KEYRING, METRICS
 from relayd.streams.websocket import sendable_close_code
-from tests.conftest import RELAY_KEY, RelayFactory
+from tests.conftest import OTHER_KEY, RELAY_KEY, RelayFactory
 from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
 from tests.fakes.realtime import USAGE
 from tests.rawhttp import head, open_raw, read_head, websocket_upgrade
@@ -776,3 +776,32 @@ def test_bad_realtime_settings_are_refused(tmp_path: Path, table: str, problem: 
     config.write_text("[realtime]\n" + table)
     with pytest.raises(ConfigError, match=problem):
         load_settings(config, {"OPENAI_API_KEY": UPSTREAM_KEY})
+
+
+# --------------------------------------------------------------------------- revoked keys
+
+
+async def test_a_reload_ends_the_sessions_of_revoked_keys_only(
+    relay: TestClient, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 11, item 7: a removed key's realtime sessions stayed open.
+    app = relay.server.app
+    keyring = app[KEYRING]
+    team, other = keyring.keys
+    async with asyncio.timeout(BOUND):
+        async with relay.ws_connect(URL, headers=AUTH) as kept, relay.ws_connect(
+            URL, headers={"Authorization": f"Bearer {OTHER_KEY}"}
+        ) as ended:
+            keyring.replace([team, other])
+            assert await realtime_handler.end_revoked_sessions(app) == 0  # nothing changed
+            # Still a key, but no longer one that may use realtime.
+            keyring.replace([team, RelayKey("other", other.digest, frozenset({"models"}))])
+            assert await realtime_handler.end_revoked_sessions(app) == 1
+            closing = await ended.receive()
+            assert closing.type is WSMsgType.CLOSE and ended.close_code == 1008
+            assert closing.extra == "relay key 'other' was revoked"
+            await kept.send_str("still here")
+            assert (await kept.receive()).data == "still here"
+    await until(lambda: any(s.close_code == 1008 for s in fake.realtime.sessions))
+    await until(lambda: len(realtime_log(caplog)) == 2)
+    assert sorted(e["ended_by"] for e in realtime_log(caplog)) == ["downstream", "key_revoked"]

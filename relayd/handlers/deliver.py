@@ -26,6 +26,7 @@ from relayd.errors import (
     BadRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    RelaydError,
 )
 from relayd.filestore import Claims
 from relayd.handlers.common import (
@@ -38,11 +39,12 @@ from relayd.handlers.common import (
 )
 from relayd.handlers.payload import is_json, json_answer, read_json, upstream_call
 from relayd.mime import EXTENSIONS, sniff
-from relayd.state import HANDOFF, SETTINGS, TABLE, UPSTREAM
+from relayd.state import HANDOFF, KEY, SETTINGS, TABLE, UPSTREAM
 from relayd.upstream import mapped_errors
 
 __all__ = [
     "Handout",
+    "PublicUrlNotSetError",
     "download",
     "file_content_for_chatgpt",
     "hand_out",
@@ -72,10 +74,27 @@ class Handout:
     claims: Claims | None = None
 
 
+class PublicUrlNotSetError(RelaydError):
+    """A link is needed and ``RELAYD_PUBLIC_URL`` is not set: the operator's mistake."""
+
+    status = 500
+    default_code = "public_url_not_set"
+
+
 def origin(request: web.Request) -> str:
-    """Where ChatGPT reaches relayd: ``RELAYD_PUBLIC_URL``, else this request's host."""
+    """Where ChatGPT reaches relayd: ``RELAYD_PUBLIC_URL``, and nothing else.
+
+    Never the request's ``Host``: a client would choose where the link points
+    (issue 11, item 7). Without a public url no link can be made; that is the
+    operator's to fix, so a 500 whose message says how.
+    """
     public = request.app[SETTINGS].public_url
-    return public.rstrip("/") if public else f"{request.scheme}://{request.host}"
+    if not public:
+        raise PublicUrlNotSetError(
+            "This relay cannot hand out download links: its public url is not set. "
+            "The operator must set RELAYD_PUBLIC_URL to relayd's https origin.",
+        )
+    return public.rstrip("/")
 
 
 async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
@@ -96,14 +115,15 @@ async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
             }
             for i in items
         ]
+    base = origin(request)  # before anything is stored for links that cannot be made
     links = []
     for item in items:
         claims = item.claims
         if claims is None:
             blob = await handoff.keep(item.data or b"")
             claims = Claims("blob", blob, item.name, item.media_type)
-        token = handoff.token(claims)
-        links.append(origin(request) + download_route.path.replace("{token}", token))
+        token = handoff.token(claims, request.get(KEY))
+        links.append(base + download_route.path.replace("{token}", token))
     return links
 
 

@@ -166,7 +166,8 @@ async def get_tool(request: web.Request) -> web.Response:
 
 async def ai_plugin(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    origin = settings.public_url or f"{request.scheme}://{request.host}"
+    # The public url, else a URL relative to this document: never Host (issue 11).
+    origin = settings.public_url.rstrip("/") if settings.public_url else ""
     document: dict[str, Any] = {
         "schema_version": "v1",
         "name_for_human": settings.relay_name,
@@ -194,12 +195,9 @@ async def openapi_full(request: web.Request) -> web.Response:
 
 
 async def openapi_actions(request: web.Request) -> web.Response:
-    # Without RELAYD_PUBLIC_URL the server is this request's host, over https: the
-    # GPT builder imports the document from the origin it will call.
-    document = build_openapi(
-        request.app[TABLE], request.app[SETTINGS], actions=True, origin=f"https://{request.host}"
+    return web.json_response(
+        build_openapi(request.app[TABLE], request.app[SETTINGS], actions=True)
     )
-    return web.json_response(document)
 
 
 _PRIVACY: Final = """Privacy policy of {name}

@@ -48,10 +48,12 @@ from relayd.handlers.realtime_policy import (
 from relayd.headers import redact_secrets
 from relayd.state import (
     KEY,
+    KEYRING,
     METRICS,
     REALTIME_BRIDGES,
     REALTIME_USAGE,
     REQUEST_ID,
+    ROUTE,
     SETTINGS,
     UPSTREAM,
 )
@@ -65,6 +67,7 @@ __all__ = [
     "create_call",
     "create_client_secret",
     "create_session",
+    "end_revoked_sessions",
     "forward_realtime",
 ]
 
@@ -155,13 +158,13 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
         )
         bridges = request.app[REALTIME_BRIDGES]
         metrics = request.app[METRICS]
-        bridges.add(bridge)
+        bridges[bridge] = request
         metrics.open_websockets.inc()
         try:
             await bridge.run()
         finally:
             # Synchronous on purpose (DESIGN: accounting in finally is sync).
-            bridges.discard(bridge)
+            bridges.pop(bridge, None)
             metrics.open_websockets.dec()
             _account(request, model, bridge.stats, usage)
     return downstream
@@ -173,13 +176,45 @@ async def close_bridges(app: web.Application) -> None:
     Returns once each upstream leg is closed; each handler then closes its client
     and ends, which aiohttp's shutdown waits for.
     """
-    bridges: weakref.WeakSet[WebSocketBridge] = app[REALTIME_BRIDGES]
+    bridges: weakref.WeakKeyDictionary[WebSocketBridge, web.Request] = app[REALTIME_BRIDGES]
     await asyncio.gather(
         *(
             bridge.close(WSCloseCode.GOING_AWAY, "server shutting down", ended_by="shutdown")
             for bridge in list(bridges)
         )
     )
+
+
+async def end_revoked_sessions(app: web.Application) -> int:
+    """After a reload: end each session whose relay key is gone (issue 11, item 7).
+
+    A key removed, its secret replaced, or its scopes no longer covering realtime:
+    the session closes on both legs with 1008 (policy violation, RFC 6455 §7.4.1)
+    and a reason that says so. A session opened in keyless mode ends once keys are
+    required. Returns how many sessions were ended.
+    """
+    keyring = app[KEYRING]
+    if app[SETTINGS].auth_disabled:
+        return 0
+    doomed = []
+    for bridge, request in list(app[REALTIME_BRIDGES].items()):
+        key = request.get(KEY)
+        if key is None:
+            if keyring.keys:
+                doomed.append((bridge, "relay keys are now required"))
+            continue
+        held = keyring.current(key)
+        if held is None or not held.allows(request[ROUTE].group):
+            doomed.append((bridge, f"relay key '{key.name}' was revoked"))
+    await asyncio.gather(
+        *(
+            bridge.close(WSCloseCode.POLICY_VIOLATION, reason, ended_by="key_revoked")
+            for bridge, reason in doomed
+        )
+    )
+    if doomed:
+        log.warning("ended %d realtime session(s) whose relay key was revoked", len(doomed))
+    return len(doomed)
 
 
 def _offered_protocols(request: web.Request) -> list[str]:

@@ -22,7 +22,8 @@ from aiohttp import web
 from relayd import __version__
 from relayd.app import create_app
 from relayd.config import ConfigError, Settings, load_settings
-from relayd.state import KEYRING, POLICY
+from relayd.preflight import bind_error
+from relayd.state import KEYRING, POLICY, TABLE
 from relayd.systemd import Notifier, listen_sockets, watchdog_interval
 from relayd.tasks import spawn
 
@@ -75,7 +76,10 @@ async def _start_sites(runner: web.AppRunner, settings: Settings) -> None:
             )
         ]
     for site in sites:
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # port in use, no such directory...: one line (issue 11)
+            raise bind_error(exc, settings.listen) from None
 
 
 def bound_addresses(runner: web.AppRunner) -> str:
@@ -142,7 +146,7 @@ def reload(app: web.Application, config: str | None, notifier: Notifier) -> None
     """SIGHUP: re-read relay keys, scopes and the path policy; report what changed."""
     notifier.reloading("reloading keys and policy")
     try:
-        fresh = load_settings(config)
+        fresh = load_settings(config, route_groups=app[TABLE].groups)
     except ConfigError as exc:
         log.error("reload failed, keeping the current keys and policy: %s", exc)
         notifier.status(f"reload failed: {exc}")

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from relayd.app import load_tools
-from relayd.routes import TABLE
 from relayd.config import (
     ConfigError,
     Listen,
@@ -27,6 +26,7 @@ from relayd.config import (
     parse_keys_file,
     redacted,
 )
+from relayd.routes import TABLE
 from tests.conftest import RelayFactory
 
 UPSTREAM = "sk-test-upstream-0123456789abcdef"
@@ -880,9 +880,10 @@ def test_the_keys_example_is_switched_off_and_valid_when_switched_on(tmp_path: P
     assert parse_keys_file(str(CONF / "keys.example")) == ()  # published keys stay inert
     keys = parse_keys_file(str(write(tmp_path / "keys", _switched_on(text))))
     by_name = {k.name: k for k in keys}
-    assert set(by_name) == {"team", "scraper", "files-bot"}
-    # The documented digest really is that of the documented sample key.
+    assert set(by_name) == {"team", "scraper", "reader", "files-bot"}
+    # The documented digests really are those of the documented sample keys.
     assert by_name["scraper"].digest.hex() == sha256("rk-example-scraper-2b7e151628aed2a6")
+    assert by_name["reader"].digest.hex() == sha256("rk-example-reader-5be0c9a1d7f24e83")
     assert by_name["scraper"].scopes == frozenset({"meta"})
     assert by_name["files-bot"].scopes == frozenset({"files", "uploads"})
     assert "printf %s" in text and "sha256sum" in text

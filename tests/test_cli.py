@@ -203,6 +203,23 @@ def test_check_config_tests_the_directories_serve_needs(tmp_path: Path, problem:
         assert relayd("check-config", "--config", str(config), env=env).returncode == 0
 
 
+def test_a_unix_socket_another_process_serves_is_not_taken_over(tmp_path: Path) -> None:
+    # asyncio deletes an existing socket file before it binds: without this check a
+    # second relayd would silently take the address of a running server.
+    path = tmp_path / "relayd.sock"
+    with socket.socket(socket.AF_UNIX) as holder:
+        holder.bind(str(path))
+        holder.listen()
+        env = clean_env(OPENAI_API_KEY=UPSTREAM, RELAYD_LISTEN=f"unix:{path}")
+        result = relayd("serve", env=env)
+        assert result.returncode == 2
+        assert f"cannot listen on unix:{path}: {path} is already in use by" in result.stderr
+        assert f"(pid {os.getpid()})" in result.stderr
+        assert path.exists()
+    # Once nothing answers there, the file is stale and serve may replace it.
+    assert relayd("check-config", env=env).returncode == 0
+
+
 def test_check_config_try_bind_finds_a_port_in_use() -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -342,32 +342,23 @@ def _one_line_refusal(relayd: Relayd) -> str:
     return refusal
 
 
-async def test_serve_workers_flag_runs_that_many_and_wins_over_the_environment(
+async def test_a_second_relayd_on_a_port_served_by_workers_is_refused(
     start: Start, fake_server: TestServer
 ) -> None:
-    env = _env(str(fake_server.make_url("")).rstrip("/"), RELAYD_WORKERS="3")
-    relayd = await start(env=env, serve_args=("--workers", "2"))
-    await relayd.wait_line("2 workers serving")
-    assert await relayd.stop() == 0
-
-
-@pytest.mark.parametrize("second_workers", ["2", "1"], ids=["workers", "single"])
-async def test_a_second_relayd_on_a_port_served_by_workers_is_refused(
-    start: Start, fake_server: TestServer, second_workers: str
-) -> None:
     upstream = str(fake_server.make_url("")).rstrip("/")
-    first = await start(env=_env(upstream), serve_args=("--workers", "2"))
+    # The flag is what the README shows, and it wins over the environment.
+    first = await start(env=_env(upstream, RELAYD_WORKERS="3"), serve_args=("--workers", "2"))
     await first.wait_line("2 workers serving")
-    second = await start(
-        env=_env(upstream, RELAYD_LISTEN=f"127.0.0.1:{first.port}"),
-        serve_args=("--workers", second_workers),
-        wait=False,
-    )
-    assert await _exits(second) == 2
-    refusal = _one_line_refusal(second)
-    assert f"port {first.port} is already served by another relayd (pid {first.process.pid})" in (
-        refusal
-    )
+    for workers in ("2", "1"):  # with workers it used to join the port silently
+        second = await start(
+            env=_env(upstream, RELAYD_LISTEN=f"127.0.0.1:{first.port}"),
+            serve_args=("--workers", workers),
+            wait=False,
+        )
+        assert await _exits(second) == 2
+        refusal = _one_line_refusal(second)
+        pid = first.process.pid  # the supervisor, not one of its workers
+        assert f"port {first.port} is already served by another relayd (pid {pid})" in refusal
     # The first one still serves, alone.
     async with aiohttp.ClientSession() as session:
         async with session.get(first.url("/health")) as response:

@@ -16,8 +16,16 @@ from typing import Any
 
 from relayd import __version__
 from relayd.app import load_tools
-from relayd.config import ConfigError, Settings, load_settings, redacted
+from relayd.config import (
+    ConfigError,
+    Settings,
+    keyless_warning,
+    load_settings,
+    parse_workers,
+    redacted,
+)
 from relayd.openapi import build_openapi
+from relayd.preflight import StartupError
 from relayd.routes import TABLE
 
 __all__ = ["main"]
@@ -38,9 +46,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"relayd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("serve", parents=[common], help="run the relay")
-    commands.add_parser(
-        "check-config", parents=[common], help="validate the config and print it, secrets redacted"
+    workers = argparse.ArgumentParser(add_help=False)
+    workers.add_argument(
+        "--workers",
+        metavar="N|auto",
+        type=_workers,
+        default=None,
+        help="worker processes on the port ('auto': one per CPU); wins over "
+        "RELAYD_WORKERS and [server] workers",
+    )
+    commands.add_parser("serve", parents=[common, workers], help="run the relay")
+    check = commands.add_parser(
+        "check-config",
+        parents=[common, workers],
+        help="validate the config and print it, secrets redacted",
+    )
+    check.add_argument(
+        "--try-bind",
+        action="store_true",
+        help="also bind the listen address for a moment, as serve would",
     )
     openapi = commands.add_parser("openapi", parents=[common], help="print the OpenAPI document")
     openapi.add_argument("--actions", action="store_true", help="the GPT Actions subset")
@@ -56,9 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workers(text: str) -> int:
+    try:
+        return parse_workers(text, "--workers")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = getattr(args, "config", None)
+    overrides = {"workers": getattr(args, "workers", None)}
     try:
         if args.command == "openapi":
             settings = load_settings(config, require_upstream_key=False)
@@ -66,17 +98,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _check_actions_document(args.check, settings)
             print(json.dumps(build_openapi(TABLE, settings, actions=args.actions), indent=2))
             return 0
-        settings = load_settings(config)
-        load_tools(settings.tools_manifest)
         if args.command == "check-config":
-            for warning in settings.warnings:
-                print(f"relayd: warning: {warning}", file=sys.stderr)
-            print(json.dumps(redacted(settings), indent=2, default=str))
-            return 0
+            return _check_config(config, overrides, try_bind=args.try_bind)
+        settings = load_settings(config, overrides=overrides, route_groups=TABLE.groups)
+        load_tools(settings.tools_manifest)
         return serve(settings, config, sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
         print(f"relayd: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check_config(config: str | None, overrides: dict[str, Any], *, try_bind: bool) -> int:
+    """``relayd check-config``: what serve would refuse is an error (exit 2); what it
+    would accept but probably should not, a warning. A missing upstream key is only
+    a warning here, so a file can be checked before the key is installed."""
+    from relayd import preflight
+
+    settings = load_settings(
+        config, require_upstream_key=False, overrides=overrides, route_groups=TABLE.groups
+    )
+    load_tools(settings.tools_manifest)
+    keyless = keyless_warning(settings, str(settings.listen))
+    for warning in (*settings.warnings, *([keyless] if keyless else [])):
+        print(f"relayd: warning: {warning}", file=sys.stderr)
+    preflight.check(settings)
+    if try_bind:
+        preflight.try_bind(settings)
+    print(json.dumps(redacted(settings), indent=2, default=str))
+    return 0
 
 
 def _check_actions_document(path: str, settings: Settings) -> int:
@@ -124,7 +176,7 @@ def _parse_document(text: str) -> Any:
 
 
 def serve(settings: Settings, config: str | None, argv: Sequence[str]) -> int:
-    from relayd import server, workers
+    from relayd import preflight, server, workers
     from relayd.observe import setup_logging
 
     setup_logging(settings.log_format, settings.log_level)
@@ -133,6 +185,7 @@ def serve(settings: Settings, config: str | None, argv: Sequence[str]) -> int:
         return 0
     for warning in settings.warnings:
         log.warning("%s", warning)
+    preflight.check(settings)
     if settings.auth_disabled:
         log.warning("auth is disabled in config: every route is open to anyone who can reach it")
     if settings.workers > 1:

@@ -21,7 +21,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -34,6 +34,7 @@ __all__ = [
     "Settings",
     "load_settings",
     "parse_keys_file",
+    "parse_workers",
     "redacted",
 ]
 
@@ -59,6 +60,12 @@ CREDENTIAL_RELAY_KEYS: Final = "relay_keys"
 CREDENTIAL_SIGNING_SECRET: Final = "actions_signing_secret"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_PRINTABLE = re.compile(r"[!-~]")  # printable ASCII, space excluded
+_SHA256SUM_STDIN = ("-", "*-")
+MIN_KEY_CHARS: Final = 16
+# OpenAI's ephemeral client secrets (relayd.auth.EPHEMERAL_PREFIX): the auth layer
+# skips them when looking for a relay key, so a relay key like that would never match.
+EPHEMERAL_KEY_PREFIX: Final = "ek_"
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _COMMENT = re.compile(r"(?:^|\s)#")
 
@@ -159,6 +166,9 @@ class Settings:
     log_format: str = "console"
     log_level: str = "info"
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # Where each setting came from ("default", "file", "env NAME", "credential NAME",
+    # "flag --NAME"), for check-config (issue 11).
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     # [realtime]: every route under /v1/realtime (handlers/realtime.py applies it).
     realtime_enabled: bool = True
@@ -216,14 +226,28 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     *,
     require_upstream_key: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+    route_groups: Collection[str] | None = None,
 ) -> Settings:
     """Load and validate settings.
 
     ``path`` wins over ``RELAYD_CONFIG``; without either, only the environment and
     defaults apply. ``require_upstream_key=False`` serves commands that never call
-    upstream (``relayd openapi``).
+    upstream (``relayd openapi``) and ``check-config``, which then warns instead.
+    ``overrides`` are command-line values by field name (``serve --workers``); they
+    win over everything. ``route_groups``, the groups of the route table, makes an
+    unknown scope name an error (this module cannot import the table itself).
     """
     env = os.environ if environ is None else environ
+    sources: dict[str, str] = {}
+    warnings: list[str] = []
+
+    def from_env(name: str, env_name: str) -> str | None:
+        value = env.get(env_name) or None
+        if value is not None:
+            sources[name] = f"env {env_name}"
+        return value
+
     path = path or env.get("RELAYD_CONFIG") or None
     doc: dict[str, Any] = _read_toml(Path(path)) if path else {}
     base = Path(path).parent if path else Path.cwd()
@@ -237,46 +261,70 @@ def load_settings(
     logging_ = _table(doc, "logging")
 
     values: dict[str, Any] = {}
-    warnings: list[str] = []
 
     # [upstream]
-    values["upstream_url"] = env.get("RELAYD_UPSTREAM") or _str(upstream, "url", "upstream")
-    values["organization"] = env.get("OPENAI_ORGANIZATION") or _str(
+    values["upstream_url"] = from_env("upstream_url", "RELAYD_UPSTREAM") or _str(
+        upstream, "url", "upstream"
+    )
+    values["organization"] = from_env("organization", "OPENAI_ORGANIZATION") or _str(
         upstream, "organization", "upstream"
     )
-    values["project"] = env.get("OPENAI_PROJECT") or _str(upstream, "project", "upstream")
-    values["upstream_key"] = _upstream_key(env, upstream, base, warnings)
+    values["project"] = from_env("project", "OPENAI_PROJECT") or _str(
+        upstream, "project", "upstream"
+    )
+    values["upstream_key"], key_source = _upstream_key(env, upstream, base, warnings)
+    if key_source:
+        sources["upstream_key"] = key_source
     for name, key in (
         ("connect_timeout_s", "connect_timeout"),
         ("first_byte_timeout_s", "first_byte_timeout"),
         ("idle_timeout_s", "idle_timeout"),
     ):
         env_name = f"RELAYD_{key.upper()}"
-        values[name] = _seconds(env.get(env_name), env_name) or _num(upstream, key, "upstream")
+        values[name] = _seconds(from_env(name, env_name), env_name) or _num(
+            upstream, key, "upstream"
+        )
     values["max_upstream_connections"] = _int(upstream, "max_connections", "upstream")
     keepalive = upstream.get("sse_keepalive")
     if keepalive is not None and keepalive != 0:
         values["sse_keepalive_s"] = _positive(keepalive, "[upstream] sse_keepalive")
 
     # [server]
-    listen_text = env.get("RELAYD_LISTEN") or _str(server, "listen", "server")
+    listen_text = from_env("listen", "RELAYD_LISTEN") or _str(server, "listen", "server")
     if listen_text:
         values["listen"] = parse_listen(listen_text)
-    values["public_url"] = env.get("RELAYD_PUBLIC_URL") or _str(server, "public_url", "server")
-    workers = env.get("RELAYD_WORKERS")
-    values["workers"] = _int_text(workers, "RELAYD_WORKERS") if workers else _int(
-        server, "workers", "server"
+    values["public_url"] = from_env("public_url", "RELAYD_PUBLIC_URL") or _str(
+        server, "public_url", "server"
     )
+    workers = from_env("workers", "RELAYD_WORKERS")
+    if workers:
+        values["workers"] = parse_workers(workers, "RELAYD_WORKERS")
+    elif server.get("workers") is not None:
+        values["workers"] = parse_workers(server["workers"], "[server] workers")
     values["drain_timeout_s"] = _num(server, "drain_timeout", "server")
     values["backlog"] = _int(server, "backlog", "server")
 
     # [auth]
-    keys_file = env.get("RELAYD_KEYS_FILE") or _path(auth, "keys_file", "auth", base)
+    keys_file = from_env("keys_file", "RELAYD_KEYS_FILE") or _path(
+        auth, "keys_file", "auth", base
+    )
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if not keys_file and cred_dir and (Path(cred_dir) / CREDENTIAL_RELAY_KEYS).is_file():
         keys_file = str(Path(cred_dir) / CREDENTIAL_RELAY_KEYS)
+        sources["keys_file"] = f"credential {CREDENTIAL_RELAY_KEYS}"
     values["keys_file"] = keys_file
-    values["keys"] = _collect_keys(env.get("RELAYD_KEYS"), keys_file, auth.get("keys", []))
+    values["keys"] = _collect_keys(
+        env.get("RELAYD_KEYS"), keys_file, auth.get("keys", []), warnings
+    )
+    sources["keys"] = ", ".join(
+        origin
+        for origin, present in (
+            ("env RELAYD_KEYS", bool(env.get("RELAYD_KEYS"))),
+            (sources.get("keys_file", "file"), bool(keys_file)),
+            ("file", bool(auth.get("keys"))),
+        )
+        if present
+    ) or "default"
     # A keys file of digests only is no secret; one with a key in it is (issue 11).
     if keys_file and (too_open := _too_open(Path(keys_file), "keys file")):
         if any(key.from_plaintext for key in parse_keys_file(keys_file)):
@@ -304,11 +352,13 @@ def load_settings(
 
     # [meta]
     values["relay_name"] = _str(meta, "name", "meta")
-    values["environment"] = env.get("RELAYD_ENVIRONMENT") or _str(meta, "environment", "meta")
-    values["default_model"] = env.get("RELAYD_DEFAULT_MODEL") or _str(
+    values["environment"] = from_env("environment", "RELAYD_ENVIRONMENT") or _str(
+        meta, "environment", "meta"
+    )
+    values["default_model"] = from_env("default_model", "RELAYD_DEFAULT_MODEL") or _str(
         meta, "default_model", "meta"
     )
-    values["tools_manifest"] = env.get("RELAYD_TOOLS_MANIFEST") or _path(
+    values["tools_manifest"] = from_env("tools_manifest", "RELAYD_TOOLS_MANIFEST") or _path(
         meta, "tools_manifest", "meta", base
     )
     plugin = meta.get("ai_plugin")
@@ -318,8 +368,12 @@ def load_settings(
         values["ai_plugin"] = plugin
 
     # [logging]
-    values["log_format"] = env.get("RELAYD_LOG_FORMAT") or _str(logging_, "format", "logging")
-    values["log_level"] = env.get("RELAYD_LOG_LEVEL") or _str(logging_, "level", "logging")
+    values["log_format"] = from_env("log_format", "RELAYD_LOG_FORMAT") or _str(
+        logging_, "format", "logging"
+    )
+    values["log_level"] = from_env("log_level", "RELAYD_LOG_LEVEL") or _str(
+        logging_, "level", "logging"
+    )
 
     # [realtime]
     realtime = _table(doc, "realtime")
@@ -334,22 +388,70 @@ def load_settings(
     values["realtime_max_session_s"] = _num(realtime, "max_session", "realtime")
 
     # [actions]
-    values.update(_actions_values(_table(doc, "actions"), env, base, warnings))
+    values.update(_actions_values(_table(doc, "actions"), env, base, sources, warnings))
     if path and _holds_secrets(upstream, auth) and (
         too_open := _too_open(Path(path), "config file holding a key")
     ):
         warnings.append(too_open)
-    values["warnings"] = tuple(warnings)
 
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+            sources[name] = f"flag --{name.replace('_', '-')}"
+    if keepalive == 0:
+        sources["sse_keepalive_s"] = "file"
+    for name in Settings.__dataclass_fields__:
+        if name not in sources and name not in ("warnings", "sources"):
+            # Not from the environment, a credential or a flag: the file set it, or
+            # nothing did.
+            sources[name] = "file" if values.get(name) is not None else "default"
     settings = Settings(**{k: v for k, v in values.items() if v is not None})
     if keepalive == 0:
         # None means "off" here, which the filter above would read as "unset".
         settings = replace(settings, sse_keepalive_s=None)
-    validate(settings, require_upstream_key=require_upstream_key)
-    return settings
+    validate(settings, require_upstream_key=require_upstream_key, route_groups=route_groups)
+    warnings += _warnings(settings)
+    return replace(settings, warnings=tuple(warnings), sources=sources)
 
 
-def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
+def keyless_warning(settings: Settings, addresses: str) -> str | None:
+    """The warning of keyless mode, naming the addresses served; ``serve`` says it once
+    its sockets are bound (the real addresses), ``check-config`` with the configured
+    one."""
+    if settings.keys or settings.auth_disabled:
+        return None
+    return (
+        "NO RELAY KEYS ARE CONFIGURED: relayd accepts requests without a key, only "
+        f"for this machine (loopback Host and Origin), on {addresses}. Set RELAYD_KEYS "
+        "or RELAYD_KEYS_FILE before exposing it."
+    )
+
+
+def _warnings(settings: Settings) -> list[str]:
+    """What works but is probably not what the operator wants (issue 11). Keyless
+    mode is said apart (:func:`keyless_warning`), with the addresses really served."""
+    found = []
+    if not settings.upstream_key:
+        found.append(
+            "no upstream key: `relayd serve` refuses to start without one; set "
+            "OPENAI_API_KEY, OPENAI_API_KEY_FILE, or a systemd credential named "
+            f"{CREDENTIAL_UPSTREAM_KEY!r}"
+        )
+    if settings.public_url is None:
+        found.append(
+            "no public URL (RELAYD_PUBLIC_URL, [server] public_url): the Actions document "
+            "names no server, so ChatGPT cannot import it, and no download link can be "
+            "handed out"
+        )
+    return found
+
+
+def validate(
+    settings: Settings,
+    *,
+    require_upstream_key: bool = True,
+    route_groups: Collection[str] | None = None,
+) -> None:
     """Raise ConfigError for settings that would be unsafe or cannot work."""
     if require_upstream_key and not settings.upstream_key:
         raise ConfigError(
@@ -406,6 +508,14 @@ def validate(settings: Settings, *, require_upstream_key: bool = True) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"relay key names must be unique; repeated: {', '.join(dupes)}")
+    if route_groups is not None:
+        for key in settings.keys:
+            unknown = sorted((key.scopes or frozenset()) - set(route_groups))
+            if unknown:
+                raise ConfigError(
+                    f"relay key {key.name!r}: unknown scope {', '.join(map(repr, unknown))}; "
+                    f"the route groups are: {', '.join(sorted(route_groups))}"
+                )
     if not settings.keys and not settings.auth_disabled and not settings.listen.is_loopback:
         raise ConfigError(
             f"no relay keys are configured and relayd would listen on {settings.listen}, "
@@ -442,7 +552,11 @@ def _check_realtime(settings: Settings) -> None:
 
 
 def _actions_values(
-    actions: Mapping[str, Any], env: Mapping[str, str], base: Path, warnings: list[str]
+    actions: Mapping[str, Any],
+    env: Mapping[str, str],
+    base: Path,
+    sources: dict[str, str],
+    warnings: list[str],
 ) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if "operations" in actions:
@@ -492,10 +606,13 @@ def _actions_values(
         values["actions_signing_secret"] = _read_secret(
             Path(secret_file), "signing secret file", warnings
         )
+        if env.get("RELAYD_SIGNING_SECRET_FILE"):
+            sources["actions_signing_secret"] = "env RELAYD_SIGNING_SECRET_FILE"
     elif cred_dir and (Path(cred_dir) / CREDENTIAL_SIGNING_SECRET).is_file():
         values["actions_signing_secret"] = _read_secret(
             Path(cred_dir) / CREDENTIAL_SIGNING_SECRET, "systemd credential", warnings
         )
+        sources["actions_signing_secret"] = f"credential {CREDENTIAL_SIGNING_SECRET}"
     return values
 
 
@@ -579,20 +696,24 @@ def _check_proxy_loop(settings: Settings) -> None:
 
 def _upstream_key(
     env: Mapping[str, str], upstream: Mapping[str, Any], base: Path, warnings: list[str]
-) -> str | None:
+) -> tuple[str | None, str | None]:
+    """The upstream key and where it came from (None, None: nowhere)."""
     if env.get("OPENAI_API_KEY"):
-        return env["OPENAI_API_KEY"].strip()
+        return env["OPENAI_API_KEY"].strip(), "env OPENAI_API_KEY"
     if env.get("OPENAI_API_KEY_FILE"):
-        return _read_secret(Path(env["OPENAI_API_KEY_FILE"]), "OPENAI_API_KEY_FILE", warnings)
+        key = _read_secret(Path(env["OPENAI_API_KEY_FILE"]), "OPENAI_API_KEY_FILE", warnings)
+        return key, "env OPENAI_API_KEY_FILE"
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / CREDENTIAL_UPSTREAM_KEY).is_file():
-        return _read_secret(
+        key = _read_secret(
             Path(cred_dir) / CREDENTIAL_UPSTREAM_KEY, "systemd credential", warnings
         )
+        return key, f"credential {CREDENTIAL_UPSTREAM_KEY}"
     key_file = _path(upstream, "api_key_file", "upstream", base)
     if key_file:
-        return _read_secret(Path(key_file), "[upstream] api_key_file", warnings)
-    return _str(upstream, "api_key", "upstream")
+        return _read_secret(Path(key_file), "[upstream] api_key_file", warnings), "file"
+    inline = _str(upstream, "api_key", "upstream")
+    return inline, ("file" if inline else None)
 
 
 def _read_secret(path: Path, origin: str, warnings: list[str]) -> str:
@@ -651,9 +772,23 @@ def _make_key(name: str, secret: str, scopes: frozenset[str] | None, origin: str
         if not _HEX64.match(hexdigest):
             raise ConfigError(f"{origin}: key {name!r} has a malformed sha256 digest")
         return RelayKey(name, bytes.fromhex(hexdigest), scopes)
-    if len(secret) < 16 or any(c.isspace() for c in secret):
+    if len(secret) < MIN_KEY_CHARS or not all(_PRINTABLE.match(c) for c in secret):
         raise ConfigError(
-            f"{origin}: key {name!r} must be at least 16 characters with no spaces"
+            f"{origin}: key {name!r} must be at least {MIN_KEY_CHARS} characters, printable "
+            "ASCII with no spaces"
+        )
+    if _HEX64.match(secret):
+        # Is it a digest pasted without its "sha256:" or a key that happens to be 64
+        # hex digits? Guessing wrong locks the key holder out, or makes the digest
+        # itself a key: refuse and ask (issue 11).
+        raise ConfigError(
+            f"{origin}: key {name!r} is 64 hex digits, which reads as a SHA-256 digest: "
+            f"write {name}:sha256:<hex> for a digest; a key itself must not look like one"
+        )
+    if secret.startswith(EPHEMERAL_KEY_PREFIX):
+        raise ConfigError(
+            f"{origin}: key {name!r} starts with {EPHEMERAL_KEY_PREFIX!r}, the prefix of "
+            "OpenAI's ephemeral client secrets, which relayd never takes for a relay key"
         )
     return RelayKey(name, hash_key(secret), scopes, from_plaintext=True)
 
@@ -680,7 +815,8 @@ def parse_keys_env(text: str) -> tuple[RelayKey, ...]:
 
 def parse_keys_file(path: str) -> tuple[RelayKey, ...]:
     """One ``name:key`` or ``name:sha256:<hex>`` per line, optionally followed by
-    ``scopes=group,group``; ``#`` starts a comment."""
+    ``scopes=group,group``; ``#`` starts a comment. ``name:<hex>  -``, the line
+    ``printf %s KEY | sha256sum`` prints after ``name:``, is a digest too."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -697,6 +833,12 @@ def parse_keys_file(path: str) -> tuple[RelayKey, ...]:
         name, sep, secret = entry.partition(":")
         if not sep or not secret:
             raise ConfigError(f"{origin}: expected name:key or name:sha256:<hex>")
+        if rest and rest[0] in _SHA256SUM_STDIN:
+            # sha256sum names its input after the digest; "-" (or "*-" in binary
+            # mode) is standard input.
+            if not _HEX64.match(secret):
+                raise ConfigError(f"{origin}: key {name!r} has a malformed sha256 digest")
+            secret, rest = f"sha256:{secret}", rest[1:]
         scopes = None
         for option in rest:
             label, _, value = option.partition("=")
@@ -708,13 +850,18 @@ def parse_keys_file(path: str) -> tuple[RelayKey, ...]:
 
 
 def _collect_keys(
-    env_keys: str | None, keys_file: str | None, toml_keys: Any
+    env_keys: str | None, keys_file: str | None, toml_keys: Any, warnings: list[str]
 ) -> tuple[RelayKey, ...]:
     keys: list[RelayKey] = []
     if env_keys:
         keys += parse_keys_env(env_keys)
     if keys_file:
-        keys += parse_keys_file(keys_file)
+        from_file = parse_keys_file(keys_file)
+        if not from_file:
+            warnings.append(
+                f"keys file {keys_file} holds no key: every line is blank or a comment"
+            )
+        keys += from_file
     if not isinstance(toml_keys, list):
         raise ConfigError("[auth] keys must be an array of tables ([[auth.keys]])")
     for index, entry in enumerate(toml_keys, 1):
@@ -851,11 +998,23 @@ def _int(table: Mapping[str, Any], key: str, section: str) -> int | None:
     return value
 
 
-def _int_text(text: str, name: str) -> int:
+def parse_workers(value: Any, where: str) -> int:
+    """A worker count: a whole number, or ``"auto"`` for one per CPU."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, str):
+        return _int_text(value, where, "or 'auto'")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be a whole number or 'auto'")
+    return value
+
+
+def _int_text(text: str, name: str, alternative: str = "") -> int:
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {text!r}") from None
+        also = f" {alternative}" if alternative else ""
+        raise ConfigError(f"{name} must be a whole number{also}, got {text!r}") from None
 
 
 def _seconds(text: str | None, name: str) -> float | None:

@@ -117,6 +117,11 @@ class RouteTable:
     def __len__(self) -> int:
         return len(self._routes)
 
+    @property
+    def groups(self) -> frozenset[str]:
+        """Every route group: the names a relay key's scopes may use."""
+        return frozenset(route.group for route in self._routes)
+
     def by_operation_id(self, operation_id: str) -> Route:
         for route in self._routes:
             if route.operation_id == operation_id:

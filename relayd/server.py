@@ -21,10 +21,11 @@ from aiohttp import web
 
 from relayd import __version__
 from relayd.app import create_app
-from relayd.config import ConfigError, Settings, load_settings
+from relayd.config import ConfigError, Settings, keyless_warning, load_settings
 from relayd.handlers.realtime import end_revoked_sessions
 from relayd.loopback import is_loopback_address, socket_label
-from relayd.state import KEYRING, POLICY
+from relayd.preflight import bind_error
+from relayd.state import KEYRING, POLICY, TABLE
 from relayd.systemd import Notifier, listen_sockets, watchdog_interval
 from relayd.tasks import spawn
 
@@ -101,7 +102,10 @@ async def _start_sites(
             )
         ]
     for site in sites:
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # port in use, no such directory...: one line (issue 11)
+            raise bind_error(exc, settings.listen) from None
 
 
 def bound_addresses(runner: web.AppRunner) -> str:
@@ -164,13 +168,8 @@ async def serve(settings: Settings, config: str | None) -> None:
 
 def warn_if_keyless(settings: Settings, addresses: str) -> None:
     """The start-up warning of keyless mode, naming the addresses really served."""
-    if not settings.keys and not settings.auth_disabled:
-        log.warning(
-            "NO RELAY KEYS ARE CONFIGURED: relayd accepts requests without a key, only "
-            "for this machine (loopback Host and Origin), on %s. Set RELAYD_KEYS or "
-            "RELAYD_KEYS_FILE before exposing it.",
-            addresses,
-        )
+    if (warning := keyless_warning(settings, addresses)) is not None:
+        log.warning("%s", warning)
 
 
 def _report_ready(notifier: Notifier, status: str) -> None:
@@ -185,7 +184,7 @@ def reload(app: web.Application, config: str | None, notifier: Notifier) -> None
     """SIGHUP: re-read relay keys, scopes and the path policy; report what changed."""
     notifier.reloading("reloading keys and policy")
     try:
-        fresh = load_settings(config)
+        fresh = load_settings(config, route_groups=app[TABLE].groups)
     except ConfigError as exc:
         log.error("reload failed, keeping the current keys and policy: %s", exc)
         notifier.status(f"reload failed: {exc}")

@@ -2,9 +2,13 @@
 
 Each worker binds the port itself with SO_REUSEPORT, so the kernel spreads new
 connections evenly across them (a shared accept queue would favour whichever
-process wakes first). The supervisor holds a bound, never-listening socket on the
-port so that ``:0`` resolves once and a port is not lost between restarts; with
-systemd socket activation the passed sockets are handed to every worker instead.
+process wakes first). The supervisor first binds a never-listening socket on the
+port, so that ``:0`` resolves once and a port is not lost between restarts. That
+socket has SO_REUSEADDR but not SO_REUSEPORT: the kernel lets the workers' listening
+sockets join it, but refuses a bind without SO_REUSEPORT while they listen, so a
+second relayd on the port fails right there instead of silently taking half of the
+connections with another configuration (issue 11). With systemd socket activation
+the passed sockets are handed to every worker instead.
 
 The supervisor tells systemd ``READY=1`` once every worker reported its sites up,
 pets the watchdog, passes SIGTERM and SIGHUP on, restarts a worker that died
@@ -24,6 +28,7 @@ from pathlib import Path
 
 from relayd.config import Settings
 from relayd.loopback import socket_label
+from relayd.preflight import bind_error
 from relayd.server import (
     INHERITED_FDS_ENV,
     READY_FD_ENV,
@@ -66,9 +71,12 @@ class _Supervisor:
         assert listen.host is not None and listen.port is not None
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((listen.host, listen.port))
+        try:
+            sock.bind((listen.host, listen.port))
+        except OSError as exc:
+            sock.close()
+            raise bind_error(exc, listen) from None
         self._reserved = sock
         port = sock.getsockname()[1]
         host = f"[{listen.host}]" if family == socket.AF_INET6 else listen.host

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -109,7 +110,6 @@ def test_the_example_config_passes_check_config() -> None:
 @pytest.mark.parametrize(
     ("extra", "problem"),
     [
-        ({}, "no upstream key"),
         ({"RELAYD_LISTEN": "nowhere"}, "listen 'nowhere' must be host:port"),
         ({"RELAYD_KEYS": "team:short"}, "at least 16 characters"),
         ({"RELAYD_PUBLIC_URL": "http://relay.example.com"}, "must be an https origin"),
@@ -117,12 +117,12 @@ def test_the_example_config_passes_check_config() -> None:
         ({"RELAYD_CONFIG": "/nonexistent/relayd.toml"}, "cannot read config file"),
         ({"RELAYD_TOOLS_MANIFEST": "/nonexistent/tools.json"}, "cannot read tools manifest"),
     ],
-    ids=["no-key", "listen", "short-key", "http-public-url", "loop", "no-file", "no-tools"],
+    ids=["listen", "short-key", "http-public-url", "loop", "no-file", "no-tools"],
 )
 def test_a_bad_config_exits_2_with_a_message_and_no_traceback(
     extra: dict[str, str], problem: str
 ) -> None:
-    env = clean_env(**({"OPENAI_API_KEY": UPSTREAM} if extra else {}), **extra)
+    env = clean_env(OPENAI_API_KEY=UPSTREAM, **extra)
     result = relayd("check-config", env=env)
     assert result.returncode == 2
     assert result.stdout == ""
@@ -130,6 +130,108 @@ def test_a_bad_config_exits_2_with_a_message_and_no_traceback(
     assert problem in result.stderr
     assert "Traceback" not in result.stderr
     assert UPSTREAM not in result.stderr
+
+
+def test_check_config_validates_a_file_without_an_upstream_key_and_serve_refuses(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "relayd.toml"
+    config.write_text('[server]\npublic_url = "https://relay.example.com"\n')
+    env = clean_env(RELAYD_KEYS=f"team:{KEY_ENV}")
+    result = relayd("check-config", "--config", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["upstream_key"] == "<missing>"
+    assert result.stderr.startswith("relayd: warning: no upstream key")
+    assert len(result.stderr.splitlines()) == 1
+    served = relayd("serve", "--config", str(config), env=env)
+    assert served.returncode == 2
+    assert "relayd: configuration error: no upstream key" in served.stderr
+
+
+def test_check_config_warns_and_says_where_each_value_came_from(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"# team:{KEY_FILE}\n")  # the example's way: every line commented
+    config = tmp_path / "relayd.toml"
+    config.write_text(f'[auth]\nkeys_file = "{keys}"\n[meta]\nname = "from-toml"\n')
+    env = clean_env(OPENAI_API_KEY=UPSTREAM, RELAYD_LISTEN="127.0.0.1:9000")
+    result = relayd("check-config", "--config", str(config), "--workers", "auto", env=env)
+    assert result.returncode == 0, result.stderr
+    warnings = result.stderr.splitlines()
+    assert all(line.startswith("relayd: warning: ") for line in warnings)
+    assert any(f"keys file {keys} holds no key" in line for line in warnings)
+    assert any("NO RELAY KEYS ARE CONFIGURED" in line for line in warnings)
+    assert any("no public URL" in line for line in warnings)
+    shown = json.loads(result.stdout)
+    assert shown["workers"] == (os.cpu_count() or 1)
+    assert shown["sources"]["workers"] == "flag --workers"
+    assert shown["sources"]["listen"] == "env RELAYD_LISTEN"
+    assert shown["sources"]["upstream_key"] == "env OPENAI_API_KEY"
+    assert shown["sources"]["relay_name"] == shown["sources"]["keys_file"] == "file"
+    assert shown["sources"]["public_url"] == "default"
+    assert UPSTREAM not in result.stdout + result.stderr
+    assert KEY_FILE not in result.stdout + result.stderr
+
+
+def test_check_config_refuses_an_unknown_scope_listing_the_valid_ones(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"bot:{KEY_FILE} scopes=response\n")
+    env = clean_env(OPENAI_API_KEY=UPSTREAM, RELAYD_KEYS_FILE=str(keys))
+    result = relayd("check-config", env=env)
+    assert result.returncode == 2
+    assert "relay key 'bot': unknown scope 'response'" in result.stderr
+    assert "responses" in result.stderr and "metrics" in result.stderr
+
+
+@pytest.mark.parametrize("problem", ["store-dir", "unix-dir"])
+def test_check_config_tests_the_directories_serve_needs(tmp_path: Path, problem: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = clean_env(OPENAI_API_KEY=UPSTREAM)
+    config = tmp_path / "relayd.toml"
+    if problem == "store-dir":
+        config.write_text(f'[actions]\nstore_dir = "{blocker}/files"\n')
+        expected = f"{blocker} is not a directory"
+    else:
+        config.write_text(f'[server]\nlisten = "unix:{tmp_path}/run/relayd.sock"\n')
+        expected = f"the directory {tmp_path}/run does not exist"
+    result = relayd("check-config", "--config", str(config), env=env)
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    if problem == "unix-dir":
+        (tmp_path / "run").mkdir()
+        assert relayd("check-config", "--config", str(config), env=env).returncode == 0
+
+
+def test_a_unix_socket_another_process_serves_is_not_taken_over(tmp_path: Path) -> None:
+    # asyncio deletes an existing socket file before it binds: without this check a
+    # second relayd would silently take the address of a running server.
+    path = tmp_path / "relayd.sock"
+    with socket.socket(socket.AF_UNIX) as holder:
+        holder.bind(str(path))
+        holder.listen()
+        env = clean_env(OPENAI_API_KEY=UPSTREAM, RELAYD_LISTEN=f"unix:{path}")
+        result = relayd("serve", env=env)
+        assert result.returncode == 2
+        assert f"cannot listen on unix:{path}: {path} is already in use by" in result.stderr
+        assert f"(pid {os.getpid()})" in result.stderr
+        assert path.exists()
+    # Once nothing answers there, the file is stale and serve may replace it.
+    assert relayd("check-config", env=env).returncode == 0
+
+
+def test_check_config_try_bind_finds_a_port_in_use() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = clean_env(OPENAI_API_KEY=UPSTREAM, RELAYD_LISTEN=f"127.0.0.1:{port}")
+        assert relayd("check-config", env=env).returncode == 0  # the port is not tried
+        result = relayd("check-config", "--try-bind", env=env)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}: port {port} is already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert relayd("check-config", "--try-bind", env=env).returncode == 0  # free again
 
 
 def test_bad_toml_exits_2_naming_the_file(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from relayd.config import (
     parse_keys_file,
     redacted,
 )
+from relayd.routes import TABLE
 from tests.conftest import RelayFactory
 
 UPSTREAM = "sk-test-upstream-0123456789abcdef"
@@ -427,6 +429,12 @@ def test_keys_from_every_source_are_combined(tmp_path: Path) -> None:
         (f"t/eam:{KEY_A}", "key name 't/eam'"),
         (f"team:{KEY_A} scope=meta", "unknown option 'scope'"),
         (f"team:{KEY_A} scopes=", "scopes= lists no route group"),
+        # 64 hex digits: a digest missing its "sha256:", or a key? Not guessed.
+        (f"team:{sha256(KEY_A)}", "write team:sha256:<hex> for a digest"),
+        (f"team:{'f' * 63}  -", "malformed sha256"),
+        ("team:rk-caf\u00e9-0123456789abcdef", "printable ASCII with no spaces"),
+        ("team:rk-del\x7f-0123456789abcdef", "printable ASCII"),
+        ("team:ek_68af0123456789abcdef0123", "starts with 'ek_'"),
     ],
 )
 def test_a_bad_keys_file_line_is_refused_with_its_line_number(
@@ -455,6 +463,43 @@ def test_a_bad_relayd_keys_value_is_refused(value: str, problem: str) -> None:
         load({"RELAYD_KEYS": value})
 
 
+@pytest.mark.parametrize("marker", ["  -", " *-"], ids=["text-mode", "binary-mode"])
+def test_sha256sum_output_pasted_after_the_name_is_a_digest(tmp_path: Path, marker: str) -> None:
+    # printf %s "$KEY" | sha256sum  prints "<hex>  -"; pasted as is after "name:".
+    path = write(
+        tmp_path / "keys",
+        f"team:{sha256(KEY_A)}{marker}\nbot:{sha256(KEY_B)}{marker}  scopes=meta  # June\n",
+    )
+    team, bot = parse_keys_file(str(path))
+    assert (team.name, team.digest.hex(), team.scopes) == ("team", sha256(KEY_A), None)
+    assert (bot.name, bot.digest.hex(), bot.scopes) == ("bot", sha256(KEY_B), frozenset({"meta"}))
+
+
+def test_a_key_of_64_hex_digits_is_refused_from_every_source(toml: TomlFile) -> None:
+    with pytest.raises(ConfigError, match="team:sha256:<hex>"):
+        load({"RELAYD_KEYS": f"team:{sha256(KEY_A)}"})
+    with pytest.raises(ConfigError, match="reads as a SHA-256 digest"):
+        load(path=toml(f'[[auth.keys]]\nname = "t"\nkey = "{sha256(KEY_A)}"\n'))
+
+
+def test_an_unknown_scope_is_refused_with_the_valid_ones(tmp_path: Path) -> None:
+    path = write(tmp_path / "keys", f"ok:{KEY_A} scopes=files\nbot:{KEY_B} scopes=meta,file\n")
+    with pytest.raises(ConfigError) as caught:
+        load({"RELAYD_KEYS_FILE": str(path)}, route_groups=TABLE.groups)
+    message = str(caught.value)
+    assert "relay key 'bot': unknown scope 'file'" in message
+    assert ", ".join(sorted(TABLE.groups)) in message
+    assert {"files", "meta", "metrics", "proxy", "responses"} <= TABLE.groups
+
+
+def test_the_example_scopes_are_route_groups() -> None:
+    example = _switched_on((CONF / "keys.example").read_text())
+    for match in re.finditer(r"(?m)^[A-Za-z].* scopes=(\S+)", example):
+        assert set(match.group(1).split(",")) <= TABLE.groups
+    for match in re.finditer(r"(?m)^#?scopes = (\[.*\])", (CONF / "relayd.toml").read_text()):
+        assert set(json.loads(match.group(1))) <= TABLE.groups
+
+
 def test_key_names_must_be_unique_across_sources(tmp_path: Path) -> None:
     path = write(tmp_path / "keys", f"team:{KEY_B}\n")
     with pytest.raises(ConfigError, match="unique; repeated: team"):
@@ -470,6 +515,11 @@ def secret_file(path: Path, text: str, mode: int) -> Path:
     return path
 
 
+def too_open(settings: Settings) -> tuple[str, ...]:
+    """The secret-file warnings among a configuration's warnings."""
+    return tuple(w for w in settings.warnings if "too open" in w)
+
+
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
 def test_an_upstream_key_file_others_can_use_is_warned_about_like_ssh(
     tmp_path: Path, mode: int
@@ -477,7 +527,7 @@ def test_an_upstream_key_file_others_can_use_is_warned_about_like_ssh(
     # Issue 11, item 7: secret files readable by others loaded silently.
     path = secret_file(tmp_path / "openai_api_key", UPSTREAM, mode)
     settings = load_settings(None, {"OPENAI_API_KEY_FILE": str(path)})
-    (warning,) = settings.warnings
+    (warning,) = too_open(settings)
     assert f"permissions {mode:04o}" in warning and str(path) in warning
     assert "too open" in warning and f"chmod 600 '{path}'" in warning
     assert UPSTREAM not in warning
@@ -493,16 +543,18 @@ def test_secret_files_of_their_owner_alone_load_quietly(tmp_path: Path, mode: in
         "RELAYD_KEYS_FILE": str(keys),
         "RELAYD_SIGNING_SECRET_FILE": str(signing),
     }
-    assert load_settings(None, environ).warnings == ()
+    assert too_open(load_settings(None, environ)) == ()
 
 
 def test_a_keys_file_is_secret_only_while_it_holds_a_key(tmp_path: Path) -> None:
     digests = secret_file(tmp_path / "keys", f"team:sha256:{sha256(KEY_A)}\n", 0o644)
-    assert load({"RELAYD_KEYS_FILE": str(digests)}).warnings == ()
+    assert too_open(load({"RELAYD_KEYS_FILE": str(digests)})) == ()
+    pasted = secret_file(tmp_path / "pasted", f"team:{sha256(KEY_A)}  -\n", 0o644)
+    assert too_open(load({"RELAYD_KEYS_FILE": str(pasted)})) == ()  # sha256sum's output
     mixed = secret_file(
         tmp_path / "mixed", f"team:sha256:{sha256(KEY_A)}\n# ops\nops:{KEY_B}\n", 0o644
     )
-    (warning,) = load({"RELAYD_KEYS_FILE": str(mixed)}).warnings
+    (warning,) = too_open(load({"RELAYD_KEYS_FILE": str(mixed)}))
     assert "keys file" in warning and str(mixed) in warning and KEY_B not in warning
 
 
@@ -517,11 +569,11 @@ def test_credentials_signing_secret_and_a_config_file_holding_keys_are_checked(
         tmp_path / "relayd.toml", f'[[auth.keys]]\nname = "team"\nkey = "{KEY_A}"\n', 0o644
     )
     settings = load_settings(config, {"CREDENTIALS_DIRECTORY": str(credentials)})
-    named = sorted(Path(w.split("'")[1]).name for w in settings.warnings)
+    named = sorted(Path(w.split("'")[1]).name for w in too_open(settings))
     assert named == ["actions_signing_secret", "openai_api_key", "relayd.toml"]
     # A config file with digests only is not secret, whatever its mode.
     config.write_text(f'[[auth.keys]]\nname = "team"\nsha256 = "{sha256(KEY_A)}"\n')
-    assert load(path=config).warnings == ()
+    assert too_open(load(path=config)) == ()
 
 
 def test_check_config_prints_each_warning_on_stderr(
@@ -741,8 +793,57 @@ def test_a_public_url_that_is_not_an_https_origin_is_refused(public_url: str) ->
 
 
 def test_relayd_workers_must_be_a_whole_number() -> None:
-    with pytest.raises(ConfigError, match="RELAYD_WORKERS must be a whole number"):
+    with pytest.raises(ConfigError, match="RELAYD_WORKERS must be a whole number or 'auto'"):
         load({"RELAYD_WORKERS": "two"})
+
+
+def test_workers_auto_is_one_per_cpu_and_a_flag_wins(toml: TomlFile) -> None:
+    cpus = os.cpu_count() or 1
+    assert load({"RELAYD_WORKERS": "auto"}).workers == cpus
+    path = toml('[server]\nworkers = "auto"\n')
+    assert load(path=path).workers == cpus
+    settings = load({"RELAYD_WORKERS": "3"}, path, overrides={"workers": 2})
+    assert (settings.workers, settings.sources["workers"]) == (2, "flag --workers")
+
+
+# --------------------------------------------------------------------------- warnings, sources
+
+
+def test_warnings_name_what_works_but_probably_should_not(tmp_path: Path) -> None:
+    commented = write(tmp_path / "keys", f"# team:{KEY_A}\n\n")
+    settings = load_settings(
+        environ={"RELAYD_KEYS_FILE": str(commented)}, require_upstream_key=False
+    )
+    text = "\n".join(settings.warnings)
+    assert f"keys file {commented} holds no key" in text
+    assert "no public URL" in text and "RELAYD_PUBLIC_URL" in text
+    assert "no upstream key" in text and "OPENAI_API_KEY" in text
+    assert KEY_A not in text
+    complete = load({"RELAYD_KEYS": KEY_A, "RELAYD_PUBLIC_URL": "https://relay.example.com"})
+    assert complete.warnings == ()
+
+
+def test_sources_say_where_each_value_came_from(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    write(creds / "openai_api_key", UPSTREAM)
+    write(creds / "relay_keys", f"cred:{KEY_B}\n")
+    path = write(tmp_path / "relayd.toml", '[server]\nworkers = 2\n[meta]\nname = "t"\n')
+    settings = load_settings(
+        path,
+        environ={
+            "CREDENTIALS_DIRECTORY": str(creds),
+            "RELAYD_KEYS": f"env:{KEY_A}",
+            "RELAYD_LISTEN": "127.0.0.1:9000",
+        },
+    )
+    sources = settings.sources
+    assert sources["listen"] == "env RELAYD_LISTEN"
+    assert sources["workers"] == sources["relay_name"] == "file"
+    assert sources["upstream_key"] == "credential openai_api_key"
+    assert sources["keys"] == "env RELAYD_KEYS, credential relay_keys"
+    assert sources["upstream_url"] == sources["public_url"] == "default"
+    assert set(sources) == set(Settings.__dataclass_fields__) - {"warnings", "sources"}
 
 
 # --------------------------------------------------------------------------- redaction
@@ -864,9 +965,10 @@ def test_the_keys_example_is_switched_off_and_valid_when_switched_on(tmp_path: P
     assert parse_keys_file(str(CONF / "keys.example")) == ()  # published keys stay inert
     keys = parse_keys_file(str(write(tmp_path / "keys", _switched_on(text))))
     by_name = {k.name: k for k in keys}
-    assert set(by_name) == {"team", "scraper", "files-bot"}
-    # The documented digest really is that of the documented sample key.
+    assert set(by_name) == {"team", "scraper", "reader", "files-bot"}
+    # The documented digests really are those of the documented sample keys.
     assert by_name["scraper"].digest.hex() == sha256("rk-example-scraper-2b7e151628aed2a6")
+    assert by_name["reader"].digest.hex() == sha256("rk-example-reader-5be0c9a1d7f24e83")
     assert by_name["scraper"].scopes == frozenset({"meta"})
     assert by_name["files-bot"].scopes == frozenset({"files", "uploads"})
     assert "printf %s" in text and "sha256sum" in text

@@ -7,6 +7,7 @@ never drops relayd into keyless mode by accident.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -99,7 +100,11 @@ async def start(fake_server: TestServer) -> AsyncIterator[Start]:
     started: list[Relayd] = []
 
     async def start(
-        *args: str, env: dict[str, str] | None = None, wait: bool = True, **kwargs: Any
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        serve_args: tuple[str, ...] = (),
+        **kwargs: Any,
     ) -> Relayd:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -107,8 +112,11 @@ async def start(fake_server: TestServer) -> AsyncIterator[Start]:
             "relayd",
             *args,
             "serve",
+            *serve_args,
             env=env or _env(str(fake_server.make_url("")).rstrip("/")),
             stderr=asyncio.subprocess.PIPE,
+            # Its own process group: a supervisor and its workers are reaped together.
+            start_new_session=True,
             **kwargs,
         )
         relayd = Relayd(process)
@@ -119,8 +127,8 @@ async def start(fake_server: TestServer) -> AsyncIterator[Start]:
 
     yield start
     for relayd in started:
-        if relayd.process.returncode is None:
-            relayd.process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(relayd.process.pid, signal.SIGKILL)  # workers too, if any are left
         await relayd.process.wait()
         relayd._reader.cancel()
         log = "\n".join(relayd.lines)
@@ -172,8 +180,9 @@ async def test_notify_ready_only_once_listening_then_watchdog_and_stopping(
         sock.close()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_socket_activation_serves_on_the_passed_socket(
-    start: Start, fake_server: TestServer
+    start: Start, fake_server: TestServer, workers: str
 ) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
@@ -184,7 +193,8 @@ async def test_socket_activation_serves_on_the_passed_socket(
     launcher = (
         f"import os, sys; os.dup2({fd}, 3); os.environ['LISTEN_FDS'] = '1';"
         "os.environ['LISTEN_PID'] = str(os.getpid());"
-        "os.execv(sys.executable, [sys.executable, '-m', 'relayd', 'serve'])"
+        "os.execv(sys.executable, [sys.executable, '-m', 'relayd', 'serve', '--workers',"
+        f" '{workers}'])"
     )
     env = _env(str(fake_server.make_url("")).rstrip("/"), RELAYD_LISTEN="127.0.0.1:1")
     process = await asyncio.create_subprocess_exec(
@@ -194,19 +204,22 @@ async def test_socket_activation_serves_on_the_passed_socket(
         env=env,
         pass_fds=(fd,),
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
     )
     relayd = Relayd(process)
     try:
         await relayd.wait_line(f"listening on http://127.0.0.1:{port}")
+        if workers != "1":
+            await relayd.wait_line(f"{workers} workers serving")
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{port}/health") as response:
                 assert response.status == 200
         assert await relayd.stop() == 0
     finally:
         listener.close()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
 
 
 async def test_sigterm_drains_streams_and_refuses_new_connections(
@@ -438,3 +451,84 @@ async def test_sighup_that_would_leave_no_keys_is_refused(
             assert response.status == 200
         assert await _echoes(team_ws, "still here")
         await team_ws.close()
+
+
+# --------------------------------------------------------------------------- start-up (issue 11)
+
+
+async def _exits(relayd: Relayd, timeout: float = 15) -> int:
+    async with asyncio.timeout(timeout):
+        code = await relayd.process.wait()
+        await relayd._reader
+    return code
+
+
+def _one_line_refusal(relayd: Relayd) -> str:
+    """The line relayd's refusal printed: one, starting 'relayd: ', no traceback."""
+    assert not any("Traceback" in line for line in relayd.lines), "\n".join(relayd.lines)
+    assert not any("listening on" in line for line in relayd.lines)
+    [refusal] = [line for line in relayd.lines if line.startswith("relayd: ")]
+    return refusal
+
+
+async def test_a_second_relayd_on_a_port_served_by_workers_is_refused(
+    start: Start, fake_server: TestServer
+) -> None:
+    upstream = str(fake_server.make_url("")).rstrip("/")
+    # The flag is what the README shows, and it wins over the environment.
+    first = await start(env=_env(upstream, RELAYD_WORKERS="3"), serve_args=("--workers", "2"))
+    await first.wait_line("2 workers serving")
+    for workers in ("2", "1"):  # with workers it used to join the port silently
+        second = await start(
+            env=_env(upstream, RELAYD_LISTEN=f"127.0.0.1:{first.port}"),
+            serve_args=("--workers", workers),
+            wait=False,
+        )
+        assert await _exits(second) == 2
+        refusal = _one_line_refusal(second)
+        pid = first.process.pid  # the supervisor, not one of its workers
+        assert f"port {first.port} is already served by another relayd (pid {pid})" in refusal
+    # The first one still serves, alone.
+    async with aiohttp.ClientSession() as session:
+        async with session.get(first.url("/health")) as response:
+            assert response.status == 200
+    assert await first.stop() == 0
+
+
+async def test_a_port_held_by_another_program_is_one_line_and_exit_2(
+    start: Start, fake_server: TestServer
+) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        for workers in ("1", "2"):
+            env = _env(str(fake_server.make_url("")).rstrip("/"), RELAYD_LISTEN=f"127.0.0.1:{port}")
+            relayd = await start(env=env, serve_args=("--workers", workers), wait=False)
+            assert await _exits(relayd) == 2
+            refusal = _one_line_refusal(relayd)
+            assert f"cannot listen on 127.0.0.1:{port}: port {port} is already in use" in refusal
+            assert f"(pid {os.getpid()})" in refusal  # this test process holds it
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("problem", ["unix-dir", "store-dir"])
+async def test_a_directory_relayd_cannot_use_is_one_line_and_exit_2(
+    start: Start, fake_server: TestServer, tmp_path: Path, problem: str
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    upstream = str(fake_server.make_url("")).rstrip("/")
+    if problem == "unix-dir":
+        env = _env(upstream, RELAYD_LISTEN=f"unix:{tmp_path}/missing/relayd.sock")
+        expected = f"the directory {tmp_path}/missing does not exist"
+    else:
+        config = tmp_path / "relayd.toml"
+        config.write_text(f'[actions]\nstore_dir = "{blocker}/files"\n')
+        env = _env(upstream, RELAYD_CONFIG=str(config))
+        expected = f"cannot create the download store ([actions] store_dir) {blocker}/files"
+    relayd = await start(env=env, wait=False)
+    assert await _exits(relayd) == 2
+    assert expected in _one_line_refusal(relayd)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from relayd.routes import TABLE
-from relayd.routing import Exposure
+from relayd.routing import Exposure, Route, RouteTable
 from relayd.state import ROUTE_MAP
 
 SPEC_PUBLIC = {
@@ -34,18 +36,50 @@ def test_every_registered_route_is_classified(relay: TestClient) -> None:
     assert len(route_map) == len(TABLE)
 
 
-def test_no_path_and_method_declared_twice() -> None:
-    pairs = [(r.method, r.path) for r in TABLE]
-    assert len(pairs) == len(set(pairs))
-    ids = [r.operation_id for r in TABLE]
-    assert len(ids) == len(set(ids))
+async def _handler(request: web.Request) -> web.StreamResponse:
+    return web.Response()
+
+
+def _route(method: str, path: str, operation_id: str) -> Route:
+    return Route(method, path, _handler, "test", Exposure.RELAY, operation_id, "A test route")
+
+
+def test_a_table_refuses_a_path_and_method_declared_twice() -> None:
+    with pytest.raises(ValueError, match="GET /v1/things is declared twice"):
+        RouteTable(
+            [
+                _route("GET", "/v1/things", "listThings"),
+                _route("GET", "/v1/things", "listThingsAgain"),
+            ]
+        )
+
+
+def test_a_table_refuses_an_operation_id_used_twice() -> None:
+    with pytest.raises(ValueError, match="'listThings' is used twice"):
+        RouteTable(
+            [_route("GET", "/v1/things", "listThings"), _route("POST", "/v1/things", "listThings")]
+        )
+
+
+def test_one_path_may_serve_several_methods() -> None:
+    table = RouteTable(
+        [_route("GET", "/v1/things", "listThings"), _route("POST", "/v1/things", "createThing")]
+    )
+    assert table.methods_for("/v1/things") == {"GET", "POST"}
 
 
 def test_public_routes_are_exactly_the_spec_list() -> None:
     public = {r.path for r in TABLE if r.exposure is Exposure.PUBLIC}
-    # /privacy arrives with the Actions surface; nothing outside the list is public.
-    assert public <= SPEC_PUBLIC
-    assert SPEC_PUBLIC - public <= {"/privacy"}
+    assert public == SPEC_PUBLIC
+
+
+def test_only_the_public_list_and_signed_links_are_served_without_a_key() -> None:
+    # A signed download link carries its own HMAC signature instead of a key:
+    # ChatGPT fetches openaiFileResponse URLs without the action's credentials.
+    keyless = {(r.method, r.path) for r in TABLE if not r.needs_key}
+    signed = {("GET", "/v1/actions/downloads/{token}")}
+    assert keyless == {("GET", path) for path in SPEC_PUBLIC} | signed
+    assert {(r.method, r.path) for r in TABLE if r.exposure is Exposure.SIGNED} == signed
 
 
 def test_catch_all_is_last() -> None:

@@ -8,6 +8,7 @@ concurrent 31 MiB uploads, and realtime sessions each holding most of a 16 MiB
 message). Bytes are reserved *before* they are read; a reservation that does not
 fit is refused at once, with the answer the caller should get:
 
+- the request alone needs more than a key's share: 413 (no retry can help);
 - the key's share is used up: 429 ``relay_rate_limit_exceeded`` (this key should
   slow down; other keys are served);
 - the process's budget is used up: 503 ``relay_overloaded`` (anyone may retry).
@@ -32,7 +33,12 @@ from typing import Final
 
 from aiohttp import web
 
-from relayd.errors import OverloadedError, RelaydError, RelayRateLimitError
+from relayd.errors import (
+    OverloadedError,
+    PayloadTooLargeError,
+    RelaydError,
+    RelayRateLimitError,
+)
 from relayd.state import BUDGET, BUFFERED, KEY
 
 __all__ = ["BufferBudget", "Lease", "MemoryReturn", "buffer_lease", "release_buffers"]
@@ -126,9 +132,17 @@ class BufferBudget:
     def held_by(self, key: str) -> int:
         return self._by_key.get(key, 0)
 
-    def _change(self, key: str | None, delta: int) -> None:
-        """Apply ``delta`` bytes for ``key``; a growth that does not fit raises."""
+    def _change(self, key: str | None, delta: int, mine: int) -> None:
+        """Apply ``delta`` bytes for ``key`` to a lease that would then hold ``mine``;
+        a growth that does not fit raises."""
         if delta > 0:
+            if mine > min(self.per_key if key is not None else self.total, self.total):
+                # No retry can help a request that needs more than a whole share.
+                raise PayloadTooLargeError(
+                    f"This request needs more than the {min(self.per_key, self.total)} "
+                    "bytes of memory the relay holds for one key at once.",
+                    code="request_too_large",
+                )
             if key is not None and self._by_key.get(key, 0) + delta > self.per_key:
                 raise RelayRateLimitError(
                     f"This relay key holds {self._by_key.get(key, 0) + delta} bytes of "
@@ -166,14 +180,14 @@ class Lease:
     def grow(self, size: int) -> None:
         """Reserve ``size`` more bytes, or raise the refusal (429 or 503)."""
         if size > 0:
-            self._budget._change(self._key, size)
+            self._budget._change(self._key, size, self.held + size)
             self.held += size
 
     def hold(self, size: int) -> RelaydError | None:
         """Make the reservation exactly ``size`` bytes; the refusal, if it cannot grow
         (the reservation is then unchanged)."""
         try:
-            self._budget._change(self._key, size - self.held)
+            self._budget._change(self._key, size - self.held, size)
         except RelaydError as exc:
             return exc
         self.held = size
@@ -181,7 +195,7 @@ class Lease:
 
     def release(self) -> None:
         if self.held:
-            self._budget._change(self._key, -self.held)
+            self._budget._change(self._key, -self.held, 0)
             self.held = 0
 
 

@@ -586,21 +586,22 @@ class Upstream:
         key with long streams or idle WebSockets must not starve the others); past
         that its next request is a 429 at once, like the full pool's 503, rather
         than a wait that would hold the client's connection and body meanwhile.
-        Requests without a key (keyless mode) have the whole pool. A WebSocket
+        A full pool is the 503 whoever asks. Requests without a key (keyless mode)
+        have the whole pool. A WebSocket
         holds its slot for its whole life, like a stream.
         """
         if self._session is None:
             raise RuntimeError("Upstream.start() was not called")
+        if self._in_flight >= self._limit:
+            raise OverloadedError(
+                "The relay has too many upstream requests in flight; retry shortly.",
+                headers={"Retry-After": "1"},
+            )
         held = self._by_key.get(key, 0) if key is not None else 0
         if key is not None and held >= self._per_key:
             raise RelayRateLimitError(
                 f"This relay key has {held} upstream requests in flight, its share of the "
                 "relay's connections; retry when one has finished.",
-                headers={"Retry-After": "1"},
-            )
-        if self._in_flight >= self._limit:
-            raise OverloadedError(
-                "The relay has too many upstream requests in flight; retry shortly.",
                 headers={"Retry-After": "1"},
             )
         self._in_flight += 1

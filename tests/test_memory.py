@@ -25,11 +25,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpServer
 
 from relayd.config import ConfigError, load_settings
 from relayd.state import BUDGET, UPSTREAM
 from tests.conftest import OTHER_KEY, RELAY_KEY, RelayFactory
 from tests.fakes.openai import FakeOpenAI
+from tests.filehost import PNG, fetch_settings, start_file_host
 from tests.rawhttp import head, open_raw
 from tests.test_daemon import Relayd, Start, _env, start  # noqa: F401 (fixture)
 
@@ -391,3 +393,28 @@ def test_the_budgets_come_from_limits_and_the_environment(tmp_path: Path) -> Non
     assert defaults.upstream_connections_per_key == 768  # three quarters of 1024
     with pytest.raises(ConfigError, match="max_json_bytes"):
         load_settings(None, {"OPENAI_API_KEY": "sk-test", "RELAYD_MAX_BUFFERED_BYTES": "1000"})
+
+
+async def test_files_fetched_from_links_count_and_one_request_may_not_exceed_a_share(
+    relay_factory: RelayFactory, aiohttp_server: AiohttpServer, tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    host = await start_file_host(aiohttp_server, tmp_path)
+    relay = await relay_factory(
+        **fetch_settings(host),
+        max_json_bytes=MiB,
+        max_buffered_bytes=4 * MiB,
+        max_buffered_bytes_per_key=2 * MiB,
+        realtime_max_message_bytes=MiB,
+    )
+    refs = [{"name": f"{i}.png", "download_link": host.put(f"{i}.png", PNG + bytes(MiB))}
+            for i in range(2)]
+    body = {"prompt": "make it blue", "openaiFileIdRefs": refs, "mask_index": 1}
+    answer = await relay.post(
+        "/v1/actions/images/edits", json=body, headers={"Authorization": f"Bearer {RELAY_KEY}"}
+    )
+    # Two fetched files of just over 1 MiB: more than the key's whole share, which no
+    # retry can change (413, not 429), and nothing went upstream.
+    assert answer.status == 413, await answer.text()
+    assert (await answer.json())["error"]["code"] == "request_too_large"
+    assert not fake.seen
+    assert relay.server.app[BUDGET].held == 0

@@ -39,9 +39,16 @@ from relayd.errors import (
     RelaydError,
     RelayRateLimitError,
 )
-from relayd.state import BUDGET, BUFFERED, KEY
+from relayd.state import BUDGET, BUFFERED, KEY, KEYRING
 
-__all__ = ["BufferBudget", "Lease", "MemoryReturn", "buffer_lease", "release_buffers"]
+__all__ = [
+    "BufferBudget",
+    "Lease",
+    "MemoryReturn",
+    "buffer_lease",
+    "release_buffers",
+    "share_key",
+]
 
 log = logging.getLogger("relayd.memory")
 
@@ -112,9 +119,8 @@ class MemoryReturn:
 class BufferBudget:
     """Bytes held whole for clients: at most ``total`` in all, ``per_key`` per key.
 
-    Requests without a relay key (keyless mode on loopback) count against the
-    process-wide budget only: there is a single client then, and no other key to
-    protect.
+    A lease made for no key (keyless mode, or a single configured key: see
+    :func:`share_key`) counts against the process-wide budget only.
     """
 
     def __init__(
@@ -199,12 +205,23 @@ class Lease:
             self.held = 0
 
 
+def share_key(request: web.Request) -> str | None:
+    """The relay key whose fair shares (of this budget, of upstream connections) the
+    request counts against: None without a key, and None while only one key is
+    configured, since a share exists to protect the other keys and a lone key
+    would only be held below what the relay has."""
+    key = request.get(KEY)
+    if key is None or len(request.app[KEYRING].keys) < 2:
+        return None
+    name: str = key.name
+    return name
+
+
 def buffer_lease(request: web.Request) -> Lease:
     """The request's lease on the app's budget (one per request, made on first use)."""
     lease = request.get(BUFFERED)
     if lease is None:
-        key = request.get(KEY)
-        lease = request[BUFFERED] = request.app[BUDGET].lease(None if key is None else key.name)
+        lease = request[BUFFERED] = request.app[BUDGET].lease(share_key(request))
     return lease
 
 

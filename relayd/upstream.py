@@ -586,8 +586,9 @@ class Upstream:
         key with long streams or idle WebSockets must not starve the others); past
         that its next request is a 429 at once, like the full pool's 503, rather
         than a wait that would hold the client's connection and body meanwhile.
-        A full pool is the 503 whoever asks. Requests without a key (keyless mode)
-        have the whole pool. A WebSocket
+        A full pool is the 503 whoever asks. Requests sent for no key (keyless
+        mode, a single configured key: ``memory.share_key``) have the whole pool.
+        A WebSocket
         holds its slot for its whole life, like a stream.
         """
         if self._session is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -27,12 +28,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpServer
 
-from relayd.config import ConfigError, load_settings
+from relayd.config import ConfigError, load_settings, parse_keys_env
 from relayd.state import BUDGET, UPSTREAM
 from tests.conftest import OTHER_KEY, RELAY_KEY, RelayFactory
 from tests.fakes.openai import FakeOpenAI
 from tests.filehost import PNG, fetch_settings, start_file_host
-from tests.rawhttp import head, open_raw
+from tests.rawhttp import head, open_raw, read_head, websocket_upgrade
 from tests.test_daemon import Relayd, Start, _env, start  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.process
@@ -418,3 +419,87 @@ async def test_files_fetched_from_links_count_and_one_request_may_not_exceed_a_s
     assert (await answer.json())["error"]["code"] == "request_too_large"
     assert not fake.seen
     assert relay.server.app[BUDGET].held == 0
+
+
+async def test_a_lone_key_has_the_whole_pool_and_budget(relay_factory: RelayFactory) -> None:
+    # Shares protect the other keys; with none, they would only hold the one key back.
+    relay = await relay_factory(
+        max_upstream_connections=4, keys=parse_keys_env(f"team:{RELAY_KEY}")
+    )
+    team = {"Authorization": f"Bearer {RELAY_KEY}"}
+    silent = {"model": "silent", "input": "hi"}
+    waiting = [
+        asyncio.ensure_future(relay.post("/v1/responses", json=silent, headers=team))
+        for _ in range(4)
+    ]
+    try:
+        upstream = relay.server.app[UPSTREAM]
+        async with asyncio.timeout(5):
+            while upstream.in_flight < 4:
+                await asyncio.sleep(0.01)
+        answer = await relay.post("/v1/responses", json=silent, headers=team)
+        assert answer.status == 503  # the pool is full, not the key's share
+    finally:
+        for request in waiting:
+            request.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_unfinished_messages_count_until_whole_and_past_the_share_close_1013(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(
+        max_json_bytes=MiB // 2,
+        max_buffered_bytes=3 * MiB,
+        max_buffered_bytes_per_key=2 * MiB,
+        realtime_max_message_bytes=MiB,
+    )
+    part = b"a" * (450 * 1024)
+    async with asyncio.timeout(BOUND):
+        first = await _raw_realtime(relay)
+        reader, writer = first
+        # An unfinished message (two fragments) is held: it counts.
+        writer.write(frame(0x1, part, fin=False) + frame(0x0, part, fin=False))
+        await _held(relay, 2 * len(part))
+        # A frame arriving in pieces on the fast lane counts too, until it is whole.
+        second = await _raw_realtime(relay)
+        writer2 = second[1]
+        writer2.write(frame(0x1, b"proof of a boundary"))
+        assert await read_frame(second[0]) == (0x1, b"proof of a boundary")
+        whole = frame(0x2, part)
+        writer2.write(whole[: len(whole) // 2])
+        await _held(relay, 2 * len(part) + len(whole) // 2)
+        # This key's share (2 MiB) cannot take another 1000 KiB: 1013, with a reason.
+        third = await _raw_realtime(relay)
+        answer = await unfinished_message(*third, b"c" * (1000 * 1024))
+        assert answer[0] == 0x8
+        assert struct.unpack("!H", answer[1][:2])[0] == 1013
+        assert b"retry later" in answer[1][2:]
+        # Finished messages arrive whole and are no longer held.
+        writer.write(frame(0x0, b"!"))
+        assert await read_frame(reader) == (0x1, part + part + b"!")
+        writer2.write(whole[len(whole) // 2 :])
+        assert await read_frame(second[0]) == (0x2, part)
+        await _held(relay, 0)
+        for session in (first, second):
+            await _bye(*session)
+        third[1].close()
+        with contextlib.suppress(ConnectionError):  # relayd dropped it after its CLOSE
+            await third[1].wait_closed()
+
+
+async def _bye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(frame(0x8, struct.pack("!H", 1000)))
+    while (await read_frame(reader))[0] != 0x8:
+        pass
+    writer.close()
+    await writer.wait_closed()
+
+
+async def _raw_realtime(relay: TestClient) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await open_raw(relay)
+    writer.write(head("GET", "/v1/realtime?model=gpt-realtime", {
+        "Authorization": f"Bearer {RELAY_KEY}", **websocket_upgrade()}))
+    status, _ = await read_head(reader)
+    assert status == 101
+    return reader, writer

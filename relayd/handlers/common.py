@@ -32,11 +32,10 @@ from relayd.headers import (
     redact_secrets,
     response_headers,
 )
-from relayd.memory import buffer_lease
+from relayd.memory import buffer_lease, share_key
 from relayd.policy import upstream_path
 from relayd.state import (
     BROKEN,
-    KEY,
     METRICS,
     SETTINGS,
     STREAMED,
@@ -158,9 +157,8 @@ async def exchange(
     to any earlier upstream call's), the upstream status and ``x-request-id``. Every
     handler that talks to upstream goes through here, so logs and metrics agree."""
     started = time.perf_counter()
-    key = request.get(KEY)
     async with request.app[UPSTREAM].open(
-        method, path_qs, headers=headers, data=data, key=None if key is None else key.name
+        method, path_qs, headers=headers, data=data, key=share_key(request)
     ) as answer:
         waited_on_upstream(request, started)
         request[UPSTREAM_STATUS] = answer.status

@@ -46,7 +46,7 @@ from relayd.handlers.realtime_policy import (
     refuse_if_disabled,
 )
 from relayd.headers import redact_secrets
-from relayd.memory import Lease, buffer_lease
+from relayd.memory import Lease, buffer_lease, share_key
 from relayd.state import (
     KEY,
     METRICS,
@@ -131,7 +131,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
         compress=0,  # no permessage-deflate: frames pass through as they come
         decode_text=False,
         timeout=ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S),
-        key=_key_name(request),
+        key=share_key(request),
     ) as upstream:
         downstream = web.WebSocketResponse(
             protocols=_selected_protocol(offered, upstream.protocol),
@@ -169,11 +169,6 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
             metrics.open_websockets.dec()
             _account(request, model, bridge.stats, usage)
     return downstream
-
-
-def _key_name(request: web.Request) -> str | None:
-    key = request.get(KEY)
-    return None if key is None else key.name
 
 
 def _memory_hold(lease: Lease) -> MemoryHold:

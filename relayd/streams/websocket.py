@@ -161,6 +161,7 @@ class WebSocketBridge:
         "_failure",
         "_held",
         "_hold",
+        "_refused",
         "_idle_timeout",
         "_lanes",
         "_last_frame",
@@ -197,6 +198,7 @@ class WebSocketBridge:
         self._lanes: list[wsframes.FrameLane] = []
         self._hold = hold
         self._held = {Leg.DOWNSTREAM: 0, Leg.UPSTREAM: 0}
+        self._refused: Leg | None = None  # the leg whose lane was refused more memory
         self._reason_filter = reason_filter
         self._clock = asyncio.get_running_loop().time
         self._last_frame = self._clock()
@@ -221,6 +223,10 @@ class WebSocketBridge:
             # unlike await, never cancels the tasks it waits for.
             await asyncio.wait([t for t in (reader, self._closing) if t is not None])
             code, reason = self._down_close or (WSCloseCode.INTERNAL_ERROR, "relay error")
+            if self._refused is Leg.DOWNSTREAM:
+                # Its lane stopped reading mid-message: the client's reply to our
+                # CLOSE cannot be seen, so it is not waited for.
+                wsframes.stop_reading(self._down)
             await self._close_leg(self._down, self.stats.downstream, code, reason)
         except BaseException as exc:
             # Cancelled: with handler_cancellation the client's connection dropped.
@@ -286,6 +292,7 @@ class WebSocketBridge:
         if refusal is None:
             self._held[leg] = size
             return True
+        self._refused = self._refused or leg
         self._start_closing(WSCloseCode.TRY_AGAIN_LATER, refusal, "memory_budget")
         return False
 

@@ -33,8 +33,8 @@ Invariants:
   the callback's owner ends the session (issue 11: sessions that each held most
   of a 16 MiB message once exhausted a 512 MiB unit).
 
-The aiohttp internals this needs are touched only by :func:`attach` and
-:func:`release`, at the bottom of this module.
+The aiohttp internals this needs are touched only by :func:`attach`,
+:func:`stop_reading` and :func:`release`, at the bottom of this module.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
 from relayd.tasks import spawn
 
-__all__ = ["FrameLane", "attach", "release"]
+__all__ = ["FrameLane", "attach", "release", "stop_reading"]
 
 _Socket: TypeAlias = "web.WebSocketResponse[bool] | ClientWebSocketResponse[bool]"
 MessageSink: TypeAlias = Callable[[WSMsgType, bytes], None]
@@ -404,6 +404,15 @@ def attach(
     )
     source_protocol._payload_parser = lane
     return lane
+
+
+def stop_reading(ws: _Socket) -> None:
+    """Nothing more will be read from ``ws``'s peer (its lane refused to hold more):
+    closing it then sends relayd's CLOSE and drops the connection at once, instead
+    of waiting for a reply its parser, stopped mid-message, could never see."""
+    reader: Any = ws._reader
+    if reader is not None:
+        reader.set_exception(ConnectionAbortedError("relayd stopped reading this peer"))
 
 
 def release(ws: _Socket) -> None:

@@ -79,6 +79,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         await upstream.close()
 
 
+async def _close_budget(app: web.Application) -> None:
+    app[BUDGET].close()
+
+
 def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application:
     scrub_aiohttp_logs()  # aiohttp quotes client bytes (relay keys too) in two log lines
     app = web.Application(
@@ -117,5 +121,6 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[HANDOFF] = Handoff(settings)
     app.cleanup_ctx.append(handoff_ctx)
     app.on_shutdown.append(close_bridges)
+    app.on_cleanup.append(_close_budget)
     app.on_response_prepare.append(add_request_id)
     return app

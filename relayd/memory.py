@@ -1,23 +1,24 @@
 """What relayd holds in memory on a client's behalf, bounded, and given back.
 
 Pass-through bodies stream and cost a chunk each. What relayd must hold whole (a
-JSON body it parses: the Actions wrappers, ``:stream``, realtime policy checks; an
-unfinished WebSocket message) is counted in one :class:`BufferBudget`, process-wide
-and per relay key (issue 11: a single key once took a 512 MiB unit down with
-concurrent 31 MiB uploads, and realtime sessions each holding most of a 16 MiB
-message). Bytes are reserved *before* they are read; a reservation that does not
-fit is refused at once, with the answer the caller should get:
+JSON body it parses: the Actions wrappers, ``:stream``, realtime policy checks; a
+file fetched from a user's link; an unfinished WebSocket message) is counted in
+one :class:`BufferBudget`, process-wide and per relay key (issue 11: a single
+key once took a 512 MiB unit down with concurrent 31 MiB uploads, and realtime
+sessions each holding most of a 16 MiB message). Bytes are reserved *before*
+they are read; a reservation that does not fit is refused at once, with the
+answer the caller should get:
 
 - the request alone needs more than a key's share: 413 (no retry can help);
 - the key's share is used up: 429 ``relay_rate_limit_exceeded`` (this key should
   slow down; other keys are served);
 - the process's budget is used up: 503 ``relay_overloaded`` (anyone may retry).
 
-Both carry ``Retry-After``. What fits is never refused, and a lease is released
-when its request or session ends. The interpreter and the C allocator keep freed
-memory for reuse, so a large release is followed (at most every few seconds) by a
-full collection and glibc's ``malloc_trim(0)``: the resident set shrinks back
-instead of staying at its peak.
+The 429 and the 503 carry ``Retry-After``. What fits is never refused, and a
+lease is released when its request or session ends. The interpreter and the C
+allocator keep freed memory for reuse, so a large release is followed (at most
+every few seconds) by a full collection and glibc's ``malloc_trim(0)``: the
+resident set shrinks back instead of staying at its peak.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
-import logging
 import time
 from collections.abc import Callable
 from typing import Final
@@ -49,8 +49,6 @@ __all__ = [
     "release_buffers",
     "share_key",
 ]
-
-log = logging.getLogger("relayd.memory")
 
 MiB: Final = 1024 * 1024
 RETRY_AFTER_S: Final = "1"
@@ -134,6 +132,11 @@ class BufferBudget:
 
     def lease(self, key: str | None) -> Lease:
         return Lease(self, key)
+
+    def close(self) -> None:
+        """Cancel a pending return of memory (the app is shutting down)."""
+        if self._return is not None:
+            self._return.close()
 
     def held_by(self, key: str) -> int:
         return self._by_key.get(key, 0)

@@ -23,6 +23,7 @@ from relayd.errors import error_middleware
 from relayd.filestore import Handoff, handoff_ctx
 from relayd.handlers.realtime import close_bridges
 from relayd.limits import limits_middleware
+from relayd.memory import BufferBudget, MemoryReturn
 from relayd.metrics import Metrics
 from relayd.observe import access_middleware, add_request_id, scrub_aiohttp_logs
 from relayd.openapi import actions_routes
@@ -30,6 +31,7 @@ from relayd.policy import PathPolicy, path_middleware
 from relayd.routes import TABLE
 from relayd.routing import RouteTable
 from relayd.state import (
+    BUDGET,
     HANDOFF,
     KEYRING,
     METRICS,
@@ -77,6 +79,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         await upstream.close()
 
 
+async def _close_budget(app: web.Application) -> None:
+    app[BUDGET].close()
+
+
 def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application:
     scrub_aiohttp_logs()  # aiohttp quotes client bytes (relay keys too) in two log lines
     app = web.Application(
@@ -88,7 +94,10 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
             limits_middleware,
         ],
         client_max_size=settings.max_json_bytes,
-        handler_args={"max_field_size": 16 * 1024},
+        # Request bodies stay as the client encoded them: pass-through bodies go
+        # upstream untouched, and those relayd parses are decoded under a cap as
+        # they arrive (headers.BodyDecoder), never inflated whole by aiohttp.
+        handler_args={"max_field_size": 16 * 1024, "auto_decompress": False},
     )
     app[SETTINGS] = settings
     app[TABLE_KEY] = table
@@ -96,6 +105,11 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[POLICY] = PathPolicy(settings.policy_allow, settings.policy_deny)
     app[METRICS] = Metrics()
     app[UPSTREAM] = Upstream(settings)
+    app[BUDGET] = BufferBudget(
+        settings.max_buffered_bytes,
+        settings.max_buffered_bytes_per_key,
+        memory_return=MemoryReturn(),
+    )
     app[REALTIME_BRIDGES] = weakref.WeakKeyDictionary()
     app[TOOLS] = load_tools(settings.tools_manifest)
     app[STARTED] = time.monotonic()
@@ -107,5 +121,6 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[HANDOFF] = Handoff(settings, app[KEYRING])
     app.cleanup_ctx.append(handoff_ctx)
     app.on_shutdown.append(close_bridges)
+    app.on_cleanup.append(_close_budget)
     app.on_response_prepare.append(add_request_id)
     return app

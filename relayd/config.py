@@ -153,6 +153,13 @@ class Settings:
     max_json_bytes: int = 32 * MiB  # bodies relayd itself parses (wrappers, :stream)
     max_header_bytes: int = 64 * 1024
     keepalive_timeout_s: float = 75.0
+    # What relayd holds whole at once (JSON bodies it parses, unfinished WebSocket
+    # messages), in all and per relay key; the process peaks at a small multiple
+    # (parsing copies), well inside the unit's MemoryMax=512M (issue 11).
+    max_buffered_bytes: int = 96 * MiB
+    max_buffered_bytes_per_key: int = 64 * MiB
+    # One key's share of max_upstream_connections; None: three quarters of them.
+    max_upstream_connections_per_key: int | None = None
 
     policy_allow: tuple[str, ...] = ()
     policy_deny: tuple[str, ...] = DEFAULT_DENY
@@ -209,6 +216,12 @@ class Settings:
     actions_video_sizes: tuple[str, ...] = ("720x1280", "1280x720", "1024x1792", "1792x1024")
     actions_video_seconds: tuple[int, ...] = (4, 8, 12)
     actions_video_max_bytes: int = 25 * MiB
+
+    @property
+    def upstream_connections_per_key(self) -> int:
+        if self.max_upstream_connections_per_key is not None:
+            return self.max_upstream_connections_per_key
+        return max(1, self.max_upstream_connections * 3 // 4)
 
     @property
     def auth_required(self) -> bool:
@@ -343,6 +356,16 @@ def load_settings(
     ):
         values[name] = _int(limits, key, "limits")
     values["keepalive_timeout_s"] = _num(limits, "keepalive_timeout", "limits")
+    for name, table, section in (
+        ("max_buffered_bytes", limits, "limits"),
+        ("max_buffered_bytes_per_key", limits, "limits"),
+        # Next to max_connections, where an operator looks for it.
+        ("max_upstream_connections_per_key", upstream, "upstream"),
+    ):
+        env_name = f"RELAYD_{name.upper()}"
+        key = "max_connections_per_key" if section == "upstream" else name
+        text = env.get(env_name)
+        values[name] = _int_text(text, env_name) if text else _int(table, key, section)
 
     # [policy]
     if "allow" in policy:
@@ -492,9 +515,16 @@ def validate(
     for name in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name.removesuffix('_s')} must be a positive number of seconds")
-    for name in ("max_body_bytes", "max_json_bytes", "max_header_bytes"):
+    for name in (
+        "max_body_bytes",
+        "max_json_bytes",
+        "max_header_bytes",
+        "max_buffered_bytes",
+        "max_buffered_bytes_per_key",
+    ):
         if getattr(settings, name) < 1:
             raise ConfigError(f"[limits] {name} must be a positive number of bytes")
+    _check_buffered(settings)
     _check_realtime(settings)
     _check_actions(settings)
     header = settings.key_header
@@ -534,6 +564,27 @@ def validate(
             "[auth] disabled = true if another layer authenticates every request"
         )
     _check_proxy_loop(settings)
+
+
+def _check_buffered(settings: Settings) -> None:
+    """Every body and message a setting allows must fit the budgets whole, or it
+    could never be read at all."""
+    budget = min(settings.max_buffered_bytes, settings.max_buffered_bytes_per_key)
+    for name, size in (
+        ("max_json_bytes", settings.max_json_bytes),
+        ("[realtime] max_message_bytes", settings.realtime_max_message_bytes),
+    ):
+        if size > budget:
+            raise ConfigError(
+                f"[limits] max_buffered_bytes and max_buffered_bytes_per_key must be at "
+                f"least {name} ({size}); such a body could never be held whole"
+            )
+    per_key = settings.max_upstream_connections_per_key
+    if per_key is not None and not 1 <= per_key <= settings.max_upstream_connections:
+        raise ConfigError(
+            "[upstream] max_connections_per_key must be from 1 to max_connections "
+            f"({settings.max_upstream_connections})"
+        )
 
 
 def _check_realtime(settings: Settings) -> None:

@@ -11,7 +11,8 @@ Hierarchy (whose fault is part of the type, as in h11's Local/RemoteProtocolErro
     │   ├── MethodNotAllowedError        405
     │   ├── PayloadTooLargeError         413
     │   ├── UnsupportedMediaTypeError    415
-    │   ├── RateLimitError               429
+    │   ├── RateLimitError               429 (upstream's, where its body cannot cross)
+    │   ├── RelayRateLimitError          429 (relayd's own: a key's share is used up)
     │   └── RequestHeaderTooLargeError   431
     ├── OverloadedError                  503: relayd's own capacity is used up
     └── UpstreamError                    the upstream leg failed
@@ -44,6 +45,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RelayRateLimitError",
     "RelaydError",
     "RequestHeaderTooLargeError",
     "UnsupportedMediaTypeError",
@@ -131,6 +133,16 @@ class RateLimitError(ClientRequestError):
     status = 429
     type = "requests"  # OpenAI's type for rate limits
     default_code = "rate_limit_exceeded"
+
+
+class RelayRateLimitError(ClientRequestError):
+    """A limit relayd itself keeps per relay key (its share of memory for buffered
+    bodies, of upstream connections), apart from upstream's own 429s: the code says
+    which one answered, so a client or an operator knows whom to ask."""
+
+    status = 429
+    type = "requests"
+    default_code = "relay_rate_limit_exceeded"
 
 
 class RequestHeaderTooLargeError(ClientRequestError):

@@ -26,6 +26,7 @@ from relayd.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
 )
+from relayd.memory import Lease
 from relayd.mime import sniff
 from relayd.upstream import Upstream, link_errors, non_public_reason
 
@@ -82,13 +83,20 @@ def _is_ip(host: str) -> bool:
 
 
 async def fetch_link(
-    upstream: Upstream, settings: Settings, url_text: str, *, param: str | None = None
+    upstream: Upstream,
+    settings: Settings,
+    url_text: str,
+    *,
+    param: str | None = None,
+    lease: Lease | None = None,
 ) -> Fetched:
     """Download a user's file link whole, under the size cap and the fetch deadline.
 
     Refusals and failures are the caller's 4xx, naming ``param``: 403 for a link
     relayd will not fetch (scheme, host, private address, redirect), 413 past the
     cap, 400 for a link that failed or was too slow. Nothing goes upstream here.
+    The bytes are held whole, so they are reserved in ``lease`` (the request's share
+    of the memory budget) as they arrive.
     """
     url = check_link(url_text, settings, param=param)
     cap = settings.actions_max_file_bytes
@@ -115,6 +123,8 @@ async def fetch_link(
                     while chunk := await response.content.read(_READ):
                         if len(data) + len(chunk) > cap:
                             raise _too_large(what, cap, param)
+                        if lease is not None:
+                            lease.grow(len(chunk))
                         data += chunk
     except ClientRequestError as exc:
         exc.param = exc.param or param

@@ -14,13 +14,15 @@ from __future__ import annotations
 import functools
 import re
 import zlib
-from collections.abc import Iterable, Mapping
-from typing import Final
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "HOP_BY_HOP",
+    "BodyDecoder",
+    "DecodedTooLargeError",
     "decompress",
     "redact_secrets",
     "request_headers",
@@ -199,3 +201,78 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding == "deflate":
         return zlib.decompressobj().decompress(body, limit)
     raise ValueError(f"unexpected content encoding {encoding!r}")
+
+
+class DecodedTooLargeError(ValueError):
+    """A compressed body decodes to more than its limit."""
+
+
+# Decoded bytes come out in pieces of at most this size, so the caller can reserve
+# them one piece at a time: a few KiB of gzip can hold gigabytes.
+_PIECE: Final = 256 * 1024
+
+
+class BodyDecoder:
+    """Undoes a request body's ``Content-Encoding`` as it arrives, to ``limit`` bytes.
+
+    aiohttp's own decoding inflates each chunk it reads whole before anyone can
+    count the result (64 KiB of gzip can be 64 MiB), so relayd's server leaves
+    request bodies encoded and bodies it must parse are decoded here, at most
+    ``_PIECE`` bytes at a time. :meth:`for_encoding` raises ``LookupError`` for a
+    coding relayd cannot undo; :meth:`feed` and :meth:`end` raise ``zlib.error``
+    for corrupt or truncated data and :class:`DecodedTooLargeError` past ``limit``.
+    """
+
+    __slots__ = ("_gzip", "_inflate", "_limit", "_size", "encoding")
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.encoding = encoding
+        self._gzip = encoding in ("gzip", "x-gzip")
+        self._limit = limit
+        self._size = 0
+        self._inflate: Any = None  # created on the first bytes (deflate: which kind)
+
+    @classmethod
+    def for_encoding(cls, header: str, limit: int) -> BodyDecoder | None:
+        """A decoder for a ``Content-Encoding`` value; None for identity (or none)."""
+        codings = [c.strip().lower() for c in header.split(",") if c.strip()]
+        codings = [c for c in codings if c != "identity"]
+        if not codings:
+            return None
+        if len(codings) > 1 or codings[0] not in ("gzip", "x-gzip", "deflate"):
+            raise LookupError(header.strip())
+        return cls(codings[0], limit)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The decoded pieces of ``data`` (the next bytes of the body)."""
+        while data:
+            if self._inflate is None:
+                self._inflate = self._start(data)
+            elif self._inflate.eof:
+                # RFC 1952 §2.2: a gzip file is a series of members; deflate is one stream.
+                if not self._gzip:
+                    raise zlib.error("data after the end of the deflate stream")
+                self._inflate = self._start(data)
+            piece = self._inflate.decompress(data, _PIECE)
+            rest = self._inflate.unconsumed_tail or self._inflate.unused_data
+            if not piece and len(rest) == len(data) and not self._inflate.eof:
+                break  # nothing consumed, nothing produced: wait for more input
+            data = rest
+            if piece:
+                self._size += len(piece)
+                if self._size > self._limit:
+                    raise DecodedTooLargeError(f"decodes to more than {self._limit} bytes")
+                yield piece
+
+    def end(self) -> None:
+        """The body ended: it must have ended with the compressed stream."""
+        if self._inflate is None or not self._inflate.eof:
+            raise zlib.error("the compressed body ends early")
+
+    def _start(self, data: bytes) -> Any:
+        if self._gzip:
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        # RFC 9110 §8.4.1.2: deflate means the zlib format (RFC 1950); some clients
+        # send a raw deflate stream, which no zlib header check passes.
+        zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        return zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)

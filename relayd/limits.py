@@ -8,7 +8,9 @@
 - ``Expect: 100-continue`` (RFC 9110 §10.1.1) is answered here, once auth and
   every limit above have passed: a client that waits for the ``100`` never sends
   a body relayd would refuse (aiohttp's own answer, before any middleware, is
-  turned off in ``RouteTable.register``).
+  turned off in ``RouteTable.register``);
+- whatever the handler held whole under the memory budget (relayd.memory) is
+  released when it returns.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from relayd.errors import (
     RequestHeaderTooLargeError,
     UnsupportedMediaTypeError,
 )
+from relayd.memory import release_buffers
 from relayd.routing import Handler
 from relayd.state import ROUTE, SETTINGS
 
@@ -41,6 +44,13 @@ class ExpectationFailedError(ClientRequestError):
 
 @web.middleware
 async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await _limited(request, handler)
+    finally:
+        release_buffers(request)  # what the handler held whole (relayd.memory)
+
+
+async def _limited(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     head = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
     if head > settings.max_header_bytes:

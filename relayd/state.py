@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from relayd.auth import KeyRing
     from relayd.filestore import Handoff
+    from relayd.memory import BufferBudget, Lease
     from relayd.metrics import Metrics
     from relayd.policy import PathPolicy
     from relayd.streams.websocket import WebSocketBridge
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BROKEN",
+    "BUDGET",
+    "BUFFERED",
     "ERROR_CODE",
     "HANDOFF",
     "KEY",
@@ -70,7 +73,12 @@ REALTIME_BRIDGES: Final[web.AppKey[WeakKeyDictionary[WebSocketBridge, web.Reques
     web.AppKey("relayd.realtime_bridges")
 )
 
+# Bytes held whole for clients (parsed bodies, unfinished WebSocket messages).
+BUDGET: Final[web.AppKey[BufferBudget]] = web.AppKey("relayd.budget")
+
 REQUEST_ID: Final = web.RequestKey("relayd.request_id", str)
+# The request's share of BUDGET, released when its handler returns (limits.py).
+BUFFERED: Final[web.RequestKey[Lease]] = web.RequestKey("relayd.buffered")
 ROUTE: Final = web.RequestKey("relayd.route", Route)
 KEY: Final = web.RequestKey("relayd.key", RelayKey)
 UPSTREAM_REQUEST_ID: Final = web.RequestKey("relayd.upstream_request_id", str)

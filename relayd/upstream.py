@@ -3,7 +3,8 @@
 ``Upstream.open()`` sends one request and yields the response once its headers
 have arrived. It builds the URL, swaps the client's credentials for the upstream
 key, applies header hygiene and timeouts, bounds the number of requests in flight
-(a full pool answers 503 at once rather than queueing), and translates aiohttp's
+(a full pool answers 503 at once rather than queueing; a relay key holding its
+share of the pool, 429 at once), and translates aiohttp's
 exceptions into relayd's errors in exactly one place (:func:`mapped_errors`, the
 httpx ``map_httpcore_exceptions`` idiom).
 
@@ -48,6 +49,7 @@ from relayd.errors import (
     PermissionDeniedError,
     RateLimitError,
     RelaydError,
+    RelayRateLimitError,
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
@@ -418,7 +420,9 @@ class Upstream:
             base = base.with_path(base.path.removesuffix("/v1"))
         self._base = str(base).rstrip("/")
         self._limit = settings.max_upstream_connections
+        self._per_key = settings.upstream_connections_per_key
         self._in_flight = 0
+        self._by_key: dict[str, int] = {}
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout_s,
@@ -527,15 +531,19 @@ class Upstream:
         *,
         headers: CIMultiDict[str],
         data: Any = None,
+        key: str | None = None,
     ) -> AsyncIterator[ClientResponse]:
         """Send a request and yield the response once its head has arrived.
+
+        ``key`` names the relay key it is sent for: one key holds at most its share
+        of the upstream slots (see :meth:`_slot`).
 
         Leaving the block releases the connection; leaving it early (the client hung
         up, the handler was cancelled) closes the connection, which cancels the
         request upstream. Errors before the head arrives are relayd errors; errors
         while the caller reads the body are aiohttp's own (streams/ wraps them).
         """
-        with self._slot() as session:
+        with self._slot(key) as session:
             response = await self._send(session, method, self.url(path_qs), headers, data)
             if response.status == 101:
                 # relayd never asks for an upgrade here (Upgrade is hop-by-hop and
@@ -571,10 +579,17 @@ class Upstream:
             raise _translated(exc) from exc
 
     @contextlib.contextmanager
-    def _slot(self) -> Iterator[ClientSession]:
+    def _slot(self, key: str | None = None) -> Iterator[ClientSession]:
         """One of the ``max_connections`` upstream slots, or a 503 at once when all are taken.
 
-        A WebSocket holds its slot for its whole life, like a stream.
+        One relay key holds at most ``max_connections_per_key`` of them (issue 11: a
+        key with long streams or idle WebSockets must not starve the others); past
+        that its next request is a 429 at once, like the full pool's 503, rather
+        than a wait that would hold the client's connection and body meanwhile.
+        A full pool is the 503 whoever asks. Requests sent for no key (keyless
+        mode, a single configured key: ``memory.share_key``) have the whole pool.
+        A WebSocket
+        holds its slot for its whole life, like a stream.
         """
         if self._session is None:
             raise RuntimeError("Upstream.start() was not called")
@@ -583,11 +598,25 @@ class Upstream:
                 "The relay has too many upstream requests in flight; retry shortly.",
                 headers={"Retry-After": "1"},
             )
+        held = self._by_key.get(key, 0) if key is not None else 0
+        if key is not None and held >= self._per_key:
+            raise RelayRateLimitError(
+                f"This relay key has {held} upstream requests in flight, its share of the "
+                "relay's connections; retry when one has finished.",
+                headers={"Retry-After": "1"},
+            )
         self._in_flight += 1
+        if key is not None:
+            self._by_key[key] = held + 1
         try:
             yield self._session
         finally:
             self._in_flight -= 1
+            if key is not None:
+                if (left := self._by_key[key] - 1) > 0:
+                    self._by_key[key] = left
+                else:
+                    del self._by_key[key]
 
     def _switch_to_idle_timeout(self, response: ClientResponse) -> None:
         # The head has arrived: from now on sock_read bounds the gap between body
@@ -600,7 +629,7 @@ class Upstream:
 
     @contextlib.asynccontextmanager
     async def ws_connect(
-        self, path_qs: str, *, headers: CIMultiDict[str], **kwargs: Any
+        self, path_qs: str, *, headers: CIMultiDict[str], key: str | None = None, **kwargs: Any
     ) -> AsyncIterator[aiohttp.ClientWebSocketResponse[bool]]:
         """Dial an upstream WebSocket (realtime); handshake failures are relayd errors.
 
@@ -609,7 +638,7 @@ class Upstream:
         than waiting for a slot with no timeout). A refused handshake raises before
         anything was sent to the client, so the caller can still answer with HTTP.
         """
-        with self._slot() as session:
+        with self._slot(key) as session:
             url = URL(self._base.replace("http", "ws", 1) + path_qs, encoded=True)
             with mapped_errors():
                 ws = await session.ws_connect(url, headers=headers, **kwargs)

@@ -934,9 +934,11 @@ def test_every_optional_setting_in_the_example_config_is_valid(tmp_path: Path) -
 TOML_KEYS = {
     "server": {"listen", "public_url", "workers", "drain_timeout", "backlog"},
     "upstream": {"url", "organization", "project", "api_key_file", "connect_timeout",
-                 "first_byte_timeout", "idle_timeout", "max_connections", "sse_keepalive"},
+                 "first_byte_timeout", "idle_timeout", "max_connections",
+                 "max_connections_per_key", "sse_keepalive"},
     "auth": {"disabled", "header", "keys_file", "public_paths", "keys"},
-    "limits": {"max_body_bytes", "max_json_bytes", "max_header_bytes", "keepalive_timeout"},
+    "limits": {"max_body_bytes", "max_json_bytes", "max_header_bytes", "keepalive_timeout",
+               "max_buffered_bytes", "max_buffered_bytes_per_key"},
     "policy": {"allow", "deny"},
     "meta": {"name", "environment", "default_model", "tools_manifest", "ai_plugin"},
     "logging": {"format", "level"},

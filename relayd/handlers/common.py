@@ -17,16 +17,24 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 from urllib.parse import quote
 
-from aiohttp import ClientResponse, StreamReader, web
+from aiohttp import ClientResponse, StreamReader, hdrs, web
 from multidict import CIMultiDict
 
 from relayd.errors import (
     BadRequestError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    UnsupportedMediaTypeError,
     UpstreamUnavailableError,
 )
-from relayd.headers import decompress, redact_secrets, response_headers
+from relayd.headers import (
+    BodyDecoder,
+    DecodedTooLargeError,
+    decompress,
+    redact_secrets,
+    response_headers,
+)
+from relayd.memory import buffer_lease, share_key
 from relayd.policy import upstream_path
 from relayd.state import (
     BROKEN,
@@ -59,6 +67,7 @@ __all__ = [
     "parse_json",
     "read_capped",
     "read_json_object",
+    "read_whole",
     "relay",
     "send_back",
     "stream_back",
@@ -102,9 +111,8 @@ async def _client_body(request: web.Request, limit: int) -> tuple[Any, bool]:
     """
     if not request.body_exists:
         return None, True
-    if request.headers.get("Content-Encoding"):
-        # aiohttp already decompressed it: the bytes differ from the declared length.
-        return pump_request_body(request.content, limit), False
+    # An encoded body goes upstream as it came, Content-Encoding and all: relayd's
+    # server never decodes request bodies itself (app.py).
     length = request.content_length
     if length is not None:
         if length <= SMALL_BODY:
@@ -155,7 +163,9 @@ async def exchange(
     to any earlier upstream call's), the upstream status and ``x-request-id``. Every
     handler that talks to upstream goes through here, so logs and metrics agree."""
     started = time.perf_counter()
-    async with request.app[UPSTREAM].open(method, path_qs, headers=headers, data=data) as answer:
+    async with request.app[UPSTREAM].open(
+        method, path_qs, headers=headers, data=data, key=share_key(request)
+    ) as answer:
         waited_on_upstream(request, started)
         request[UPSTREAM_STATUS] = answer.status
         if (upstream_id := answer.headers.get("x-request-id")) is not None:
@@ -337,26 +347,76 @@ async def _error_back(request: web.Request, answer: ClientResponse) -> web.Respo
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, for the few handlers that must re-encode it.
 
-    Bounded by the app's ``client_max_size`` (413 past it); malformed JSON, invalid
-    UTF-8 and non-objects are the caller's mistake (400).
+    Read whole by :func:`read_whole` (decoded, capped, within the memory budget);
+    malformed JSON, invalid UTF-8 and non-objects are the caller's mistake (400).
     """
     if request.content_type != "application/json":
         raise BadRequestError("Expected a JSON body (Content-Type: application/json).")
-    cap = request.app[SETTINGS].max_json_bytes
-    too_large = f"JSON body exceeds the relay's limit of {cap} bytes."
-    if request.content_length is not None and request.content_length > cap:
-        raise PayloadTooLargeError(too_large)  # said up front: answer before reading
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLargeError(too_large) from exc
-    payload = parse_json(raw)
+    payload = parse_json(await read_whole(request, request.app[SETTINGS].max_json_bytes))
     if not isinstance(payload, dict):
         raise BadRequestError("Request body must be a JSON object.", code="invalid_json")
     return payload
 
 
-def parse_json(raw: bytes) -> Any:
+async def read_whole(request: web.Request, cap: int) -> bytearray:
+    """The client's body, whole and decoded, for a handler that must parse it.
+
+    At most ``cap`` decoded bytes (413 past it, said up front when the length is
+    declared). Every byte is reserved in the request's memory lease before it is
+    read: a declared length at once, anything else (chunked, compressed) piece by
+    piece as it decodes, so a refusal (429 for the key, 503 for the relay) comes
+    before the memory is taken. ``Content-Encoding`` gzip and deflate are undone
+    as the bytes arrive, never more than a piece at a time: a corrupt or truncated
+    stream is a 400 ``invalid_encoding``, any other coding a 415.
+    """
+    too_large = f"Request body exceeds the relay's limit of {cap} bytes."
+    length = request.content_length
+    if length is not None and length > cap:
+        raise PayloadTooLargeError(too_large)  # said up front: answer before reading
+    try:
+        decoder = BodyDecoder.for_encoding(request.headers.get(hdrs.CONTENT_ENCODING, ""), cap)
+    except LookupError as exc:
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {exc} is not one this relay can read here; send the "
+            "body as is (identity), gzip or deflate.",
+            code="unsupported_content_encoding",
+        ) from None
+    lease = buffer_lease(request)
+    content = request.content
+    if decoder is None and length is not None:
+        lease.grow(length)
+        body = bytearray(length)
+        view = memoryview(body)
+        filled = 0
+        while filled < length and (chunk := await content.readany()):
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        view.release()
+        if filled < length:
+            raise BadRequestError("The request body ended before its Content-Length.")
+        return body
+    body = bytearray()
+    try:
+        while chunk := await content.readany():
+            for piece in decoder.feed(chunk) if decoder is not None else (chunk,):
+                if len(body) + len(piece) > cap:
+                    raise PayloadTooLargeError(too_large)
+                lease.grow(len(piece))
+                body += piece
+        if decoder is not None:
+            decoder.end()
+    except DecodedTooLargeError:
+        raise PayloadTooLargeError(too_large) from None
+    except zlib.error:
+        assert decoder is not None
+        raise BadRequestError(
+            f"The request body is not valid {decoder.encoding} data (Content-Encoding).",
+            code="invalid_encoding",
+        ) from None
+    return body
+
+
+def parse_json(raw: bytes | bytearray) -> Any:
     """A client's JSON document: the one place relayd parses one. Malformed JSON,
     invalid UTF-8 and nesting deeper than :data:`MAX_JSON_DEPTH` are the client's
     mistake (400 ``invalid_json``), never a RecursionError's 500."""

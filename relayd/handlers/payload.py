@@ -34,6 +34,7 @@ from relayd.handlers.common import (
     waited_on_upstream,
 )
 from relayd.headers import response_headers
+from relayd.memory import buffer_lease
 from relayd.mime import EXTENSIONS, sniff
 from relayd.state import SETTINGS, UPSTREAM
 from relayd.streams.multipart import FilePart, SlicedBytesPayload, TextPart
@@ -173,7 +174,13 @@ async def file_from_link(
     fallback_name: str = "file",
 ) -> InputFile:
     """Download a user's file link safely (fetch.py); nothing goes upstream on refusal."""
-    fetched = await fetch_link(request.app[UPSTREAM], request.app[SETTINGS], link, param=param)
+    fetched = await fetch_link(
+        request.app[UPSTREAM],
+        request.app[SETTINGS],
+        link,
+        param=param,
+        lease=buffer_lease(request),
+    )
     if not fetched.data:
         raise BadRequestError(f"'{param}' points at an empty file.", param=param)
     kind = fetched.media_type

@@ -34,7 +34,7 @@ from aiohttp import ClientWSTimeout, WSCloseCode, WSMsgType, hdrs, web
 from multidict import CIMultiDict
 
 from relayd.auth import EPHEMERAL_PREFIX, WS_KEY_PREFIX
-from relayd.errors import BadRequestError, ClientRequestError
+from relayd.errors import BadRequestError, ClientRequestError, RelayRateLimitError
 from relayd.handlers.common import checked_path, read_json_object, relay
 from relayd.handlers.payload import json_body
 from relayd.handlers.realtime_policy import (
@@ -46,6 +46,7 @@ from relayd.handlers.realtime_policy import (
     refuse_if_disabled,
 )
 from relayd.headers import redact_secrets
+from relayd.memory import Lease, buffer_lease, share_key
 from relayd.state import (
     KEY,
     KEYRING,
@@ -58,6 +59,7 @@ from relayd.state import (
     UPSTREAM,
 )
 from relayd.streams import BridgeStats, Leg, WebSocketBridge
+from relayd.streams.websocket import MemoryHold
 
 __all__ = [
     "UpgradeRequiredError",
@@ -132,6 +134,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
         compress=0,  # no permessage-deflate: frames pass through as they come
         decode_text=False,
         timeout=ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S),
+        key=share_key(request),
     ) as upstream:
         downstream = web.WebSocketResponse(
             protocols=_selected_protocol(offered, upstream.protocol),
@@ -155,6 +158,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
             observed=(Leg.UPSTREAM,),  # response.done comes from upstream only
             reason_filter=lambda reason: _redacted(reason, upstream_key),
             max_message_bytes=limit,
+            hold=_memory_hold(buffer_lease(request)),
         )
         bridges = request.app[REALTIME_BRIDGES]
         metrics = request.app[METRICS]
@@ -168,6 +172,21 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
             metrics.open_websockets.dec()
             _account(request, model, bridge.stats, usage)
     return downstream
+
+
+def _memory_hold(lease: Lease) -> MemoryHold:
+    """The session's unfinished messages count against its key's buffer budget and
+    the relay's (relayd.memory); the lease is released when the handler returns."""
+
+    def hold(size: int) -> str | None:
+        refusal = lease.hold(size)
+        if refusal is None:
+            return None
+        if isinstance(refusal, RelayRateLimitError):
+            return "this relay key holds as much unfinished message data as it may; retry later"
+        return "the relay holds as much unfinished message data as it may; retry later"
+
+    return hold
 
 
 async def close_bridges(app: web.Application) -> None:

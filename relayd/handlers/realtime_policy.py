@@ -30,7 +30,13 @@ from aiohttp import BodyPartReader, MultipartWriter, hdrs, web
 from aiohttp.payload import BytesPayload
 
 from relayd.config import Settings
-from relayd.errors import BadRequestError, PayloadTooLargeError, PermissionDeniedError
+from relayd.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    UnsupportedMediaTypeError,
+)
+from relayd.memory import buffer_lease
 from relayd.state import SETTINGS
 
 __all__ = [
@@ -156,6 +162,14 @@ async def checked_call_form(request: web.Request, settings: Settings) -> Multipa
     cap = settings.max_json_bytes
     size = 0
     parts: list[tuple[str, str | None, str, bytes]] = []
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if encoding != "identity":
+        # The form is parsed as it arrives; a compressed one would need decoding first.
+        raise UnsupportedMediaTypeError(
+            "Send the call form without a Content-Encoding.",
+            code="unsupported_content_encoding",
+        )
+    lease = buffer_lease(request)  # the parts are held whole: reserved as they arrive
     reader = await request.multipart()
     async for part in reader:
         if not isinstance(part, BodyPartReader) or not part.name:
@@ -167,6 +181,7 @@ async def checked_call_form(request: web.Request, settings: Settings) -> Multipa
             size += len(chunk)
             if size > cap:
                 raise PayloadTooLargeError(f"The call form exceeds {cap} bytes.")
+            lease.grow(len(chunk))
             held += chunk
         kind = part.headers.get(hdrs.CONTENT_TYPE, "text/plain")
         parts.append((part.name, part.filename, kind, bytes(held)))

@@ -10,6 +10,12 @@ Given ``max_message_bytes`` (the limit both legs were opened with), each leg als
 gets a :class:`relayd.streams.wsframes.FrameLane`: plain data frames then go from
 socket to socket as bytes, and only what needs a decision (closes, pings, errors,
 fragments, limits) reaches the pumps below, which handle it as described here.
+The lanes also measure what each leg holds (an unfinished message, a frame still
+arriving): given ``hold``, the session's total is reserved through it before it
+is kept, and a refusal ends the session with 1013 "try again later" and the
+refusal as reason. One message is bounded by ``max_message_bytes`` (aiohttp
+closes with 1009 past it), so a session holds at most one such message per
+direction, and ``hold`` bounds what all sessions hold together.
 
 Rules the caller must keep (notes/aiohttp-proxy.md §1.9), because aiohttp's
 defaults would lose the close code or read a socket from two tasks:
@@ -55,6 +61,7 @@ from relayd.tasks import spawn
 __all__ = [
     "BridgeStats",
     "FrameObserver",
+    "MemoryHold",
     "Leg",
     "LegStats",
     "WebSocketBridge",
@@ -74,6 +81,10 @@ FrameObserver: TypeAlias = Callable[[Leg, WSMsgType, bytes], None]
 forwarded; must be cheap and must not raise (that ends the session with 1011)."""
 
 _Socket: TypeAlias = "web.WebSocketResponse[bool] | ClientWebSocketResponse[bool]"
+
+MemoryHold: TypeAlias = Callable[[int], "str | None"]
+"""Reserves the bytes a session holds (the new total); None if granted, else the
+reason to close the session with (1013)."""
 
 # RFC 6455 §7.4.1: 1005, 1006 and 1015 only report what happened and "MUST NOT be
 # set as a status code in a Close control frame". aiohttp reports a CLOSE frame
@@ -148,6 +159,9 @@ class WebSocketBridge:
         "_down",
         "_down_close",
         "_failure",
+        "_held",
+        "_hold",
+        "_refused",
         "_idle_timeout",
         "_lanes",
         "_last_frame",
@@ -172,6 +186,7 @@ class WebSocketBridge:
         observed: Collection[Leg] = (Leg.DOWNSTREAM, Leg.UPSTREAM),
         reason_filter: Callable[[str], str] | None = None,
         max_message_bytes: int | None = None,
+        hold: MemoryHold | None = None,
     ) -> None:
         self._down = downstream
         self._up = upstream
@@ -181,6 +196,9 @@ class WebSocketBridge:
         self._observed = frozenset(observed)
         self._max_message_bytes = max_message_bytes
         self._lanes: list[wsframes.FrameLane] = []
+        self._hold = hold
+        self._held = {Leg.DOWNSTREAM: 0, Leg.UPSTREAM: 0}
+        self._refused: Leg | None = None  # the leg whose lane was refused more memory
         self._reason_filter = reason_filter
         self._clock = asyncio.get_running_loop().time
         self._last_frame = self._clock()
@@ -205,6 +223,10 @@ class WebSocketBridge:
             # unlike await, never cancels the tasks it waits for.
             await asyncio.wait([t for t in (reader, self._closing) if t is not None])
             code, reason = self._down_close or (WSCloseCode.INTERNAL_ERROR, "relay error")
+            if self._refused is Leg.DOWNSTREAM:
+                # Its lane stopped reading mid-message: the client's reply to our
+                # CLOSE cannot be seen, so it is not waited for.
+                wsframes.stop_reading(self._down)
             await self._close_leg(self._down, self.stats.downstream, code, reason)
         except BaseException as exc:
             # Cancelled: with handler_cancellation the client's connection dropped.
@@ -257,9 +279,22 @@ class WebSocketBridge:
                 is_open=self._is_open,
                 on_frames=functools.partial(self._count, stats),
                 observer=None if observer is None else functools.partial(observer, leg),
+                hold=None if self._hold is None else functools.partial(self._hold_for, leg),
             )
             if lane is not None:
                 self._lanes.append(lane)
+
+    def _hold_for(self, leg: Leg, size: int) -> bool:
+        """A lane asks to hold ``size`` bytes for ``leg``; refused, the session ends."""
+        assert self._hold is not None
+        total = size + sum(held for other, held in self._held.items() if other is not leg)
+        refusal = self._hold(total)
+        if refusal is None:
+            self._held[leg] = size
+            return True
+        self._refused = self._refused or leg
+        self._start_closing(WSCloseCode.TRY_AGAIN_LATER, refusal, "memory_budget")
+        return False
 
     def _is_open(self) -> bool:
         return self._down_close is None and not self._down.closed and not self._up.closed

@@ -25,9 +25,16 @@ Invariants:
   the parser had just finished a message and had nothing left over.
 - Back-pressure: when the sink transport pauses writing, the source stops reading
   until the sink has drained; memory is the one frame in flight.
+- Memory: what a leg holds is the frame the lane is completing plus the
+  unfinished message aiohttp's parser is assembling (a :class:`_Meter` follows
+  every byte the lane gives it). With a ``hold`` callback, that size is reported
+  *before* the bytes are kept; when the callback refuses (the session's memory
+  budget is used up), the lane keeps nothing more and stops reading the leg, and
+  the callback's owner ends the session (issue 11: sessions that each held most
+  of a 16 MiB message once exhausted a 512 MiB unit).
 
-The aiohttp internals this needs are touched only by :func:`attach` and
-:func:`release`, at the bottom of this module.
+The aiohttp internals this needs are touched only by :func:`attach`,
+:func:`stop_reading` and :func:`release`, at the bottom of this module.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
 from relayd.tasks import spawn
 
-__all__ = ["FrameLane", "attach", "release"]
+__all__ = ["FrameLane", "attach", "release", "stop_reading"]
 
 _Socket: TypeAlias = "web.WebSocketResponse[bool] | ClientWebSocketResponse[bool]"
 MessageSink: TypeAlias = Callable[[WSMsgType, bytes], None]
@@ -61,6 +68,63 @@ class _Parser(Protocol):
     def feed_eof(self) -> None: ...
 
 
+class _Meter:
+    """Follows the frames given to aiohttp's parser (RFC 6455 §5.2) and knows how
+    many payload bytes of an unfinished data message it holds: the fragments of a
+    message whose final frame has not come, and the part of a frame still arriving.
+    Control frames (at most 125 bytes, §5.5) are not counted."""
+
+    __slots__ = ("_data", "_fin", "_head", "_left", "held")
+
+    def __init__(self) -> None:
+        self._head = b""  # the start of a frame header split across reads
+        self._left = 0  # payload bytes of the current frame still to come
+        self._data = False  # the current frame is TEXT, BINARY or CONTINUATION
+        self._fin = True
+        self.held = 0
+
+    def feed(self, data: bytes) -> None:
+        at, size = 0, len(data)
+        while at < size:
+            if self._left:
+                take = min(self._left, size - at)
+                self._left -= take
+                at += take
+                if self._data:
+                    self.held += take
+                if not self._left:
+                    self._frame_ended()
+                continue
+            head = self._head + data[at : at + 14]  # 14: the longest header
+            need = _header_size(head)
+            if not need or len(head) < need:
+                self._head = head  # all that was left of ``data``
+                return
+            at += need - len(self._head)
+            self._head = b""
+            first, length = head[0], head[1] & 0x7F
+            if length >= 126:
+                length = int.from_bytes(head[2 : 4 if length == 126 else 10], "big")
+            self._data = (first & 0x0F) in (0x0, 0x1, 0x2)
+            self._fin = bool(first & 0x80)
+            self._left = length
+            if not length:
+                self._frame_ended()
+
+    def _frame_ended(self) -> None:
+        if self._data and self._fin:
+            self.held = 0  # the message is whole: aiohttp hands it on
+
+
+def _header_size(head: bytes) -> int:
+    """A frame header's size from its first bytes (0 until the second byte is known)."""
+    if len(head) < 2:
+        return 0
+    length = head[1] & 0x7F
+    extended = 2 if length == 126 else 8 if length == 127 else 0
+    return 2 + extended + (4 if head[1] & _MASK_BIT else 0)
+
+
 class FrameLane:
     """Parses frame headers of one leg and forwards its plain data frames as bytes."""
 
@@ -69,14 +133,18 @@ class FrameLane:
         "_drain",
         "_fast",
         "_frame",
+        "_hold",
         "_is_open",
         "_masked",
         "_max_size",
+        "_meter",
         "_observer",
         "_on_frames",
         "_parser",
         "_pending",
         "_queue",
+        "_refused",
+        "_reported",
         "_sink",
         "_sink_protocol",
         "_source_protocol",
@@ -94,6 +162,7 @@ class FrameLane:
         is_open: Callable[[], bool],
         on_frames: Callable[[int, int], None],
         observer: MessageSink | None,
+        hold: Callable[[int], bool] | None = None,
     ) -> None:
         self._parser = parser
         self._queue = queue
@@ -110,11 +179,17 @@ class FrameLane:
         self._pending = bytearray()  # the start of a frame not yet complete
         self._frame = 0  # its total size, once its header is complete
         self._drain: asyncio.Task[None] | None = None
+        self._meter = _Meter()
+        self._hold = hold  # asked before the leg holds more (or less) than it did
+        self._reported = 0
+        self._refused = False
 
     # -------------------------------------------------------- the parser interface
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         """Called by the leg's protocol for every read, in place of aiohttp's parser."""
+        if self._refused:
+            return _NOTHING  # the session is ending; nothing more is kept
         if not self._fast and self._may_take_over():
             self._fast = True
         if self._fast:
@@ -128,9 +203,27 @@ class FrameLane:
         self._parser.feed_eof()
 
     def close(self) -> None:
-        """Stop waiting for the sink to drain (the session is over)."""
+        """Stop waiting for the sink to drain and drop what is held (the session is over)."""
         if self._drain is not None:
             self._drain.cancel()
+        self._pending = bytearray()
+        self._refused = True
+
+    # -------------------------------------------------------- memory
+
+    def _may_hold(self, extra: int = 0) -> bool:
+        """Whether the leg may hold what the meter counts plus ``extra`` pending bytes;
+        a refusal stops the leg for good."""
+        size = self._meter.held + len(self._pending) + extra
+        if self._hold is None or size == self._reported:
+            return True
+        if self._hold(size):
+            self._reported = size
+            return True
+        self._refused = True
+        self._pending = bytearray()
+        self._source_protocol.pause_reading()
+        return False
 
     # -------------------------------------------------------- aiohttp's turn
 
@@ -141,6 +234,9 @@ class FrameLane:
 
     def _feed_aiohttp(self, data: bytes) -> tuple[bool, bytes]:
         """Let aiohttp parse ``data``; note whether it ended on a message boundary."""
+        self._meter.feed(data)
+        if not self._may_hold():
+            return _NOTHING
         self._at_boundary = False
         if len(data) > 1:
             result = self._parser.feed_data(data[:-1])
@@ -160,6 +256,8 @@ class FrameLane:
     def _relay(self, data: bytes) -> bytes:
         """Forward the whole frames in ``data``; return the bytes aiohttp must parse."""
         if self._pending:
+            if not self._may_hold(len(data)):
+                return b""
             self._pending += data
             if len(self._pending) < self._frame:  # 0 while the header is incomplete
                 return b""
@@ -176,6 +274,8 @@ class FrameLane:
                 handed_back = data[end:]
                 break
             if frame == 0 or end + frame > size:  # incomplete: hold it
+                if not self._may_hold(size - end):
+                    return b""
                 self._pending += data[end:]
                 self._frame = frame
                 break
@@ -187,6 +287,8 @@ class FrameLane:
             self._on_frames(frames, payload)
             if self._sink_protocol.writing_paused:
                 self._wait_for_drain()
+        if not self._pending:
+            self._may_hold()  # a completed frame is no longer held (never refused)
         return handed_back
 
     def _frame_size(self, data: bytes, at: int) -> int:
@@ -271,6 +373,7 @@ def attach(
     is_open: Callable[[], bool],
     on_frames: Callable[[int, int], None],
     observer: MessageSink | None,
+    hold: Callable[[int], bool] | None = None,
 ) -> FrameLane | None:
     """Put a lane in front of ``source``'s parser, forwarding to ``sink``; None if unsafe."""
     src: Any = source  # the private attributes named above
@@ -297,9 +400,19 @@ def attach(
         is_open=is_open,
         on_frames=on_frames,
         observer=observer,
+        hold=hold,
     )
     source_protocol._payload_parser = lane
     return lane
+
+
+def stop_reading(ws: _Socket) -> None:
+    """Nothing more will be read from ``ws``'s peer (its lane refused to hold more):
+    closing it then sends relayd's CLOSE and drops the connection at once, instead
+    of waiting for a reply its parser, stopped mid-message, could never see."""
+    reader: Any = ws._reader
+    if reader is not None:
+        reader.set_exception(ConnectionAbortedError("relayd stopped reading this peer"))
 
 
 def release(ws: _Socket) -> None:

@@ -80,6 +80,15 @@ class Pumped:
             self.waited += seconds
 
 
+async def read_chunk(source: StreamReader, moved: Pumped) -> bytes:
+    """The next chunk of ``source`` (``b""`` at its end); a failed read is a
+    :class:`BrokenStreamError` that says how much had been sent."""
+    try:
+        return await source.readany()
+    except Exception as exc:
+        raise BrokenStreamError(str(exc) or type(exc).__name__, sent=moved.sent) from exc
+
+
 async def pump(
     source: StreamReader,
     sink: web.StreamResponse,
@@ -101,11 +110,7 @@ async def pump(
     on_sink = False  # whether the time since ``since`` is spent writing (else reading)
     try:
         while True:
-            try:
-                chunk = await source.readany()
-            except Exception as exc:
-                reason = str(exc) or type(exc).__name__
-                raise BrokenStreamError(reason, sent=moved.sent) from exc
+            chunk = await read_chunk(source, moved)
             now = clock()
             moved.waited += now - since
             since = now

@@ -16,7 +16,7 @@ from typing import Final
 
 from aiohttp import StreamReader, web
 
-from relayd.streams.pump import BrokenStreamError, Pumped, Tap
+from relayd.streams.pump import Pumped, Tap, read_chunk
 from relayd.tasks import spawn
 
 __all__ = ["KEEPALIVE", "SSEPump", "is_event_stream"]
@@ -86,11 +86,7 @@ class SSEPump:
         on_sink = False  # whether the time since ``since`` is spent writing (else reading)
         try:
             while True:
-                try:
-                    chunk = await self._source.readany()
-                except Exception as exc:
-                    reason = str(exc) or type(exc).__name__
-                    raise BrokenStreamError(reason, sent=moved.sent) from exc
+                chunk = await read_chunk(self._source, moved)
                 now = clock()
                 moved.waited += now - since
                 since = now

@@ -7,16 +7,9 @@ reader can look them up there.
 
 from __future__ import annotations
 
-from relayd.handlers import actions, answers, deliver, meta, realtime
-from relayd.handlers.passthrough import (
-    create_response_stream,
-    download_file,
-    forward,
-    forward_by_policy,
-)
-from relayd.handlers.proxy import proxy
-from relayd.routing import Body, Exposure, Handler, Route, RouteTable
-from relayd.schemas import (
+from relayd.actions import answers, handouts, wrappers
+from relayd.actions.proxy import proxy
+from relayd.actions.schemas import (
     ActionAnswer,
     ActionResponseRequest,
     FilesAnswer,
@@ -32,6 +25,14 @@ from relayd.schemas import (
     VideoGenerationRequest,
     VideoRemixRequest,
 )
+from relayd.handlers import meta, realtime
+from relayd.handlers.passthrough import (
+    create_response_stream,
+    download_file,
+    forward,
+    forward_by_policy,
+)
+from relayd.routing import Body, Exposure, Handler, Route, RouteTable
 
 __all__ = ["TABLE", "build_table"]
 
@@ -352,83 +353,83 @@ _ACTIONS_SURFACE = (
         consequential=False, response_schema=ActionAnswer,
     ),
     _action(
-        "actions", "POST", "/v1/actions/files/upload", actions.upload_file,
+        "actions", "POST", "/v1/actions/files/upload", wrappers.upload_file,
         "uploadFileAction", "Store a file in the team's OpenAI files",
         f"Uploads one file (base64, or one attached file) with a purpose. {_REFS}",
         consequential=True, request_schema=FileUploadRequest,
     ),
     _action(
-        "actions", "GET", "/v1/actions/files/{file_id}/content", deliver.file_content_for_chatgpt,
+        "actions", "GET", "/v1/actions/files/{file_id}/content", handouts.file_content_for_chatgpt,
         "getFileContentAction", "Fetch a stored file into the chat",
         "Returns the file (up to 10 MB) as openaiFileResponse. Files with purpose "
         "user_data are never returned.",
         consequential=False, response_schema=FilesAnswer,
     ),
     _action(
-        "actions", "POST", "/v1/actions/uploads", actions.create_upload,
+        "actions", "POST", "/v1/actions/uploads", wrappers.create_upload,
         "createUploadAction", "Start an upload of a large file in parts",
         consequential=True, request_schema=UploadCreateRequest,
     ),
     _action(
-        "actions", "POST", "/v1/actions/uploads/{upload_id}/parts", actions.add_upload_part,
+        "actions", "POST", "/v1/actions/uploads/{upload_id}/parts", wrappers.add_upload_part,
         "addUploadPartAction", "Add one base64 part to an upload",
         consequential=True, request_schema=UploadPartRequest,
     ),
     _action(
-        "actions", "POST", "/v1/actions/uploads/{upload_id}/complete", actions.complete_upload,
+        "actions", "POST", "/v1/actions/uploads/{upload_id}/complete", wrappers.complete_upload,
         "completeUploadAction", "Finish an upload: its parts, in order, become a file",
         consequential=True, request_schema=UploadCompleteRequest,
     ),
     _action(
-        "actions", "POST", "/v1/actions/uploads/{upload_id}/cancel", actions.cancel_upload,
+        "actions", "POST", "/v1/actions/uploads/{upload_id}/cancel", wrappers.cancel_upload,
         "cancelUploadAction", "Cancel an upload", consequential=True, body=Body.ANY,
     ),
     _action(
-        "actions", "POST", "/v1/actions/images/generations", actions.generate_image,
+        "actions", "POST", "/v1/actions/images/generations", wrappers.generate_image,
         "generateImageAction", "Make images from a prompt",
         "The images come back as openaiFileResponse.",
         consequential=False, request_schema=ImageGenerationRequest, response_schema=FilesAnswer,
     ),
     _action(
-        "actions", "POST", "/v1/actions/images/edits", actions.edit_image,
+        "actions", "POST", "/v1/actions/images/edits", wrappers.edit_image,
         "editImageAction", "Edit or combine images with a prompt",
         f"{_REFS} Every attached file is an input image except the one mask_index names. "
         "The results come back as openaiFileResponse.",
         consequential=False, request_schema=ImageEditRequest, response_schema=FilesAnswer,
     ),
     _action(
-        "actions", "POST", "/v1/actions/images/variations", actions.create_image_variation,
+        "actions", "POST", "/v1/actions/images/variations", wrappers.create_image_variation,
         "createImageVariationAction", "Make variations of one square PNG image (dall-e-2)",
         f"{_REFS} The results come back as openaiFileResponse.",
         consequential=False, request_schema=ImageVariationRequest, response_schema=FilesAnswer,
     ),
     _action(
-        "actions", "POST", "/v1/actions/videos", actions.create_video,
+        "actions", "POST", "/v1/actions/videos", wrappers.create_video,
         "createVideoAction", "Start a video from a prompt (JSON)",
         consequential=True, request_schema=VideoCreateRequest,
     ),
     _action(
-        "actions", "POST", "/v1/actions/videos/generations", actions.generate_video,
+        "actions", "POST", "/v1/actions/videos/generations", wrappers.generate_video,
         "generateVideoAction", "Start a video from a prompt and an optional reference image",
         f"Checks model, size and seconds against the allowed sets. {_REFS} Poll with "
         "getVideoContentAction.",
         consequential=True, request_schema=VideoGenerationRequest,
     ),
     _action(
-        "actions", "POST", "/v1/actions/videos/{video_id}/remix", actions.remix_video,
+        "actions", "POST", "/v1/actions/videos/{video_id}/remix", wrappers.remix_video,
         "remixVideoAction", "Start a new video from a finished one and a prompt",
         consequential=True, request_schema=VideoRemixRequest,
     ),
     _action(
         "actions", "GET", "/v1/actions/videos/{video_id}/content",
-        deliver.video_content_for_chatgpt, "getVideoContentAction",
+        handouts.video_content_for_chatgpt, "getVideoContentAction",
         "Get a finished video as a download link",
         "Answers with the video's status; once completed, a short-lived link in "
         "openaiFileResponse.",
         consequential=False, response_schema=FilesAnswer,
     ),
     _action(
-        "actions", "GET", "/v1/actions/downloads/{token}", deliver.download,
+        "actions", "GET", "/v1/actions/downloads/{token}", handouts.download,
         "downloadHandout", "Download a file relayd handed out (signed, short-lived link)",
         consequential=None, exposure=Exposure.SIGNED,
     ),
@@ -445,7 +446,7 @@ _ACTIONS_SURFACE = (
     ),
 )
 
-# Last: everything else under /v1/ is decided by the path policy (policy.py).
+# Last: everything else under /v1/ is decided by the path policy (paths.py).
 _CATCH_ALL = (
     Route("*", "/v1/{tail:.*}", forward_by_policy, "policy", INTERNAL, "relayByPolicy",
           "Other upstream paths, as the path policy allows", A),

@@ -208,7 +208,7 @@ def reload(app: web.Application, config: str | None, notifier: Notifier) -> None
     changed = sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
     keyring.replace(fresh.keys)
     # What the removed keys opened ends now: realtime sessions here, signed links
-    # when next presented (filestore.py).
+    # when next presented (actions/handout_store.py).
     spawn(end_revoked_sessions(app), name="relayd.revoke_sessions")
     policy_changed = (policy.allow, policy.deny) != (
         tuple(p.lower() for p in fresh.policy_allow),

@@ -19,9 +19,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpServer
 
+from relayd.actions.fetch import check_link
 from relayd.config import DEFAULT_FETCH_HOSTS, Settings, load_settings
 from relayd.errors import PermissionDeniedError
-from relayd.fetch import check_link
 from relayd.upstream import (
     ForbiddenAddressError,
     _PublicOnlyConnector,

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd import mime
-from relayd.mime import EXTENSIONS, IMAGE_TYPES, sniff
+from relayd.actions import mime
+from relayd.actions.mime import EXTENSIONS, IMAGE_TYPES, sniff
 
 OCTET = "application/octet-stream"
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from relayd.actionslint import lint
+from relayd.actions.lint import lint
 from relayd.app import create_app
 from relayd.cli import main
 from relayd.config import ConfigError, Settings, load_settings

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from relayd.actions.proxy_policy import normalise_path
 from relayd.config import RelayKey
-from relayd.proxy_policy import normalise_path
 from tests.conftest import RELAY_KEY
 from tests.fakes.openai import FakeOpenAI
 

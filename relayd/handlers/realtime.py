@@ -35,8 +35,6 @@ from multidict import CIMultiDict
 
 from relayd.auth import EPHEMERAL_PREFIX, WS_KEY_PREFIX
 from relayd.errors import BadRequestError, ClientRequestError, RelayRateLimitError
-from relayd.handlers.common import checked_path, read_json_object, relay
-from relayd.handlers.payload import json_body
 from relayd.handlers.realtime_policy import (
     admit,
     check_named_models,
@@ -47,6 +45,7 @@ from relayd.handlers.realtime_policy import (
 )
 from relayd.headers import redact_secrets
 from relayd.memory import Lease, buffer_lease, share_key
+from relayd.relay import checked_path, json_body, read_json_object, relay
 from relayd.state import (
     KEY,
     KEYRING,

@@ -19,6 +19,7 @@ from typing import Final
 
 from yarl import URL
 
+from relayd.actions.mime import sniff
 from relayd.config import Settings
 from relayd.errors import (
     BadRequestError,
@@ -27,7 +28,6 @@ from relayd.errors import (
     PermissionDeniedError,
 )
 from relayd.memory import Lease
-from relayd.mime import sniff
 from relayd.upstream import Upstream, link_errors, non_public_reason
 
 __all__ = ["Fetched", "check_link", "fetch_link"]

@@ -20,17 +20,16 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from relayd.fit import fit_json
-from relayd.handlers.common import checked_path, relay, send_back, waited_on_upstream
-from relayd.handlers.payload import (
+from relayd.actions.fit import fit_json
+from relayd.actions.payload import (
     is_json,
     json_answer,
-    json_body,
     load,
     read_json,
     upstream_call,
 )
-from relayd.schemas import ActionResponseRequest
+from relayd.actions.schemas import ActionResponseRequest
+from relayd.relay import checked_path, json_body, relay, send_back, waited_on_upstream
 from relayd.state import SETTINGS
 
 __all__ = ["create_action_response", "get_action_response", "stream_action_response"]

@@ -25,19 +25,19 @@ from aiohttp import ClientResponse, web
 from marshmallow import Schema, ValidationError
 from multidict import CIMultiDict
 
+from relayd.actions.fetch import fetch_link
+from relayd.actions.mime import EXTENSIONS, sniff
 from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
-from relayd.fetch import fetch_link
-from relayd.handlers.common import (
+from relayd.headers import response_headers
+from relayd.memory import buffer_lease
+from relayd.relay import (
     exchange,
     read_capped,
     read_json_object,
     waited_on_upstream,
 )
-from relayd.headers import response_headers
-from relayd.memory import buffer_lease
-from relayd.mime import EXTENSIONS, sniff
 from relayd.state import SETTINGS, UPSTREAM
-from relayd.streams.multipart import FilePart, SlicedBytesPayload, TextPart
+from relayd.streams.multipart import FilePart, TextPart
 from relayd.upstream import mapped_errors
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
     "form_fields",
     "is_json",
     "json_answer",
-    "json_body",
     "load",
     "read_json",
     "upstream_call",
@@ -216,11 +215,6 @@ def form_fields(values: Mapping[str, Any], prefix: str = "") -> list[TextPart]:
         else:
             parts.append(TextPart(name, _scalar(value)))
     return parts
-
-
-def json_body(value: Any) -> SlicedBytesPayload:
-    """``value`` as a JSON request body for upstream (any size, no warning)."""
-    return SlicedBytesPayload(json.dumps(value).encode(), content_type="application/json")
 
 
 def _scalar(value: Any) -> str:

@@ -1,8 +1,10 @@
 """What every relaying handler does: send upstream, then stream the answer back.
 
-Handlers decide *what* goes upstream; these helpers do the rest the same way for
-all of them: body streaming under the cap, header hygiene, honest stream endings,
-and redaction of upstream error bodies.
+Both faces (the OpenAI face in ``handlers/``, the GPT Actions face in ``actions/``)
+relay through here, so it sits one floor below them. Handlers decide *what* goes
+upstream; these helpers do the rest the same way for all of them: body streaming
+under the cap, header hygiene, honest stream endings, and redaction of upstream
+error bodies.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from relayd.headers import (
     response_headers,
 )
 from relayd.memory import buffer_lease, share_key
-from relayd.policy import upstream_path
+from relayd.paths import upstream_path
 from relayd.state import (
     BROKEN,
     METRICS,
@@ -56,6 +58,7 @@ from relayd.streams import (
     pump,
     pump_request_body,
 )
+from relayd.streams.multipart import SlicedBytesPayload
 from relayd.upstream import failure_cause, mapped_errors
 from relayd.usage import UsageTap
 
@@ -64,6 +67,7 @@ __all__ = [
     "checked_path",
     "downloadable_file",
     "exchange",
+    "json_body",
     "parse_json",
     "read_capped",
     "read_json_object",
@@ -93,6 +97,11 @@ FILE_METADATA_CAP: Final = 64 * 1024
 # validation or when re-encoded for upstream. OpenAI's own bodies nest a few tens
 # deep at most (structured-output schemas allow 10 levels).
 MAX_JSON_DEPTH: Final = 128
+
+
+def json_body(value: Any) -> SlicedBytesPayload:
+    """``value`` as a JSON request body for upstream (any size, no warning)."""
+    return SlicedBytesPayload(json.dumps(value).encode(), content_type="application/json")
 
 
 def checked_path(request: web.Request) -> str:

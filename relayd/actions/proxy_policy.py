@@ -16,7 +16,7 @@ own, so it is narrow on purpose. A call passes only if, in this order:
    needs its scope as well as ``proxy`` (handlers/proxy.py checks it).
 
 Every refusal is a 403 with its reason (a malformed envelope is a 400).
-This module is apart from policy.py, which rules the catch-all by operator patterns;
+This module is apart from paths.py, which rules the catch-all by operator patterns;
 here the rules are fixed and derived from the route table.
 """
 

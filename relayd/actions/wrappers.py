@@ -5,7 +5,7 @@ routes take files as base64, as ``openaiFileIdRefs`` download links or as an
 ``image_url``, validate everything (schemas.py) before anything goes upstream, and
 build the multipart body upstream expects as a stream (streams/multipart.py).
 Upstream's answer comes back unchanged, except that generated images move from
-``b64_json`` into ``openaiFileResponse`` (deliver.py), the one way ChatGPT shows
+``b64_json`` into ``openaiFileResponse`` (handouts.py), the one way ChatGPT shows
 a file.
 """
 
@@ -17,23 +17,20 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from relayd.errors import BadRequestError, PayloadTooLargeError, RelaydError
-from relayd.handlers.common import checked_path, relay, send_back
-from relayd.handlers.deliver import images_for_chatgpt
-from relayd.handlers.payload import (
+from relayd.actions.handouts import images_for_chatgpt
+from relayd.actions.mime import IMAGE_TYPES
+from relayd.actions.payload import (
     InputFile,
     file_from_base64,
     file_from_link,
     form_fields,
     is_json,
     json_answer,
-    json_body,
     load,
     read_json,
     upstream_call,
 )
-from relayd.mime import IMAGE_TYPES
-from relayd.schemas import (
+from relayd.actions.schemas import (
     FileRef,
     FileUploadRequest,
     ImageEditRequest,
@@ -46,6 +43,8 @@ from relayd.schemas import (
     VideoGenerationRequest,
     VideoRemixRequest,
 )
+from relayd.errors import BadRequestError, PayloadTooLargeError, RelaydError
+from relayd.relay import checked_path, json_body, relay, send_back
 from relayd.state import SETTINGS, UPSTREAM
 from relayd.streams.multipart import FilePart, TextPart, multipart_body
 

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from relayd.errors import PermissionDeniedError
-from relayd.fit import fit_json
-from relayd.handlers.common import send_back
-from relayd.handlers.payload import (
+from relayd.actions.fit import fit_json
+from relayd.actions.payload import (
     is_json,
     json_answer,
-    json_body,
     load,
     read_json,
     upstream_call,
 )
-from relayd.proxy_policy import check_proxy_call
-from relayd.schemas import ProxyRequest
+from relayd.actions.proxy_policy import check_proxy_call
+from relayd.actions.schemas import ProxyRequest
+from relayd.errors import PermissionDeniedError
+from relayd.relay import json_body, send_back
 from relayd.state import KEY, SETTINGS, TABLE
 
 __all__ = ["proxy"]

@@ -5,7 +5,7 @@ ten files of at most 10 MB): inline ``{name, mime_type, content}`` objects, or h
 URLs it fetches within 10 s, which must answer with ``Content-Type`` and
 ``Content-Disposition`` (notes A6). relayd inlines files when every one is small
 (``[actions] inline_max_bytes``) and together they leave the answer well under
-the character limit; otherwise every file becomes a signed link (filestore.py),
+the character limit; otherwise every file becomes a signed link (handout_store.py),
 one form per answer, never a mix.
 """
 
@@ -22,14 +22,16 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from relayd.actions.handout_store import Claims
+from relayd.actions.mime import EXTENSIONS, sniff
+from relayd.actions.payload import is_json, json_answer, read_json, upstream_call
 from relayd.errors import (
     BadRequestError,
     NotFoundError,
     PayloadTooLargeError,
     RelaydError,
 )
-from relayd.filestore import Claims
-from relayd.handlers.common import (
+from relayd.relay import (
     checked_path,
     downloadable_file,
     exchange,
@@ -37,9 +39,7 @@ from relayd.handlers.common import (
     send_back,
     stream_back,
 )
-from relayd.handlers.payload import is_json, json_answer, read_json, upstream_call
-from relayd.mime import EXTENSIONS, sniff
-from relayd.state import HANDOFF, KEY, SETTINGS, TABLE, UPSTREAM
+from relayd.state import HANDOUTS, KEY, SETTINGS, TABLE, UPSTREAM
 from relayd.upstream import mapped_errors
 
 __all__ = [
@@ -100,7 +100,7 @@ def origin(request: web.Request) -> str:
 async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
     """``openaiFileResponse`` for ``items``: all inline, or all signed links."""
     settings = request.app[SETTINGS]
-    handoff = request.app[HANDOFF]
+    store = request.app[HANDOUTS]
     download_route = request.app[TABLE].by_operation_id(DOWNLOAD_OPERATION)
     inline_budget = settings.actions_max_answer_chars // 2
     sizes = [len(i.data) if i.data is not None else None for i in items]
@@ -120,9 +120,9 @@ async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
     for item in items:
         claims = item.claims
         if claims is None:
-            blob = await handoff.keep(item.data or b"")
+            blob = await store.keep(item.data or b"")
             claims = Claims("blob", blob, item.name, item.media_type)
-        token = handoff.token(claims, request.get(KEY))
+        token = store.token(claims, request.get(KEY))
         links.append(base + download_route.path.replace("{token}", token))
     return links
 
@@ -259,7 +259,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     No relay key: the token is the credential (HMAC-signed, expiring). Upstream
     objects stream through chunk by chunk; stored blobs are served from disk.
     """
-    claims = request.app[HANDOFF].claims(request.match_info["token"])
+    claims = request.app[HANDOUTS].claims(request.match_info["token"])
     labels = {
         "Content-Type": claims.media_type,
         "Content-Disposition": content_disposition(claims.filename),
@@ -267,7 +267,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         "X-Content-Type-Options": "nosniff",
     }
     if claims.kind == "blob":
-        path = await request.app[HANDOFF].blob_path(claims.ref)
+        path = await request.app[HANDOUTS].blob_path(claims.ref)
         return web.FileResponse(path, headers=labels)
     if claims.kind == "file":
         path_qs = f"/v1/files/{quote(claims.ref, safe='')}/content"

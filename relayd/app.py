@@ -20,7 +20,7 @@ from aiohttp import web
 from relayd.actions.handout_store import HandoutStore, handout_store_ctx
 from relayd.auth import KeyRing, auth_middleware
 from relayd.config import ConfigError, Settings
-from relayd.errors import error_middleware
+from relayd.error_shape import error_middleware
 from relayd.handlers.realtime import close_bridges
 from relayd.limits import limits_middleware
 from relayd.logs import access_middleware, add_request_id, scrub_aiohttp_logs

@@ -62,7 +62,8 @@ _ERROR_REF: Final = {
 
 
 def _error_schema(nullable: bool) -> dict[str, Any]:
-    # The GPT builder is wary of null unions (notes A2), so its document says string.
+    # The GPT builder is wary of null unions, so its document says string
+    # (docs/chatgpt.md#the-actions-document).
     maybe: Any = ["string", "null"] if nullable else "string"
     return {
         "type": "object",

@@ -269,11 +269,12 @@ _MODELS_AND_MORE = (
 )
 
 _REALTIME = (
-    # WebSocket upgrades: what the official SDKs dial, and the predecessor's path.
+    # WebSocket upgrades: what the official SDKs dial, and the path clients written for
+    # an earlier relay dial (docs/design.md#older-spellings).
     _relay("realtime", "GET", "/v1/realtime", "connectRealtime",
            "Open a realtime WebSocket session", handler=realtime.bridge_realtime),
     _relay("realtime", "GET", "/v1/realtime/ws", "connectRealtimeWs",
-           "Open a realtime WebSocket session (predecessor path)",
+           "Open a realtime WebSocket session (older path)",
            handler=realtime.bridge_realtime),
     # REST: every handler applies the [realtime] policy (enabled, allowed models).
     _relay("realtime", "POST", "/v1/realtime/client_secrets", "createRealtimeClientSecret",
@@ -326,7 +327,8 @@ def _action(
     )
 
 
-# The ChatGPT Actions surface (SPEC §3, §5): JSON wrappers validated by schemas.py,
+# The ChatGPT Actions surface (docs/chatgpt.md#the-actions-document): JSON wrappers
+# validated by their request_schema,
 # answers that fit ChatGPT's limits, files handed back as openaiFileResponse.
 # Consequential (ChatGPT asks the user every time): anything that stores, spends a
 # lot, or reaches arbitrary endpoints; reading and making images do not.

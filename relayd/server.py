@@ -129,7 +129,8 @@ async def serve(settings: Settings, config: str | None) -> None:
     app = create_app(settings)
     runner = web.AppRunner(
         app,
-        handler_cancellation=True,  # DESIGN: a hang-up cancels the handler, as in tests
+        handler_cancellation=True,  # a hang-up cancels the handler, as in tests
+        # (docs/design.md#a-hang-up-cancels-upstream-at-once)
         access_log=None,
         shutdown_timeout=settings.drain_timeout_s,
         keepalive_timeout=settings.keepalive_timeout_s,

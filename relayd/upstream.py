@@ -8,7 +8,7 @@ share of the pool, 429 at once), and translates aiohttp's
 exceptions into relayd's errors in exactly one place (:func:`mapped_errors`, the
 httpx ``map_httpcore_exceptions`` idiom).
 
-Timeouts (SPEC §4): ``connect`` bounds the TCP/TLS connect; ``first_byte`` bounds
+Timeouts (docs/streaming.md#timeouts): ``connect`` bounds the TCP/TLS connect; ``first_byte`` bounds
 the wait for the response head once the request body is sent; ``idle`` bounds each
 gap between body chunks afterwards, and how long upstream may leave a chunk of a
 streamed request body unread (:class:`_SendWatch`). There is no total cap, so a
@@ -43,6 +43,7 @@ from relayd.config import Settings
 from relayd.errors import (
     AuthenticationError,
     BadRequestError,
+    ForbiddenAddressError,
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
@@ -58,7 +59,6 @@ from relayd.headers import request_headers
 from relayd.streams import LimitExceededError
 
 __all__ = [
-    "ForbiddenAddressError",
     "Upstream",
     "failure_cause",
     "link_errors",
@@ -247,9 +247,6 @@ class _NoDelayConnector(aiohttp.TCPConnector):
 # to (which also covers IP literals, DNS rebinding between lookup and connect, and
 # any resolver cache). fetch.py decides which URLs may be tried at all.
 
-
-class ForbiddenAddressError(OSError):
-    """A user file link led to an address relayd never fetches from."""
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

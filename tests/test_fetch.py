@@ -1,4 +1,5 @@
-"""The safe fetcher for user file links (SPEC §2): what it refuses, and where.
+"""The safe fetcher for user file links (docs/security.md#files-and-links): what it
+refuses, and where.
 
 Refusals use the default configuration (https only, ChatGPT's hosts, no private
 peers) wherever the case allows; the cases that need a server to misbehave use the
@@ -21,9 +22,8 @@ from pytest_aiohttp import AiohttpServer
 
 from relayd.actions.fetch import check_link
 from relayd.config import DEFAULT_FETCH_HOSTS, Settings, load_settings
-from relayd.errors import PermissionDeniedError
+from relayd.errors import ForbiddenAddressError, PermissionDeniedError
 from relayd.upstream import (
-    ForbiddenAddressError,
     _PublicOnlyConnector,
     _refuse_non_public,
     non_public_reason,

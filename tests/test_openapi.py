@@ -1,4 +1,5 @@
-"""Both OpenAPI documents, derived from the route table, and the GPT builder lint (SPEC §5)."""
+"""Both OpenAPI documents, derived from the route table, and the GPT builder lint
+(docs/chatgpt.md#the-actions-document)."""
 
 from __future__ import annotations
 

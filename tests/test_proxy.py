@@ -1,4 +1,5 @@
-"""``/v1/proxy``: the predecessor's allowlist and blocks, deny by default, no path tricks."""
+"""``/v1/proxy``: an allowlist and blocks, deny by default, no path tricks
+(docs/security.md#the-proxy-envelope)."""
 
 from __future__ import annotations
 

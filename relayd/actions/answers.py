@@ -1,14 +1,14 @@
 """Model answers that fit ChatGPT's limits, and the streaming wrapper for everyone else.
 
-A GPT action must answer within 45 s and under 100,000 characters and cannot read
-a stream (notes A3). ``POST /v1/actions/responses`` therefore starts the response
-in background mode upstream (``background: true``, ``store: true``, ``stream:
-false``) and polls it until it finishes or the answer budget (``[actions]
-answer_budget``, 25 s by default) is spent. Finished: the output text with id,
-model and usage. Not yet: the id and ``status: in_progress``, which
-``GET /v1/actions/responses/{id}`` picks up (and waits on again, up to the budget).
-The work goes on upstream meanwhile; nothing is lost to a timeout. Long texts are
-cut to ``[actions] max_answer_chars`` with a note that says so (fit.py).
+A GPT action must answer within 45 s and under 100,000 characters and cannot read a
+stream (docs/chatgpt.md#time-budget, docs/chatgpt.md#no-streaming).
+``POST /v1/actions/responses`` therefore starts the response in background mode upstream
+(``background: true``, ``store: true``, ``stream: false``) and polls it until it
+finishes or the answer budget (``[actions] answer_budget``, 25 s by default) is spent.
+Finished: the output text with id, model and usage. Not yet: the id and ``status:
+in_progress``, which ``GET /v1/actions/responses/{id}`` picks up (and waits on again, up
+to the budget). The work goes on upstream meanwhile; nothing is lost to a timeout. Long
+texts are cut to ``[actions] max_answer_chars`` with a note that says so (fit.py).
 """
 
 from __future__ import annotations

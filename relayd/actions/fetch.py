@@ -1,4 +1,4 @@
-"""Safe download of user file links (SPEC §2, "Fetching user files").
+"""Safe download of user file links (docs/security.md#files-and-links).
 
 A link is tried only if it is https (unless configured otherwise), carries no
 credentials, and names an allowlisted host (ChatGPT's file hosts by default); an IP

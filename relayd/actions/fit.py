@@ -1,6 +1,7 @@
 """Answers that fit ChatGPT's limit: under 100,000 characters, and saying so when cut.
 
-GPT Actions refuse a response of 100,000 characters or more (notes A3). ChatGPT
+GPT Actions refuse a response of 100,000 characters or more
+(docs/chatgpt.md#answer-size). ChatGPT
 counts characters, so sizes here are ``len()`` of the JSON text as relayd sends it
 (``ensure_ascii=False``: an "é" is one character, not the six of ``\\u00e9``).
 Cutting always leaves a note in the answer itself, so the model can tell the user.

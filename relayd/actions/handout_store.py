@@ -1,9 +1,10 @@
 """Short-lived signed download links for files relayd hands back to ChatGPT.
 
-GPT Actions show files only through ``openaiFileResponse``: inline base64, or https
-URLs that answer with ``Content-Type`` and ``Content-Disposition`` within 10 s
-(notes A6). ChatGPT fetches those URLs without the action's credentials, so the URL
-itself is the credential: an HMAC-SHA256-signed token with an expiry.
+GPT Actions show files only through ``openaiFileResponse``: inline base64, or https URLs
+that answer with ``Content-Type`` and ``Content-Disposition`` within 10 s
+(docs/chatgpt.md#files-out-openaifileresponse, docs/security.md#signed-links). ChatGPT
+fetches those URLs without the action's credentials, so the URL itself is the
+credential: an HMAC-SHA256-signed token with an expiry.
 
 - Upstream files and videos need no storage: the token names the upstream object
   (stateless), and the download handler streams it from upstream when asked.

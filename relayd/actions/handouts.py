@@ -1,12 +1,12 @@
 """Files handed back to ChatGPT as ``openaiFileResponse``, and the links behind them.
 
-ChatGPT shows a file from an action only through ``openaiFileResponse`` (at most
-ten files of at most 10 MB): inline ``{name, mime_type, content}`` objects, or https
-URLs it fetches within 10 s, which must answer with ``Content-Type`` and
-``Content-Disposition`` (notes A6). relayd inlines files when every one is small
-(``[actions] inline_max_bytes``) and together they leave the answer well under
-the character limit; otherwise every file becomes a signed link (handout_store.py),
-one form per answer, never a mix.
+ChatGPT shows a file from an action only through ``openaiFileResponse`` (at most ten
+files of at most 10 MB): inline ``{name, mime_type, content}`` objects, or https URLs it
+fetches within 10 s, which must answer with ``Content-Type`` and ``Content-Disposition``
+(docs/chatgpt.md#files-out-openaifileresponse). relayd inlines files when every one is
+small (``[actions] inline_max_bytes``) and together they leave the answer well under the
+character limit; otherwise every file becomes a signed link (handout_store.py), one form
+per answer, never a mix.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from relayd.errors import (
     BadRequestError,
     NotFoundError,
     PayloadTooLargeError,
-    RelaydError,
+    PublicUrlNotSetError,
 )
 from relayd.relay import (
     checked_path,
@@ -44,7 +44,6 @@ from relayd.upstream import mapped_errors
 
 __all__ = [
     "Handout",
-    "PublicUrlNotSetError",
     "download",
     "file_content_for_chatgpt",
     "hand_out",
@@ -73,12 +72,6 @@ class Handout:
     data: bytes | None = None
     claims: Claims | None = None
 
-
-class PublicUrlNotSetError(RelaydError):
-    """A link is needed and ``RELAYD_PUBLIC_URL`` is not set: the operator's mistake."""
-
-    status = 500
-    default_code = "public_url_not_set"
 
 
 def origin(request: web.Request) -> str:

@@ -192,7 +192,8 @@ async def file_from_link(
 
 
 def form_fields(values: Mapping[str, Any], prefix: str = "") -> list[TextPart]:
-    """JSON values as form fields, the way the openai SDK encodes them (notes B8):
+    """JSON values as form fields, the way the openai SDK encodes them
+    (docs/chatgpt.md#json-in-multipart-upstream):
     ``key[sub]`` for objects, ``key[]`` for lists, ``true``/``false`` for booleans."""
     parts: list[TextPart] = []
     for key, value in values.items():

@@ -1,11 +1,12 @@
 """``POST /v1/proxy``: one JSON call to an allowlisted OpenAI path, for GPT Actions.
 
-The envelope is ``{method, path, query|params, body|json}`` (the predecessor's
-names). proxy_policy.py decides; a refusal is a 403 with its reason and nothing
-goes upstream. The key needs the scope of the route the call reaches, not only
-``proxy``: otherwise a key scoped to ``proxy`` could list and delete files. JSON
-answers come back cut to ChatGPT's character limit when they must be (with a note
-saying so); anything else comes back as upstream sent it.
+The envelope is ``{method, path, query|params, body|json}``; clients written for an
+earlier relay send ``params`` and ``json`` (docs/design.md#older-spellings).
+proxy_policy.py decides; a refusal is a 403 with its reason and nothing goes upstream.
+The key needs the scope of the route the call reaches, not only ``proxy``: otherwise a
+key scoped to ``proxy`` could list and delete files. JSON answers come back cut to
+ChatGPT's character limit when they must be (with a note saying so); anything else comes
+back as upstream sent it.
 """
 
 from __future__ import annotations

@@ -290,9 +290,10 @@ async def remix_video(request: web.Request) -> web.StreamResponse:
 async def generate_video(request: web.Request) -> web.StreamResponse:
     """``POST /v1/actions/videos/generations`` → multipart ``POST /v1/videos``.
 
-    The predecessor's checks (prompt; model, size and seconds from the configured
-    sets; legacy duration and frame caps; a base64 reference under the size cap),
-    and the path that exists upstream (it posted to ``/v1/videos/generations``).
+    The checks of docs/chatgpt.md#video-checks (prompt; model, size and seconds from
+    the configured sets; older clients' duration and frame caps; a base64 reference
+    under the size cap), then the path that exists upstream (``/v1/videos``, not
+    ``/v1/videos/generations``).
     """
     settings = request.app[SETTINGS]
     schema = VideoGenerationRequest(

@@ -22,14 +22,11 @@ from aiohttp import web
 
 from relayd.actions.fit import fit_json
 from relayd.actions.payload import (
-    is_json,
     json_answer,
     load,
-    read_json,
-    upstream_call,
+    upstream_json,
 )
-from relayd.actions.schemas import ActionResponseRequest
-from relayd.relay import checked_path, json_body, relay, send_back, waited_on_upstream
+from relayd.relay import checked_path, json_body, relay, waited_on_upstream
 from relayd.state import SETTINGS
 
 __all__ = ["create_action_response", "get_action_response", "stream_action_response"]
@@ -96,10 +93,10 @@ async def _poll(
         slept = time.perf_counter()
         await asyncio.sleep(min(settings.actions_poll_interval_s, remaining))
         waited_on_upstream(request, slept)  # the model's time, not the relay's
-        async with upstream_call(request, "GET", path) as answer:
-            if not is_json(answer):
-                raise _Passthrough(await send_back(request, answer))
-            fresh = await read_json(request, answer)
+        got = await upstream_json(request, "GET", path)
+        if isinstance(got, web.StreamResponse):
+            raise _Passthrough(got)
+        fresh = got.document
         if not isinstance(fresh, dict):
             break
         response = fresh
@@ -130,16 +127,16 @@ async def create_action_response(request: web.Request) -> web.StreamResponse:
     """``POST /v1/actions/responses``: the answer within the budget, or a handle."""
     settings = request.app[SETTINGS]
     deadline = asyncio.get_running_loop().time() + settings.actions_answer_budget_s
-    body = await load(request, ActionResponseRequest())
+    body = await load(request)
     body.setdefault("model", settings.default_model)
     body.update(stream=False, background=True, store=True)  # store: background needs it
-    async with upstream_call(
+    got = await upstream_json(
         request, "POST", "/v1/responses", data=json_body(body),
         content_type="application/json",
-    ) as answer:
-        if not is_json(answer):
-            return await send_back(request, answer)
-        started = await read_json(request, answer)
+    )
+    if isinstance(got, web.StreamResponse):
+        return got
+    started = got.document
     if not isinstance(started, dict):
         return json_answer(started)
     return await _respond(request, started, deadline)
@@ -151,10 +148,10 @@ async def get_action_response(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     deadline = asyncio.get_running_loop().time() + settings.actions_answer_budget_s
     path = f"/v1/responses/{quote(request.match_info['response_id'], safe='')}"
-    async with upstream_call(request, "GET", path) as answer:
-        if not is_json(answer):
-            return await send_back(request, answer)
-        current = await read_json(request, answer)
+    got = await upstream_json(request, "GET", path)
+    if isinstance(got, web.StreamResponse):
+        return got
+    current = got.document
     if not isinstance(current, dict):
         return json_answer(current)
     return await _respond(request, current, deadline)
@@ -166,7 +163,7 @@ async def stream_action_response(request: web.Request) -> web.StreamResponse:
     For scripts and apps, not for GPT Actions (which cannot read a stream).
     """
     settings = request.app[SETTINGS]
-    body = await load(request, ActionResponseRequest())
+    body = await load(request)
     body.setdefault("model", settings.default_model)
     body["stream"] = True
     return await relay(request, "POST", "/v1/responses", data=json_body(body))

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from relayd.actions.handout_store import Claims
 from relayd.actions.mime import EXTENSIONS, sniff
-from relayd.actions.payload import is_json, json_answer, read_json, upstream_call
+from relayd.actions.payload import json_answer, upstream_call, upstream_json
 from relayd.errors import (
     BadRequestError,
     NotFoundError,
@@ -40,7 +40,6 @@ from relayd.relay import (
     stream_back,
 )
 from relayd.state import HANDOUTS, KEY, SETTINGS, TABLE, UPSTREAM
-from relayd.upstream import mapped_errors
 
 __all__ = [
     "Handout",
@@ -189,8 +188,7 @@ async def file_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
         async with upstream_call(request, "GET", path) as content:
             if content.status >= 400:
                 return await send_back(request, content)
-            with mapped_errors():
-                raw = await read_capped(content.content, settings.actions_inline_max_bytes)
+            raw = await read_capped(content.content, settings.actions_inline_max_bytes)
         sniffed = sniff(raw)
         kind = item.media_type if sniffed == "application/octet-stream" else sniffed
         item = Handout(name, kind, data=raw, claims=item.claims)
@@ -214,10 +212,10 @@ async def video_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
             f"variant must be one of: {', '.join(_VARIANTS)}.", code="invalid_value",
             param="variant",
         )
-    async with upstream_call(request, "GET", f"/v1/videos/{quote(video_id, safe='')}") as answer:
-        if not is_json(answer):
-            return await send_back(request, answer)
-        meta = await read_json(request, answer)
+    got = await upstream_json(request, "GET", f"/v1/videos/{quote(video_id, safe='')}")
+    if isinstance(got, web.StreamResponse):
+        return got
+    meta = got.document
     status = meta.get("status") if isinstance(meta, dict) else None
     summary = {"id": video_id, "status": status, "progress": meta.get("progress")}
     if status != "completed":

@@ -6,7 +6,8 @@
 - :func:`file_from_base64`, :func:`file_from_link` turn the ways a GPT can hand over
   a file into bytes with a name and a sniffed media type, under the size cap.
 - :func:`upstream_call` opens an upstream request whose answer relayd itself reads
-  (identity encoding); :func:`read_json` reads it under a cap.
+  (identity encoding); :func:`upstream_json` reads a JSON answer under a cap and
+  passes anything else back unchanged.
 """
 
 from __future__ import annotations
@@ -34,22 +35,22 @@ from relayd.relay import (
     exchange,
     read_capped,
     read_json_object,
+    send_back,
     waited_on_upstream,
 )
-from relayd.state import SETTINGS, UPSTREAM
+from relayd.state import ROUTE, SETTINGS, UPSTREAM
 from relayd.streams.multipart import FilePart, TextPart
-from relayd.upstream import mapped_errors
 
 __all__ = [
     "InputFile",
     "file_from_base64",
     "file_from_link",
     "form_fields",
-    "is_json",
     "json_answer",
     "load",
-    "read_json",
+    "UpstreamJSON",
     "upstream_call",
+    "upstream_json",
     "validated",
 ]
 
@@ -98,9 +99,12 @@ def validated(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-async def load(request: web.Request, schema: Schema) -> dict[str, Any]:
-    """The request's JSON body, validated by ``schema`` (400 naming the field)."""
-    return validated(schema, await read_json_object(request))
+async def load(request: web.Request, **options: Any) -> dict[str, Any]:
+    """The request's JSON body, validated by its route's ``request_schema`` (400
+    naming the field); ``options`` go to the schema (the configured sets it checks)."""
+    schema_class = request[ROUTE].request_schema
+    assert schema_class is not None, "routes.py names a request_schema for every wrapper"
+    return validated(schema_class(**options), await read_json_object(request))
 
 
 # ------------------------------------------------------------------ file inputs
@@ -250,16 +254,42 @@ async def upstream_call(
         yield answer
 
 
-def is_json(answer: ClientResponse) -> bool:
-    return answer.content_type == "application/json" and answer.status < 400
+@dataclass(frozen=True, slots=True)
+class UpstreamJSON:
+    """A JSON answer relayd read whole: the document, and the answer for its head
+    (status, request id and rate-limit headers stay readable after the body)."""
+
+    document: Any
+    answer: ClientResponse
 
 
-async def read_json(request: web.Request, answer: ClientResponse) -> Any:
+async def upstream_json(
+    request: web.Request,
+    method: str,
+    path_qs: str,
+    *,
+    data: Any = None,
+    content_type: str | None = None,
+) -> UpstreamJSON | web.StreamResponse:
+    """Call upstream for an answer relayd reads itself (:func:`upstream_call`).
+
+    A JSON answer below 400 comes back parsed; anything else (an error, a non-JSON
+    body) has already been passed back to the client unchanged, and that response is
+    what the caller returns.
+    """
+    async with upstream_call(
+        request, method, path_qs, data=data, content_type=content_type
+    ) as answer:
+        if answer.content_type != "application/json" or answer.status >= 400:
+            return await send_back(request, answer)
+        return UpstreamJSON(await _read_json(request, answer), answer)
+
+
+async def _read_json(request: web.Request, answer: ClientResponse) -> Any:
     """A whole JSON answer (under the JSON cap); malformed JSON is upstream's fault."""
     cap = request.app[SETTINGS].max_json_bytes
     started = time.perf_counter()
-    with mapped_errors():
-        raw = await read_capped(answer.content, cap)
+    raw = await read_capped(answer.content, cap)
     waited_on_upstream(request, started)
     try:
         return json.loads(raw)

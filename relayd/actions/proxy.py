@@ -15,23 +15,20 @@ from aiohttp import web
 
 from relayd.actions.fit import fit_json
 from relayd.actions.payload import (
-    is_json,
     json_answer,
     load,
-    read_json,
-    upstream_call,
+    upstream_json,
 )
 from relayd.actions.proxy_policy import check_proxy_call
-from relayd.actions.schemas import ProxyRequest
 from relayd.errors import PermissionDeniedError
-from relayd.relay import json_body, send_back
+from relayd.relay import json_body
 from relayd.state import KEY, SETTINGS, TABLE
 
 __all__ = ["proxy"]
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    envelope = await load(request, ProxyRequest())
+    envelope = await load(request)
     call = check_proxy_call(
         request.app[TABLE],
         envelope["method"],
@@ -50,12 +47,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if call.method not in ("GET", "DELETE"):
         data = json_body(call.body if call.body is not None else {})
     content_type = "application/json" if data is not None else None
-    async with upstream_call(
+    got = await upstream_json(
         request, call.method, call.path_qs, data=data, content_type=content_type
-    ) as answer:
-        if not is_json(answer):
-            return await send_back(request, answer)
-        result = await read_json(request, answer)
-        if isinstance(result, dict):
-            result = fit_json(result, request.app[SETTINGS].actions_max_answer_chars)
-        return json_answer(result, status=answer.status, upstream=answer)
+    )
+    if isinstance(got, web.StreamResponse):
+        return got
+    result = got.document
+    if isinstance(result, dict):
+        result = fit_json(result, request.app[SETTINGS].actions_max_answer_chars)
+    return json_answer(result, status=got.answer.status, upstream=got.answer)

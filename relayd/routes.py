@@ -7,6 +7,8 @@ reader can look them up there.
 
 from __future__ import annotations
 
+from typing import Any
+
 from marshmallow import Schema
 
 from relayd.actions import answers, handouts, wrappers
@@ -42,7 +44,7 @@ __all__ = ["TABLE", "build_table"]
 # order (group, method, path, operationId, summary); everything else is by keyword.
 
 
-def _relay(
+def _route(
     group: str,
     method: str,
     path: str,
@@ -52,297 +54,14 @@ def _relay(
     handler: Handler = forward,
     body: Body = Body.NONE,
     exposure: Exposure = Exposure.RELAY,
-) -> Route:
-    return Route(method, path, handler, group, exposure, operation_id, summary, body)
-
-
-def _meta(
-    group: str,
-    method: str,
-    path: str,
-    operation_id: str,
-    summary: str,
-    *,
-    handler: Handler,
-    exposure: Exposure,
-) -> Route:
-    # Meta routes change nothing: an Actions candidate among them never needs the
-    # user's confirmation (x-openai-isConsequential: false).
-    consequential = False if exposure is Exposure.ACTIONS else None
-    return Route(
-        method, path, handler, group, exposure, operation_id, summary,
-        consequential=consequential,
-    )
-
-
-PUBLIC, ACTIONS, INTERNAL = Exposure.PUBLIC, Exposure.ACTIONS, Exposure.INTERNAL
-
-# The declarations keep one route to a few lines; `ruff format` would spread each
-# argument over a line of its own.
-# fmt: off
-_META = (
-    _meta("meta", "GET", "/", "getRoot", "Relay health (root)", handler=meta.health,
-          exposure=PUBLIC),
-    _meta("meta", "GET", "/health", "getHealth", "Relay health", handler=meta.health,
-          exposure=PUBLIC),
-    _meta("meta", "GET", "/v1/health", "getHealthV1", "Relay health", handler=meta.health,
-          exposure=PUBLIC),
-    _meta("meta", "GET", "/actions/ping", "pingActions", "Check the relay answers",
-          handler=meta.ping, exposure=ACTIONS),
-    _meta("meta", "GET", "/v1/actions/ping", "ping", "Check the relay answers", handler=meta.ping,
-          exposure=ACTIONS),
-    _meta("meta", "GET", "/actions/relay_info", "getRelayInfoFlat",
-          "Relay name, version and upstream (flat)", handler=meta.relay_info_flat,
-          exposure=ACTIONS),
-    _meta("meta", "GET", "/v1/actions/relay_info", "getRelayInfo",
-          "Relay name, version and upstream", handler=meta.relay_info, exposure=ACTIONS),
-    _meta("meta", "GET", "/manifest", "getManifest", "Every route relayd serves",
-          handler=meta.manifest, exposure=PUBLIC),
-    _meta("meta", "GET", "/v1/manifest", "getManifestV1", "Every route relayd serves",
-          handler=meta.manifest, exposure=Exposure.RELAY),
-    _meta("meta", "GET", "/v1/tools", "listTools", "List team tools", handler=meta.list_tools,
-          exposure=Exposure.RELAY),
-    _meta("meta", "GET", "/v1/tools/{tool_id}", "getTool", "Get one team tool",
-          handler=meta.get_tool, exposure=Exposure.RELAY),
-    _meta("meta", "GET", "/.well-known/ai-plugin.json", "getAiPlugin",
-          "Plugin manifest for ChatGPT", handler=meta.ai_plugin, exposure=PUBLIC),
-    _meta("meta", "GET", "/openapi.json", "getOpenAPI", "This API's OpenAPI",
-          handler=meta.openapi_full, exposure=PUBLIC),
-    # Behind a relay key; a key scoped to "metrics" alone suits the Prometheus scraper.
-    _relay("metrics", "GET", "/metrics", "getMetrics", "Prometheus metrics", handler=meta.metrics,
-           exposure=INTERNAL),
-    _meta("meta", "GET", "/openapi.actions.json", "getOpenAPIActions",
-          "OpenAPI subset for GPT Actions", handler=meta.openapi_actions, exposure=PUBLIC),
-)
-
-_RESPONSES = (
-    _relay("responses", "POST", "/v1/responses", "createResponse", "Create a model response",
-           body=Body.JSON),
-    _relay("responses", "POST", "/v1/responses:stream", "createResponseStream",
-           "Create a model response, streamed as server-sent events",
-           handler=create_response_stream, body=Body.JSON),
-    _relay("responses", "POST", "/v1/responses/input_tokens", "getInputTokenCounts",
-           "Count input tokens", body=Body.JSON),
-    _relay("responses", "POST", "/v1/responses/compact", "compactConversation",
-           "Compact a conversation", body=Body.JSON),
-    _relay("responses", "GET", "/v1/responses/{response_id}", "getResponse", "Get a response"),
-    _relay("responses", "DELETE", "/v1/responses/{response_id}", "deleteResponse",
-           "Delete a response"),
-    _relay("responses", "POST", "/v1/responses/{response_id}/cancel", "cancelResponse",
-           "Cancel a background response", body=Body.ANY),
-    _relay("responses", "GET", "/v1/responses/{response_id}/input_items", "listInputItems",
-           "List a response's input items"),
-)
-
-_CONVERSATIONS = (
-    _relay("conversations", "POST", "/v1/conversations", "createConversation",
-           "Create a conversation", body=Body.JSON),
-    _relay("conversations", "GET", "/v1/conversations/{conversation_id}", "getConversation",
-           "Get a conversation"),
-    _relay("conversations", "POST", "/v1/conversations/{conversation_id}", "updateConversation",
-           "Update a conversation", body=Body.JSON),
-    _relay("conversations", "DELETE", "/v1/conversations/{conversation_id}", "deleteConversation",
-           "Delete a conversation"),
-    _relay("conversations", "POST", "/v1/conversations/{conversation_id}/items",
-           "createConversationItems", "Add items to a conversation", body=Body.JSON),
-    _relay("conversations", "GET", "/v1/conversations/{conversation_id}/items",
-           "listConversationItems", "List a conversation's items"),
-    _relay("conversations", "GET", "/v1/conversations/{conversation_id}/items/{item_id}",
-           "getConversationItem", "Get a conversation item"),
-    _relay("conversations", "DELETE", "/v1/conversations/{conversation_id}/items/{item_id}",
-           "deleteConversationItem", "Delete a conversation item"),
-)
-
-_FILES = (
-    _relay("files", "GET", "/v1/files", "listFiles", "List files"),
-    _relay("files", "POST", "/v1/files", "createFile", "Upload a file (multipart)",
-           body=Body.MULTIPART),
-    _relay("files", "GET", "/v1/files/{file_id}", "retrieveFile", "Get a file's metadata"),
-    _relay("files", "DELETE", "/v1/files/{file_id}", "deleteFile", "Delete a file"),
-    _relay("files", "GET", "/v1/files/{file_id}/content", "downloadFile",
-           "Download a file's content", handler=download_file),
-)
-
-_UPLOADS = (
-    _relay("uploads", "POST", "/v1/uploads", "createUpload", "Start a multi-part upload",
-           body=Body.JSON),
-    _relay("uploads", "POST", "/v1/uploads/{upload_id}/parts", "addUploadPart",
-           "Add a part to an upload (multipart)", body=Body.MULTIPART),
-    _relay("uploads", "POST", "/v1/uploads/{upload_id}/complete", "completeUpload",
-           "Complete an upload", body=Body.JSON),
-    _relay("uploads", "POST", "/v1/uploads/{upload_id}/cancel", "cancelUpload", "Cancel an upload",
-           body=Body.ANY),
-)
-
-_BATCHES = (
-    _relay("batches", "POST", "/v1/batches", "createBatch", "Create a batch", body=Body.JSON),
-    _relay("batches", "GET", "/v1/batches", "listBatches", "List batches"),
-    _relay("batches", "GET", "/v1/batches/{batch_id}", "retrieveBatch", "Get a batch"),
-    _relay("batches", "POST", "/v1/batches/{batch_id}/cancel", "cancelBatch", "Cancel a batch",
-           body=Body.ANY),
-)
-
-_VS = "/v1/vector_stores/{vector_store_id}"
-_VECTOR_STORES = (
-    _relay("vector_stores", "GET", "/v1/vector_stores", "listVectorStores", "List vector stores"),
-    _relay("vector_stores", "POST", "/v1/vector_stores", "createVectorStore",
-           "Create a vector store", body=Body.JSON),
-    _relay("vector_stores", "GET", _VS, "getVectorStore", "Get a vector store"),
-    _relay("vector_stores", "POST", _VS, "modifyVectorStore", "Modify a vector store",
-           body=Body.JSON),
-    _relay("vector_stores", "DELETE", _VS, "deleteVectorStore", "Delete a vector store"),
-    _relay("vector_stores", "POST", f"{_VS}/search", "searchVectorStore", "Search a vector store",
-           body=Body.JSON),
-    _relay("vector_stores", "GET", f"{_VS}/files", "listVectorStoreFiles",
-           "List a vector store's files"),
-    _relay("vector_stores", "POST", f"{_VS}/files", "createVectorStoreFile",
-           "Add a file to a vector store", body=Body.JSON),
-    _relay("vector_stores", "GET", f"{_VS}/files/{{file_id}}", "getVectorStoreFile",
-           "Get a vector store file"),
-    _relay("vector_stores", "POST", f"{_VS}/files/{{file_id}}", "updateVectorStoreFileAttributes",
-           "Update a vector store file's attributes", body=Body.JSON),
-    _relay("vector_stores", "DELETE", f"{_VS}/files/{{file_id}}", "deleteVectorStoreFile",
-           "Remove a file from a vector store"),
-    _relay("vector_stores", "GET", f"{_VS}/files/{{file_id}}/content",
-           "retrieveVectorStoreFileContent", "Get a vector store file's parsed content"),
-    _relay("vector_stores", "POST", f"{_VS}/file_batches", "createVectorStoreFileBatch",
-           "Add files to a vector store in a batch", body=Body.JSON),
-    _relay("vector_stores", "GET", f"{_VS}/file_batches/{{batch_id}}", "getVectorStoreFileBatch",
-           "Get a vector store file batch"),
-    _relay("vector_stores", "POST", f"{_VS}/file_batches/{{batch_id}}/cancel",
-           "cancelVectorStoreFileBatch", "Cancel a vector store file batch", body=Body.ANY),
-    _relay("vector_stores", "GET", f"{_VS}/file_batches/{{batch_id}}/files",
-           "listFilesInVectorStoreBatch", "List the files of a vector store file batch"),
-)
-
-_CT = "/v1/containers/{container_id}"
-_CONTAINERS = (
-    _relay("containers", "GET", "/v1/containers", "listContainers", "List containers"),
-    _relay("containers", "POST", "/v1/containers", "createContainer", "Create a container",
-           body=Body.JSON),
-    _relay("containers", "GET", _CT, "retrieveContainer", "Get a container"),
-    _relay("containers", "DELETE", _CT, "deleteContainer", "Delete a container"),
-    _relay("containers", "POST", f"{_CT}/files", "createContainerFile", "Add a file to a container",
-           body=Body.JSON_OR_MULTIPART),
-    _relay("containers", "GET", f"{_CT}/files", "listContainerFiles", "List a container's files"),
-    _relay("containers", "GET", f"{_CT}/files/{{file_id}}", "retrieveContainerFile",
-           "Get a container file"),
-    _relay("containers", "DELETE", f"{_CT}/files/{{file_id}}", "deleteContainerFile",
-           "Delete a container file"),
-    _relay("containers", "GET", f"{_CT}/files/{{file_id}}/content", "retrieveContainerFileContent",
-           "Download a container file's content"),
-)
-
-_VIDEOS = (
-    _relay("videos", "POST", "/v1/videos", "createVideo", "Create a video",
-           body=Body.JSON_OR_MULTIPART),
-    _relay("videos", "GET", "/v1/videos", "listVideos", "List videos"),
-    _relay("videos", "POST", "/v1/videos/edits", "createVideoEdit", "Edit a video",
-           body=Body.JSON_OR_MULTIPART),
-    _relay("videos", "POST", "/v1/videos/extensions", "createVideoExtension", "Extend a video",
-           body=Body.JSON_OR_MULTIPART),
-    _relay("videos", "POST", "/v1/videos/characters", "createVideoCharacter",
-           "Create a video character (multipart)", body=Body.MULTIPART),
-    _relay("videos", "GET", "/v1/videos/characters/{character_id}", "getVideoCharacter",
-           "Get a video character"),
-    _relay("videos", "GET", "/v1/videos/{video_id}", "getVideo", "Get a video"),
-    _relay("videos", "DELETE", "/v1/videos/{video_id}", "deleteVideo", "Delete a video"),
-    _relay("videos", "GET", "/v1/videos/{video_id}/content", "retrieveVideoContent",
-           "Download a video, thumbnail or spritesheet"),
-    _relay("videos", "POST", "/v1/videos/{video_id}/remix", "createVideoRemix", "Remix a video",
-           body=Body.JSON_OR_MULTIPART),
-)
-
-_IMAGES = (
-    _relay("images", "POST", "/v1/images/generations", "createImage", "Generate images",
-           body=Body.JSON),
-    _relay("images", "POST", "/v1/images/edits", "createImageEdit", "Edit images",
-           body=Body.JSON_OR_MULTIPART),
-    _relay("images", "POST", "/v1/images/variations", "createImageVariation",
-           "Create image variations (multipart)", body=Body.MULTIPART),
-)
-
-_MODELS_AND_MORE = (
-    _relay("embeddings", "POST", "/v1/embeddings", "createEmbedding", "Create embeddings",
-           body=Body.JSON),
-    _relay("models", "GET", "/v1/models", "listModels", "List models"),
-    _relay("models", "GET", "/v1/models/{model}", "retrieveModel", "Get a model"),
-    _relay("models", "DELETE", "/v1/models/{model}", "deleteModel", "Delete a fine-tuned model"),
-    _relay("chat", "POST", "/v1/chat/completions", "createChatCompletion",
-           "Create a chat completion", body=Body.JSON),
-    _relay("chat", "GET", "/v1/chat/completions", "listChatCompletions",
-           "List stored chat completions"),
-    _relay("chat", "GET", "/v1/chat/completions/{completion_id}", "getChatCompletion",
-           "Get a stored chat completion"),
-    _relay("chat", "POST", "/v1/chat/completions/{completion_id}", "updateChatCompletion",
-           "Update a stored chat completion", body=Body.JSON),
-    _relay("chat", "DELETE", "/v1/chat/completions/{completion_id}", "deleteChatCompletion",
-           "Delete a stored chat completion"),
-    _relay("chat", "GET", "/v1/chat/completions/{completion_id}/messages",
-           "getChatCompletionMessages", "List a stored chat completion's messages"),
-    _relay("moderations", "POST", "/v1/moderations", "createModeration", "Classify content",
-           body=Body.JSON),
-    _relay("audio", "POST", "/v1/audio/speech", "createSpeech", "Generate speech", body=Body.JSON),
-    _relay("audio", "POST", "/v1/audio/transcriptions", "createTranscription",
-           "Transcribe audio (multipart)", body=Body.MULTIPART),
-    _relay("audio", "POST", "/v1/audio/translations", "createTranslation",
-           "Translate audio to English (multipart)", body=Body.MULTIPART),
-)
-
-_REALTIME = (
-    # WebSocket upgrades: what the official SDKs dial, and the path clients written for
-    # an earlier relay dial (docs/design.md#older-spellings).
-    _relay("realtime", "GET", "/v1/realtime", "connectRealtime",
-           "Open a realtime WebSocket session", handler=realtime.bridge_realtime),
-    _relay("realtime", "GET", "/v1/realtime/ws", "connectRealtimeWs",
-           "Open a realtime WebSocket session (older path)", handler=realtime.bridge_realtime),
-    # REST: every handler applies the [realtime] policy (enabled, allowed models).
-    _relay("realtime", "POST", "/v1/realtime/client_secrets", "createRealtimeClientSecret",
-           "Create an ephemeral realtime client secret", handler=realtime.create_client_secret,
-           body=Body.JSON),
-    _relay("realtime", "POST", "/v1/realtime/calls", "createRealtimeCall",
-           "Start a realtime call (SDP)", handler=realtime.create_call, body=Body.ANY),
-    _relay("realtime", "POST", "/v1/realtime/calls/{call_id}/accept", "acceptRealtimeCall",
-           "Accept an incoming realtime call", handler=realtime.accept_call, body=Body.JSON),
-    _relay("realtime", "POST", "/v1/realtime/calls/{call_id}/hangup", "hangupRealtimeCall",
-           "Hang up a realtime call", handler=realtime.forward_realtime, body=Body.ANY),
-    _relay("realtime", "POST", "/v1/realtime/calls/{call_id}/refer", "referRealtimeCall",
-           "Transfer a realtime call", handler=realtime.forward_realtime, body=Body.JSON),
-    _relay("realtime", "POST", "/v1/realtime/calls/{call_id}/reject", "rejectRealtimeCall",
-           "Reject an incoming realtime call", handler=realtime.forward_realtime,
-           body=Body.JSON),
-    _relay("realtime", "POST", "/v1/realtime/translations/client_secrets",
-           "createRealtimeTranslationClientSecret",
-           "Create an ephemeral realtime translation secret", handler=realtime.forward_realtime,
-           body=Body.JSON),
-    _relay("realtime", "POST", "/v1/realtime/sessions", "createRealtimeSession",
-           "Create a realtime session (legacy; model checked, default filled in)",
-           handler=realtime.create_session, body=Body.JSON),
-    _relay("realtime", "POST", "/v1/realtime/transcription_sessions",
-           "createRealtimeTranscriptionSession",
-           "Create a realtime transcription session (legacy)",
-           handler=realtime.forward_realtime, body=Body.JSON),
-)
-
-
-def _action(
-    group: str,
-    method: str,
-    path: str,
-    operation_id: str,
-    summary: str,
-    *,
-    handler: Handler,
     description: str | None = None,
-    consequential: bool | None,
+    consequential: bool | None = None,
     request_schema: type[Schema] | None = None,
     response_schema: type[Schema] | None = None,
     forwards_to: str | None = None,
-    body: Body = Body.NONE,
-    exposure: Exposure = Exposure.ACTIONS,
 ) -> Route:
     if request_schema is not None:
-        body = Body.JSON
+        body = Body.JSON  # a wrapper's body is the JSON its schema validates
     return Route(
         method, path, handler, group, exposure, operation_id, summary, body,
         description=description,
@@ -351,6 +70,267 @@ def _action(
         response_schema=response_schema,
         forwards_to=forwards_to,
     )
+
+
+def _action(*declared: str, consequential: bool | None, **options: Any) -> Route:
+    """A GPT Actions route: offered to the Actions document unless ``exposure`` says
+    otherwise, and it must say whether ChatGPT asks the user before each call
+    (``x-openai-isConsequential``)."""
+    options.setdefault("exposure", Exposure.ACTIONS)
+    return _route(*declared, consequential=consequential, **options)
+
+
+PUBLIC, ACTIONS, INTERNAL = Exposure.PUBLIC, Exposure.ACTIONS, Exposure.INTERNAL
+
+# The declarations keep one route to a few lines; `ruff format` would spread each
+# argument over a line of its own.
+# fmt: off
+# Meta routes change nothing: those offered to Actions never need the user's
+# confirmation (consequential=False).
+_META = (
+    _route("meta", "GET", "/", "getRoot", "Relay health (root)", handler=meta.health,
+           exposure=PUBLIC),
+    _route("meta", "GET", "/health", "getHealth", "Relay health", handler=meta.health,
+           exposure=PUBLIC),
+    _route("meta", "GET", "/v1/health", "getHealthV1", "Relay health", handler=meta.health,
+           exposure=PUBLIC),
+    _route("meta", "GET", "/actions/ping", "pingActions", "Check the relay answers",
+           handler=meta.ping, exposure=ACTIONS, consequential=False),
+    _route("meta", "GET", "/v1/actions/ping", "ping", "Check the relay answers", handler=meta.ping,
+           exposure=ACTIONS, consequential=False),
+    _route("meta", "GET", "/actions/relay_info", "getRelayInfoFlat",
+           "Relay name, version and upstream (flat)", handler=meta.relay_info_flat,
+           exposure=ACTIONS, consequential=False),
+    _route("meta", "GET", "/v1/actions/relay_info", "getRelayInfo",
+           "Relay name, version and upstream", handler=meta.relay_info, exposure=ACTIONS,
+           consequential=False),
+    _route("meta", "GET", "/manifest", "getManifest", "Every route relayd serves",
+           handler=meta.manifest, exposure=PUBLIC),
+    _route("meta", "GET", "/v1/manifest", "getManifestV1", "Every route relayd serves",
+           handler=meta.manifest, exposure=Exposure.RELAY),
+    _route("meta", "GET", "/v1/tools", "listTools", "List team tools", handler=meta.list_tools,
+           exposure=Exposure.RELAY),
+    _route("meta", "GET", "/v1/tools/{tool_id}", "getTool", "Get one team tool",
+           handler=meta.get_tool, exposure=Exposure.RELAY),
+    _route("meta", "GET", "/.well-known/ai-plugin.json", "getAiPlugin",
+           "Plugin manifest for ChatGPT", handler=meta.ai_plugin, exposure=PUBLIC),
+    _route("meta", "GET", "/openapi.json", "getOpenAPI", "This API's OpenAPI",
+           handler=meta.openapi_full, exposure=PUBLIC),
+    # Behind a relay key; a key scoped to "metrics" alone suits the Prometheus scraper.
+    _route("metrics", "GET", "/metrics", "getMetrics", "Prometheus metrics", handler=meta.metrics,
+           exposure=INTERNAL),
+    _route("meta", "GET", "/openapi.actions.json", "getOpenAPIActions",
+           "OpenAPI subset for GPT Actions", handler=meta.openapi_actions, exposure=PUBLIC),
+)
+
+_RESPONSES = (
+    _route("responses", "POST", "/v1/responses", "createResponse", "Create a model response",
+           body=Body.JSON),
+    _route("responses", "POST", "/v1/responses:stream", "createResponseStream",
+           "Create a model response, streamed as server-sent events",
+           handler=create_response_stream, body=Body.JSON),
+    _route("responses", "POST", "/v1/responses/input_tokens", "getInputTokenCounts",
+           "Count input tokens", body=Body.JSON),
+    _route("responses", "POST", "/v1/responses/compact", "compactConversation",
+           "Compact a conversation", body=Body.JSON),
+    _route("responses", "GET", "/v1/responses/{response_id}", "getResponse", "Get a response"),
+    _route("responses", "DELETE", "/v1/responses/{response_id}", "deleteResponse",
+           "Delete a response"),
+    _route("responses", "POST", "/v1/responses/{response_id}/cancel", "cancelResponse",
+           "Cancel a background response", body=Body.ANY),
+    _route("responses", "GET", "/v1/responses/{response_id}/input_items", "listInputItems",
+           "List a response's input items"),
+)
+
+_CONVERSATIONS = (
+    _route("conversations", "POST", "/v1/conversations", "createConversation",
+           "Create a conversation", body=Body.JSON),
+    _route("conversations", "GET", "/v1/conversations/{conversation_id}", "getConversation",
+           "Get a conversation"),
+    _route("conversations", "POST", "/v1/conversations/{conversation_id}", "updateConversation",
+           "Update a conversation", body=Body.JSON),
+    _route("conversations", "DELETE", "/v1/conversations/{conversation_id}", "deleteConversation",
+           "Delete a conversation"),
+    _route("conversations", "POST", "/v1/conversations/{conversation_id}/items",
+           "createConversationItems", "Add items to a conversation", body=Body.JSON),
+    _route("conversations", "GET", "/v1/conversations/{conversation_id}/items",
+           "listConversationItems", "List a conversation's items"),
+    _route("conversations", "GET", "/v1/conversations/{conversation_id}/items/{item_id}",
+           "getConversationItem", "Get a conversation item"),
+    _route("conversations", "DELETE", "/v1/conversations/{conversation_id}/items/{item_id}",
+           "deleteConversationItem", "Delete a conversation item"),
+)
+
+_FILES = (
+    _route("files", "GET", "/v1/files", "listFiles", "List files"),
+    _route("files", "POST", "/v1/files", "createFile", "Upload a file (multipart)",
+           body=Body.MULTIPART),
+    _route("files", "GET", "/v1/files/{file_id}", "retrieveFile", "Get a file's metadata"),
+    _route("files", "DELETE", "/v1/files/{file_id}", "deleteFile", "Delete a file"),
+    _route("files", "GET", "/v1/files/{file_id}/content", "downloadFile",
+           "Download a file's content", handler=download_file),
+)
+
+_UPLOADS = (
+    _route("uploads", "POST", "/v1/uploads", "createUpload", "Start a multi-part upload",
+           body=Body.JSON),
+    _route("uploads", "POST", "/v1/uploads/{upload_id}/parts", "addUploadPart",
+           "Add a part to an upload (multipart)", body=Body.MULTIPART),
+    _route("uploads", "POST", "/v1/uploads/{upload_id}/complete", "completeUpload",
+           "Complete an upload", body=Body.JSON),
+    _route("uploads", "POST", "/v1/uploads/{upload_id}/cancel", "cancelUpload", "Cancel an upload",
+           body=Body.ANY),
+)
+
+_BATCHES = (
+    _route("batches", "POST", "/v1/batches", "createBatch", "Create a batch", body=Body.JSON),
+    _route("batches", "GET", "/v1/batches", "listBatches", "List batches"),
+    _route("batches", "GET", "/v1/batches/{batch_id}", "retrieveBatch", "Get a batch"),
+    _route("batches", "POST", "/v1/batches/{batch_id}/cancel", "cancelBatch", "Cancel a batch",
+           body=Body.ANY),
+)
+
+_VS = "/v1/vector_stores/{vector_store_id}"
+_VECTOR_STORES = (
+    _route("vector_stores", "GET", "/v1/vector_stores", "listVectorStores", "List vector stores"),
+    _route("vector_stores", "POST", "/v1/vector_stores", "createVectorStore",
+           "Create a vector store", body=Body.JSON),
+    _route("vector_stores", "GET", _VS, "getVectorStore", "Get a vector store"),
+    _route("vector_stores", "POST", _VS, "modifyVectorStore", "Modify a vector store",
+           body=Body.JSON),
+    _route("vector_stores", "DELETE", _VS, "deleteVectorStore", "Delete a vector store"),
+    _route("vector_stores", "POST", f"{_VS}/search", "searchVectorStore", "Search a vector store",
+           body=Body.JSON),
+    _route("vector_stores", "GET", f"{_VS}/files", "listVectorStoreFiles",
+           "List a vector store's files"),
+    _route("vector_stores", "POST", f"{_VS}/files", "createVectorStoreFile",
+           "Add a file to a vector store", body=Body.JSON),
+    _route("vector_stores", "GET", f"{_VS}/files/{{file_id}}", "getVectorStoreFile",
+           "Get a vector store file"),
+    _route("vector_stores", "POST", f"{_VS}/files/{{file_id}}", "updateVectorStoreFileAttributes",
+           "Update a vector store file's attributes", body=Body.JSON),
+    _route("vector_stores", "DELETE", f"{_VS}/files/{{file_id}}", "deleteVectorStoreFile",
+           "Remove a file from a vector store"),
+    _route("vector_stores", "GET", f"{_VS}/files/{{file_id}}/content",
+           "retrieveVectorStoreFileContent", "Get a vector store file's parsed content"),
+    _route("vector_stores", "POST", f"{_VS}/file_batches", "createVectorStoreFileBatch",
+           "Add files to a vector store in a batch", body=Body.JSON),
+    _route("vector_stores", "GET", f"{_VS}/file_batches/{{batch_id}}", "getVectorStoreFileBatch",
+           "Get a vector store file batch"),
+    _route("vector_stores", "POST", f"{_VS}/file_batches/{{batch_id}}/cancel",
+           "cancelVectorStoreFileBatch", "Cancel a vector store file batch", body=Body.ANY),
+    _route("vector_stores", "GET", f"{_VS}/file_batches/{{batch_id}}/files",
+           "listFilesInVectorStoreBatch", "List the files of a vector store file batch"),
+)
+
+_CT = "/v1/containers/{container_id}"
+_CONTAINERS = (
+    _route("containers", "GET", "/v1/containers", "listContainers", "List containers"),
+    _route("containers", "POST", "/v1/containers", "createContainer", "Create a container",
+           body=Body.JSON),
+    _route("containers", "GET", _CT, "retrieveContainer", "Get a container"),
+    _route("containers", "DELETE", _CT, "deleteContainer", "Delete a container"),
+    _route("containers", "POST", f"{_CT}/files", "createContainerFile", "Add a file to a container",
+           body=Body.JSON_OR_MULTIPART),
+    _route("containers", "GET", f"{_CT}/files", "listContainerFiles", "List a container's files"),
+    _route("containers", "GET", f"{_CT}/files/{{file_id}}", "retrieveContainerFile",
+           "Get a container file"),
+    _route("containers", "DELETE", f"{_CT}/files/{{file_id}}", "deleteContainerFile",
+           "Delete a container file"),
+    _route("containers", "GET", f"{_CT}/files/{{file_id}}/content", "retrieveContainerFileContent",
+           "Download a container file's content"),
+)
+
+_VIDEOS = (
+    _route("videos", "POST", "/v1/videos", "createVideo", "Create a video",
+           body=Body.JSON_OR_MULTIPART),
+    _route("videos", "GET", "/v1/videos", "listVideos", "List videos"),
+    _route("videos", "POST", "/v1/videos/edits", "createVideoEdit", "Edit a video",
+           body=Body.JSON_OR_MULTIPART),
+    _route("videos", "POST", "/v1/videos/extensions", "createVideoExtension", "Extend a video",
+           body=Body.JSON_OR_MULTIPART),
+    _route("videos", "POST", "/v1/videos/characters", "createVideoCharacter",
+           "Create a video character (multipart)", body=Body.MULTIPART),
+    _route("videos", "GET", "/v1/videos/characters/{character_id}", "getVideoCharacter",
+           "Get a video character"),
+    _route("videos", "GET", "/v1/videos/{video_id}", "getVideo", "Get a video"),
+    _route("videos", "DELETE", "/v1/videos/{video_id}", "deleteVideo", "Delete a video"),
+    _route("videos", "GET", "/v1/videos/{video_id}/content", "retrieveVideoContent",
+           "Download a video, thumbnail or spritesheet"),
+    _route("videos", "POST", "/v1/videos/{video_id}/remix", "createVideoRemix", "Remix a video",
+           body=Body.JSON_OR_MULTIPART),
+)
+
+_IMAGES = (
+    _route("images", "POST", "/v1/images/generations", "createImage", "Generate images",
+           body=Body.JSON),
+    _route("images", "POST", "/v1/images/edits", "createImageEdit", "Edit images",
+           body=Body.JSON_OR_MULTIPART),
+    _route("images", "POST", "/v1/images/variations", "createImageVariation",
+           "Create image variations (multipart)", body=Body.MULTIPART),
+)
+
+_MODELS_AND_MORE = (
+    _route("embeddings", "POST", "/v1/embeddings", "createEmbedding", "Create embeddings",
+           body=Body.JSON),
+    _route("models", "GET", "/v1/models", "listModels", "List models"),
+    _route("models", "GET", "/v1/models/{model}", "retrieveModel", "Get a model"),
+    _route("models", "DELETE", "/v1/models/{model}", "deleteModel", "Delete a fine-tuned model"),
+    _route("chat", "POST", "/v1/chat/completions", "createChatCompletion",
+           "Create a chat completion", body=Body.JSON),
+    _route("chat", "GET", "/v1/chat/completions", "listChatCompletions",
+           "List stored chat completions"),
+    _route("chat", "GET", "/v1/chat/completions/{completion_id}", "getChatCompletion",
+           "Get a stored chat completion"),
+    _route("chat", "POST", "/v1/chat/completions/{completion_id}", "updateChatCompletion",
+           "Update a stored chat completion", body=Body.JSON),
+    _route("chat", "DELETE", "/v1/chat/completions/{completion_id}", "deleteChatCompletion",
+           "Delete a stored chat completion"),
+    _route("chat", "GET", "/v1/chat/completions/{completion_id}/messages",
+           "getChatCompletionMessages", "List a stored chat completion's messages"),
+    _route("moderations", "POST", "/v1/moderations", "createModeration", "Classify content",
+           body=Body.JSON),
+    _route("audio", "POST", "/v1/audio/speech", "createSpeech", "Generate speech", body=Body.JSON),
+    _route("audio", "POST", "/v1/audio/transcriptions", "createTranscription",
+           "Transcribe audio (multipart)", body=Body.MULTIPART),
+    _route("audio", "POST", "/v1/audio/translations", "createTranslation",
+           "Translate audio to English (multipart)", body=Body.MULTIPART),
+)
+
+_REALTIME = (
+    # WebSocket upgrades: what the official SDKs dial, and the path clients written for
+    # an earlier relay dial (docs/design.md#older-spellings).
+    _route("realtime", "GET", "/v1/realtime", "connectRealtime",
+           "Open a realtime WebSocket session", handler=realtime.bridge_realtime),
+    _route("realtime", "GET", "/v1/realtime/ws", "connectRealtimeWs",
+           "Open a realtime WebSocket session (older path)", handler=realtime.bridge_realtime),
+    # REST: every handler applies the [realtime] policy (enabled, allowed models).
+    _route("realtime", "POST", "/v1/realtime/client_secrets", "createRealtimeClientSecret",
+           "Create an ephemeral realtime client secret", handler=realtime.create_client_secret,
+           body=Body.JSON),
+    _route("realtime", "POST", "/v1/realtime/calls", "createRealtimeCall",
+           "Start a realtime call (SDP)", handler=realtime.create_call, body=Body.ANY),
+    _route("realtime", "POST", "/v1/realtime/calls/{call_id}/accept", "acceptRealtimeCall",
+           "Accept an incoming realtime call", handler=realtime.accept_call, body=Body.JSON),
+    _route("realtime", "POST", "/v1/realtime/calls/{call_id}/hangup", "hangupRealtimeCall",
+           "Hang up a realtime call", handler=realtime.forward_realtime, body=Body.ANY),
+    _route("realtime", "POST", "/v1/realtime/calls/{call_id}/refer", "referRealtimeCall",
+           "Transfer a realtime call", handler=realtime.forward_realtime, body=Body.JSON),
+    _route("realtime", "POST", "/v1/realtime/calls/{call_id}/reject", "rejectRealtimeCall",
+           "Reject an incoming realtime call", handler=realtime.forward_realtime,
+           body=Body.JSON),
+    _route("realtime", "POST", "/v1/realtime/translations/client_secrets",
+           "createRealtimeTranslationClientSecret",
+           "Create an ephemeral realtime translation secret", handler=realtime.forward_realtime,
+           body=Body.JSON),
+    _route("realtime", "POST", "/v1/realtime/sessions", "createRealtimeSession",
+           "Create a realtime session (legacy; model checked, default filled in)",
+           handler=realtime.create_session, body=Body.JSON),
+    _route("realtime", "POST", "/v1/realtime/transcription_sessions",
+           "createRealtimeTranscriptionSession",
+           "Create a realtime transcription session (legacy)",
+           handler=realtime.forward_realtime, body=Body.JSON),
+)
 
 
 # The ChatGPT Actions surface (docs/chatgpt.md#the-actions-document): JSON wrappers
@@ -454,7 +434,7 @@ _ACTIONS_SURFACE = (
 
 # Last: everything else under /v1/ is decided by the path policy (paths.py).
 _CATCH_ALL = (
-    _relay("policy", "*", "/v1/{tail:.*}", "relayByPolicy",
+    _route("policy", "*", "/v1/{tail:.*}", "relayByPolicy",
            "Other upstream paths, as the path policy allows", handler=forward_by_policy,
            body=Body.ANY, exposure=INTERNAL),
 )

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from relayd.actions.fit import fit_json
 from relayd.actions.payload import (
+    UpstreamJSON,
     json_answer,
     load,
     upstream_json,
@@ -112,8 +113,15 @@ class _Passthrough(Exception):
 
 
 async def _respond(
-    request: web.Request, response: dict[str, Any], deadline: float
+    request: web.Request, got: UpstreamJSON | web.StreamResponse, deadline: float
 ) -> web.StreamResponse:
+    """The answer to give for a response upstream sent (``got``): polled until done or
+    ``deadline``; an upstream error or a non-object comes back as it was."""
+    if isinstance(got, web.StreamResponse):
+        return got
+    response = got.document
+    if not isinstance(response, dict):
+        return json_answer(response)
     settings = request.app[SETTINGS]
     try:
         polled = await _poll(request, response, deadline)
@@ -130,15 +138,10 @@ async def create_action_response(request: web.Request) -> web.StreamResponse:
     body = await load(request)
     body.setdefault("model", settings.default_model)
     body.update(stream=False, background=True, store=True)  # store: background needs it
-    got = await upstream_json(
+    started = await upstream_json(
         request, "POST", "/v1/responses", data=json_body(body),
         content_type="application/json",
     )
-    if isinstance(got, web.StreamResponse):
-        return got
-    started = got.document
-    if not isinstance(started, dict):
-        return json_answer(started)
     return await _respond(request, started, deadline)
 
 
@@ -148,13 +151,7 @@ async def get_action_response(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     deadline = asyncio.get_running_loop().time() + settings.actions_answer_budget_s
     path = f"/v1/responses/{quote(request.match_info['response_id'], safe='')}"
-    got = await upstream_json(request, "GET", path)
-    if isinstance(got, web.StreamResponse):
-        return got
-    current = got.document
-    if not isinstance(current, dict):
-        return json_answer(current)
-    return await _respond(request, current, deadline)
+    return await _respond(request, await upstream_json(request, "GET", path), deadline)
 
 
 async def stream_action_response(request: web.Request) -> web.StreamResponse:

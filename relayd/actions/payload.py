@@ -264,22 +264,16 @@ class UpstreamJSON:
 
 
 async def upstream_json(
-    request: web.Request,
-    method: str,
-    path_qs: str,
-    *,
-    data: Any = None,
-    content_type: str | None = None,
+    request: web.Request, method: str, path_qs: str, **call: Any
 ) -> UpstreamJSON | web.StreamResponse:
-    """Call upstream for an answer relayd reads itself (:func:`upstream_call`).
+    """Call upstream for an answer relayd reads itself (:func:`upstream_call`, which
+    takes ``call``: ``data`` and ``content_type``).
 
     A JSON answer below 400 comes back parsed; anything else (an error, a non-JSON
     body) has already been passed back to the client unchanged, and that response is
     what the caller returns.
     """
-    async with upstream_call(
-        request, method, path_qs, data=data, content_type=content_type
-    ) as answer:
+    async with upstream_call(request, method, path_qs, **call) as answer:
         if answer.content_type != "application/json" or answer.status >= 400:
             return await send_back(request, answer)
         return UpstreamJSON(await _read_json(request, answer), answer)

@@ -28,9 +28,7 @@ from relayd.actions.payload import (
     load,
     upstream_json,
 )
-from relayd.actions.schemas import (
-    FileRef,
-)
+from relayd.actions.schemas import FileRef
 from relayd.errors import BadRequestError, PayloadTooLargeError, RelaydError
 from relayd.relay import checked_path, json_body, relay
 from relayd.state import ROUTE, SETTINGS, UPSTREAM

@@ -17,22 +17,22 @@ from typing import Any
 
 from aiohttp import web
 
+from relayd.actions.handout_store import HandoutStore, handout_store_ctx
 from relayd.auth import KeyRing, auth_middleware
 from relayd.config import ConfigError, Settings
-from relayd.errors import error_middleware
-from relayd.filestore import Handoff, handoff_ctx
+from relayd.error_shape import error_middleware
 from relayd.handlers.realtime import close_bridges
 from relayd.limits import limits_middleware
+from relayd.logs import access_middleware, add_request_id, scrub_aiohttp_logs
 from relayd.memory import BufferBudget, MemoryReturn
 from relayd.metrics import Metrics
-from relayd.observe import access_middleware, add_request_id, scrub_aiohttp_logs
 from relayd.openapi import actions_routes
-from relayd.policy import PathPolicy, path_middleware
+from relayd.paths import PathPolicy, path_middleware
 from relayd.routes import TABLE
 from relayd.routing import RouteTable
 from relayd.state import (
     BUDGET,
-    HANDOFF,
+    HANDOUTS,
     KEYRING,
     METRICS,
     POLICY,
@@ -118,8 +118,8 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     # The Actions surface: its download store, and its operation list checked now
     # (an unknown operationId is a config error at start, not a 500 later).
     actions_routes(table, settings)
-    app[HANDOFF] = Handoff(settings, app[KEYRING])
-    app.cleanup_ctx.append(handoff_ctx)
+    app[HANDOUTS] = HandoutStore(settings, app[KEYRING])
+    app.cleanup_ctx.append(handout_store_ctx)
     app.on_shutdown.append(close_bridges)
     app.on_cleanup.append(_close_budget)
     app.on_response_prepare.append(add_request_id)

@@ -133,7 +133,7 @@ def _check_config(config: str | None, overrides: dict[str, Any], *, try_bind: bo
 
 def _check_actions_document(path: str, settings: Settings) -> int:
     """``relayd openapi --actions --check [FILE]``: 0 if the GPT builder takes it."""
-    from relayd.actionslint import lint
+    from relayd.actions.lint import lint
 
     if path:
         try:
@@ -177,7 +177,7 @@ def _parse_document(text: str) -> Any:
 
 def serve(settings: Settings, config: str | None, argv: Sequence[str]) -> int:
     from relayd import preflight, server, workers
-    from relayd.observe import setup_logging
+    from relayd.logs import setup_logging
 
     setup_logging(settings.log_format, settings.log_level)
     if workers.is_worker():

@@ -11,58 +11,60 @@ Hierarchy (whose fault is part of the type, as in h11's Local/RemoteProtocolErro
     │   ├── MethodNotAllowedError        405
     │   ├── PayloadTooLargeError         413
     │   ├── UnsupportedMediaTypeError    415
+    │   ├── ExpectationFailedError       417
+    │   ├── UpgradeRequiredError         426 (a WebSocket route asked without upgrade)
     │   ├── RateLimitError               429 (upstream's, where its body cannot cross)
     │   ├── RelayRateLimitError          429 (relayd's own: a key's share is used up)
     │   └── RequestHeaderTooLargeError   431
+    ├── PublicUrlNotSetError             500: a link is needed, RELAYD_PUBLIC_URL is unset
     ├── OverloadedError                  503: relayd's own capacity is used up
     └── UpstreamError                    the upstream leg failed
         ├── UpstreamUnavailableError     502 (also a ConnectionError)
         └── UpstreamTimeoutError         504 (also a TimeoutError)
 
+    ForbiddenAddressError (an OSError)   a user file link led to a non-public address;
+                                         never rendered itself (the fetcher's 400 is)
+
 Every error leaves relayd in OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}`` (the middleware that renders them
+is relayd/error_shape.py). This module imports nothing of relayd, so any floor may
+raise these.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from typing import Any, ClassVar
 
 from aiohttp import web
 
-from relayd.state import ERROR_CODE, TABLE, UPSTREAM_FAILURE
-
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
+    "CLIENT_CLOSED",
     "ClientRequestError",
+    "ExpectationFailedError",
+    "ForbiddenAddressError",
     "MethodNotAllowedError",
     "NotFoundError",
     "OverloadedError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "PublicUrlNotSetError",
     "RateLimitError",
     "RelayRateLimitError",
     "RelaydError",
     "RequestHeaderTooLargeError",
     "UnsupportedMediaTypeError",
+    "UpgradeRequiredError",
     "UpstreamError",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
     "error_body",
-    "error_middleware",
     "error_response",
 ]
 
-log = logging.getLogger("relayd.errors")
-
 CLIENT_CLOSED = 499
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 class RelaydError(Exception):
     status: ClassVar[int] = 500
@@ -127,6 +129,20 @@ class UnsupportedMediaTypeError(ClientRequestError):
     default_code = "unsupported_media_type"
 
 
+class ExpectationFailedError(ClientRequestError):
+    """An ``Expect`` other than ``100-continue`` (RFC 9110 §15.5.18)."""
+
+    status = 417
+    default_code = "expectation_failed"
+
+
+class UpgradeRequiredError(ClientRequestError):
+    """A plain HTTP request reached a WebSocket-only route (RFC 9110 §15.5.22)."""
+
+    status = 426
+    default_code = "websocket_upgrade_required"
+
+
 class RateLimitError(ClientRequestError):
     """Upstream's 429 where its body cannot cross (a refused WebSocket handshake)."""
 
@@ -148,6 +164,13 @@ class RelayRateLimitError(ClientRequestError):
 class RequestHeaderTooLargeError(ClientRequestError):
     status = 431
     default_code = "request_header_too_large"
+
+
+class PublicUrlNotSetError(RelaydError):
+    """A link is needed and ``RELAYD_PUBLIC_URL`` is not set: the operator's mistake."""
+
+    status = 500
+    default_code = "public_url_not_set"
 
 
 class OverloadedError(RelaydError):
@@ -175,6 +198,15 @@ class UpstreamTimeoutError(UpstreamError, TimeoutError):
     default_code = "upstream_timeout"
 
 
+class ForbiddenAddressError(OSError):
+    """A user file link led to an address relayd never fetches from.
+
+    An ``OSError``, not a :class:`RelaydError`: it is raised inside the fetcher's
+    connector, where aiohttp wraps it as a connection failure; the fetcher then
+    answers 400 naming the link (relayd/actions/fetch.py).
+    """
+
+
 def error_body(
     message: str, type_: str, code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
@@ -189,79 +221,3 @@ def error_response(exc: RelaydError) -> web.Response:
         content_type="application/json",
         headers=exc.headers,
     )
-
-
-# aiohttp's own HTTP exceptions (router 404/405, body too large, bad request line)
-# mapped onto relayd's error types so every refusal has one shape.
-_HTTP_EXCEPTIONS: dict[int, type[RelaydError]] = {
-    400: BadRequestError,
-    401: AuthenticationError,
-    403: PermissionDeniedError,
-    404: NotFoundError,
-    405: MethodNotAllowedError,
-    413: PayloadTooLargeError,
-    415: UnsupportedMediaTypeError,
-    429: RateLimitError,
-    431: RequestHeaderTooLargeError,
-}
-
-
-def _from_http_exception(exc: web.HTTPException, request: web.Request) -> RelaydError:
-    kind = _HTTP_EXCEPTIONS.get(exc.status, ClientRequestError if exc.status < 500 else RelaydError)
-    if exc.status == 404:
-        message = f"Unknown request URL: {request.method} {request.path}." + _under_v1(request)
-    elif exc.status == 405:
-        allowed = exc.headers.get("Allow", "")
-        message = f"Method {request.method} is not allowed on {request.path}; allowed: {allowed}."
-    elif exc.status == 413:
-        message = "Request body is too large for this relay."
-    else:
-        message = exc.reason or HTTPStatus(exc.status).phrase
-    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-    return kind(message, headers=headers)
-
-
-def _under_v1(request: web.Request) -> str:
-    """The hint for an SDK whose ``base_url`` lacks ``/v1`` (``OpenAI(base_url=
-    "http://host:8080")`` asks for ``POST /responses``): said only when the route
-    table serves that path under ``/v1``."""
-    table = request.app.get(TABLE)
-    if table is None or request.path.startswith("/v1/") or not table.methods_for(
-        "/v1" + request.path
-    ):
-        return ""
-    return (
-        f" This relay serves the OpenAI API under /v1 (/v1{request.path}): add /v1 to "
-        "the SDK's base_url, e.g. base_url=\"http://127.0.0.1:8080/v1\"."
-    )
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every refusal as OpenAI-shaped JSON, before anything was sent.
-
-    Errors raised after a response was prepared cannot change its status; the
-    streaming code aborts the connection instead (streams/pump.py), so this
-    middleware only ever sees errors from before ``prepare()``.
-    """
-    try:
-        return await handler(request)
-    except RelaydError as exc:
-        if exc.code is not None:
-            request[ERROR_CODE] = exc.code
-        if isinstance(exc, UpstreamError):
-            request[UPSTREAM_FAILURE] = exc.cause or exc.message
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise  # redirects and the like are not errors
-        return error_response(_from_http_exception(exc, request))
-    except ConnectionResetError:
-        # The client left; there is nobody to answer. 499 is nginx's "client closed
-        # request" and only shows in relayd's own access log.
-        return web.Response(status=CLIENT_CLOSED)
-    except Exception:
-        if request.writer is not None and request.writer.output_size > 0:
-            raise  # headers already went out; aiohttp closes the connection
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(RelaydError("The relay failed to handle the request."))

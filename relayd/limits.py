@@ -21,7 +21,7 @@ from aiohttp import HttpVersion11, hdrs, web
 
 from relayd.errors import (
     BadRequestError,
-    ClientRequestError,
+    ExpectationFailedError,
     PayloadTooLargeError,
     RequestHeaderTooLargeError,
     UnsupportedMediaTypeError,
@@ -30,16 +30,10 @@ from relayd.memory import release_buffers
 from relayd.routing import Handler
 from relayd.state import ROUTE, SETTINGS
 
-__all__ = ["ExpectationFailedError", "limits_middleware"]
+__all__ = ["limits_middleware"]
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-
-class ExpectationFailedError(ClientRequestError):
-    """An ``Expect`` other than ``100-continue`` (RFC 9110 §15.5.18)."""
-
-    status = 417
-    default_code = "expectation_failed"
 
 
 @web.middleware

@@ -5,7 +5,7 @@
 - ``/openapi.actions.json`` is what ChatGPT's GPT builder imports: the configured
   Actions operations (``[actions] operations``, at most 30, default
   :data:`DEFAULT_ACTIONS`), exactly one https server and one security scheme,
-  shaped to pass every builder rule (actionslint.py checks it; so do the tests).
+  shaped to pass every builder rule (actions/lint.py checks it; so do the tests).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from apispec.ext.marshmallow.common import resolve_schema_cls
 from marshmallow import fields
 
 from relayd import __version__
+from relayd.actions.schemas import FileRefField
 from relayd.config import ConfigError, Settings
 from relayd.routing import Body, Exposure, Route, RouteTable
-from relayd.schemas import FileRefField
 
 __all__ = ["DEFAULT_ACTIONS", "actions_routes", "build_openapi"]
 
@@ -62,7 +62,8 @@ _ERROR_REF: Final = {
 
 
 def _error_schema(nullable: bool) -> dict[str, Any]:
-    # The GPT builder is wary of null unions (notes A2), so its document says string.
+    # The GPT builder is wary of null unions, so its document says string
+    # (docs/chatgpt.md#the-actions-document).
     maybe: Any = ["string", "null"] if nullable else "string"
     return {
         "type": "object",

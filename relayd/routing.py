@@ -12,10 +12,11 @@ import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import web
 from aiohttp.web import AbstractRoute
+from marshmallow import Schema
 
 __all__ = ["Body", "Exposure", "Handler", "Route", "RouteTable"]
 
@@ -67,9 +68,14 @@ class Route:
     summary: str
     body: Body = Body.NONE
     description: str | None = None
-    request_schema: Any = None  # a marshmallow Schema class for wrapper bodies
+    # The schema a wrapper validates its JSON body with: named here only, the handler
+    # reads it from the route (relayd/actions/payload.py load()).
+    request_schema: type[Schema] | None = None
     consequential: bool | None = None  # x-openai-isConsequential for Actions
-    response_schema: Any = None  # a marshmallow Schema class for relayd's own answers
+    response_schema: type[Schema] | None = None  # relayd's own answers, documented
+    # For a wrapper that only validates and forwards: the upstream path its JSON
+    # body goes to, with the route's own path parameters.
+    forwards_to: str | None = None
 
     @property
     def needs_key(self) -> bool:

@@ -129,7 +129,8 @@ async def serve(settings: Settings, config: str | None) -> None:
     app = create_app(settings)
     runner = web.AppRunner(
         app,
-        handler_cancellation=True,  # DESIGN: a hang-up cancels the handler, as in tests
+        handler_cancellation=True,  # a hang-up cancels the handler, as in tests
+        # (docs/design.md#a-hang-up-cancels-upstream-at-once)
         access_log=None,
         shutdown_timeout=settings.drain_timeout_s,
         keepalive_timeout=settings.keepalive_timeout_s,
@@ -208,7 +209,7 @@ def reload(app: web.Application, config: str | None, notifier: Notifier) -> None
     changed = sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
     keyring.replace(fresh.keys)
     # What the removed keys opened ends now: realtime sessions here, signed links
-    # when next presented (filestore.py).
+    # when next presented (actions/handout_store.py).
     spawn(end_revoked_sessions(app), name="relayd.revoke_sessions")
     policy_changed = (policy.allow, policy.deny) != (
         tuple(p.lower() for p in fresh.policy_allow),

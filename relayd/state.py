@@ -19,11 +19,11 @@ from relayd.usage import UsageTap
 if TYPE_CHECKING:
     from weakref import WeakKeyDictionary
 
+    from relayd.actions.handout_store import HandoutStore
     from relayd.auth import KeyRing
-    from relayd.filestore import Handoff
     from relayd.memory import BufferBudget, Lease
     from relayd.metrics import Metrics
-    from relayd.policy import PathPolicy
+    from relayd.paths import PathPolicy
     from relayd.streams.websocket import WebSocketBridge
     from relayd.upstream import Upstream
 
@@ -32,7 +32,7 @@ __all__ = [
     "BUDGET",
     "BUFFERED",
     "ERROR_CODE",
-    "HANDOFF",
+    "HANDOUTS",
     "KEY",
     "KEYRING",
     "METRICS",
@@ -60,12 +60,12 @@ TABLE: Final = web.AppKey("relayd.table", RouteTable)
 ROUTE_MAP: Final = web.AppKey("relayd.route_map", dict[AbstractRoute, Route])
 UPSTREAM: Final[web.AppKey[Upstream]] = web.AppKey("relayd.upstream")
 KEYRING: Final[web.AppKey[KeyRing]] = web.AppKey("relayd.keyring")
-POLICY: Final[web.AppKey[PathPolicy]] = web.AppKey("relayd.policy")
+POLICY: Final[web.AppKey[PathPolicy]] = web.AppKey("relayd.paths")
 METRICS: Final[web.AppKey[Metrics]] = web.AppKey("relayd.metrics")
 TOOLS: Final = web.AppKey("relayd.tools", dict)
 STARTED: Final = web.AppKey("relayd.started", float)
 # Signed download links and the store behind them (Actions: openaiFileResponse).
-HANDOFF: Final[web.AppKey[Handoff]] = web.AppKey("relayd.handoff")
+HANDOUTS: Final[web.AppKey[HandoutStore]] = web.AppKey("relayd.handouts")
 # Open realtime bridges and the request that opened each (its relay key): closed
 # with 1001 on shutdown (aiohttp's documented pattern), with 1008 when a reload
 # revokes the key.

@@ -8,11 +8,11 @@ share of the pool, 429 at once), and translates aiohttp's
 exceptions into relayd's errors in exactly one place (:func:`mapped_errors`, the
 httpx ``map_httpcore_exceptions`` idiom).
 
-Timeouts (SPEC §4): ``connect`` bounds the TCP/TLS connect; ``first_byte`` bounds
-the wait for the response head once the request body is sent; ``idle`` bounds each
-gap between body chunks afterwards, and how long upstream may leave a chunk of a
-streamed request body unread (:class:`_SendWatch`). There is no total cap, so a
-stream may run as long as upstream keeps talking.
+Timeouts (docs/streaming.md#timeouts): ``connect`` bounds the TCP/TLS connect;
+``first_byte`` bounds the wait for the response head once the request body is sent;
+``idle`` bounds each gap between body chunks afterwards, and how long upstream may
+leave a chunk of a streamed request body unread (:class:`_SendWatch`). There is no
+total cap, so a stream may run as long as upstream keeps talking.
 """
 
 from __future__ import annotations
@@ -20,26 +20,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import inspect
-import ipaddress
 import os
-import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import ClientResponse, ClientSession, StreamReader
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ConnectionKey
-from aiohttp.connector import Connection
 from aiohttp.http_exceptions import ContentLengthError, TransferEncodingError
-from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
 from relayd.config import Settings
+from relayd.connectors import (
+    NoDelayConnector,
+    PublicOnlyConnector,
+    PublicOnlyResolver,
+    refuse_non_public,
+)
 from relayd.errors import (
     AuthenticationError,
     BadRequestError,
@@ -58,19 +57,17 @@ from relayd.headers import request_headers
 from relayd.streams import LimitExceededError
 
 __all__ = [
-    "ForbiddenAddressError",
     "Upstream",
     "failure_cause",
-    "link_errors",
+    "cause_chain",
     "mapped_errors",
-    "non_public_reason",
 ]
 
 # aiohttp would otherwise invent these; a transparent relay sends the client's own.
 _SKIP_AUTO_HEADERS: Final = ("Accept-Encoding", "User-Agent", "Content-Type")
 
 
-def _cause_chain(exc: BaseException) -> Iterator[BaseException]:
+def cause_chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -84,7 +81,7 @@ _UPSTREAM_FAILURES: Final = (aiohttp.ClientError, TimeoutError, OSError)
 
 def _translated(exc: BaseException) -> RelaydError:
     """The relayd error (502/504/413) for a failure of the upstream leg."""
-    for cause in _cause_chain(exc):
+    for cause in cause_chain(exc):
         if isinstance(cause, LimitExceededError):
             return PayloadTooLargeError(str(cause))
     error: RelaydError
@@ -189,175 +186,6 @@ def _refused_handshake(exc: aiohttp.WSServerHandshakeError) -> RelaydError:
     )
 
 
-class _UpstreamProtocol(ResponseHandler):
-    """aiohttp's protocol, except that dropping a connection never waits on upstream.
-
-    ``transport.close()`` first flushes what is still queued; when upstream stopped
-    reading (a stalled upload), that is never, and the socket, its buffer and its
-    descriptor stay behind for good. A connection relayd drops with bytes still
-    queued is aborted instead: those bytes were going nowhere.
-    """
-
-    def close(self) -> None:
-        transport = self.transport
-        if transport is not None and transport.get_write_buffer_size():
-            self.abort()
-            return
-        super().close()
-
-
-class _NoDelayConnector(aiohttp.TCPConnector):
-    """TCP_NODELAY on every upstream socket (aiohttp sets it too, but say it)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._factory = cast(
-            "functools.partial[ResponseHandler]",
-            functools.partial(_UpstreamProtocol, loop=self._loop),
-        )
-
-    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return transport, protocol
-
-    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
-        # aiohttp reuses a pooled connection while it is open, even when upstream
-        # wrote to it while it sat idle (a body longer than its Content-Length).
-        # Those bytes parse as the *next* request's answer: one client would read
-        # what upstream sent after another's response. Such a connection is closed.
-        while (connection := await super()._get(key, traces)) is not None:
-            protocol = connection.protocol
-            if protocol is not None and not protocol.should_close:
-                return connection
-            connection.close()
-        return None
-
-
-# ---------------------------------------------------------------- user file links
-#
-# ChatGPT hands actions the files a user attached as short-lived https links
-# (openaiFileIdRefs[].download_link), and wrappers take image_url too. Fetching a URL
-# a caller chose is the classic SSRF door, so these fetches get a session of their
-# own: no credentials, no cookies, no proxies from the environment, no redirects,
-# and a connector that refuses every non-public address twice over: when the name
-# resolves (a clear message), and again for the exact address each socket connects
-# to (which also covers IP literals, DNS rebinding between lookup and connect, and
-# any resolver cache). fetch.py decides which URLs may be tried at all.
-
-
-class ForbiddenAddressError(OSError):
-    """A user file link led to an address relayd never fetches from."""
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:  # 2002::/16
-        return ip.sixtofour
-    if ip.teredo is not None:  # 2001::/32: (server, client)
-        return ip.teredo[1]
-    if ip in _NAT64:  # RFC 6052 well-known prefix, the IPv4 address in the last 32 bits
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
-
-
-_NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
-
-
-def non_public_reason(address: str) -> str | None:
-    """Why relayd must not connect to ``address`` (an IP literal), or None if public."""
-    try:
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
-            address.split("%", 1)[0]  # an IPv6 zone index is no part of the address
-        )
-    except ValueError:
-        return f"{address!r} is not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and (inner := _embedded_ipv4(ip)) is not None:
-        reason = non_public_reason(str(inner))
-        return f"{address} embeds {inner}: {reason}" if reason else None
-    if ip.is_loopback:
-        return f"{address} is a loopback address"
-    if ip.is_link_local:
-        return f"{address} is a link-local address (where cloud metadata services live)"
-    if ip.is_private:
-        return f"{address} is a private address"
-    if ip.is_multicast or ip.is_unspecified or ip.is_reserved or not ip.is_global:
-        return f"{address} is not a public unicast address"
-    return None
-
-
-def _refuse_non_public(addr_info: Any) -> socket.socket:
-    """aiohappyeyeballs socket factory: the last check before connect()."""
-    family, type_, proto, _, sockaddr = addr_info
-    if non_public_reason(sockaddr[0]) is not None:
-        # One message for every address, so aiohappyeyeballs re-raises this very
-        # exception (not a generic OSError) when all of a name's addresses fail.
-        raise ForbiddenAddressError("refused to connect to a non-public address")
-    return socket.socket(family=family, type=type_, proto=proto)
-
-
-class _PublicOnlyResolver(aiohttp.abc.AbstractResolver):
-    """The default resolver, minus every non-public address it returns."""
-
-    def __init__(self) -> None:
-        self._inner = aiohttp.DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[aiohttp.abc.ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        public = [r for r in results if non_public_reason(r["host"]) is None]
-        if not public:
-            reason = non_public_reason(results[0]["host"]) if results else "no address"
-            raise ForbiddenAddressError(f"{host} resolves only to non-public addresses ({reason})")
-        return public
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-class _PublicOnlyConnector(_NoDelayConnector):
-    """Checks the peer of every new connection once more, after connect()."""
-
-    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
-        peer = transport.get_extra_info("peername")
-        if not peer or non_public_reason(peer[0]) is not None:
-            transport.abort()
-            raise ForbiddenAddressError("refused to connect to a non-public address")
-        return transport, protocol
-
-
-@contextlib.contextmanager
-def link_errors(what: str) -> Iterator[None]:
-    """Translate failures fetching a user's file link into the caller's 4xx errors."""
-    try:
-        yield
-    except RelaydError:
-        raise
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        for cause in _cause_chain(exc):
-            if isinstance(cause, ForbiddenAddressError):
-                raise PermissionDeniedError(
-                    f"Refusing to fetch {what}: {cause}.", code="file_url_forbidden"
-                ) from exc
-        if isinstance(exc, TimeoutError):
-            raise BadRequestError(
-                f"Fetching {what} took too long.", code="file_fetch_timeout"
-            ) from exc
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            raise BadRequestError(
-                f"Fetching {what} failed: its TLS certificate is not valid.",
-                code="file_fetch_failed",
-            ) from exc
-        raise BadRequestError(
-            f"Fetching {what} failed ({type(exc).__name__}).", code="file_fetch_failed"
-        ) from exc
-
-
 class _SendWatch:
     """Bounds how long upstream may leave each chunk of a streamed request body unread.
 
@@ -408,7 +236,8 @@ class _SendWatch:
 class Upstream:
     """One client session per process, created by the app's ``cleanup_ctx``.
 
-    A second session, for user file links only, lives beside it (see above).
+    A second session, for user file links only, lives beside it
+    (relayd/connectors.py).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -441,7 +270,7 @@ class Upstream:
         return self._base
 
     async def start(self) -> None:
-        connector = _NoDelayConnector(
+        connector = NoDelayConnector(
             limit=self._limit,
             limit_per_host=0,
             ttl_dns_cache=300,
@@ -462,14 +291,14 @@ class Upstream:
         s = self._settings
         context = ssl.create_default_context(cafile=s.actions_fetch_ca_file)
         guarded = not s.actions_fetch_allow_private
-        connector_type = _PublicOnlyConnector if guarded else _NoDelayConnector
+        connector_type = PublicOnlyConnector if guarded else NoDelayConnector
         # A connector does not close a resolver it was given; close() does.
-        self._link_resolver = _PublicOnlyResolver() if guarded else None
+        self._link_resolver = PublicOnlyResolver() if guarded else None
         connector = connector_type(
             limit=64,
             ssl=context,
             resolver=self._link_resolver,
-            socket_factory=_refuse_non_public if guarded else None,
+            socket_factory=refuse_non_public if guarded else None,
             use_dns_cache=False,  # every fetch is checked against a fresh answer
             force_close=True,  # links point at many hosts; keep no idle sockets
         )
@@ -500,7 +329,7 @@ class Upstream:
         """GET a user's file link: no credentials, no redirects, public peers only.
 
         Failures are not translated here: wrap the whole fetch (open and read) in
-        :func:`link_errors`, which names the link in the caller's terms.
+        ``link_errors`` (relayd/actions/fetch.py), which names the link in the caller's terms.
         """
         if self._links is None:
             raise RuntimeError("Upstream.start() was not called")

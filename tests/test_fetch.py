@@ -1,4 +1,5 @@
-"""The safe fetcher for user file links (SPEC §2): what it refuses, and where.
+"""The safe fetcher for user file links (docs/security.md#files-and-links): what it
+refuses, and where.
 
 Refusals use the default configuration (https only, ChatGPT's hosts, no private
 peers) wherever the case allows; the cases that need a server to misbehave use the
@@ -19,15 +20,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpServer
 
+from relayd.actions.fetch import check_link
 from relayd.config import DEFAULT_FETCH_HOSTS, Settings, load_settings
-from relayd.errors import PermissionDeniedError
-from relayd.fetch import check_link
-from relayd.upstream import (
-    ForbiddenAddressError,
-    _PublicOnlyConnector,
-    _refuse_non_public,
-    non_public_reason,
-)
+from relayd.connectors import PublicOnlyConnector, non_public_reason, refuse_non_public
+from relayd.errors import ForbiddenAddressError, PermissionDeniedError
 from tests.conftest import RELAY_KEY, RelayFactory
 from tests.fakes.openai import FakeOpenAI
 from tests.filehost import PNG, FileHost, fetch_settings, start_file_host
@@ -226,7 +222,7 @@ async def test_the_connected_address_is_checked_not_only_the_name(
     server = await _plain_server(aiohttp_server)
     # The socket factory sees the address each socket is about to connect to.
     connector = aiohttp.TCPConnector(resolver=_LyingResolver(),
-                                     socket_factory=_refuse_non_public)
+                                     socket_factory=refuse_non_public)
     async with aiohttp.ClientSession(connector=connector) as session:
         with pytest.raises(aiohttp.ClientConnectorError) as caught:
             await session.get(f"http://public.example:{server.port}/")
@@ -235,7 +231,7 @@ async def test_the_connected_address_is_checked_not_only_the_name(
 
 async def test_the_peer_is_checked_again_after_connect(aiohttp_server: AiohttpServer) -> None:
     server = await _plain_server(aiohttp_server)
-    connector = _PublicOnlyConnector(resolver=_LyingResolver())
+    connector = PublicOnlyConnector(resolver=_LyingResolver())
     async with aiohttp.ClientSession(connector=connector) as session:
         with pytest.raises(aiohttp.ClientOSError) as caught:
             await session.get(f"http://public.example:{server.port}/")

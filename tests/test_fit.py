@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relayd.fit import MARK, NOTE_KEY, dumps, fit_json
+from relayd.actions.fit import MARK, NOTE_KEY, dumps, fit_json
 
 # relayd refuses a max_answer_chars below 1000 (config), so limits start there.
 LIMITS = st.integers(min_value=1000, max_value=6000)

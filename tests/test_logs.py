@@ -26,7 +26,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from relayd.app import create_app
 from relayd.config import parse_keys_file
-from relayd.observe import _Formatter
+from relayd.logs import _Formatter
 from relayd.routes import TABLE
 from relayd.routing import Exposure, Route, RouteTable
 from relayd.upstream import failure_cause

@@ -1,4 +1,4 @@
-"""Prometheus metrics and usage accounting (SPEC §6)."""
+"""Prometheus metrics and usage accounting."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd import mime
-from relayd.mime import EXTENSIONS, IMAGE_TYPES, sniff
+from relayd.actions import mime
+from relayd.actions.mime import EXTENSIONS, IMAGE_TYPES, sniff
 
 OCTET = "application/octet-stream"
 
@@ -65,7 +65,7 @@ def test_every_image_type_relayd_accepts_can_be_recognised() -> None:
 @given(data=st.binary(max_size=2048))
 def test_any_bytes_get_a_type_with_a_file_extension_and_never_an_error(data: bytes) -> None:
     kind = sniff(data)
-    assert kind in EXTENSIONS  # deliver and payload name files by this table
+    assert kind in EXTENSIONS  # handouts and payload name files by this table
     assert sniff(bytearray(data)) == sniff(memoryview(data)) == kind
 
 

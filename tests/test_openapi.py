@@ -1,4 +1,5 @@
-"""Both OpenAPI documents, derived from the route table, and the GPT builder lint (SPEC §5)."""
+"""Both OpenAPI documents, derived from the route table, and the GPT builder lint
+(docs/chatgpt.md#the-actions-document)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from relayd.actionslint import lint
+from relayd.actions.lint import lint
 from relayd.app import create_app
 from relayd.cli import main
 from relayd.config import ConfigError, Settings, load_settings

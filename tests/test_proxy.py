@@ -1,4 +1,5 @@
-"""``/v1/proxy``: the predecessor's allowlist and blocks, deny by default, no path tricks."""
+"""``/v1/proxy``: an allowlist and blocks, deny by default, no path tricks
+(docs/security.md#the-proxy-envelope)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from relayd.actions.proxy_policy import normalise_path
 from relayd.config import RelayKey
-from relayd.proxy_policy import normalise_path
 from tests.conftest import RELAY_KEY
 from tests.fakes.openai import FakeOpenAI
 

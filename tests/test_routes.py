@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from relayd.actions.wrappers import forward_validated
 from relayd.routes import TABLE
 from relayd.routing import Exposure, Route, RouteTable
 from relayd.state import ROUTE_MAP
@@ -106,3 +109,17 @@ async def test_openapi_documents_every_documented_route(relay: TestClient) -> No
         for method, op in item.items()
     }
     assert operations == {(r.method, r.path): r.operation_id for r in TABLE.documented()}
+
+
+def test_each_wrapper_that_only_forwards_names_its_schema_and_upstream_path() -> None:
+    """forward_validated reads both from its route, so the table must give both, and
+    the upstream path can only use the route's own path parameters."""
+    forwarding = [r for r in TABLE if r.handler is forward_validated]
+    assert forwarding
+    for route in forwarding:
+        assert route.request_schema is not None, route.operation_id
+        assert route.forwards_to is not None, route.operation_id
+        assert set(re.findall(r"\{(\w+)\}", route.forwards_to)) == set(
+            re.findall(r"\{(\w+)\}", route.path)
+        ), route.operation_id
+    assert all(r.forwards_to is None for r in TABLE if r.handler is not forward_validated)

@@ -1,4 +1,5 @@
-"""Security model (SPEC §2): relay keys, credential hygiene, refusals in OpenAI's shape."""
+"""Security model (docs/security.md): relay keys, credential hygiene, refusals in
+OpenAI's shape."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Streaming semantics (SPEC §4): no buffering, honest endings, cancellation, timeouts."""
+"""Streaming semantics (docs/streaming.md): no buffering, honest endings, cancellation, timeouts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Thin handlers: validate, decide the upstream call, hand the bytes to streams/."""
+"""The OpenAI face: pass-through relay, realtime and the relay's own meta routes."""
 
 from __future__ import annotations
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from relayd.errors import MethodNotAllowedError, NotFoundError, PermissionDeniedError
-from relayd.handlers.common import checked_path, downloadable_file, read_json_object, relay
-from relayd.handlers.payload import json_body
 from relayd.handlers.realtime_policy import admit_unlisted, is_realtime_path
-from relayd.policy import Verdict, upstream_path
+from relayd.paths import Verdict, upstream_path
+from relayd.relay import checked_path, downloadable_file, json_body, read_json_object, relay
 from relayd.state import POLICY, TABLE
 
 __all__ = ["create_response_stream", "download_file", "forward", "forward_by_policy"]

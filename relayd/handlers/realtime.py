@@ -34,9 +34,11 @@ from aiohttp import ClientWSTimeout, WSCloseCode, WSMsgType, hdrs, web
 from multidict import CIMultiDict
 
 from relayd.auth import EPHEMERAL_PREFIX, WS_KEY_PREFIX
-from relayd.errors import BadRequestError, ClientRequestError, RelayRateLimitError
-from relayd.handlers.common import checked_path, read_json_object, relay
-from relayd.handlers.payload import json_body
+from relayd.errors import (
+    BadRequestError,
+    RelayRateLimitError,
+    UpgradeRequiredError,
+)
 from relayd.handlers.realtime_policy import (
     admit,
     check_named_models,
@@ -47,6 +49,7 @@ from relayd.handlers.realtime_policy import (
 )
 from relayd.headers import redact_secrets
 from relayd.memory import Lease, buffer_lease, share_key
+from relayd.relay import checked_path, json_body, read_json_object, relay
 from relayd.state import (
     KEY,
     KEYRING,
@@ -62,7 +65,6 @@ from relayd.streams import BridgeStats, Leg, WebSocketBridge
 from relayd.streams.websocket import MemoryHold
 
 __all__ = [
-    "UpgradeRequiredError",
     "accept_call",
     "bridge_realtime",
     "close_bridges",
@@ -87,12 +89,6 @@ _CREDENTIAL_PROTOCOLS: Final = (WS_KEY_PREFIX, "openai-organization.", "openai-p
 _EPHEMERAL_PROTOCOL: Final = WS_KEY_PREFIX + EPHEMERAL_PREFIX
 _USAGE_EVENT: Final = b"response.done"
 
-
-class UpgradeRequiredError(ClientRequestError):
-    """A plain HTTP request reached a WebSocket-only route (RFC 9110 §15.5.22)."""
-
-    status = 426
-    default_code = "websocket_upgrade_required"
 
 
 # --------------------------------------------------------------------------- bridge
@@ -167,7 +163,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
         try:
             await bridge.run()
         finally:
-            # Synchronous on purpose (DESIGN: accounting in finally is sync).
+            # Synchronous on purpose (docs/design.md#accounting-in-finally-is-synchronous).
             bridges.pop(bridge, None)
             metrics.open_websockets.dec()
             _account(request, model, bridge.stats, usage)

@@ -1,6 +1,6 @@
 """Byte pass-through with backpressure and honest endings.
 
-Invariants (DESIGN; every streaming change must keep them):
+Invariants (docs/design.md#invariants; every streaming change must keep them):
 
 - One reader per socket; ``await resp.write()`` is the only flow control. The
   client StreamReader pauses the upstream socket at 2 x read_bufsize, and

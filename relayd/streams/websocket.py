@@ -17,7 +17,7 @@ refusal as reason. One message is bounded by ``max_message_bytes`` (aiohttp
 closes with 1009 past it), so a session holds at most one such message per
 direction, and ``hold`` bounds what all sessions hold together.
 
-Rules the caller must keep (notes/aiohttp-proxy.md §1.9), because aiohttp's
+Rules the caller must keep (docs/streaming.md#reading-the-legs), because aiohttp's
 defaults would lose the close code or read a socket from two tasks:
 
 - both legs are opened with ``autoclose=False`` (with ``autoclose=True`` aiohttp

@@ -1,4 +1,4 @@
-"""Bugs users hit in other relays (shared/notes/peer-failures.md), proven absent here.
+"""Bugs users hit in other relays, proven absent here.
 
 Each test names the issue it answers. Cases already covered by another suite are
 listed in the closing note's table with the test that covers them; this file holds

@@ -34,11 +34,11 @@ from schemathesis.specs.openapi.checks import (
 )
 from yarl import URL
 
+from relayd.actions.proxy_policy import check_proxy_call, normalise_path
 from relayd.app import create_app
 from relayd.config import DEFAULT_DENY
 from relayd.errors import BadRequestError, PermissionDeniedError
-from relayd.policy import PathPolicy, Verdict, check_raw_path, upstream_path
-from relayd.proxy_policy import check_proxy_call, normalise_path
+from relayd.paths import PathPolicy, Verdict, check_raw_path, upstream_path
 from relayd.routes import TABLE
 from tests.conftest import CANARY, RELAY_KEY, make_settings
 from tests.fakes.openai import FakeOpenAI

@@ -1,7 +1,8 @@
-"""Lint an OpenAPI document against the GPT builder's rules (SPEC §5).
+"""Lint an OpenAPI document against the GPT builder's rules
+(docs/chatgpt.md#the-actions-document).
 
-Each violation carries the builder's own wording where it is known (notes A2 and
-A8: the strings builders report when an import fails), so what ``relayd openapi
+Each violation carries the builder's own wording where it is known (the
+strings builders report when an import fails), so what ``relayd openapi
 --actions --check`` prints is what the builder would have said. Rules with no
 known builder wording (unique and well-formed operationIds, ``openaiFileIdRefs``
 as strings, a deliberate ``x-openai-isConsequential``) say plainly what is wrong.

@@ -48,9 +48,11 @@ __all__ = [
     "VideoRemixRequest",
 ]
 
-MAX_REFS: Final = 10  # ChatGPT sends at most ten files per call (notes A6)
-MAX_VIDEO_DURATION_S: Final = 30  # the predecessor's legacy duration_seconds cap
-MAX_VIDEO_FRAMES: Final = 300  # the predecessor's legacy frames cap
+# ChatGPT sends at most ten files per call (docs/chatgpt.md#files-in-openaifileidrefs).
+MAX_REFS: Final = 10
+# Older clients' duration_seconds and frames caps (docs/chatgpt.md#video-checks).
+MAX_VIDEO_DURATION_S: Final = 30
+MAX_VIDEO_FRAMES: Final = 300
 PROXY_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 # A bare file name: it goes into a multipart header as it is (RFC 7578 §4.2).
@@ -103,7 +105,8 @@ class FileRefField(fields.Field[FileRef]):
     """An ``openaiFileIdRefs`` item: ``{name, id, mime_type, download_link}`` or a URL.
 
     The GPT builder only hands files over when the items are declared as strings
-    (notes A6), so the documents say ``string`` while ChatGPT sends objects.
+    (docs/chatgpt.md#files-in-openaifileidrefs), so the documents say ``string``
+    while ChatGPT sends objects.
     """
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> FileRef:
@@ -299,7 +302,7 @@ class VideoRemixRequest(_PassOn):
 
 
 class VideoGenerationRequest(_PassOn):
-    """``/v1/actions/videos/generations``: the predecessor's checks, then multipart.
+    """``/v1/actions/videos/generations``: checked (docs/chatgpt.md#video-checks), then multipart.
 
     The allowed models, sizes and lengths are configuration; pass them in.
     """
@@ -351,8 +354,9 @@ class VideoGenerationRequest(_PassOn):
 
     @post_load
     def _legacy_names(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        # The predecessor's aliases become the names upstream knows; frames is
-        # only checked (POST /v1/videos has no such field).
+        # Older clients' names become the names upstream knows
+        # (docs/chatgpt.md#video-checks); frames is only checked (POST /v1/videos has
+        # no such field).
         duration = data.pop("duration_seconds", None)
         if "seconds" not in data and duration is not None:
             data["seconds"] = duration
@@ -393,7 +397,7 @@ class ActionResponseRequest(_PassOn):
 # ------------------------------------------------------------------ the proxy envelope
 
 
-# The predecessor's envelope accepted these names too.
+# Clients written for an earlier relay send these names (docs/security.md#the-proxy-envelope).
 _PROXY_ALIASES: Final = {
     "params": "query",
     "query_params": "query",

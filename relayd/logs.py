@@ -75,7 +75,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     finally:
         # Never an await here: a second cancellation could interrupt it and lose the
-        # line (DESIGN: accounting in finally is synchronous). A finished request is
+        # line (docs/design.md#accounting-in-finally-is-synchronous). A finished request is
         # accounted on the loop's next turn, after aiohttp has handed the answer to
         # the socket, so the log line does not add to the client's latency.
         duration = time.perf_counter() - started
@@ -289,7 +289,7 @@ def setup_logging(fmt: str, level: str) -> None:
 # --------------------------------------------------------------------------- aiohttp's own lines
 #
 # Two of aiohttp's server-side log lines quote what a client sent, relay keys included
-# (notes/aiohttp-proxy.md §6; LiteLLM #11264 and #7603 are the same leak elsewhere):
+# (docs/security.md#aiohttp-log-lines; LiteLLM #11264 and #7603 are the same leak elsewhere):
 # - aiohttp.server logs a malformed request head at ERROR with a traceback whose
 #   message quotes the offending line, which may be the Authorization header;
 # - aiohttp.websocket warns when it selects none of the offered subprotocols and

@@ -1,14 +1,14 @@
 """Model answers that fit ChatGPT's limits, and the streaming wrapper for everyone else.
 
-A GPT action must answer within 45 s and under 100,000 characters and cannot read
-a stream (notes A3). ``POST /v1/actions/responses`` therefore starts the response
-in background mode upstream (``background: true``, ``store: true``, ``stream:
-false``) and polls it until it finishes or the answer budget (``[actions]
-answer_budget``, 25 s by default) is spent. Finished: the output text with id,
-model and usage. Not yet: the id and ``status: in_progress``, which
-``GET /v1/actions/responses/{id}`` picks up (and waits on again, up to the budget).
-The work goes on upstream meanwhile; nothing is lost to a timeout. Long texts are
-cut to ``[actions] max_answer_chars`` with a note that says so (fit.py).
+A GPT action must answer within 45 s and under 100,000 characters and cannot read a
+stream (docs/chatgpt.md#time-budget, docs/chatgpt.md#no-streaming).
+``POST /v1/actions/responses`` therefore starts the response in background mode upstream
+(``background: true``, ``store: true``, ``stream: false``) and polls it until it
+finishes or the answer budget (``[actions] answer_budget``, 25 s by default) is spent.
+Finished: the output text with id, model and usage. Not yet: the id and ``status:
+in_progress``, which ``GET /v1/actions/responses/{id}`` picks up (and waits on again, up
+to the budget). The work goes on upstream meanwhile; nothing is lost to a timeout. Long
+texts are cut to ``[actions] max_answer_chars`` with a note that says so (fit.py).
 """
 
 from __future__ import annotations
@@ -20,17 +20,14 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from relayd.fit import fit_json
-from relayd.handlers.common import checked_path, relay, send_back, waited_on_upstream
-from relayd.handlers.payload import (
-    is_json,
+from relayd.actions.fit import fit_json
+from relayd.actions.payload import (
+    UpstreamJSON,
     json_answer,
-    json_body,
     load,
-    read_json,
-    upstream_call,
+    upstream_json,
 )
-from relayd.schemas import ActionResponseRequest
+from relayd.relay import checked_path, json_body, relay, waited_on_upstream
 from relayd.state import SETTINGS
 
 __all__ = ["create_action_response", "get_action_response", "stream_action_response"]
@@ -97,10 +94,10 @@ async def _poll(
         slept = time.perf_counter()
         await asyncio.sleep(min(settings.actions_poll_interval_s, remaining))
         waited_on_upstream(request, slept)  # the model's time, not the relay's
-        async with upstream_call(request, "GET", path) as answer:
-            if not is_json(answer):
-                raise _Passthrough(await send_back(request, answer))
-            fresh = await read_json(request, answer)
+        got = await upstream_json(request, "GET", path)
+        if isinstance(got, web.StreamResponse):
+            raise _Passthrough(got)
+        fresh = got.document
         if not isinstance(fresh, dict):
             break
         response = fresh
@@ -116,8 +113,15 @@ class _Passthrough(Exception):
 
 
 async def _respond(
-    request: web.Request, response: dict[str, Any], deadline: float
+    request: web.Request, got: UpstreamJSON | web.StreamResponse, deadline: float
 ) -> web.StreamResponse:
+    """The answer to give for a response upstream sent (``got``): polled until done or
+    ``deadline``; an upstream error or a non-object comes back as it was."""
+    if isinstance(got, web.StreamResponse):
+        return got
+    response = got.document
+    if not isinstance(response, dict):
+        return json_answer(response)
     settings = request.app[SETTINGS]
     try:
         polled = await _poll(request, response, deadline)
@@ -131,18 +135,13 @@ async def create_action_response(request: web.Request) -> web.StreamResponse:
     """``POST /v1/actions/responses``: the answer within the budget, or a handle."""
     settings = request.app[SETTINGS]
     deadline = asyncio.get_running_loop().time() + settings.actions_answer_budget_s
-    body = await load(request, ActionResponseRequest())
+    body = await load(request)
     body.setdefault("model", settings.default_model)
     body.update(stream=False, background=True, store=True)  # store: background needs it
-    async with upstream_call(
+    started = await upstream_json(
         request, "POST", "/v1/responses", data=json_body(body),
         content_type="application/json",
-    ) as answer:
-        if not is_json(answer):
-            return await send_back(request, answer)
-        started = await read_json(request, answer)
-    if not isinstance(started, dict):
-        return json_answer(started)
+    )
     return await _respond(request, started, deadline)
 
 
@@ -152,13 +151,7 @@ async def get_action_response(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     deadline = asyncio.get_running_loop().time() + settings.actions_answer_budget_s
     path = f"/v1/responses/{quote(request.match_info['response_id'], safe='')}"
-    async with upstream_call(request, "GET", path) as answer:
-        if not is_json(answer):
-            return await send_back(request, answer)
-        current = await read_json(request, answer)
-    if not isinstance(current, dict):
-        return json_answer(current)
-    return await _respond(request, current, deadline)
+    return await _respond(request, await upstream_json(request, "GET", path), deadline)
 
 
 async def stream_action_response(request: web.Request) -> web.StreamResponse:
@@ -167,7 +160,7 @@ async def stream_action_response(request: web.Request) -> web.StreamResponse:
     For scripts and apps, not for GPT Actions (which cannot read a stream).
     """
     settings = request.app[SETTINGS]
-    body = await load(request, ActionResponseRequest())
+    body = await load(request)
     body.setdefault("model", settings.default_model)
     body["stream"] = True
     return await relay(request, "POST", "/v1/responses", data=json_body(body))

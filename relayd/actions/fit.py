@@ -1,6 +1,7 @@
 """Answers that fit ChatGPT's limit: under 100,000 characters, and saying so when cut.
 
-GPT Actions refuse a response of 100,000 characters or more (notes A3). ChatGPT
+GPT Actions refuse a response of 100,000 characters or more
+(docs/chatgpt.md#answer-size). ChatGPT
 counts characters, so sizes here are ``len()`` of the JSON text as relayd sends it
 (``ensure_ascii=False``: an "é" is one character, not the six of ``\\u00e9``).
 Cutting always leaves a note in the answer itself, so the model can tell the user.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-__all__ = ["dumps", "fit_json", "fit_text"]
+__all__ = ["dumps", "fit_json"]
 
 MARK: Final = " …[cut by the relay]"
 NOTE_KEY: Final = "relay_note"
@@ -20,13 +21,6 @@ _ROUNDS: Final = 64
 
 def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def fit_text(text: str, limit: int) -> tuple[str, bool]:
-    """``text`` cut to at most ``limit`` characters (mark included); whether it was cut."""
-    if len(text) <= limit:
-        return text, False
-    return text[: max(0, limit - len(MARK))] + MARK, True
 
 
 def fit_json(answer: dict[str, Any], limit: int) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""What ``/v1/proxy`` may call: the predecessor's allowlist and blocks, deny by default.
+"""What ``/v1/proxy`` may call: an allowlist and blocks, deny by default.
+
+The rules are docs/security.md#the-proxy-envelope.
 
 The envelope lets a GPT reach OpenAI JSON endpoints that have no operation of their
 own, so it is narrow on purpose. A call passes only if, in this order:
@@ -16,7 +18,7 @@ own, so it is narrow on purpose. A call passes only if, in this order:
    needs its scope as well as ``proxy`` (handlers/proxy.py checks it).
 
 Every refusal is a 403 with its reason (a malformed envelope is a 400).
-This module is apart from policy.py, which rules the catch-all by operator patterns;
+This module is apart from paths.py, which rules the catch-all by operator patterns;
 here the rules are fixed and derived from the route table.
 """
 
@@ -116,7 +118,8 @@ def normalise_path(raw: str) -> str:
     if any(s in (".", "..") for s in segments):
         raise _blocked("path must not contain '.' or '..' segments")
     if not segments or segments[0].lower() != "v1":
-        segments.insert(0, "v1")  # the predecessor accepted "/models" for "/v1/models"
+        # GPTs written for an earlier relay send "/models" for "/v1/models".
+        segments.insert(0, "v1")
     segments[0] = "v1"
     return "/" + "/".join(segments)
 

@@ -1,8 +1,10 @@
 """What every relaying handler does: send upstream, then stream the answer back.
 
-Handlers decide *what* goes upstream; these helpers do the rest the same way for
-all of them: body streaming under the cap, header hygiene, honest stream endings,
-and redaction of upstream error bodies.
+Both faces (the OpenAI face in ``handlers/``, the GPT Actions face in ``actions/``)
+relay through here, so it sits one floor below them. Handlers decide *what* goes
+upstream; these helpers do the rest the same way for all of them: body streaming
+under the cap, header hygiene, honest stream endings, and redaction of upstream
+error bodies.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from relayd.headers import (
     response_headers,
 )
 from relayd.memory import buffer_lease, share_key
-from relayd.policy import upstream_path
+from relayd.paths import upstream_path
 from relayd.state import (
     BROKEN,
     METRICS,
@@ -56,6 +58,7 @@ from relayd.streams import (
     pump,
     pump_request_body,
 )
+from relayd.streams.multipart import SlicedBytesPayload
 from relayd.upstream import failure_cause, mapped_errors
 from relayd.usage import UsageTap
 
@@ -64,6 +67,7 @@ __all__ = [
     "checked_path",
     "downloadable_file",
     "exchange",
+    "json_body",
     "parse_json",
     "read_capped",
     "read_json_object",
@@ -93,6 +97,11 @@ FILE_METADATA_CAP: Final = 64 * 1024
 # validation or when re-encoded for upstream. OpenAI's own bodies nest a few tens
 # deep at most (structured-output schemas allow 10 levels).
 MAX_JSON_DEPTH: Final = 128
+
+
+def json_body(value: Any) -> SlicedBytesPayload:
+    """``value`` as a JSON request body for upstream (any size, no warning)."""
+    return SlicedBytesPayload(json.dumps(value).encode(), content_type="application/json")
 
 
 def checked_path(request: web.Request) -> str:
@@ -196,8 +205,7 @@ async def downloadable_file(
                 f"The upstream API answered {answer.status} to the file metadata lookup; "
                 "the file cannot be checked, so its content is not handed out."
             )
-        with mapped_errors():
-            raw = await read_capped(answer.content, FILE_METADATA_CAP)
+        raw = await read_capped(answer.content, FILE_METADATA_CAP)
     try:
         meta = json.loads(raw)
     except ValueError:
@@ -297,8 +305,7 @@ async def _small_back(
 ) -> web.Response:
     """A small answer of known length, read whole: head and body leave in one write."""
     started = time.perf_counter()
-    with mapped_errors():
-        body = await read_capped(answer.content, SMALL_BODY)
+    body = await read_capped(answer.content, SMALL_BODY)
     waited_on_upstream(request, started)
     if tap is not None:
         tap(body)
@@ -316,14 +323,19 @@ def _usage_tap(request: web.Request, answer: ClientResponse, sse: bool) -> Usage
 
 
 async def read_capped(content: StreamReader, cap: int) -> bytes:
-    """A whole (small) upstream body; more than ``cap`` bytes is an upstream fault."""
+    """A whole (small) upstream body; more than ``cap`` bytes is an upstream fault.
+
+    A failure while reading is mapped here (a 502 or 504, as any upstream failure
+    before the answer's head went out), so no caller wraps it again.
+    """
     chunks: list[bytes] = []
     size = 0
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > cap:
-            raise UpstreamUnavailableError(f"The upstream API sent more than {cap} bytes here.")
-        chunks.append(chunk)
+    with mapped_errors():
+        while size <= cap and (chunk := await content.readany()):
+            size += len(chunk)
+            chunks.append(chunk)
+    if size > cap:  # raised outside: mapped_errors would take it for a broken connection
+        raise UpstreamUnavailableError(f"The upstream API sent more than {cap} bytes here.")
     return b"".join(chunks)
 
 
@@ -333,8 +345,7 @@ async def _error_back(request: web.Request, answer: ClientResponse) -> web.Respo
     OpenAI's 401 says "Incorrect API key provided: sk-…"; forwarding that verbatim
     leaks the operator key's prefix and suffix (nyroway/nyro#67).
     """
-    with mapped_errors():
-        raw = await read_capped(answer.content, ERROR_BODY_CAP)
+    raw = await read_capped(answer.content, ERROR_BODY_CAP)
     try:
         body = decompress(raw, answer.headers.get("Content-Encoding", ""), ERROR_BODY_CAP)
     except (zlib.error, ValueError) as exc:

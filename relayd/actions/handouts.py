@@ -1,12 +1,12 @@
 """Files handed back to ChatGPT as ``openaiFileResponse``, and the links behind them.
 
-ChatGPT shows a file from an action only through ``openaiFileResponse`` (at most
-ten files of at most 10 MB): inline ``{name, mime_type, content}`` objects, or https
-URLs it fetches within 10 s, which must answer with ``Content-Type`` and
-``Content-Disposition`` (notes A6). relayd inlines files when every one is small
-(``[actions] inline_max_bytes``) and together they leave the answer well under
-the character limit; otherwise every file becomes a signed link (filestore.py),
-one form per answer, never a mix.
+ChatGPT shows a file from an action only through ``openaiFileResponse`` (at most ten
+files of at most 10 MB): inline ``{name, mime_type, content}`` objects, or https URLs it
+fetches within 10 s, which must answer with ``Content-Type`` and ``Content-Disposition``
+(docs/chatgpt.md#files-out-openaifileresponse). relayd inlines files when every one is
+small (``[actions] inline_max_bytes``) and together they leave the answer well under the
+character limit; otherwise every file becomes a signed link (handout_store.py), one form
+per answer, never a mix.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from relayd.actions.handout_store import Claims
+from relayd.actions.mime import EXTENSIONS, sniff
+from relayd.actions.payload import json_answer, upstream_call, upstream_json
 from relayd.errors import (
     BadRequestError,
     NotFoundError,
     PayloadTooLargeError,
-    RelaydError,
+    PublicUrlNotSetError,
 )
-from relayd.filestore import Claims
-from relayd.handlers.common import (
+from relayd.relay import (
     checked_path,
     downloadable_file,
     exchange,
@@ -37,14 +39,10 @@ from relayd.handlers.common import (
     send_back,
     stream_back,
 )
-from relayd.handlers.payload import is_json, json_answer, read_json, upstream_call
-from relayd.mime import EXTENSIONS, sniff
-from relayd.state import HANDOFF, KEY, SETTINGS, TABLE, UPSTREAM
-from relayd.upstream import mapped_errors
+from relayd.state import HANDOUTS, KEY, SETTINGS, TABLE, UPSTREAM
 
 __all__ = [
     "Handout",
-    "PublicUrlNotSetError",
     "download",
     "file_content_for_chatgpt",
     "hand_out",
@@ -74,12 +72,6 @@ class Handout:
     claims: Claims | None = None
 
 
-class PublicUrlNotSetError(RelaydError):
-    """A link is needed and ``RELAYD_PUBLIC_URL`` is not set: the operator's mistake."""
-
-    status = 500
-    default_code = "public_url_not_set"
-
 
 def origin(request: web.Request) -> str:
     """Where ChatGPT reaches relayd: ``RELAYD_PUBLIC_URL``, and nothing else.
@@ -100,7 +92,7 @@ def origin(request: web.Request) -> str:
 async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
     """``openaiFileResponse`` for ``items``: all inline, or all signed links."""
     settings = request.app[SETTINGS]
-    handoff = request.app[HANDOFF]
+    store = request.app[HANDOUTS]
     download_route = request.app[TABLE].by_operation_id(DOWNLOAD_OPERATION)
     inline_budget = settings.actions_max_answer_chars // 2
     sizes = [len(i.data) if i.data is not None else None for i in items]
@@ -120,9 +112,9 @@ async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
     for item in items:
         claims = item.claims
         if claims is None:
-            blob = await handoff.keep(item.data or b"")
+            blob = await store.keep(item.data or b"")
             claims = Claims("blob", blob, item.name, item.media_type)
-        token = handoff.token(claims, request.get(KEY))
+        token = store.token(claims, request.get(KEY))
         links.append(base + download_route.path.replace("{token}", token))
     return links
 
@@ -196,8 +188,7 @@ async def file_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
         async with upstream_call(request, "GET", path) as content:
             if content.status >= 400:
                 return await send_back(request, content)
-            with mapped_errors():
-                raw = await read_capped(content.content, settings.actions_inline_max_bytes)
+            raw = await read_capped(content.content, settings.actions_inline_max_bytes)
         sniffed = sniff(raw)
         kind = item.media_type if sniffed == "application/octet-stream" else sniffed
         item = Handout(name, kind, data=raw, claims=item.claims)
@@ -221,10 +212,10 @@ async def video_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
             f"variant must be one of: {', '.join(_VARIANTS)}.", code="invalid_value",
             param="variant",
         )
-    async with upstream_call(request, "GET", f"/v1/videos/{quote(video_id, safe='')}") as answer:
-        if not is_json(answer):
-            return await send_back(request, answer)
-        meta = await read_json(request, answer)
+    got = await upstream_json(request, "GET", f"/v1/videos/{quote(video_id, safe='')}")
+    if isinstance(got, web.StreamResponse):
+        return got
+    meta = got.document
     status = meta.get("status") if isinstance(meta, dict) else None
     summary = {"id": video_id, "status": status, "progress": meta.get("progress")}
     if status != "completed":
@@ -259,7 +250,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     No relay key: the token is the credential (HMAC-signed, expiring). Upstream
     objects stream through chunk by chunk; stored blobs are served from disk.
     """
-    claims = request.app[HANDOFF].claims(request.match_info["token"])
+    claims = request.app[HANDOUTS].claims(request.match_info["token"])
     labels = {
         "Content-Type": claims.media_type,
         "Content-Disposition": content_disposition(claims.filename),
@@ -267,7 +258,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         "X-Content-Type-Options": "nosniff",
     }
     if claims.kind == "blob":
-        path = await request.app[HANDOFF].blob_path(claims.ref)
+        path = await request.app[HANDOUTS].blob_path(claims.ref)
         return web.FileResponse(path, headers=labels)
     if claims.kind == "file":
         path_qs = f"/v1/files/{quote(claims.ref, safe='')}/content"

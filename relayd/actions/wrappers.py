@@ -5,7 +5,7 @@ routes take files as base64, as ``openaiFileIdRefs`` download links or as an
 ``image_url``, validate everything (schemas.py) before anything goes upstream, and
 build the multipart body upstream expects as a stream (streams/multipart.py).
 Upstream's answer comes back unchanged, except that generated images move from
-``b64_json`` into ``openaiFileResponse`` (deliver.py), the one way ChatGPT shows
+``b64_json`` into ``openaiFileResponse`` (handouts.py), the one way ChatGPT shows
 a file.
 """
 
@@ -17,49 +17,31 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from relayd.errors import BadRequestError, PayloadTooLargeError, RelaydError
-from relayd.handlers.common import checked_path, relay, send_back
-from relayd.handlers.deliver import images_for_chatgpt
-from relayd.handlers.payload import (
+from relayd.actions.handouts import images_for_chatgpt
+from relayd.actions.mime import IMAGE_TYPES
+from relayd.actions.payload import (
     InputFile,
     file_from_base64,
     file_from_link,
     form_fields,
-    is_json,
     json_answer,
-    json_body,
     load,
-    read_json,
-    upstream_call,
+    upstream_json,
 )
-from relayd.mime import IMAGE_TYPES
-from relayd.schemas import (
-    FileRef,
-    FileUploadRequest,
-    ImageEditRequest,
-    ImageGenerationRequest,
-    ImageVariationRequest,
-    UploadCompleteRequest,
-    UploadCreateRequest,
-    UploadPartRequest,
-    VideoCreateRequest,
-    VideoGenerationRequest,
-    VideoRemixRequest,
-)
-from relayd.state import SETTINGS, UPSTREAM
+from relayd.actions.schemas import FileRef
+from relayd.errors import BadRequestError, PayloadTooLargeError, RelaydError
+from relayd.relay import checked_path, json_body, relay
+from relayd.state import ROUTE, SETTINGS, UPSTREAM
 from relayd.streams.multipart import FilePart, TextPart, multipart_body
 
 __all__ = [
     "add_upload_part",
     "cancel_upload",
-    "complete_upload",
     "create_image_variation",
-    "create_upload",
-    "create_video",
     "edit_image",
+    "forward_validated",
     "generate_image",
     "generate_video",
-    "remix_video",
     "upload_file",
 ]
 
@@ -69,7 +51,14 @@ def _segment(request: web.Request, name: str) -> str:
     return quote(request.match_info[name], safe="")
 
 
-async def _send_json(request: web.Request, path: str, body: dict[str, Any]) -> web.StreamResponse:
+async def forward_validated(request: web.Request) -> web.StreamResponse:
+    """The wrappers that only validate: the JSON body, checked by the route's
+    ``request_schema``, goes as JSON to the route's ``forwards_to`` (its path
+    parameters filled in from the request's, each one percent-encoded)."""
+    template = request[ROUTE].forwards_to
+    assert template is not None, "routes.py names forwards_to for this handler"
+    path = template.format_map({name: _segment(request, name) for name in request.match_info})
+    body = await load(request)
     return await relay(request, "POST", path, data=json_body(body))
 
 
@@ -103,7 +92,7 @@ async def _from_ref(request: web.Request, ref: FileRef, param: str, fallback: st
 
 async def upload_file(request: web.Request) -> web.StreamResponse:
     """``POST /v1/actions/files/upload`` → multipart ``POST /v1/files`` (``file``, ``purpose``)."""
-    body = await load(request, FileUploadRequest())
+    body = await load(request)
     refs: list[FileRef] = body.pop("openaiFileIdRefs", None) or []
     filename, claimed = body.pop("filename", None), body.pop("mime_type", None)
     if refs:
@@ -118,15 +107,10 @@ async def upload_file(request: web.Request) -> web.StreamResponse:
     return await _send_form(request, "/v1/files", parts)
 
 
-async def create_upload(request: web.Request) -> web.StreamResponse:
-    body = await load(request, UploadCreateRequest())
-    return await _send_json(request, "/v1/uploads", body)
-
-
 async def add_upload_part(request: web.Request) -> web.StreamResponse:
     """``POST /v1/actions/uploads/{id}/parts`` → multipart part ``data``."""
     upload_id = _segment(request, "upload_id")
-    body = await load(request, UploadPartRequest())
+    body = await load(request)
     file = file_from_base64(
         request,
         body.pop("data_base64"),
@@ -136,12 +120,6 @@ async def add_upload_part(request: web.Request) -> web.StreamResponse:
     )
     parts: list[TextPart | FilePart] = [*form_fields(body), file.part("data")]
     return await _send_form(request, f"/v1/uploads/{upload_id}/parts", parts)
-
-
-async def complete_upload(request: web.Request) -> web.StreamResponse:
-    upload_id = _segment(request, "upload_id")
-    body = await load(request, UploadCompleteRequest())
-    return await _send_json(request, f"/v1/uploads/{upload_id}/complete", body)
 
 
 async def cancel_upload(request: web.Request) -> web.StreamResponse:
@@ -219,13 +197,13 @@ async def _mask(request: web.Request, body: dict[str, Any]) -> InputFile | None:
 async def _images_back(
     request: web.Request, path: str, *, data: Any, content_type: str
 ) -> web.StreamResponse:
-    async with upstream_call(request, "POST", path, data=data, content_type=content_type) as answer:
-        if not is_json(answer):
-            return await send_back(request, answer)
-        result = await read_json(request, answer)
-        if isinstance(result, dict):
-            result = await images_for_chatgpt(request, result)
-        return json_answer(result, upstream=answer)
+    got = await upstream_json(request, "POST", path, data=data, content_type=content_type)
+    if isinstance(got, web.StreamResponse):
+        return got
+    result = got.document
+    if isinstance(result, dict):
+        result = await images_for_chatgpt(request, result)
+    return json_answer(result, upstream=got.answer)
 
 
 async def edit_image(request: web.Request) -> web.StreamResponse:
@@ -234,7 +212,7 @@ async def edit_image(request: web.Request) -> web.StreamResponse:
     Every ``openaiFileIdRefs`` item is an image (``image[]`` when there are several)
     except the one ``mask_index`` names; ``image_url``/``image_base64`` add one more.
     """
-    body = await load(request, ImageEditRequest())
+    body = await load(request)
     refs: list[FileRef] = body.get("openaiFileIdRefs") or []
     images = await _ref_images(request, refs, skip=body.get("mask_index"))
     mask = await _mask(request, body)
@@ -254,7 +232,7 @@ async def edit_image(request: web.Request) -> web.StreamResponse:
 
 async def create_image_variation(request: web.Request) -> web.StreamResponse:
     """``POST /v1/actions/images/variations`` → multipart ``POST /v1/images/variations``."""
-    body = await load(request, ImageVariationRequest())
+    body = await load(request)
     refs: list[FileRef] = body.pop("openaiFileIdRefs", None) or []
     found = await _ref_images(request, refs) if refs else []
     image = found[0] if found else await _url_or_base64_image(request, body)
@@ -266,7 +244,7 @@ async def create_image_variation(request: web.Request) -> web.StreamResponse:
 
 async def generate_image(request: web.Request) -> web.StreamResponse:
     """``POST /v1/actions/images/generations``: images as ``openaiFileResponse``."""
-    body = await load(request, ImageGenerationRequest())
+    body = await load(request)
     body.pop("stream", None)  # ChatGPT cannot read a stream of partial images
     body.pop("partial_images", None)
     return await _images_back(request, "/v1/images/generations",
@@ -276,32 +254,21 @@ async def generate_image(request: web.Request) -> web.StreamResponse:
 # ------------------------------------------------------------------ videos
 
 
-async def create_video(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/actions/videos`` → JSON ``POST /v1/videos``."""
-    body = await load(request, VideoCreateRequest())
-    return await _send_json(request, "/v1/videos", body)
-
-
-async def remix_video(request: web.Request) -> web.StreamResponse:
-    video_id = _segment(request, "video_id")
-    body = await load(request, VideoRemixRequest())
-    return await _send_json(request, f"/v1/videos/{video_id}/remix", body)
-
-
 async def generate_video(request: web.Request) -> web.StreamResponse:
     """``POST /v1/actions/videos/generations`` → multipart ``POST /v1/videos``.
 
-    The predecessor's checks (prompt; model, size and seconds from the configured
-    sets; legacy duration and frame caps; a base64 reference under the size cap),
-    and the path that exists upstream (it posted to ``/v1/videos/generations``).
+    The checks of docs/chatgpt.md#video-checks (prompt; model, size and seconds from
+    the configured sets; older clients' duration and frame caps; a base64 reference
+    under the size cap), then the path that exists upstream (``/v1/videos``, not
+    ``/v1/videos/generations``).
     """
     settings = request.app[SETTINGS]
-    schema = VideoGenerationRequest(
+    body = await load(
+        request,
         models=settings.actions_video_models,
         sizes=settings.actions_video_sizes,
         seconds=settings.actions_video_seconds,
     )
-    body = await load(request, schema)
     refs: list[FileRef] = body.pop("openaiFileIdRefs", None) or []
     filename, claimed = body.pop("filename", None), body.pop("mime_type", None)
     reference: InputFile | None = None

@@ -6,7 +6,8 @@
 - :func:`file_from_base64`, :func:`file_from_link` turn the ways a GPT can hand over
   a file into bytes with a name and a sniffed media type, under the size cap.
 - :func:`upstream_call` opens an upstream request whose answer relayd itself reads
-  (identity encoding); :func:`read_json` reads it under a cap.
+  (identity encoding); :func:`upstream_json` reads a JSON answer under a cap and
+  passes anything else back unchanged.
 """
 
 from __future__ import annotations
@@ -25,32 +26,31 @@ from aiohttp import ClientResponse, web
 from marshmallow import Schema, ValidationError
 from multidict import CIMultiDict
 
+from relayd.actions.fetch import fetch_link
+from relayd.actions.mime import EXTENSIONS, sniff
 from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
-from relayd.fetch import fetch_link
-from relayd.handlers.common import (
+from relayd.headers import response_headers
+from relayd.memory import buffer_lease
+from relayd.relay import (
     exchange,
     read_capped,
     read_json_object,
+    send_back,
     waited_on_upstream,
 )
-from relayd.headers import response_headers
-from relayd.memory import buffer_lease
-from relayd.mime import EXTENSIONS, sniff
-from relayd.state import SETTINGS, UPSTREAM
-from relayd.streams.multipart import FilePart, SlicedBytesPayload, TextPart
-from relayd.upstream import mapped_errors
+from relayd.state import ROUTE, SETTINGS, UPSTREAM
+from relayd.streams.multipart import FilePart, TextPart
 
 __all__ = [
     "InputFile",
     "file_from_base64",
     "file_from_link",
     "form_fields",
-    "is_json",
     "json_answer",
-    "json_body",
     "load",
-    "read_json",
+    "UpstreamJSON",
     "upstream_call",
+    "upstream_json",
     "validated",
 ]
 
@@ -99,9 +99,12 @@ def validated(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-async def load(request: web.Request, schema: Schema) -> dict[str, Any]:
-    """The request's JSON body, validated by ``schema`` (400 naming the field)."""
-    return validated(schema, await read_json_object(request))
+async def load(request: web.Request, **options: Any) -> dict[str, Any]:
+    """The request's JSON body, validated by its route's ``request_schema`` (400
+    naming the field); ``options`` go to the schema (the configured sets it checks)."""
+    schema_class = request[ROUTE].request_schema
+    assert schema_class is not None, "routes.py names a request_schema for every wrapper"
+    return validated(schema_class(**options), await read_json_object(request))
 
 
 # ------------------------------------------------------------------ file inputs
@@ -193,7 +196,8 @@ async def file_from_link(
 
 
 def form_fields(values: Mapping[str, Any], prefix: str = "") -> list[TextPart]:
-    """JSON values as form fields, the way the openai SDK encodes them (notes B8):
+    """JSON values as form fields, the way the openai SDK encodes them
+    (docs/chatgpt.md#json-in-multipart-upstream):
     ``key[sub]`` for objects, ``key[]`` for lists, ``true``/``false`` for booleans."""
     parts: list[TextPart] = []
     for key, value in values.items():
@@ -216,11 +220,6 @@ def form_fields(values: Mapping[str, Any], prefix: str = "") -> list[TextPart]:
         else:
             parts.append(TextPart(name, _scalar(value)))
     return parts
-
-
-def json_body(value: Any) -> SlicedBytesPayload:
-    """``value`` as a JSON request body for upstream (any size, no warning)."""
-    return SlicedBytesPayload(json.dumps(value).encode(), content_type="application/json")
 
 
 def _scalar(value: Any) -> str:
@@ -255,16 +254,36 @@ async def upstream_call(
         yield answer
 
 
-def is_json(answer: ClientResponse) -> bool:
-    return answer.content_type == "application/json" and answer.status < 400
+@dataclass(frozen=True, slots=True)
+class UpstreamJSON:
+    """A JSON answer relayd read whole: the document, and the answer for its head
+    (status, request id and rate-limit headers stay readable after the body)."""
+
+    document: Any
+    answer: ClientResponse
 
 
-async def read_json(request: web.Request, answer: ClientResponse) -> Any:
+async def upstream_json(
+    request: web.Request, method: str, path_qs: str, **call: Any
+) -> UpstreamJSON | web.StreamResponse:
+    """Call upstream for an answer relayd reads itself (:func:`upstream_call`, which
+    takes ``call``: ``data`` and ``content_type``).
+
+    A JSON answer below 400 comes back parsed; anything else (an error, a non-JSON
+    body) has already been passed back to the client unchanged, and that response is
+    what the caller returns.
+    """
+    async with upstream_call(request, method, path_qs, **call) as answer:
+        if answer.content_type != "application/json" or answer.status >= 400:
+            return await send_back(request, answer)
+        return UpstreamJSON(await _read_json(request, answer), answer)
+
+
+async def _read_json(request: web.Request, answer: ClientResponse) -> Any:
     """A whole JSON answer (under the JSON cap); malformed JSON is upstream's fault."""
     cap = request.app[SETTINGS].max_json_bytes
     started = time.perf_counter()
-    with mapped_errors():
-        raw = await read_capped(answer.content, cap)
+    raw = await read_capped(answer.content, cap)
     waited_on_upstream(request, started)
     try:
         return json.loads(raw)

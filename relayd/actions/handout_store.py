@@ -1,9 +1,10 @@
 """Short-lived signed download links for files relayd hands back to ChatGPT.
 
-GPT Actions show files only through ``openaiFileResponse``: inline base64, or https
-URLs that answer with ``Content-Type`` and ``Content-Disposition`` within 10 s
-(notes A6). ChatGPT fetches those URLs without the action's credentials, so the URL
-itself is the credential: an HMAC-SHA256-signed token with an expiry.
+GPT Actions show files only through ``openaiFileResponse``: inline base64, or https URLs
+that answer with ``Content-Type`` and ``Content-Disposition`` within 10 s
+(docs/chatgpt.md#files-out-openaifileresponse, docs/security.md#signed-links). ChatGPT
+fetches those URLs without the action's credentials, so the URL itself is the
+credential: an HMAC-SHA256-signed token with an expiry.
 
 - Upstream files and videos need no storage: the token names the upstream object
   (stateless), and the download handler streams it from upstream when asked.
@@ -45,11 +46,11 @@ from aiohttp import web
 from relayd.auth import KeyRing
 from relayd.config import RelayKey, Settings
 from relayd.errors import NotFoundError
-from relayd.state import HANDOFF
+from relayd.state import HANDOUTS
 
-__all__ = ["Claims", "Handoff", "handoff_ctx"]
+__all__ = ["Claims", "HandoutStore", "handout_store_ctx"]
 
-log = logging.getLogger("relayd.filestore")
+log = logging.getLogger("relayd.actions.handout_store")
 
 _BLOB_NAME: Final = 32  # hex characters of a blob id
 
@@ -167,7 +168,7 @@ class _BlobStore:
                 total -= size
 
 
-class Handoff:
+class HandoutStore:
     """Signs download links and keeps the bytes that need keeping.
 
     Built with the app; ``start()``/``close()`` (the app's ``cleanup_ctx``) make
@@ -240,15 +241,15 @@ class Handoff:
 
     def _running(self) -> _BlobStore:
         if self._store is None:
-            raise RuntimeError("Handoff.start() was not called")
+            raise RuntimeError("HandoutStore.start() was not called")
         return self._store
 
 
-async def handoff_ctx(app: web.Application) -> AsyncIterator[None]:
+async def handout_store_ctx(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: the download store lives as long as the app."""
-    handoff = app[HANDOFF]
-    handoff.start()
+    store = app[HANDOUTS]
+    store.start()
     try:
         yield
     finally:
-        handoff.close()
+        store.close()

@@ -1,4 +1,4 @@
-"""Safe download of user file links (SPEC §2, "Fetching user files").
+"""Safe download of user file links (docs/security.md#files-and-links).
 
 A link is tried only if it is https (unless configured otherwise), carries no
 credentials, and names an allowlisted host (ChatGPT's file hosts by default); an IP
@@ -11,24 +11,30 @@ What comes back is labelled by its bytes (mime.py), never by the sender's word.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import ipaddress
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
+import aiohttp
 from yarl import URL
 
+from relayd.actions.mime import sniff
 from relayd.config import Settings
+from relayd.connectors import non_public_reason
 from relayd.errors import (
     BadRequestError,
     ClientRequestError,
+    ForbiddenAddressError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    RelaydError,
 )
 from relayd.memory import Lease
-from relayd.mime import sniff
-from relayd.upstream import Upstream, link_errors, non_public_reason
+from relayd.upstream import Upstream, cause_chain
 
 __all__ = ["Fetched", "check_link", "fetch_link"]
 
@@ -40,6 +46,33 @@ class Fetched:
     data: bytearray  # filled in place as it arrives: one buffer, no joined copy
     media_type: str  # sniffed from the bytes
     filename: str  # the link's last path segment, "" if none
+
+
+@contextlib.contextmanager
+def link_errors(what: str) -> Iterator[None]:
+    """Translate failures fetching a user's file link into the caller's 4xx errors."""
+    try:
+        yield
+    except RelaydError:
+        raise
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        for cause in cause_chain(exc):
+            if isinstance(cause, ForbiddenAddressError):
+                raise PermissionDeniedError(
+                    f"Refusing to fetch {what}: {cause}.", code="file_url_forbidden"
+                ) from exc
+        if isinstance(exc, TimeoutError):
+            raise BadRequestError(
+                f"Fetching {what} took too long.", code="file_fetch_timeout"
+            ) from exc
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            raise BadRequestError(
+                f"Fetching {what} failed: its TLS certificate is not valid.",
+                code="file_fetch_failed",
+            ) from exc
+        raise BadRequestError(
+            f"Fetching {what} failed ({type(exc).__name__}).", code="file_fetch_failed"
+        ) from exc
 
 
 def _forbidden(message: str, param: str | None) -> PermissionDeniedError:

@@ -160,7 +160,7 @@ def file_from_base64(
     cap: int | None = None,
 ) -> InputFile:
     settings = request.app[SETTINGS]
-    data = decode_base64(text, param=param, cap=cap or settings.actions_max_file_bytes)
+    data = decode_base64(text, param=param, cap=cap or settings.actions.max_file_bytes)
     kind = media_type or sniff(data)
     return InputFile(data, _named(filename, kind, fallback_name), kind)
 
@@ -261,7 +261,7 @@ def is_json(answer: ClientResponse) -> bool:
 
 async def read_json(request: web.Request, answer: ClientResponse) -> Any:
     """A whole JSON answer (under the JSON cap); malformed JSON is upstream's fault."""
-    cap = request.app[SETTINGS].max_json_bytes
+    cap = request.app[SETTINGS].limits.max_json_bytes
     started = time.perf_counter()
     with mapped_errors():
         raw = await read_capped(answer.content, cap)

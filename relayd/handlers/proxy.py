@@ -57,5 +57,5 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             return await send_back(request, answer)
         result = await read_json(request, answer)
         if isinstance(result, dict):
-            result = fit_json(result, request.app[SETTINGS].actions_max_answer_chars)
+            result = fit_json(result, request.app[SETTINGS].actions.max_answer_chars)
         return json_answer(result, status=answer.status, upstream=answer)

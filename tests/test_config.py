@@ -747,6 +747,15 @@ def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     ("text", "problem"),
     [
         ("server = 5", "[server] must be a table"),
+        # Unknown names, with the closest known one (issue 12).
+        ("[upstrem]\nurl = 'https://api.openai.com'",
+         "unknown table [upstrem]; did you mean [upstream]?"),
+        ("[upstream]\nidel_timeout = 5",
+         "unknown key `idel_timeout` in [upstream]; did you mean `idle_timeout`?"),
+        ("[realtime]\nallowed_model = []", "did you mean `allowed_models`?"),
+        ("[actions]\nsigning_secret = 'x'", "did you mean `signing_secret_file`?"),
+        ("[nothing_alike]\nx = 1", "unknown table [nothing_alike]"),
+        ("[meta]\nzzz = 1", "unknown key `zzz` in [meta]"),
         ("[server]\nlisten = 8080", "[server] listen must be a string"),
         ("[server]\nworkers = 1.5", "[server] workers must be a whole number"),
         ("[server]\nworkers = 0", "workers must be at least 1"),
@@ -1032,3 +1041,26 @@ async def test_the_tools_routes_need_a_relay_key(relay_factory: RelayFactory) ->
     response = await client.get("/v1/tools")
     assert response.status == 401
     assert "error" in await response.json()
+
+
+# --------------------------------------------------------------------------- sections (issue 12)
+
+
+def test_unset_and_off_are_different(toml: TomlFile) -> None:
+    unset = load(path=toml("[upstream]\n"))
+    assert unset.upstream.sse_keepalive_s == 15.0
+    assert unset.sources["upstream.sse_keepalive"] == "default"
+    off = load(path=toml("[upstream]\nsse_keepalive = 0"))
+    assert off.upstream.sse_keepalive_s is None
+    assert off.sources["upstream.sse_keepalive"] == "file"
+
+
+def test_the_key_file_and_the_key_ring_hash_alike() -> None:
+    from relayd.auth import KeyRing
+    from relayd.config import hash_key
+
+    [key] = load({"RELAYD_KEYS": f"team:{KEY_A}"}).auth.keys
+    assert key.digest == hash_key(KEY_A) == bytes.fromhex(sha256(KEY_A))
+    assert KeyRing([key]).identify(KEY_A) == key
+    # A presented key with bytes that are not UTF-8 is simply no match, never a crash.
+    assert KeyRing([key]).identify("rk-caf\udcff-0123456789abcdef") is None

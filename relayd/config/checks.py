@@ -235,7 +235,8 @@ def _check_actions(settings: Settings) -> None:
 
 
 def _check_proxy_loop(settings: Settings) -> None:
-    """Refuse an upstream that is relayd itself (the predecessor's "proxy loop" check)."""
+    """Refuse an upstream that is relayd itself: every request would come back to it
+    (docs/security.md#proxy-loop)."""
     up = urlsplit(settings.upstream.url)
     up_port = up.port or (443 if up.scheme == "https" else 80)
     up_host = (up.hostname or "").lower()

@@ -54,7 +54,10 @@ class Listen:
         return f"{host}:{self.port}"
 
 
-def parse_listen(text: str, where: str = "listen") -> Listen:
+def parse_listen(text: Any, where: str = "listen") -> Listen:
+    """``host:port`` (``[v6]:port``) or ``unix:/path``."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{where} must be a string")
     if text.startswith("unix:"):
         path = text.removeprefix("unix:")
         if not path:
@@ -91,8 +94,6 @@ def cast_toml(record: Declared, value: Any, table: str) -> Any:
     """A TOML value as the setting's type; ConfigError naming ``[table] key`` if it is not."""
     where = f"[{table}] {record.key}"
     if record.parse is not None:
-        if record.hint is not int and not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string")
         return record.parse(value, where)
     kind = _base(record.hint)
     if kind is str:

@@ -13,11 +13,10 @@ from collections.abc import Collection
 from urllib.parse import urlsplit
 
 from relayd.config.casts import ConfigError
+from relayd.config.secrets import CREDENTIAL_UPSTREAM_KEY
 from relayd.config.settings import Settings
 
-__all__ = ["CREDENTIAL_UPSTREAM_KEY", "keyless_warning", "validate", "warnings_for"]
-
-CREDENTIAL_UPSTREAM_KEY = "openai_api_key"
+__all__ = ["keyless_warning", "validate", "warnings_for"]
 
 
 def keyless_warning(settings: Settings, addresses: str) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 from relayd.config import secrets
 from relayd.config.casts import ConfigError, cast_env, cast_toml
 from relayd.config.checks import validate, warnings_for
-from relayd.config.fields import declared
+from relayd.config.fields import Declared, declared
 from relayd.config.settings import SECTIONS, Settings
 
 __all__ = ["load_settings", "updated"]
@@ -117,7 +117,7 @@ def updated(settings: Settings, **tables: Mapping[str, Any]) -> Settings:
 
 
 def _value(
-    record: Any, table: Mapping[str, Any], name: str, env: Mapping[str, str], base: Path
+    record: Declared, table: Mapping[str, Any], name: str, env: Mapping[str, str], base: Path
 ) -> tuple[Any, str | None]:
     """One setting's value and its origin ("env NAME", "file"), or (None, None): unset."""
     text = env.get(record.env) if record.env else None

@@ -17,11 +17,18 @@ from pathlib import Path
 from typing import Any, Final
 
 from relayd.config.casts import ConfigError
-from relayd.config.checks import CREDENTIAL_UPSTREAM_KEY
 from relayd.config.keys import RelayKey, parse_keys_env, parse_keys_file, parse_keys_toml
 
-__all__ = ["collect_keys", "holds_secrets", "signing_secret", "too_open", "upstream_key"]
+__all__ = [
+    "CREDENTIAL_UPSTREAM_KEY",
+    "collect_keys",
+    "holds_secrets",
+    "signing_secret",
+    "too_open",
+    "upstream_key",
+]
 
+CREDENTIAL_UPSTREAM_KEY: Final = "openai_api_key"
 CREDENTIAL_RELAY_KEYS: Final = "relay_keys"
 CREDENTIAL_SIGNING_SECRET: Final = "actions_signing_secret"
 

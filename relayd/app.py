@@ -93,7 +93,7 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
             auth_middleware,
             limits_middleware,
         ],
-        client_max_size=settings.max_json_bytes,
+        client_max_size=settings.limits.max_json_bytes,
         # Request bodies stay as the client encoded them: pass-through bodies go
         # upstream untouched, and those relayd parses are decoded under a cap as
         # they arrive (headers.BodyDecoder), never inflated whole by aiohttp.
@@ -101,17 +101,17 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     )
     app[SETTINGS] = settings
     app[TABLE_KEY] = table
-    app[KEYRING] = KeyRing(settings.keys)
-    app[POLICY] = PathPolicy(settings.policy_allow, settings.policy_deny)
+    app[KEYRING] = KeyRing(settings.auth.keys)
+    app[POLICY] = PathPolicy(settings.policy.allow, settings.policy.deny)
     app[METRICS] = Metrics()
     app[UPSTREAM] = Upstream(settings)
     app[BUDGET] = BufferBudget(
-        settings.max_buffered_bytes,
-        settings.max_buffered_bytes_per_key,
+        settings.limits.max_buffered_bytes,
+        settings.limits.max_buffered_bytes_per_key,
         memory_return=MemoryReturn(),
     )
     app[REALTIME_BRIDGES] = weakref.WeakKeyDictionary()
-    app[TOOLS] = load_tools(settings.tools_manifest)
+    app[TOOLS] = load_tools(settings.meta.tools_manifest)
     app[STARTED] = time.monotonic()
     app[ROUTE_MAP] = table.register(app.router)
     app.cleanup_ctx.append(_upstream_ctx)

@@ -9,13 +9,12 @@ before authentication").
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 
-from relayd.config import RelayKey, Settings
+from relayd.config import RelayKey, Settings, hash_key
 from relayd.errors import AuthenticationError, PermissionDeniedError
 from relayd.loopback import is_loopback_host, is_loopback_origin
 from relayd.routing import Exposure, Handler, Route
@@ -62,7 +61,7 @@ class KeyRing:
 
     def identify(self, secret: str) -> RelayKey | None:
         """The key matching ``secret``, checking every key so timing reveals nothing."""
-        digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+        digest = hash_key(secret)
         found = None
         for key in self._keys:
             if hmac.compare_digest(digest, key.digest):
@@ -97,9 +96,9 @@ def presented_key(request: web.Request, header: str) -> str | None:
 def _is_public(route: Route, settings: Settings) -> bool:
     if route.exposure is Exposure.SIGNED:
         return True  # the handler checks the URL's signature instead of a key
-    if settings.public_paths is None:
+    if settings.auth.public_paths is None:
         return not route.needs_key
-    return route.path in settings.public_paths
+    return route.path in settings.auth.public_paths
 
 
 def refuse_unless_loopback(request: web.Request) -> None:
@@ -128,16 +127,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     # on any other address, server.py on any inherited socket that is not
     # loopback): every route is open, to requests for this machine alone. Checked
     # before the route, so unknown paths and the realtime upgrade are covered too.
-    keyless = not settings.auth_disabled and not keyring.keys
+    keyless = not settings.auth.disabled and not keyring.keys
     if keyless:
         refuse_unless_loopback(request)
     route = request.app[ROUTE_MAP].get(request.match_info.route)
     if route is None:
         return await handler(request)  # the router's own 404/405
     request[ROUTE] = route
-    if settings.auth_disabled or keyless:
+    if settings.auth.disabled or keyless:
         return await handler(request)
-    secret = presented_key(request, settings.key_header)
+    secret = presented_key(request, settings.auth.header)
     if _is_public(route, settings):
         # Open to all, but a valid key is still identified (/health shows a key
         # holder more); a wrong one is no refusal here.
@@ -147,7 +146,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if secret is None:
         raise AuthenticationError(
             "Missing relay key. Send it as 'Authorization: Bearer <key>' or in the "
-            f"'{settings.key_header}' header.",
+            f"'{settings.auth.header}' header.",
             code="missing_api_key",
         )
     key = keyring.identify(secret)

@@ -24,7 +24,7 @@ from relayd.config import (
     parse_workers,
     redacted,
 )
-from relayd.openapi import build_openapi
+from relayd.openapi import actions_routes, build_openapi
 from relayd.preflight import StartupError
 from relayd.routes import TABLE
 
@@ -90,7 +90,7 @@ def _workers(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = getattr(args, "config", None)
-    overrides = {"workers": getattr(args, "workers", None)}
+    overrides = {"server.workers": getattr(args, "workers", None)}
     try:
         if args.command == "openapi":
             settings = load_settings(config, require_upstream_key=False)
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return _check_config(config, overrides, try_bind=args.try_bind)
         settings = load_settings(config, overrides=overrides, route_groups=TABLE.groups)
-        load_tools(settings.tools_manifest)
+        _route_checks(settings)
         return serve(settings, config, sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
         print(f"relayd: configuration error: {exc}", file=sys.stderr)
@@ -120,8 +120,8 @@ def _check_config(config: str | None, overrides: dict[str, Any], *, try_bind: bo
     settings = load_settings(
         config, require_upstream_key=False, overrides=overrides, route_groups=TABLE.groups
     )
-    load_tools(settings.tools_manifest)
-    keyless = keyless_warning(settings, str(settings.listen))
+    _route_checks(settings)
+    keyless = keyless_warning(settings, str(settings.server.listen))
     for warning in (*settings.warnings, *([keyless] if keyless else [])):
         print(f"relayd: warning: {warning}", file=sys.stderr)
     preflight.check(settings)
@@ -129,6 +129,14 @@ def _check_config(config: str | None, overrides: dict[str, Any], *, try_bind: bo
         preflight.try_bind(settings)
     print(json.dumps(redacted(settings), indent=2, default=str))
     return 0
+
+
+def _route_checks(settings: Settings) -> None:
+    """What ``serve`` checks against the route table and the files it reads before
+    it builds the app, so ``check-config`` refuses the same: the tools manifest,
+    and every ``[actions] operations`` entry naming an Actions route."""
+    load_tools(settings.meta.tools_manifest)
+    actions_routes(TABLE, settings)
 
 
 def _check_actions_document(path: str, settings: Settings) -> int:
@@ -179,16 +187,16 @@ def serve(settings: Settings, config: str | None, argv: Sequence[str]) -> int:
     from relayd import preflight, server, workers
     from relayd.logs import setup_logging
 
-    setup_logging(settings.log_format, settings.log_level)
+    setup_logging(settings.logging.format, settings.logging.level)
     if workers.is_worker():
         server.run(settings, config)
         return 0
     for warning in settings.warnings:
         log.warning("%s", warning)
     preflight.check(settings)
-    if settings.auth_disabled:
+    if settings.auth.disabled:
         log.warning("auth is disabled in config: every route is open to anyone who can reach it")
-    if settings.workers > 1:
+    if settings.server.workers > 1:
         return workers.supervise(settings, list(argv))
     server.run(settings, config)
     return 0

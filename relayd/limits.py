@@ -47,18 +47,18 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def _limited(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     head = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
-    if head > settings.max_header_bytes:
+    if head > settings.limits.max_header_bytes:
         raise RequestHeaderTooLargeError(
-            f"Request headers total {head} bytes; the limit is {settings.max_header_bytes}."
+            f"Request headers total {head} bytes; the limit is {settings.limits.max_header_bytes}."
         )
     route = request.get(ROUTE)
     if route is None or not request.body_exists:
         return await handler(request)
     length = request.content_length
-    if length is not None and length > settings.max_body_bytes:
+    if length is not None and length > settings.limits.max_body_bytes:
         raise PayloadTooLargeError(
             f"Request body of {length} bytes exceeds the relay's limit of "
-            f"{settings.max_body_bytes} bytes."
+            f"{settings.limits.max_body_bytes} bytes."
         )
     accepted = route.body.media_types
     if accepted and request.content_type not in accepted:

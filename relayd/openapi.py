@@ -90,7 +90,7 @@ def actions_routes(table: RouteTable, settings: Settings) -> list[Route]:
     candidate (``Exposure.ACTIONS``), is a configuration error.
     """
     candidates = {r.operation_id: r for r in table if r.exposure is Exposure.ACTIONS}
-    chosen = settings.actions_operations
+    chosen = settings.actions.operations
     if chosen is None:
         wanted = {op for op in DEFAULT_ACTIONS if op in candidates}
     else:
@@ -196,13 +196,13 @@ def build_openapi(table: RouteTable, settings: Settings, *, actions: bool) -> di
     """
     plugin = MarshmallowPlugin(schema_name_resolver=_schema_name)
     description = _ACTIONS_DESCRIPTION if actions else _DESCRIPTION
-    if settings.public_url:
-        servers = [{"url": settings.public_url.rstrip("/")}]
+    if settings.server.public_url:
+        servers = [{"url": settings.server.public_url.rstrip("/")}]
     else:
         servers = [{"url": "/", "description": _NO_PUBLIC_URL}]
         description = f"{description} {_NO_PUBLIC_URL}"
     spec = APISpec(
-        title=settings.relay_name + (" (Actions)" if actions else ""),
+        title=settings.meta.name + (" (Actions)" if actions else ""),
         version=__version__,
         openapi_version="3.1.0",
         info={"description": description},
@@ -230,13 +230,13 @@ def _security(spec: APISpec, settings: Settings, *, actions: bool) -> None:
     header = {
         "type": "apiKey",
         "in": "header",
-        "name": settings.key_header,
+        "name": settings.auth.header,
         "description": "A relay key.",
     }
     if not actions:
         spec.components.security_scheme("RelayKey", bearer)
         spec.components.security_scheme("RelayKeyHeader", header)
-    elif settings.actions_auth == "header":
+    elif settings.actions.auth == "header":
         spec.components.security_scheme("RelayKey", header)
     else:
         spec.components.security_scheme("RelayKey", bearer)

@@ -35,23 +35,23 @@ class StartupError(Exception):
 def check(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
     """Raise StartupError for a directory relayd needs and cannot use."""
     env = os.environ if environ is None else environ
-    if settings.actions_store_dir is not None:
-        _creatable(Path(settings.actions_store_dir), "the download store ([actions] store_dir)")
+    if settings.actions.store_dir is not None:
+        _creatable(Path(settings.actions.store_dir), "the download store ([actions] store_dir)")
     else:
         runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
         where = Path(runtime) if runtime else Path(tempfile.gettempdir())
         _writable(where, "the temporary directory for the download store")
     metrics = env.get("PROMETHEUS_MULTIPROC_DIR")
-    if settings.workers > 1 and metrics:
+    if settings.server.workers > 1 and metrics:
         _writable(Path(metrics), "PROMETHEUS_MULTIPROC_DIR")
-    if settings.listen.path is not None and not _socket_activated(env):
-        _unix_socket(settings.listen)
+    if settings.server.listen.path is not None and not _socket_activated(env):
+        _unix_socket(settings.server.listen)
 
 
 def try_bind(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
     """Bind the listen address for a moment, as serve will (``check-config --try-bind``)."""
     env = os.environ if environ is None else environ
-    listen = settings.listen
+    listen = settings.server.listen
     if _socket_activated(env) or listen.path is not None:
         return  # systemd holds the port; a Unix socket was checked by check()
     assert listen.host is not None and listen.port is not None

@@ -151,7 +151,7 @@ async def relay(
     upstream = request.app[UPSTREAM]
     settings = request.app[SETTINGS]
     if data is _CLIENT_BODY:
-        data, keep_length = await _client_body(request, settings.max_body_bytes)
+        data, keep_length = await _client_body(request, settings.limits.max_body_bytes)
         headers = upstream.headers(request.headers, keep_length=keep_length)
     elif headers is None:
         headers = upstream.headers(request.headers, keep_length=False)
@@ -238,7 +238,7 @@ async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamR
     sse = is_event_stream(answer.headers.get("Content-Type"))
     encoded = answer.headers.get("Content-Encoding", "identity").lower() != "identity"
     # Keepalive comments change the byte count and cannot go inside a compressed stream.
-    keepalive = settings.sse_keepalive_s if sse and not encoded else None
+    keepalive = settings.upstream.sse_keepalive_s if sse and not encoded else None
     headers = response_headers(answer.headers, keep_length=keepalive is None)
     if sse:
         headers["Cache-Control"] = "no-cache"
@@ -350,7 +350,7 @@ async def _error_back(request: web.Request, answer: ClientResponse) -> web.Respo
         body = decompress(raw, answer.headers.get("Content-Encoding", ""), ERROR_BODY_CAP)
     except (zlib.error, ValueError) as exc:
         raise UpstreamUnavailableError("The upstream API sent a corrupt error body.") from exc
-    body = redact_secrets(body, (request.app[SETTINGS].upstream_key,))
+    body = redact_secrets(body, (request.app[SETTINGS].upstream.api_key,))
     headers = response_headers(answer.headers, keep_length=False)
     return web.Response(status=answer.status, reason=answer.reason, body=body, headers=headers)
 
@@ -363,7 +363,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """
     if request.content_type != "application/json":
         raise BadRequestError("Expected a JSON body (Content-Type: application/json).")
-    payload = parse_json(await read_whole(request, request.app[SETTINGS].max_json_bytes))
+    payload = parse_json(await read_whole(request, request.app[SETTINGS].limits.max_json_bytes))
     if not isinstance(payload, dict):
         raise BadRequestError("Request body must be a JSON object.", code="invalid_json")
     return payload

@@ -67,7 +67,7 @@ def refuse_keyless_sockets(settings: Settings, sockets: list[socket.socket]) -> 
     supervisor) passed in, so config validation could not have refused a public
     one (issue 11, item 3). Raises ConfigError (exit 2) before any is served.
     """
-    if settings.keys or settings.auth_disabled:
+    if settings.auth.keys or settings.auth.disabled:
         return
     public = [
         socket_label(sock.family, sock.getsockname())
@@ -88,24 +88,24 @@ async def _start_sites(
 ) -> None:
     sites: list[web.BaseSite]
     if inherited:
-        sites = [web.SockSite(runner, sock, backlog=settings.backlog) for sock in inherited]
-    elif settings.listen.path is not None:
-        sites = [web.UnixSite(runner, settings.listen.path, backlog=settings.backlog)]
+        sites = [web.SockSite(runner, sock, backlog=settings.server.backlog) for sock in inherited]
+    elif settings.server.listen.path is not None:
+        sites = [web.UnixSite(runner, settings.server.listen.path, backlog=settings.server.backlog)]
     else:
         sites = [
             web.TCPSite(
                 runner,
-                settings.listen.host,
-                settings.listen.port,
-                backlog=settings.backlog,
-                reuse_port=settings.workers > 1,
+                settings.server.listen.host,
+                settings.server.listen.port,
+                backlog=settings.server.backlog,
+                reuse_port=settings.server.workers > 1,
             )
         ]
     for site in sites:
         try:
             await site.start()
         except OSError as exc:  # port in use, no such directory...: one line (issue 11)
-            raise bind_error(exc, settings.listen) from None
+            raise bind_error(exc, settings.server.listen) from None
 
 
 def bound_addresses(runner: web.AppRunner) -> str:
@@ -132,8 +132,8 @@ async def serve(settings: Settings, config: str | None) -> None:
         handler_cancellation=True,  # a hang-up cancels the handler, as in tests
         # (docs/design.md#a-hang-up-cancels-upstream-at-once)
         access_log=None,
-        shutdown_timeout=settings.drain_timeout_s,
-        keepalive_timeout=settings.keepalive_timeout_s,
+        shutdown_timeout=settings.server.drain_timeout_s,
+        keepalive_timeout=settings.limits.keepalive_timeout_s,
     )
     await runner.setup()
     pinger: asyncio.Task[None] | None = None
@@ -157,8 +157,11 @@ async def serve(settings: Settings, config: str | None) -> None:
         pinger = spawn(notifier.watchdog(watchdog), name="relayd.watchdog") if watchdog else None
 
         await stop.wait()  # later SIGTERMs are no-ops: the drain is already under way
-        notifier.stopping(f"draining for up to {settings.drain_timeout_s:.0f}s")
-        log.info("stopping: draining in-flight requests for up to %.0fs", settings.drain_timeout_s)
+        notifier.stopping(f"draining for up to {settings.server.drain_timeout_s:.0f}s")
+        log.info(
+            "stopping: draining in-flight requests for up to %.0fs",
+            settings.server.drain_timeout_s,
+        )
     finally:
         # Stops accepting, waits up to shutdown_timeout for handlers, cancels the rest.
         await runner.cleanup()
@@ -191,7 +194,7 @@ def reload(app: web.Application, config: str | None, notifier: Notifier) -> None
         notifier.status(f"reload failed: {exc}")
         return
     keyring, policy = app[KEYRING], app[POLICY]
-    if keyring.keys and not fresh.keys:
+    if keyring.keys and not fresh.auth.keys:
         # Issue 11: a keys file whose every line is commented out would otherwise
         # turn a keyed relay into an open one without a word.
         log.error(
@@ -205,17 +208,17 @@ def reload(app: web.Application, config: str | None, notifier: Notifier) -> None
     for warning in fresh.warnings:
         log.warning("%s", warning)
     before = {k.name: k for k in keyring.keys}
-    after = {k.name: k for k in fresh.keys}
+    after = {k.name: k for k in fresh.auth.keys}
     changed = sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
-    keyring.replace(fresh.keys)
+    keyring.replace(fresh.auth.keys)
     # What the removed keys opened ends now: realtime sessions here, signed links
     # when next presented (actions/handout_store.py).
     spawn(end_revoked_sessions(app), name="relayd.revoke_sessions")
     policy_changed = (policy.allow, policy.deny) != (
-        tuple(p.lower() for p in fresh.policy_allow),
-        tuple(p.lower() for p in fresh.policy_deny),
+        tuple(p.lower() for p in fresh.policy.allow),
+        tuple(p.lower() for p in fresh.policy.deny),
     )
-    policy.replace(fresh.policy_allow, fresh.policy_deny)
+    policy.replace(fresh.policy.allow, fresh.policy.deny)
     log.info(
         "reloaded: %d relay keys (added: %s; removed: %s; changed: %s); path policy %s",
         len(after),

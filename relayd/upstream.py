@@ -242,20 +242,20 @@ class Upstream:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        base = URL(settings.upstream_url.rstrip("/"))
+        base = URL(settings.upstream.url.rstrip("/"))
         # Accept both https://api.openai.com and https://api.openai.com/v1: relayd
         # routes carry the /v1 prefix themselves.
         if base.path.endswith("/v1"):
             base = base.with_path(base.path.removesuffix("/v1"))
         self._base = str(base).rstrip("/")
-        self._limit = settings.max_upstream_connections
-        self._per_key = settings.upstream_connections_per_key
+        self._limit = settings.upstream.max_connections
+        self._per_key = settings.upstream.connections_per_key
         self._in_flight = 0
         self._by_key: dict[str, int] = {}
         self._timeout = aiohttp.ClientTimeout(
             total=None,
-            sock_connect=settings.connect_timeout_s,
-            sock_read=settings.first_byte_timeout_s,
+            sock_connect=settings.upstream.connect_timeout_s,
+            sock_read=settings.upstream.first_byte_timeout_s,
         )
         self._session: ClientSession | None = None
         self._links: ClientSession | None = None
@@ -289,8 +289,8 @@ class Upstream:
 
     def _link_session(self) -> ClientSession:
         s = self._settings
-        context = ssl.create_default_context(cafile=s.actions_fetch_ca_file)
-        guarded = not s.actions_fetch_allow_private
+        context = ssl.create_default_context(cafile=s.actions.fetch_ca_file)
+        guarded = not s.actions.fetch_allow_private
         connector_type = PublicOnlyConnector if guarded else NoDelayConnector
         # A connector does not close a resolver it was given; close() does.
         self._link_resolver = PublicOnlyResolver() if guarded else None
@@ -306,8 +306,8 @@ class Upstream:
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(
-                total=s.actions_fetch_timeout_s,
-                sock_connect=min(s.connect_timeout_s, s.actions_fetch_timeout_s),
+                total=s.actions.fetch_timeout_s,
+                sock_connect=min(s.upstream.connect_timeout_s, s.actions.fetch_timeout_s),
             ),
             trust_env=False,
             headers={"User-Agent": "relayd", "Accept": "*/*"},
@@ -345,10 +345,10 @@ class Upstream:
         s = self._settings
         return request_headers(
             incoming,
-            upstream_key=s.upstream_key,
-            organization=s.organization,
-            project=s.project,
-            drop=(s.key_header,),
+            upstream_key=s.upstream.api_key,
+            organization=s.upstream.organization,
+            project=s.upstream.project,
+            drop=(s.auth.header,),
             keep_length=keep_length,
         )
 
@@ -400,7 +400,7 @@ class Upstream:
                 return await session.request(
                     method, url, headers=headers, data=data, allow_redirects=False
                 )
-            async with _SendWatch.bounding(self._settings.idle_timeout_s) as watch:
+            async with _SendWatch.bounding(self._settings.upstream.idle_timeout_s) as watch:
                 return await session.request(
                     method, url, headers=headers, data=watch.wrap(data), allow_redirects=False
                 )
@@ -453,7 +453,7 @@ class Upstream:
         connection = response.connection
         protocol = connection.protocol if connection is not None else None
         if protocol is not None:
-            protocol.read_timeout = self._settings.idle_timeout_s
+            protocol.read_timeout = self._settings.upstream.idle_timeout_s
             protocol.start_timeout()
 
     @contextlib.asynccontextmanager

@@ -67,7 +67,7 @@ class _Supervisor:
         self._env = dict(os.environ)
 
     def _reserve_port(self) -> str:
-        listen = self._settings.listen
+        listen = self._settings.server.listen
         assert listen.host is not None and listen.port is not None
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -101,7 +101,7 @@ class _Supervisor:
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
         try:
-            count = self._settings.workers
+            count = self._settings.server.workers
             started = await asyncio.gather(*(self._start(i) for i in range(count)))
             if not all(started):
                 log.error("not every worker started; stopping")
@@ -171,7 +171,7 @@ class _Supervisor:
 
     async def _stop(self) -> int:
         self._stopping = True
-        drain = self._settings.drain_timeout_s
+        drain = self._settings.server.drain_timeout_s
         self._notifier.stopping(f"draining workers for up to {drain:.0f}s")
         self._signal_all(signal.SIGTERM)
         waits = [p.wait() for p in self._workers.values()]

@@ -9,7 +9,7 @@ clients receive) and fails the test in which one showed up.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from relayd.app import create_app
-from relayd.config import Settings, parse_keys_env
+from relayd.config import Settings, parse_keys_env, updated
 from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
 
 RELAY_KEY = "rk-canary-relay-0123456789abcdef"
@@ -118,14 +118,19 @@ async def fake_server(aiohttp_server: AiohttpServer, fake: FakeOpenAI) -> TestSe
     return await aiohttp_server(fake.app)
 
 
-def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "upstream_key": UPSTREAM_KEY,
-        "keys": parse_keys_env(f"team:{RELAY_KEY},other:{OTHER_KEY}"),
-        "sse_keepalive_s": None,
-    }
-    values.update(overrides)
-    return Settings(**values)
+def make_settings(
+    *layers: Mapping[str, Mapping[str, Any]], **sections: Mapping[str, Any]
+) -> Settings:
+    """Test settings: a known upstream key, two relay keys, no SSE keepalives, then
+    each layer (``{"limits": {"max_json_bytes": 1}}``) and ``sections`` in order."""
+    settings = updated(
+        Settings(),
+        upstream={"api_key": UPSTREAM_KEY, "sse_keepalive_s": None},
+        auth={"keys": parse_keys_env(f"team:{RELAY_KEY},other:{OTHER_KEY}")},
+    )
+    for layer in (*layers, sections):
+        settings = updated(settings, **layer)
+    return settings
 
 
 RelayFactory = Callable[..., Any]
@@ -135,9 +140,11 @@ RelayFactory = Callable[..., Any]
 def relay_factory(aiohttp_client: AiohttpClient, fake_server: TestServer) -> RelayFactory:
     """Start relayd (in-process, real loopback socket) with settings overrides."""
 
-    async def start(**overrides: Any) -> TestClient:
-        overrides.setdefault("upstream_url", str(fake_server.make_url("")))
-        settings = make_settings(**overrides)
+    async def start(
+        *layers: Mapping[str, Mapping[str, Any]], **sections: Mapping[str, Any]
+    ) -> TestClient:
+        fake_upstream = {"upstream": {"url": str(fake_server.make_url(""))}}
+        settings = make_settings(fake_upstream, *layers, **sections)
         return await aiohttp_client(create_app(settings), trace_configs=[CANARY.trace()])
 
     return start

@@ -88,13 +88,14 @@ async def start_file_host(aiohttp_server: AiohttpServer, tmp_path: Path) -> File
     return host
 
 
-def fetch_settings(host: FileHost, **overrides: Any) -> dict[str, Any]:
-    """Settings that let the fetcher reach the loopback file host (tests only)."""
+def fetch_settings(host: FileHost, **overrides: Any) -> dict[str, dict[str, Any]]:
+    """Settings that let the fetcher reach the loopback file host (tests only), as a
+    layer for ``relay_factory``; ``overrides`` are more [actions] fields."""
     values: dict[str, Any] = {
-        "actions_fetch_hosts": ("127.0.0.1",),
-        "actions_fetch_allow_private": True,
-        "actions_fetch_ca_file": host.ca_file,
-        "actions_fetch_timeout_s": 1.0,
+        "fetch_hosts": ("127.0.0.1",),
+        "fetch_allow_private": True,
+        "fetch_ca_file": host.ca_file,
+        "fetch_timeout_s": 1.0,
     }
     values.update(overrides)
-    return values
+    return {"actions": values}

@@ -58,7 +58,9 @@ async def host(aiohttp_server: AiohttpServer, tmp_path: Path) -> FileHost:
 @pytest.fixture
 async def actions(relay_factory: RelayFactory, host: FileHost) -> TestClient:
     return await relay_factory(
-        **fetch_settings(host), actions_poll_interval_s=0.05, public_url=PUBLIC
+        fetch_settings(host),
+        actions={"poll_interval_s": 0.05},
+        server={"public_url": PUBLIC},
     )
 
 
@@ -161,7 +163,7 @@ async def test_bad_upload_payloads_are_refused_before_upstream(
     relay_factory: RelayFactory, fake: FakeOpenAI, body: dict[str, Any], param: str,
     status: int,
 ) -> None:
-    relay = await relay_factory(actions_max_file_bytes=1024)
+    relay = await relay_factory(actions={"max_file_bytes": 1024})
     got, answer = await post(relay, "/v1/actions/files/upload", body)
     assert got == status
     assert_refused(answer, param)
@@ -323,8 +325,10 @@ async def test_image_generation_goes_as_json_without_stream(
 async def test_large_images_come_back_as_signed_links_anyone_can_fetch_briefly(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(actions_inline_max_bytes=0, actions_link_ttl_s=1.0,
-                                public_url="https://relay.example.com")
+    relay = await relay_factory(
+        actions={"inline_max_bytes": 0, "link_ttl_s": 1.0},
+        server={"public_url": "https://relay.example.com"},
+    )
     fake.image_bytes = PNG
     status, body = await post(relay, "/v1/actions/images/generations", {"prompt": "p"})
     assert status == 200
@@ -350,7 +354,7 @@ async def test_without_a_public_url_a_link_is_refused_never_guessed_from_host(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
     # Issue 11, item 7: a link built from Host points wherever the client said.
-    relay = await relay_factory(actions_inline_max_bytes=100)
+    relay = await relay_factory(actions={"inline_max_bytes": 100})
     small = fake.add_file(b"hello, chat", filename="hello.txt")
     big = fake.add_file(bytes(range(256)) * 4, filename="data.bin")
     forged = {**AUTH, "Host": "rebind.attacker.example"}
@@ -382,7 +386,10 @@ async def test_a_token_with_non_ascii_characters_is_an_invalid_link(
 async def test_file_content_comes_back_inline_or_as_a_link(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(actions_inline_max_bytes=100, public_url=PUBLIC)
+    relay = await relay_factory(
+        actions={"inline_max_bytes": 100},
+        server={"public_url": PUBLIC},
+    )
     small = fake.add_file(b"hello, chat", filename="hello.txt")
     big = fake.add_file(bytes(range(256)) * 4, filename="data.bin")
     response = await relay.get(f"/v1/actions/files/{small}/content", headers=AUTH)
@@ -479,7 +486,7 @@ async def test_video_generation_checks_refuse_before_upstream(
     relay_factory: RelayFactory, fake: FakeOpenAI, extra: dict[str, Any], param: str,
     status: int,
 ) -> None:
-    relay = await relay_factory(actions_video_max_bytes=1024)
+    relay = await relay_factory(actions={"video_max_bytes": 1024})
     body = {k: v for k, v in ({"prompt": "a cat"} | extra).items() if v is not None}
     got, answer = await post(relay, "/v1/actions/videos/generations", body)
     assert got == status
@@ -490,7 +497,9 @@ async def test_video_generation_checks_refuse_before_upstream(
 async def test_video_allowed_sets_are_configurable(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(actions_video_models=("sora-3",), actions_video_seconds=(20,))
+    relay = await relay_factory(
+        actions={"video_models": ("sora-3",), "video_seconds": (20,)},
+    )
     status, _ = await post(relay, "/v1/actions/videos/generations",
                            {"prompt": "p", "model": "sora-3", "seconds": 20})
     assert status == 200
@@ -518,7 +527,7 @@ async def test_a_quick_model_answers_with_its_text(actions: TestClient, fake: Fa
 async def test_a_slow_model_gets_a_handle_in_time_and_the_poll_returns_the_text(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(actions_answer_budget_s=0.3, actions_poll_interval_s=0.05)
+    relay = await relay_factory(actions={"answer_budget_s": 0.3, "poll_interval_s": 0.05})
     started = time.monotonic()
     async with asyncio.timeout(2):
         status, body = await post(relay, "/v1/actions/responses",
@@ -572,7 +581,7 @@ async def test_privacy_page_needs_no_key(relay_factory: RelayFactory) -> None:
     response = await relay.get("/privacy")
     assert response.status == 200
     assert "does not store the content" in await response.text()
-    relay = await relay_factory(actions_privacy_url="https://example.com/privacy")
+    relay = await relay_factory(actions={"privacy_url": "https://example.com/privacy"})
     response = await relay.get("/privacy", allow_redirects=False)
     assert response.status == 302
     assert response.headers["Location"] == "https://example.com/privacy"
@@ -585,7 +594,10 @@ async def test_a_link_ends_when_its_key_is_removed_or_its_secret_replaced(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
     # Issue 11, item 7: a removed key's links stayed alive until they expired.
-    relay = await relay_factory(actions_inline_max_bytes=0, public_url=PUBLIC)
+    relay = await relay_factory(
+        actions={"inline_max_bytes": 0},
+        server={"public_url": PUBLIC},
+    )
     fake.image_bytes = PNG
     _, body = await post(relay, "/v1/actions/images/generations", {"prompt": "p"})
     path = body["openaiFileResponse"][0].removeprefix(PUBLIC)
@@ -605,7 +617,11 @@ async def test_a_link_ends_when_its_key_is_removed_or_its_secret_replaced(
 async def test_a_keyless_link_ends_once_keys_are_required(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(keys=(), actions_inline_max_bytes=0, public_url=PUBLIC)
+    relay = await relay_factory(
+        auth={"keys": ()},
+        actions={"inline_max_bytes": 0},
+        server={"public_url": PUBLIC},
+    )
     fake.image_bytes = PNG
     response = await relay.post("/v1/actions/images/generations", json={"prompt": "p"})
     path = (await response.json())["openaiFileResponse"][0].removeprefix(PUBLIC)

@@ -81,9 +81,12 @@ def test_check_config_prints_the_settings_with_every_secret_redacted(tmp_path: P
     for secret in (UPSTREAM, KEY_ENV, KEY_CRED):
         assert secret not in result.stdout + result.stderr
     shown = json.loads(result.stdout)
-    assert shown["upstream_key"] == "<set>"
-    assert shown["keys"] == [{"name": "env", "scopes": "all"}, {"name": "cred", "scopes": ["meta"]}]
-    assert shown["listen"] == "127.0.0.1:8080"
+    assert shown["upstream"]["api_key"] == "<set>"
+    assert shown["auth"]["keys"] == [
+        {"name": "env", "scopes": "all"},
+        {"name": "cred", "scopes": ["meta"]},
+    ]
+    assert shown["server"]["listen"] == "127.0.0.1:8080"
 
 
 def test_check_config_reads_the_file_given_with_config(tmp_path: Path) -> None:
@@ -96,15 +99,15 @@ def test_check_config_reads_the_file_given_with_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert UPSTREAM not in result.stdout and KEY_FILE not in result.stdout
     shown = json.loads(result.stdout)
-    assert shown["relay_name"] == "from-toml"
-    assert shown["keys"] == [{"name": "filed", "scopes": "all"}]
+    assert shown["meta"]["name"] == "from-toml"
+    assert shown["auth"]["keys"] == [{"name": "filed", "scopes": "all"}]
 
 
 def test_the_example_config_passes_check_config() -> None:
     env = clean_env(OPENAI_API_KEY=UPSTREAM)
     result = relayd("check-config", "--config", str(ROOT / "conf" / "relayd.toml"), env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["tools_manifest"] == str(ROOT / "conf" / "tools.json")
+    assert json.loads(result.stdout)["meta"]["tools_manifest"] == str(ROOT / "conf" / "tools.json")
 
 
 @pytest.mark.parametrize(
@@ -140,7 +143,7 @@ def test_check_config_validates_a_file_without_an_upstream_key_and_serve_refuses
     env = clean_env(RELAYD_KEYS=f"team:{KEY_ENV}")
     result = relayd("check-config", "--config", str(config), env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["upstream_key"] == "<missing>"
+    assert json.loads(result.stdout)["upstream"]["api_key"] == "<missing>"
     assert result.stderr.startswith("relayd: warning: no upstream key")
     assert len(result.stderr.splitlines()) == 1
     served = relayd("serve", "--config", str(config), env=env)
@@ -162,12 +165,12 @@ def test_check_config_warns_and_says_where_each_value_came_from(tmp_path: Path) 
     assert any("NO RELAY KEYS ARE CONFIGURED" in line for line in warnings)
     assert any("no public URL" in line for line in warnings)
     shown = json.loads(result.stdout)
-    assert shown["workers"] == (os.cpu_count() or 1)
-    assert shown["sources"]["workers"] == "flag --workers"
-    assert shown["sources"]["listen"] == "env RELAYD_LISTEN"
-    assert shown["sources"]["upstream_key"] == "env OPENAI_API_KEY"
-    assert shown["sources"]["relay_name"] == shown["sources"]["keys_file"] == "file"
-    assert shown["sources"]["public_url"] == "default"
+    assert shown["server"]["workers"] == (os.cpu_count() or 1)
+    assert shown["sources"]["server.workers"] == "flag --workers"
+    assert shown["sources"]["server.listen"] == "env RELAYD_LISTEN"
+    assert shown["sources"]["upstream.api_key"] == "env OPENAI_API_KEY"
+    assert shown["sources"]["meta.name"] == shown["sources"]["auth.keys_file"] == "file"
+    assert shown["sources"]["server.public_url"] == "default"
     assert UPSTREAM not in result.stdout + result.stderr
     assert KEY_FILE not in result.stdout + result.stderr
 
@@ -385,3 +388,47 @@ def test_serve_refuses_a_public_address_without_keys(listen: str) -> None:
     assert "not a loopback address" in result.stderr
     assert "Traceback" not in result.stderr
     assert "listening on" not in result.stderr
+
+
+# --------------------------------------------------------------------------- refusals (issue 12)
+
+
+def _check_config_file(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "relayd.toml"
+    config.write_text(text)
+    return relayd("check-config", "--config", str(config), env=clean_env(OPENAI_API_KEY=UPSTREAM))
+
+
+def test_check_config_passes_a_minimal_config(tmp_path: Path) -> None:
+    result = _check_config_file(tmp_path, '[server]\nlisten = "127.0.0.1:8080"\n')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["server"]["listen"] == "127.0.0.1:8080"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[upstrem]\nurl = 'https://api.openai.com'\n",
+         "unknown table [upstrem]; did you mean [upstream]?"),
+        ("[upstream]\nidel_timeout = 5\n",
+         "unknown key `idel_timeout` in [upstream]; did you mean `idle_timeout`?"),
+        ('[actions]\noperations = ["generateImageAktion"]\n',
+         "[actions] operations: 'generateImageAktion' is not an operationId"),
+    ],
+    ids=["unknown-table", "unknown-key", "unknown-actions-operation"],
+)
+def test_check_config_refuses_in_one_line(tmp_path: Path, text: str, problem: str) -> None:
+    result = _check_config_file(tmp_path, text)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("relayd: configuration error: ") and problem in line
+
+
+def test_a_relay_key_with_a_byte_that_is_not_utf8_is_one_config_error() -> None:
+    # os.environ decodes such a byte as a lone surrogate (surrogateescape).
+    env = clean_env(OPENAI_API_KEY=UPSTREAM, RELAYD_KEYS="team:rk-caf\udcff-0123456789abcdef")
+    result = relayd("check-config", env=env)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("relayd: configuration error: RELAYD_KEYS")

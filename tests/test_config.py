@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import re
 import tomllib
@@ -20,9 +21,11 @@ import pytest
 from relayd.app import load_tools
 from relayd.cli import main
 from relayd.config import (
+    SECTIONS,
     ConfigError,
     Listen,
     Settings,
+    declared,
     load_settings,
     parse_keys_file,
     redacted,
@@ -70,13 +73,14 @@ def toml(tmp_path: Path) -> TomlFile:
 
 def test_defaults_need_only_an_upstream_key() -> None:
     settings = load()
-    assert settings.upstream_key == UPSTREAM
-    assert settings.upstream_url == "https://api.openai.com"
-    assert settings.listen == Listen("127.0.0.1", 8080)
-    assert settings.keys == ()
-    assert settings.auth_required
-    assert settings.public_url is None
-    assert (settings.connect_timeout_s, settings.first_byte_timeout_s) == (10.0, 600.0)
+    assert settings.upstream.api_key == UPSTREAM
+    assert settings.upstream.url == "https://api.openai.com"
+    assert settings.server.listen == Listen("127.0.0.1", 8080)
+    assert settings.auth.keys == ()
+    assert settings.auth.required
+    assert settings.server.public_url is None
+    upstream = settings.upstream
+    assert (upstream.connect_timeout_s, upstream.first_byte_timeout_s) == (10.0, 600.0)
 
 
 def test_a_missing_upstream_key_is_an_error_naming_where_to_put_it() -> None:
@@ -87,7 +91,7 @@ def test_a_missing_upstream_key_is_an_error_naming_where_to_put_it() -> None:
 
 
 def test_commands_that_never_call_upstream_load_without_a_key() -> None:
-    assert load_settings(environ={}, require_upstream_key=False).upstream_key == ""
+    assert load_settings(environ={}, require_upstream_key=False).upstream.api_key == ""
 
 
 # --------------------------------------------------------------------------- TOML + env
@@ -145,60 +149,61 @@ level = "debug"
 
 def test_every_toml_section_is_read(toml: TomlFile) -> None:
     settings = load(path=toml(FULL_TOML.replace("{digest}", sha256(KEY_A))))
-    assert settings.listen == Listen("127.0.0.2", 9000)
-    assert settings.public_url == "https://relay.example.com"
-    assert (settings.workers, settings.drain_timeout_s) == (2, 5.0)
-    assert settings.upstream_url == "http://127.0.0.1:7000"
-    assert (settings.organization, settings.project) == ("org-toml", "proj_toml")
-    assert settings.connect_timeout_s == 1.5
-    assert (settings.first_byte_timeout_s, settings.idle_timeout_s) == (20.0, 30.0)
-    assert settings.max_upstream_connections == 8
-    assert settings.sse_keepalive_s is None  # 0 turns keepalives off
-    assert settings.key_header == "X-Team-Key"
-    assert settings.public_paths == ("/health",)
-    [key] = settings.keys
+    assert settings.server.listen == Listen("127.0.0.2", 9000)
+    assert settings.server.public_url == "https://relay.example.com"
+    assert (settings.server.workers, settings.server.drain_timeout_s) == (2, 5.0)
+    assert settings.upstream.url == "http://127.0.0.1:7000"
+    assert (settings.upstream.organization, settings.upstream.project) == ("org-toml", "proj_toml")
+    assert settings.upstream.connect_timeout_s == 1.5
+    upstream = settings.upstream
+    assert (upstream.first_byte_timeout_s, upstream.idle_timeout_s) == (20.0, 30.0)
+    assert settings.upstream.max_connections == 8
+    assert settings.upstream.sse_keepalive_s is None  # 0 turns keepalives off
+    assert settings.auth.header == "X-Team-Key"
+    assert settings.auth.public_paths == ("/health",)
+    [key] = settings.auth.keys
     assert (key.name, key.digest, key.scopes) == (
         "hashed",
         bytes.fromhex(sha256(KEY_A)),
         frozenset({"files", "meta"}),
     )
-    assert (settings.max_body_bytes, settings.max_json_bytes) == (1000, 100)
-    assert settings.max_header_bytes == 4096
-    assert settings.keepalive_timeout_s == 4.0
-    assert settings.policy_allow == ("/v1/fine_tuning/*",)
-    assert settings.policy_deny == ("/v1/admin*",)
-    assert (settings.relay_name, settings.environment) == ("team-relay", "staging")
-    assert settings.default_model == "gpt-5-mini"
-    assert settings.ai_plugin == {"name_for_human": "Team relay"}
-    assert (settings.log_format, settings.log_level) == ("json", "debug")
+    assert (settings.limits.max_body_bytes, settings.limits.max_json_bytes) == (1000, 100)
+    assert settings.limits.max_header_bytes == 4096
+    assert settings.limits.keepalive_timeout_s == 4.0
+    assert settings.policy.allow == ("/v1/fine_tuning/*",)
+    assert settings.policy.deny == ("/v1/admin*",)
+    assert (settings.meta.name, settings.meta.environment) == ("team-relay", "staging")
+    assert settings.meta.default_model == "gpt-5-mini"
+    assert settings.meta.ai_plugin == {"name_for_human": "Team relay"}
+    assert (settings.logging.format, settings.logging.level) == ("json", "debug")
 
 
 ENV_OVER_TOML = [
     ("RELAYD_UPSTREAM", "http://10.0.0.1:9", '[upstream]\nurl = "http://10.0.0.2:9"',
-     "upstream_url", "http://10.0.0.1:9"),
+     "upstream.url", "http://10.0.0.1:9"),
     ("RELAYD_LISTEN", "127.0.0.1:9001", '[server]\nlisten = "127.0.0.1:9002"',
-     "listen", Listen("127.0.0.1", 9001)),
+     "server.listen", Listen("127.0.0.1", 9001)),
     ("RELAYD_PUBLIC_URL", "https://env.example.com",
      # A public relay needs keys (issue 11).
      '[server]\npublic_url = "https://toml.example.com"\n'
-     f'[[auth.keys]]\nname = "a"\nkey = "{KEY_A}"', "public_url",
+     f'[[auth.keys]]\nname = "a"\nkey = "{KEY_A}"', "server.public_url",
      "https://env.example.com"),
-    ("RELAYD_WORKERS", "3", "[server]\nworkers = 2", "workers", 3),
+    ("RELAYD_WORKERS", "3", "[server]\nworkers = 2", "server.workers", 3),
     ("RELAYD_CONNECT_TIMEOUT", "2.5", "[upstream]\nconnect_timeout = 9",
-     "connect_timeout_s", 2.5),
+     "upstream.connect_timeout_s", 2.5),
     ("RELAYD_FIRST_BYTE_TIMEOUT", "45", "[upstream]\nfirst_byte_timeout = 9",
-     "first_byte_timeout_s", 45.0),
+     "upstream.first_byte_timeout_s", 45.0),
     ("RELAYD_IDLE_TIMEOUT", "0.25", "[upstream]\nidle_timeout = 9",
-     "idle_timeout_s", 0.25),
+     "upstream.idle_timeout_s", 0.25),
     ("OPENAI_ORGANIZATION", "org-env", '[upstream]\norganization = "org-toml"',
-     "organization", "org-env"),
+     "upstream.organization", "org-env"),
     ("OPENAI_PROJECT", "proj_env", '[upstream]\nproject = "proj_toml"',
-     "project", "proj_env"),
-    ("RELAYD_ENVIRONMENT", "dev", '[meta]\nenvironment = "prod"', "environment", "dev"),
+     "upstream.project", "proj_env"),
+    ("RELAYD_ENVIRONMENT", "dev", '[meta]\nenvironment = "prod"', "meta.environment", "dev"),
     ("RELAYD_DEFAULT_MODEL", "gpt-env", '[meta]\ndefault_model = "gpt-toml"',
-     "default_model", "gpt-env"),
-    ("RELAYD_LOG_FORMAT", "json", '[logging]\nformat = "console"', "log_format", "json"),
-    ("RELAYD_LOG_LEVEL", "warning", '[logging]\nlevel = "debug"', "log_level", "warning"),
+     "meta.default_model", "gpt-env"),
+    ("RELAYD_LOG_FORMAT", "json", '[logging]\nformat = "console"', "logging.format", "json"),
+    ("RELAYD_LOG_LEVEL", "warning", '[logging]\nlevel = "debug"', "logging.level", "warning"),
 ]
 
 
@@ -211,20 +216,21 @@ def test_the_environment_wins_over_the_toml_file(
     toml: TomlFile, env_name: str, env_value: str, toml_text: str, attribute: str, expected: Any
 ) -> None:
     path = toml(toml_text)
-    assert getattr(load(path=path), attribute) != expected
-    assert getattr(load({env_name: env_value}, path=path), attribute) == expected
+    read = operator.attrgetter(attribute)  # "section.field"
+    assert read(load(path=path)) != expected
+    assert read(load({env_name: env_value}, path=path)) == expected
 
 
 def test_an_empty_environment_variable_falls_back_to_the_toml_file(toml: TomlFile) -> None:
     path = toml('[upstream]\nurl = "http://10.0.0.2:9"')
-    assert load({"RELAYD_UPSTREAM": ""}, path=path).upstream_url == "http://10.0.0.2:9"
+    assert load({"RELAYD_UPSTREAM": ""}, path=path).upstream.url == "http://10.0.0.2:9"
 
 
 def test_relayd_config_names_the_file_and_an_explicit_path_wins(tmp_path: Path) -> None:
     from_env = write(tmp_path / "env.toml", '[meta]\nname = "from-env"')
     explicit = write(tmp_path / "explicit.toml", '[meta]\nname = "explicit"')
-    assert load({"RELAYD_CONFIG": str(from_env)}).relay_name == "from-env"
-    assert load({"RELAYD_CONFIG": str(from_env)}, path=explicit).relay_name == "explicit"
+    assert load({"RELAYD_CONFIG": str(from_env)}).meta.name == "from-env"
+    assert load({"RELAYD_CONFIG": str(from_env)}, path=explicit).meta.name == "explicit"
 
 
 def test_relative_paths_in_the_toml_file_are_relative_to_it(tmp_path: Path) -> None:
@@ -235,22 +241,22 @@ def test_relative_paths_in_the_toml_file_are_relative_to_it(tmp_path: Path) -> N
         conf / "relayd.toml", '[auth]\nkeys_file = "keys"\n[meta]\ntools_manifest = "t.json"'
     )
     settings = load(path=path)
-    assert settings.keys_file == str(conf / "keys")
-    assert settings.tools_manifest == str(conf / "t.json")
-    assert [k.name for k in settings.keys] == ["team"]
+    assert settings.auth.keys_file == str(conf / "keys")
+    assert settings.meta.tools_manifest == str(conf / "t.json")
+    assert [k.name for k in settings.auth.keys] == ["team"]
 
 
 # --------------------------------------------------------------------------- upstream key
 
 
 def test_openai_api_key_is_taken_without_surrounding_whitespace() -> None:
-    assert load({"OPENAI_API_KEY": f"  {UPSTREAM}\n"}).upstream_key == UPSTREAM
+    assert load({"OPENAI_API_KEY": f"  {UPSTREAM}\n"}).upstream.api_key == UPSTREAM
 
 
 def test_openai_api_key_file_holds_the_key_alone(tmp_path: Path) -> None:
     key_file = write(tmp_path / "key", f"{UPSTREAM}\n")
     settings = load_settings(environ={"OPENAI_API_KEY_FILE": str(key_file)})
-    assert settings.upstream_key == UPSTREAM
+    assert settings.upstream.api_key == UPSTREAM
 
 
 def test_an_unreadable_or_empty_key_file_is_named_in_the_error(tmp_path: Path) -> None:
@@ -266,9 +272,9 @@ def test_systemd_credentials_supply_the_upstream_and_relay_keys(tmp_path: Path) 
     write(tmp_path / "openai_api_key", UPSTREAM + "\n")
     write(tmp_path / "relay_keys", f"team:{KEY_A}\nbot:sha256:{sha256(KEY_B)} scopes=meta\n")
     settings = load_settings(environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
-    assert settings.upstream_key == UPSTREAM
-    assert settings.keys_file == str(tmp_path / "relay_keys")
-    assert [(k.name, k.scopes) for k in settings.keys] == [
+    assert settings.upstream.api_key == UPSTREAM
+    assert settings.auth.keys_file == str(tmp_path / "relay_keys")
+    assert [(k.name, k.scopes) for k in settings.auth.keys] == [
         ("team", None),
         ("bot", frozenset({"meta"})),
     ]
@@ -276,7 +282,8 @@ def test_systemd_credentials_supply_the_upstream_and_relay_keys(tmp_path: Path) 
 
 def test_a_credentials_directory_without_relayd_files_is_ignored(tmp_path: Path) -> None:
     settings = load({"CREDENTIALS_DIRECTORY": str(tmp_path)})
-    assert (settings.upstream_key, settings.keys, settings.keys_file) == (UPSTREAM, (), None)
+    auth = settings.auth
+    assert (settings.upstream.api_key, auth.keys, auth.keys_file) == (UPSTREAM, (), None)
 
 
 def test_upstream_key_sources_in_order_of_precedence(tmp_path: Path) -> None:
@@ -297,12 +304,12 @@ def test_upstream_key_sources_in_order_of_precedence(tmp_path: Path) -> None:
     }
     seen = []
     for name in ("OPENAI_API_KEY", "OPENAI_API_KEY_FILE", "CREDENTIALS_DIRECTORY"):
-        seen.append(load_settings(path, environ=env).upstream_key)
+        seen.append(load_settings(path, environ=env).upstream.api_key)
         del env[name]
-    seen.append(load_settings(path, environ=env).upstream_key)
+    seen.append(load_settings(path, environ=env).upstream.api_key)
     (tmp_path / "toml-key").unlink()
     write(path, '[upstream]\napi_key = "sk-from-toml"')
-    seen.append(load_settings(path, environ=env).upstream_key)
+    seen.append(load_settings(path, environ=env).upstream.api_key)
     assert seen == [
         "sk-from-env",
         "sk-from-env-file",
@@ -336,10 +343,10 @@ def test_an_upstream_key_with_inner_whitespace_is_refused(tmp_path: Path) -> Non
 )
 def test_relayd_listen_forms(text: str, listen: Listen, shown: str, loopback: bool) -> None:
     settings = load({"RELAYD_LISTEN": text, "RELAYD_KEYS": KEY_A})
-    assert settings.listen == listen
-    assert str(settings.listen) == shown
-    assert settings.listen.is_loopback is loopback
-    assert settings.listen.is_unix is text.startswith("unix:")
+    assert settings.server.listen == listen
+    assert str(settings.server.listen) == shown
+    assert settings.server.listen.is_loopback is loopback
+    assert settings.server.listen.is_unix is text.startswith("unix:")
 
 
 @pytest.mark.parametrize("text", ["8080", "127.0.0.1", "127.0.0.1:http", "[::1]", "unix:",
@@ -354,23 +361,23 @@ def test_a_malformed_listen_address_is_refused(text: str) -> None:
 
 def test_relayd_keys_without_names_are_numbered_in_order() -> None:
     settings = load({"RELAYD_KEYS": f"{KEY_A}, {KEY_B}"})
-    assert [(k.name, k.digest.hex()) for k in settings.keys] == [
+    assert [(k.name, k.digest.hex()) for k in settings.auth.keys] == [
         ("key1", sha256(KEY_A)),
         ("key2", sha256(KEY_B)),
     ]
-    assert all(k.scopes is None for k in settings.keys)
+    assert all(k.scopes is None for k in settings.auth.keys)
 
 
 def test_relayd_keys_with_names() -> None:
     settings = load({"RELAYD_KEYS": f"team:{KEY_A},ci.bot@ops:{KEY_B}"})
-    assert [(k.name, k.digest.hex()) for k in settings.keys] == [
+    assert [(k.name, k.digest.hex()) for k in settings.auth.keys] == [
         ("team", sha256(KEY_A)),
         ("ci.bot@ops", sha256(KEY_B)),
     ]
 
 
 def test_relayd_keys_may_name_a_digest() -> None:
-    [key] = load({"RELAYD_KEYS": f"team:sha256:{sha256(KEY_A)}"}).keys
+    [key] = load({"RELAYD_KEYS": f"team:sha256:{sha256(KEY_A)}"}).auth.keys
     assert (key.name, key.digest) == ("team", bytes.fromhex(sha256(KEY_A)))
 
 
@@ -402,8 +409,8 @@ def test_relayd_keys_file_is_read_and_wins_over_the_credential(tmp_path: Path) -
     path = write(tmp_path / "keys", f"from-file:{KEY_B}\n")
     environ = {"RELAYD_KEYS_FILE": str(path), "CREDENTIALS_DIRECTORY": str(tmp_path)}
     settings = load(environ)
-    assert [k.name for k in settings.keys] == ["from-file"]
-    assert settings.keys_file == str(path)
+    assert [k.name for k in settings.auth.keys] == ["from-file"]
+    assert settings.auth.keys_file == str(path)
 
 
 def test_keys_from_every_source_are_combined(tmp_path: Path) -> None:
@@ -413,7 +420,7 @@ def test_keys_from_every_source_are_combined(tmp_path: Path) -> None:
         f'[[auth.keys]]\nname = "toml"\nsha256 = "{sha256(KEY_C)}"\n',
     )
     settings = load({"RELAYD_KEYS": f"env:{KEY_A}", "RELAYD_KEYS_FILE": str(keys_file)}, path)
-    assert [k.name for k in settings.keys] == ["env", "file", "toml"]
+    assert [k.name for k in settings.auth.keys] == ["env", "file", "toml"]
 
 
 @pytest.mark.parametrize(
@@ -634,16 +641,17 @@ def test_no_keys_on_any_non_loopback_address_refuses_to_start(listen: str) -> No
     ["127.0.0.1:8080", "127.8.9.10:8080", "[::1]:8080", "localhost:8080", "unix:/tmp/r.sock"],
 )
 def test_no_keys_on_loopback_is_allowed(listen: str) -> None:
-    assert load({"RELAYD_LISTEN": listen}).keys == ()
+    assert load({"RELAYD_LISTEN": listen}).auth.keys == ()
 
 
 def test_auth_disabled_allows_a_public_address_without_keys(toml: TomlFile) -> None:
     settings = load({"RELAYD_LISTEN": "0.0.0.0:8080"}, toml("[auth]\ndisabled = true"))
-    assert not settings.auth_required
+    assert not settings.auth.required
 
 
 def test_keys_allow_a_public_address() -> None:
-    assert load({"RELAYD_LISTEN": "0.0.0.0:8080", "RELAYD_KEYS": KEY_A}).listen.host == "0.0.0.0"
+    settings = load({"RELAYD_LISTEN": "0.0.0.0:8080", "RELAYD_KEYS": KEY_A})
+    assert settings.server.listen.host == "0.0.0.0"
 
 
 # --------------------------------------------------------------------------- proxy loop
@@ -696,7 +704,7 @@ def test_an_upstream_that_is_the_public_url_is_refused(public_url: str, upstream
 )
 def test_an_upstream_elsewhere_is_not_a_loop(listen: str, upstream: str) -> None:
     settings = load({"RELAYD_LISTEN": listen, "RELAYD_UPSTREAM": upstream})
-    assert settings.upstream_url == upstream
+    assert settings.upstream.url == upstream
 
 
 # --------------------------------------------------------------------------- timeouts
@@ -739,6 +747,15 @@ def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     ("text", "problem"),
     [
         ("server = 5", "[server] must be a table"),
+        # Unknown names, with the closest known one (issue 12).
+        ("[upstrem]\nurl = 'https://api.openai.com'",
+         "unknown table [upstrem]; did you mean [upstream]?"),
+        ("[upstream]\nidel_timeout = 5",
+         "unknown key `idel_timeout` in [upstream]; did you mean `idle_timeout`?"),
+        ("[realtime]\nallowed_model = []", "did you mean `allowed_models`?"),
+        ("[actions]\nsigning_secret = 'x'", "did you mean `signing_secret_file`?"),
+        ("[nothing_alike]\nx = 1", "unknown table [nothing_alike]"),
+        ("[meta]\nzzz = 1", "unknown key `zzz` in [meta]"),
         ("[server]\nlisten = 8080", "[server] listen must be a string"),
         ("[server]\nworkers = 1.5", "[server] workers must be a whole number"),
         ("[server]\nworkers = 0", "workers must be at least 1"),
@@ -799,11 +816,11 @@ def test_relayd_workers_must_be_a_whole_number() -> None:
 
 def test_workers_auto_is_one_per_cpu_and_a_flag_wins(toml: TomlFile) -> None:
     cpus = os.cpu_count() or 1
-    assert load({"RELAYD_WORKERS": "auto"}).workers == cpus
+    assert load({"RELAYD_WORKERS": "auto"}).server.workers == cpus
     path = toml('[server]\nworkers = "auto"\n')
-    assert load(path=path).workers == cpus
-    settings = load({"RELAYD_WORKERS": "3"}, path, overrides={"workers": 2})
-    assert (settings.workers, settings.sources["workers"]) == (2, "flag --workers")
+    assert load(path=path).server.workers == cpus
+    settings = load({"RELAYD_WORKERS": "3"}, path, overrides={"server.workers": 2})
+    assert (settings.server.workers, settings.sources["server.workers"]) == (2, "flag --workers")
 
 
 # --------------------------------------------------------------------------- warnings, sources
@@ -838,12 +855,12 @@ def test_sources_say_where_each_value_came_from(tmp_path: Path) -> None:
         },
     )
     sources = settings.sources
-    assert sources["listen"] == "env RELAYD_LISTEN"
-    assert sources["workers"] == sources["relay_name"] == "file"
-    assert sources["upstream_key"] == "credential openai_api_key"
-    assert sources["keys"] == "env RELAYD_KEYS, credential relay_keys"
-    assert sources["upstream_url"] == sources["public_url"] == "default"
-    assert set(sources) == set(Settings.__dataclass_fields__) - {"warnings", "sources"}
+    assert sources["server.listen"] == "env RELAYD_LISTEN"
+    assert sources["server.workers"] == sources["meta.name"] == "file"
+    assert sources["upstream.api_key"] == "credential openai_api_key"
+    assert sources["auth.keys"] == "env RELAYD_KEYS, credential relay_keys"
+    assert sources["upstream.url"] == sources["server.public_url"] == "default"
+    assert set(sources) == {f"{table}.{key}" for table, key in toml_keys() if key != "api_key_file"}
 
 
 # --------------------------------------------------------------------------- redaction
@@ -869,8 +886,8 @@ def test_redacted_settings_never_contain_a_secret(tmp_path: Path) -> None:
     for secret in (UPSTREAM, KEY_A, KEY_B, KEY_C, sha256(KEY_A), sha256(KEY_B), sha256(KEY_C)):
         assert secret not in text
     assert UPSTREAM not in repr(settings)
-    assert shown["upstream_key"] == "<set>"
-    assert shown["keys"] == [
+    assert shown["upstream"]["api_key"] == "<set>"
+    assert shown["auth"]["keys"] == [
         {"name": "env", "scopes": "all"},
         {"name": "file", "scopes": ["meta"]},
         {"name": "toml", "scopes": ["files"]},
@@ -879,14 +896,14 @@ def test_redacted_settings_never_contain_a_secret(tmp_path: Path) -> None:
 
 def test_redacted_settings_say_when_the_upstream_key_is_missing() -> None:
     settings = load_settings(environ={}, require_upstream_key=False)
-    assert redacted(settings)["upstream_key"] == "<missing>"
+    assert redacted(settings)["upstream"]["api_key"] == "<missing>"
 
 
 def test_redacted_settings_are_plain_json() -> None:
     shown = redacted(load({"RELAYD_LISTEN": "[::1]:8080"}))
     assert json.loads(json.dumps(shown)) == shown
-    assert shown["listen"] == "[::1]:8080"
-    assert set(shown) == set(Settings.__dataclass_fields__)
+    assert shown["server"]["listen"] == "[::1]:8080"
+    assert set(shown) == {*SECTIONS, "warnings", "sources"}
 
 
 # --------------------------------------------------------------------------- conf/ examples
@@ -899,18 +916,21 @@ def _switched_on(text: str) -> str:
 
 def test_the_example_config_loads_with_safe_defaults() -> None:
     settings = load(path=CONF / "relayd.toml")
-    assert settings.listen.is_loopback
-    assert settings.auth_required
-    assert settings.keys == ()
-    assert settings.upstream_url == "https://api.openai.com"
-    assert settings.policy_deny == Settings().policy_deny
-    assert settings.tools_manifest == str(CONF / "tools.json")
-    for name in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "workers",
-                 "max_body_bytes", "max_json_bytes", "max_header_bytes",
-                 "keepalive_timeout_s", "drain_timeout_s", "sse_keepalive_s",
-                 "max_upstream_connections", "key_header", "relay_name", "environment",
-                 "default_model", "log_format", "log_level"):
-        assert getattr(settings, name) == getattr(Settings(), name), name
+    assert settings.server.listen.is_loopback
+    assert settings.auth.required
+    assert settings.auth.keys == ()
+    assert settings.upstream.url == "https://api.openai.com"
+    assert settings.policy.deny == Settings().policy.deny
+    assert settings.meta.tools_manifest == str(CONF / "tools.json")
+    for name in ("upstream.connect_timeout_s", "upstream.first_byte_timeout_s",
+                 "upstream.idle_timeout_s", "server.workers", "limits.max_body_bytes",
+                 "limits.max_json_bytes", "limits.max_header_bytes",
+                 "limits.keepalive_timeout_s", "server.drain_timeout_s",
+                 "upstream.sse_keepalive_s", "upstream.max_connections", "auth.header",
+                 "meta.name", "meta.environment", "meta.default_model", "logging.format",
+                 "logging.level"):
+        read = operator.attrgetter(name)
+        assert read(settings) == read(Settings()), name
 
 
 def test_every_optional_setting_in_the_example_config_is_valid(tmp_path: Path) -> None:
@@ -920,43 +940,35 @@ def test_every_optional_setting_in_the_example_config_is_valid(tmp_path: Path) -
     settings = load(
         {"RELAYD_KEYS_FILE": str(keys_file), "RELAYD_SIGNING_SECRET_FILE": str(secret)}, path
     )
-    assert settings.public_url == "https://relay.example.com"
-    assert settings.organization and settings.project
-    assert [(k.name, k.scopes) for k in settings.keys] == [
+    assert settings.server.public_url == "https://relay.example.com"
+    assert settings.upstream.organization and settings.upstream.project
+    assert [(k.name, k.scopes) for k in settings.auth.keys] == [
         ("team", None),
         ("files-bot", frozenset({"files", "uploads"})),
     ]
-    assert settings.public_paths is not None and "/health" in settings.public_paths
-    assert settings.ai_plugin is not None and "name_for_human" in settings.ai_plugin
+    assert settings.auth.public_paths is not None and "/health" in settings.auth.public_paths
+    assert settings.meta.ai_plugin is not None and "name_for_human" in settings.meta.ai_plugin
 
 
-# Every key load_settings reads from TOML, by table; the example must show them all.
-TOML_KEYS = {
-    "server": {"listen", "public_url", "workers", "drain_timeout", "backlog"},
-    "upstream": {"url", "organization", "project", "api_key_file", "connect_timeout",
-                 "first_byte_timeout", "idle_timeout", "max_connections",
-                 "max_connections_per_key", "sse_keepalive"},
-    "auth": {"disabled", "header", "keys_file", "public_paths", "keys"},
-    "limits": {"max_body_bytes", "max_json_bytes", "max_header_bytes", "keepalive_timeout",
-               "max_buffered_bytes", "max_buffered_bytes_per_key"},
-    "policy": {"allow", "deny"},
-    "meta": {"name", "environment", "default_model", "tools_manifest", "ai_plugin"},
-    "logging": {"format", "level"},
-    "realtime": {"enabled", "allowed_models", "default_model", "max_message_bytes",
-                 "idle_timeout", "max_session"},
-    "actions": {"operations", "auth", "answer_budget", "poll_interval", "max_answer_chars",
-                "privacy_text", "privacy_url", "fetch_hosts", "fetch_https_only",
-                "fetch_allow_private", "fetch_ca_file", "fetch_timeout", "max_file_bytes",
-                "inline_max_bytes", "link_ttl", "signing_secret_file", "store_dir",
-                "store_max_bytes", "video_models", "video_sizes", "video_seconds",
-                "video_max_bytes"},
-}
+def toml_keys() -> set[tuple[str, str]]:
+    """Every (table, key) load_settings reads, from the section dataclasses."""
+    return {
+        (table, key)
+        for table, section in SECTIONS.items()
+        for record in declared(section)
+        for key in record.keys
+    }
+
+
+# Keys the example shows commented out only as an alternative it advises against.
+NOT_IN_EXAMPLE = {("upstream", "api_key")}
 
 
 def test_the_example_config_shows_every_toml_key() -> None:
     text = (CONF / "relayd.toml").read_text()
     document = tomllib.loads(_switched_on(text))
-    assert {table: set(document[table]) for table in document} == TOML_KEYS
+    shown = {(table, key) for table in document for key in document[table]}
+    assert shown == toml_keys() - NOT_IN_EXAMPLE
     assert set(document["auth"]["keys"][1]) == {"name", "sha256", "scopes"}
     # [upstream] api_key is read too, but the example only mentions it, in prose.
     assert "`api_key = " in text
@@ -985,7 +997,7 @@ def test_the_env_example_holds_only_non_secret_settings_that_load(tmp_path: Path
         assert secret not in assignments
     assignments.pop("RELAYD_CONFIG")  # names the file the operator installs
     settings = load({**assignments, "RELAYD_KEYS": KEY_A})  # keys come as a credential
-    assert settings.public_url == "https://relay.example.com"
+    assert settings.server.public_url == "https://relay.example.com"
     assert "LoadCredential=openai_api_key" in text and "LoadCredential=relay_keys" in text
 
 
@@ -1004,7 +1016,7 @@ def test_the_tools_manifest_is_read_by_id() -> None:
 async def test_relayd_serves_the_tools_manifest(
     relay_factory: RelayFactory, auth: dict[str, str]
 ) -> None:
-    client = await relay_factory(tools_manifest=str(CONF / "tools.json"))
+    client = await relay_factory(meta={"tools_manifest": str(CONF / "tools.json")})
     manifest = json.loads((CONF / "tools.json").read_text())
 
     listing = await client.get("/v1/tools", headers=auth)
@@ -1025,7 +1037,30 @@ async def test_relayd_serves_the_tools_manifest(
 
 
 async def test_the_tools_routes_need_a_relay_key(relay_factory: RelayFactory) -> None:
-    client = await relay_factory(tools_manifest=str(CONF / "tools.json"))
+    client = await relay_factory(meta={"tools_manifest": str(CONF / "tools.json")})
     response = await client.get("/v1/tools")
     assert response.status == 401
     assert "error" in await response.json()
+
+
+# --------------------------------------------------------------------------- sections (issue 12)
+
+
+def test_unset_and_off_are_different(toml: TomlFile) -> None:
+    unset = load(path=toml("[upstream]\n"))
+    assert unset.upstream.sse_keepalive_s == 15.0
+    assert unset.sources["upstream.sse_keepalive"] == "default"
+    off = load(path=toml("[upstream]\nsse_keepalive = 0"))
+    assert off.upstream.sse_keepalive_s is None
+    assert off.sources["upstream.sse_keepalive"] == "file"
+
+
+def test_the_key_file_and_the_key_ring_hash_alike() -> None:
+    from relayd.auth import KeyRing
+    from relayd.config import hash_key
+
+    [key] = load({"RELAYD_KEYS": f"team:{KEY_A}"}).auth.keys
+    assert key.digest == hash_key(KEY_A) == bytes.fromhex(sha256(KEY_A))
+    assert KeyRing([key]).identify(KEY_A) == key
+    # A presented key with bytes that are not UTF-8 is simply no match, never a crash.
+    assert KeyRing([key]).identify("rk-caf\udcff-0123456789abcdef") is None

@@ -308,7 +308,7 @@ async def test_check_config_never_prints_secrets(fake_server: TestServer) -> Non
         out, err = await process.communicate()
     assert process.returncode == 0
     settings = json.loads(out)
-    assert settings["upstream_key"] == "<set>"
+    assert settings["upstream"]["api_key"] == "<set>"
     for secret in SECRETS:
         assert secret not in (out + err).decode()
 

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpServer
 
 from relayd.actions.fetch import check_link
-from relayd.config import DEFAULT_FETCH_HOSTS, Settings, load_settings
+from relayd.config import DEFAULT_FETCH_HOSTS, Settings, load_settings, updated
 from relayd.connectors import PublicOnlyConnector, non_public_reason, refuse_non_public
 from relayd.errors import ForbiddenAddressError, PermissionDeniedError
 from tests.conftest import RELAY_KEY, RelayFactory
@@ -89,7 +89,7 @@ async def test_allowlisted_ip_literals_still_must_be_public(
     relay_factory: RelayFactory, fake: FakeOpenAI, link: str, reason: str
 ) -> None:
     hosts = ("127.0.0.1", "::1", "169.254.169.254", "10.0.0.8", "::ffff:7f00:1")
-    relay = await relay_factory(actions_fetch_hosts=hosts)
+    relay = await relay_factory(actions={"fetch_hosts": hosts})
     status, body = await upload_from(relay, link)
     assert status == 403, body
     assert reason in body["error"]["message"]
@@ -99,7 +99,7 @@ async def test_allowlisted_ip_literals_still_must_be_public(
 async def test_a_name_that_resolves_to_a_private_address_is_refused(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(actions_fetch_hosts=("localhost",))
+    relay = await relay_factory(actions={"fetch_hosts": ("localhost",)})
     status, body = await upload_from(relay, "https://localhost:1/file")
     assert status == 403
     assert "non-public" in body["error"]["message"]
@@ -120,7 +120,7 @@ async def test_a_redirect_is_never_followed(
 async def test_an_oversized_body_is_cut_off(
     relay_factory: RelayFactory, fake: FakeOpenAI, host: FileHost
 ) -> None:
-    relay = await relay_factory(**fetch_settings(host, actions_max_file_bytes=256 * 1024))
+    relay = await relay_factory(**fetch_settings(host, max_file_bytes=256 * 1024))
     status, body = await upload_from(relay, host.url("/endless"))
     assert status == 413
     assert body["error"]["code"] == "file_too_large"
@@ -130,7 +130,7 @@ async def test_an_oversized_body_is_cut_off(
 async def test_a_slow_body_times_out(
     relay_factory: RelayFactory, fake: FakeOpenAI, host: FileHost
 ) -> None:
-    relay = await relay_factory(**fetch_settings(host, actions_fetch_timeout_s=0.5))
+    relay = await relay_factory(**fetch_settings(host, fetch_timeout_s=0.5))
     status, body = await upload_from(relay, host.url("/slow"))
     assert status == 400
     assert body["error"]["code"] == "file_fetch_timeout"
@@ -160,7 +160,7 @@ def test_default_hosts_are_exact_names() -> None:
     # No wildcard: a pattern can match hosts nobody at OpenAI controls.
     assert "files.oaiusercontent.com" in DEFAULT_FETCH_HOSTS
     assert not any(set(h) & set("*?[") for h in DEFAULT_FETCH_HOSTS)
-    settings = Settings(upstream_key="sk-test")
+    settings = updated(Settings(), upstream={"api_key": "sk-test"})
     for link in (
         "https://files.oaiusercontent.com/file-abc?sig=x",
         "https://oaidalleapiprodscus.blob.core.windows.net/private/img.png",

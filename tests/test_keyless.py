@@ -66,7 +66,7 @@ def test_foreign_origins(value: str) -> None:
 
 @pytest.fixture
 async def keyless(relay_factory: RelayFactory) -> TestClient:
-    return await relay_factory(keys=())
+    return await relay_factory(auth={"keys": ()})
 
 
 async def _refused(response: aiohttp.ClientResponse) -> None:
@@ -160,7 +160,7 @@ async def test_with_keys_any_host_is_fine_and_auth_decides(relay: TestClient) ->
 async def test_auth_disabled_leaves_host_to_the_layer_in_front(
     relay_factory: RelayFactory,
 ) -> None:
-    relay = await relay_factory(keys=(), auth_disabled=True)
+    relay = await relay_factory(auth={"keys": (), "disabled": True})
     response = await relay.get("/v1/models", headers={"Host": "relay.example.com"})
     assert response.status == 200
 
@@ -169,11 +169,11 @@ def test_a_public_url_needs_relay_keys(tmp_path: Path) -> None:
     environ = {"OPENAI_API_KEY": UPSTREAM_KEY, "RELAYD_PUBLIC_URL": "https://relay.example.com"}
     with pytest.raises(ConfigError, match="public url .* no relay keys"):
         load_settings(None, environ)
-    assert load_settings(None, {**environ, "RELAYD_KEYS": f"team:{RELAY_KEY}"}).keys
+    assert load_settings(None, {**environ, "RELAYD_KEYS": f"team:{RELAY_KEY}"}).auth.keys
     # Another layer that authenticates every request may still publish relayd.
     config = tmp_path / "relayd.toml"
     config.write_text("[auth]\ndisabled = true\n")
-    assert load_settings(config, environ).auth_disabled
+    assert load_settings(config, environ).auth.disabled
 
 
 # --------------------------------------------------------------------------- inherited sockets

@@ -155,7 +155,7 @@ async def test_a_decoded_path_in_an_error_log_is_one_escaped_line(
     table = RouteTable(
         [Route("GET", "/boom/{x}", boom, "meta", Exposure.PUBLIC, "boom", "Fail"), *TABLE]
     )
-    settings = make_settings(upstream_url=str(fake_server.make_url("")))
+    settings = make_settings(upstream={"url": str(fake_server.make_url(""))})
     client = await aiohttp_client(create_app(settings, table))
     out = io.StringIO()
     handler = logging.StreamHandler(out)
@@ -191,7 +191,7 @@ async def test_unreachable_upstream_logs_one_warning_with_request_id_key_and_cau
     relay_factory: RelayFactory, auth: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    relay = await relay_factory(upstream_url=f"http://127.0.0.1:{_closed_port()}")
+    relay = await relay_factory(upstream={"url": f"http://127.0.0.1:{_closed_port()}"})
     response = await relay.get("/v1/models", headers=auth)
     assert response.status == 502
     [record] = warnings_from_relayd(caplog)
@@ -206,7 +206,7 @@ async def test_upstream_timeout_logs_one_warning_naming_the_timeout(
     relay_factory: RelayFactory, auth: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    relay = await relay_factory(first_byte_timeout_s=0.3)
+    relay = await relay_factory(upstream={"first_byte_timeout_s": 0.3})
     response = await relay.post("/v1/responses", json={"model": "silent"}, headers=auth)
     assert response.status == 504
     [record] = warnings_from_relayd(caplog)
@@ -325,7 +325,7 @@ async def test_overhead_excludes_an_upstream_stall_mid_stream(
     # A client that hangs up does so 0.5 s into a longer stall.
     stall = 30 if ending == "client_hangup" else 0.5
     upstream = await aiohttp_server(_stalling_upstream(stall, ending))
-    relay = await relay_factory(upstream_url=str(upstream.make_url("")))
+    relay = await relay_factory(upstream={"url": str(upstream.make_url(""))})
     body = {"model": "gpt-5", "input": "hi", "stream": True}
     async with relay.post("/v1/responses", json=body, headers=auth) as response:
         if ending == "client_hangup":
@@ -387,7 +387,7 @@ async def test_scope_refusal_logs_the_key_name(
     caplog.set_level(logging.INFO)
     keys = tmp_path / "keys"
     keys.write_text(f"scraper:{RELAY_KEY} scopes=metrics\n")
-    relay = await relay_factory(keys=parse_keys_file(str(keys)))
+    relay = await relay_factory(auth={"keys": parse_keys_file(str(keys))})
     response = await relay.get("/v1/models", headers={"Authorization": f"Bearer {RELAY_KEY}"})
     assert response.status == 403
     line = await _access_line(caplog)
@@ -398,7 +398,7 @@ async def test_overhead_excludes_waiting_for_a_background_answer(
     relay_factory: RelayFactory, auth: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    relay = await relay_factory(actions_answer_budget_s=2, actions_poll_interval_s=0.1)
+    relay = await relay_factory(actions={"answer_budget_s": 2, "poll_interval_s": 0.1})
     response = await relay.post(
         "/v1/actions/responses", json={"model": "wait-0.5", "input": "think"}, headers=auth
     )

@@ -265,10 +265,12 @@ async def test_a_key_over_its_share_gets_429_and_the_relay_over_its_budget_503(
     relay_factory: RelayFactory,
 ) -> None:
     relay = await relay_factory(
-        max_json_bytes=MiB,
-        max_buffered_bytes=3 * MiB,
-        max_buffered_bytes_per_key=2 * MiB,
-        realtime_max_message_bytes=MiB,
+limits={
+            "max_json_bytes": MiB,
+            "max_buffered_bytes": 3 * MiB,
+            "max_buffered_bytes_per_key": 2 * MiB,
+        },
+        realtime={"max_message_bytes": MiB},
     )
     holds = [await _holding(relay, RELAY_KEY, MiB), await _holding(relay, RELAY_KEY, MiB)]
     await _held(relay, 2 * MiB)
@@ -352,7 +354,7 @@ async def test_a_compressed_pass_through_body_goes_upstream_as_sent(
 async def test_one_key_holds_at_most_its_share_of_upstream_slots(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(max_upstream_connections=4)  # a key's share: 3
+    relay = await relay_factory(upstream={"max_connections": 4})  # a key's share: 3
     team = {"Authorization": f"Bearer {RELAY_KEY}"}
     silent = {"model": "silent", "input": "hi"}
     waiting = [
@@ -385,13 +387,13 @@ def test_the_budgets_come_from_limits_and_the_environment(tmp_path: Path) -> Non
     )
     env = {"OPENAI_API_KEY": "sk-test", "RELAYD_MAX_BUFFERED_BYTES_PER_KEY": "100000000"}
     settings = load_settings(config, env)
-    assert settings.max_buffered_bytes == 200_000_000
-    assert settings.max_buffered_bytes_per_key == 100_000_000
-    assert settings.upstream_connections_per_key == 10
+    assert settings.limits.max_buffered_bytes == 200_000_000
+    assert settings.limits.max_buffered_bytes_per_key == 100_000_000
+    assert settings.upstream.connections_per_key == 10
     defaults = load_settings(None, {"OPENAI_API_KEY": "sk-test"})
-    assert defaults.max_buffered_bytes == 96 * MiB
-    assert defaults.max_buffered_bytes_per_key == 64 * MiB
-    assert defaults.upstream_connections_per_key == 768  # three quarters of 1024
+    assert defaults.limits.max_buffered_bytes == 96 * MiB
+    assert defaults.limits.max_buffered_bytes_per_key == 64 * MiB
+    assert defaults.upstream.connections_per_key == 768  # three quarters of 1024
     with pytest.raises(ConfigError, match="max_json_bytes"):
         load_settings(None, {"OPENAI_API_KEY": "sk-test", "RELAYD_MAX_BUFFERED_BYTES": "1000"})
 
@@ -401,11 +403,13 @@ async def test_files_fetched_from_links_count_and_one_request_may_not_exceed_a_s
 ) -> None:
     host = await start_file_host(aiohttp_server, tmp_path)
     relay = await relay_factory(
-        **fetch_settings(host),
-        max_json_bytes=MiB,
-        max_buffered_bytes=4 * MiB,
-        max_buffered_bytes_per_key=2 * MiB,
-        realtime_max_message_bytes=MiB,
+        fetch_settings(host),
+limits={
+            "max_json_bytes": MiB,
+            "max_buffered_bytes": 4 * MiB,
+            "max_buffered_bytes_per_key": 2 * MiB,
+        },
+        realtime={"max_message_bytes": MiB},
     )
     refs = [{"name": f"{i}.png", "download_link": host.put(f"{i}.png", PNG + bytes(MiB))}
             for i in range(2)]
@@ -424,7 +428,8 @@ async def test_files_fetched_from_links_count_and_one_request_may_not_exceed_a_s
 async def test_a_lone_key_has_the_whole_pool_and_budget(relay_factory: RelayFactory) -> None:
     # Shares protect the other keys; with none, they would only hold the one key back.
     relay = await relay_factory(
-        max_upstream_connections=4, keys=parse_keys_env(f"team:{RELAY_KEY}")
+        upstream={"max_connections": 4},
+        auth={"keys": parse_keys_env(f"team:{RELAY_KEY}")},
     )
     team = {"Authorization": f"Bearer {RELAY_KEY}"}
     silent = {"model": "silent", "input": "hi"}
@@ -449,10 +454,12 @@ async def test_unfinished_messages_count_until_whole_and_past_the_share_close_10
     relay_factory: RelayFactory,
 ) -> None:
     relay = await relay_factory(
-        max_json_bytes=MiB // 2,
-        max_buffered_bytes=3 * MiB,
-        max_buffered_bytes_per_key=2 * MiB,
-        realtime_max_message_bytes=MiB,
+limits={
+            "max_json_bytes": MiB // 2,
+            "max_buffered_bytes": 3 * MiB,
+            "max_buffered_bytes_per_key": 2 * MiB,
+        },
+        realtime={"max_message_bytes": MiB},
     )
     part = b"a" * (450 * 1024)
     async with asyncio.timeout(BOUND):

@@ -44,7 +44,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 async def test_metrics_need_a_key_and_a_metrics_only_key_sees_nothing_else(
     relay_factory: RelayFactory,
 ) -> None:
-    relay = await relay_factory(keys=(_scraper(),))
+    relay = await relay_factory(auth={"keys": (_scraper(),)})
     assert (await relay.get("/metrics")).status == 401
     await scrape(relay, SCRAPER_KEY)
     response = await relay.get("/v1/models", headers={"Authorization": f"Bearer {SCRAPER_KEY}"})
@@ -94,7 +94,7 @@ async def test_upstream_failures_are_counted_by_kind(
 async def test_unreachable_upstream_is_counted(
     relay_factory: RelayFactory, unused_tcp_port: int
 ) -> None:
-    relay = await relay_factory(upstream_url=f"http://127.0.0.1:{unused_tcp_port}")
+    relay = await relay_factory(upstream={"url": f"http://127.0.0.1:{unused_tcp_port}"})
     response = await relay.get("/v1/models", headers={"Authorization": f"Bearer {RELAY_KEY}"})
     assert response.status == 502
     samples = await scrape(relay)

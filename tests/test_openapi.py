@@ -15,7 +15,7 @@ from openapi_spec_validator import validate
 from relayd.actions.lint import lint
 from relayd.app import create_app
 from relayd.cli import main
-from relayd.config import ConfigError, Settings, load_settings
+from relayd.config import ConfigError, Settings, load_settings, updated
 from relayd.openapi import DEFAULT_ACTIONS, build_openapi
 from relayd.routes import TABLE
 from relayd.routing import Exposure
@@ -24,8 +24,9 @@ from tests.conftest import RelayFactory
 PUBLIC = "https://relay.example.com"
 
 
-def actions_document(**overrides: Any) -> dict[str, Any]:
-    return build_openapi(TABLE, Settings(public_url=PUBLIC, **overrides), actions=True)
+def actions_document(**actions: Any) -> dict[str, Any]:
+    settings = updated(Settings(), server={"public_url": PUBLIC}, actions=actions)
+    return build_openapi(TABLE, settings, actions=True)
 
 
 def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -53,7 +54,8 @@ def test_the_default_actions_are_a_team_gpts_toolbox() -> None:
 
 
 def test_the_full_document_lists_every_route_once_and_validates() -> None:
-    document = build_openapi(TABLE, Settings(public_url=PUBLIC), actions=False)
+    settings = updated(Settings(), server={"public_url": PUBLIC})
+    document = build_openapi(TABLE, settings, actions=False)
     validate(document)
     ops = operations(document)
     assert set(ops) == {(r.method, r.path) for r in TABLE.documented()}
@@ -91,7 +93,7 @@ def test_every_actions_candidate_decides_consequential() -> None:
 
 
 def test_the_actions_subset_is_configurable(tmp_path: Path) -> None:
-    document = actions_document(actions_operations=("ping", "proxyRequest"), actions_auth="header")
+    document = actions_document(operations=("ping", "proxyRequest"), auth="header")
     assert {op["operationId"] for op in operations(document).values()} == {"ping", "proxyRequest"}
     assert document["components"]["securitySchemes"] == {
         "RelayKey": {"type": "apiKey", "in": "header", "name": "X-Relay-Key",
@@ -99,9 +101,9 @@ def test_the_actions_subset_is_configurable(tmp_path: Path) -> None:
     }
     assert lint(document) == []
     with pytest.raises(ConfigError, match="not offered to Actions"):
-        create_app(Settings(actions_operations=("listFiles",)))
+        create_app(updated(Settings(), actions={"operations": ("listFiles",)}))
     with pytest.raises(ConfigError, match="not an operationId"):
-        actions_document(actions_operations=("noSuchThing",))
+        actions_document(operations=("noSuchThing",))
     config = tmp_path / "relayd.toml"
     names = ", ".join(f'"op{i}"' for i in range(31))
     config.write_text(f"[actions]\noperations = [{names}]\n")
@@ -117,7 +119,7 @@ async def test_served_documents_never_reflect_the_host_header(
     relay_factory: RelayFactory, path: str
 ) -> None:
     # Issue 11, item 7: only RELAYD_PUBLIC_URL names the server; never Host.
-    relay = await relay_factory(public_url=PUBLIC)
+    relay = await relay_factory(server={"public_url": PUBLIC})
     text = await (await relay.get(path, headers=FORGED)).text()
     assert "attacker" not in text
     assert json.loads(text)["servers"] == [{"url": PUBLIC}]
@@ -143,7 +145,7 @@ async def test_without_a_public_url_the_documents_say_so_instead_of_guessing(
 async def test_ai_plugin_names_the_public_url_or_a_relative_one(
     relay_factory: RelayFactory, public_url: str | None
 ) -> None:
-    relay = await relay_factory(public_url=public_url)
+    relay = await relay_factory(server={"public_url": public_url})
     text = await (await relay.get("/.well-known/ai-plugin.json", headers=FORGED)).text()
     assert "attacker" not in text
     expected = f"{public_url or ''}/openapi.actions.json"
@@ -151,7 +153,7 @@ async def test_ai_plugin_names_the_public_url_or_a_relative_one(
 
 
 async def test_served_documents_match_the_builder(relay_factory: RelayFactory) -> None:
-    relay = await relay_factory(public_url=PUBLIC)
+    relay = await relay_factory(server={"public_url": PUBLIC})
     served = await (await relay.get("/openapi.actions.json")).json()
     assert served == actions_document()
 

@@ -269,7 +269,7 @@ async def test_a_proxy_call_needs_the_scope_of_the_route_it_reaches(
     proxy_only = RelayKey(
         "gpt-proxy", hashlib.sha256(SCOPED_SECRET.encode()).digest(), frozenset({"proxy"})
     )
-    relay = await relay_factory(keys=(proxy_only,))
+    relay = await relay_factory(auth={"keys": (proxy_only,)})
     envelope: dict[str, Any] = {"method": method, "path": path}
     if body is not None:
         envelope["body"] = body
@@ -290,7 +290,7 @@ async def test_a_proxy_call_passes_with_both_scopes(
         "gpt-files", hashlib.sha256(SCOPED_SECRET.encode()).digest(),
         frozenset({"proxy", "files"}),
     )
-    relay = await relay_factory(keys=(both,))
+    relay = await relay_factory(auth={"keys": (both,)})
     headers = {"Authorization": f"Bearer {SCOPED_SECRET}"}
     response = await relay.post("/v1/proxy", json={"method": "GET", "path": "/v1/files"},
                                 headers=headers)

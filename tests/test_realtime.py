@@ -225,7 +225,7 @@ async def test_ephemeral_secret_goes_upstream_instead_of_the_upstream_key(
     headers: dict[str, str],
     protocols: tuple[str, ...],
 ) -> None:
-    relay = await relay_factory(organization="org-team")
+    relay = await relay_factory(upstream={"organization": "org-team"})
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers=headers, protocols=protocols) as ws:
             await ws.send_str("ping")
@@ -240,7 +240,7 @@ async def test_ephemeral_secret_goes_upstream_instead_of_the_upstream_key(
 async def test_upstream_key_dials_with_the_configured_organization(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(organization="org-team")
+    relay = await relay_factory(upstream={"organization": "org-team"})
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers={**AUTH, "Origin": "https://app.example"}):
             pass
@@ -293,7 +293,7 @@ async def test_upstream_refusal_is_an_http_error_not_an_upgrade(
 async def test_disabled_realtime_is_a_403_before_the_upgrade(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(realtime_enabled=False)
+    relay = await relay_factory(realtime={"enabled": False})
     response = await raw_handshake(relay, URL, AUTH)
     assert response.status == 403
     assert (await response.json())["error"]["code"] == "realtime_disabled"
@@ -325,7 +325,7 @@ async def test_a_query_that_names_no_single_session_is_a_400(
 async def test_unknown_or_repeated_query_parameters_on_the_bridge_are_a_400(
     relay_factory: RelayFactory, fake: FakeOpenAI, query: str
 ) -> None:
-    relay = await relay_factory(realtime_allowed_models=("gpt-realtime",))
+    relay = await relay_factory(realtime={"allowed_models": ("gpt-realtime",)})
     response = await raw_handshake(relay, f"/v1/realtime?{query}", AUTH)
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "invalid_realtime_query"
@@ -337,7 +337,7 @@ async def test_a_call_id_bridge_is_allowed_when_models_are_restricted(
 ) -> None:
     # The call's model was checked when the call was created or accepted through
     # relayd (or fixed by a client secret relayd minted and checked).
-    relay = await relay_factory(realtime_allowed_models=("gpt-realtime",))
+    relay = await relay_factory(realtime={"allowed_models": ("gpt-realtime",)})
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect("/v1/realtime?call_id=rtc_0123", headers=AUTH):
             pass
@@ -347,7 +347,7 @@ async def test_a_call_id_bridge_is_allowed_when_models_are_restricted(
 async def test_a_model_outside_allowed_models_is_a_400_before_the_upgrade(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(realtime_allowed_models=("gpt-realtime",))
+    relay = await relay_factory(realtime={"allowed_models": ("gpt-realtime",)})
     response = await raw_handshake(relay, "/v1/realtime?model=gpt-4o-realtime-preview", AUTH)
     assert response.status == 400
     assert (await response.json())["error"]["param"] == "model"
@@ -364,7 +364,7 @@ async def test_a_plain_get_is_told_to_upgrade(relay: TestClient) -> None:
 async def test_oversized_client_message_closes_with_1009_and_upstream_with_1011(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(realtime_max_message_bytes=1024)
+    relay = await relay_factory(realtime={"max_message_bytes": 1024})
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers=AUTH) as ws:
             for _ in range(3):  # the limit itself is allowed, on either path of the bridge
@@ -383,7 +383,7 @@ async def test_unreachable_upstream_is_a_502_before_the_upgrade(
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    relay = await relay_factory(upstream_url=f"http://127.0.0.1:{port}")
+    relay = await relay_factory(upstream={"url": f"http://127.0.0.1:{port}"})
     response = await raw_handshake(relay, URL, AUTH)
     assert response.status == 502
     assert (await response.json())["error"]["code"] == "upstream_unreachable"
@@ -392,7 +392,7 @@ async def test_unreachable_upstream_is_a_502_before_the_upgrade(
 async def test_a_full_upstream_pool_is_a_503_before_the_upgrade(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(max_upstream_connections=1)
+    relay = await relay_factory(upstream={"max_connections": 1})
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers=AUTH):
             response = await raw_handshake(relay, URL, AUTH)
@@ -418,7 +418,7 @@ def test_close_codes_that_cannot_be_sent_are_mapped(received: int | None, sent: 
 async def test_idle_session_is_closed_on_both_legs(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(realtime_idle_timeout_s=0.5)
+    relay = await relay_factory(realtime={"idle_timeout_s": 0.5})
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers=AUTH) as ws:
@@ -438,7 +438,7 @@ async def test_idle_session_is_closed_on_both_legs(
 async def test_session_is_closed_at_the_time_limit(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(realtime_max_session_s=0.3)
+    relay = await relay_factory(realtime={"max_session_s": 0.3})
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers=AUTH) as ws:
             msg = await ws.receive()
@@ -531,7 +531,7 @@ _REALTIME_ROUTES = [route for route in TABLE if route.group == "realtime"]
 async def test_disabled_realtime_refuses_every_realtime_route(
     relay_factory: RelayFactory, fake: FakeOpenAI, route: Any
 ) -> None:
-    relay = await relay_factory(realtime_enabled=False)
+    relay = await relay_factory(realtime={"enabled": False})
     path = _concrete(route.path)
     async with asyncio.timeout(BOUND):
         if route.method == "GET":
@@ -556,7 +556,7 @@ async def test_disabled_realtime_refuses_every_realtime_route(
 async def test_disabled_realtime_refuses_realtime_paths_the_catch_all_would_pass(
     relay_factory: RelayFactory, fake: FakeOpenAI, path: str
 ) -> None:
-    relay = await relay_factory(realtime_enabled=False, policy_allow=("/v1/*",))
+    relay = await relay_factory(realtime={"enabled": False}, policy={"allow": ("/v1/*",)})
     async with asyncio.timeout(BOUND):
         response = await relay.post(path, json={"session": {"type": "realtime"}}, headers=AUTH)
         error = (await response.json())["error"]
@@ -569,7 +569,8 @@ async def test_restricted_models_refuse_realtime_paths_relayd_cannot_check(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
     relay = await relay_factory(
-        realtime_allowed_models=("gpt-realtime",), policy_allow=("/v1/*",)
+        realtime={"allowed_models": ("gpt-realtime",)},
+        policy={"allow": ("/v1/*",)},
     )
     async with asyncio.timeout(BOUND):
         response = await relay.post(
@@ -599,7 +600,7 @@ async def test_restricted_models_refuse_realtime_paths_relayd_cannot_check(
 async def test_every_realtime_route_checks_the_models_it_names(
     relay_factory: RelayFactory, fake: FakeOpenAI, path: str, body: dict[str, Any]
 ) -> None:
-    relay = await relay_factory(realtime_allowed_models=("gpt-realtime",))
+    relay = await relay_factory(realtime={"allowed_models": ("gpt-realtime",)})
     async with asyncio.timeout(BOUND):
         response = await relay.post(path, json=body, headers=AUTH)
         error = (await response.json())["error"]
@@ -612,8 +613,10 @@ async def test_client_secrets_get_the_default_model_when_models_are_restricted(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
     relay = await relay_factory(
-        realtime_allowed_models=("gpt-realtime", "gpt-realtime-mini"),
-        realtime_default_model="gpt-realtime-mini",
+realtime={
+            "allowed_models": ("gpt-realtime", "gpt-realtime-mini"),
+            "default_model": "gpt-realtime-mini",
+        },
     )
     async with asyncio.timeout(BOUND):
         for body in ({}, {"session": {"type": "realtime", "instructions": "hi"}}):
@@ -637,7 +640,7 @@ async def test_client_secrets_get_the_default_model_when_models_are_restricted(
 async def test_realtime_calls_check_the_session_model_when_models_are_restricted(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(realtime_allowed_models=("gpt-realtime",))
+    relay = await relay_factory(realtime={"allowed_models": ("gpt-realtime",)})
     sdp = b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\n"
 
     def form(model: str) -> aiohttp.FormData:
@@ -701,8 +704,10 @@ async def test_legacy_sessions_refuse_a_model_outside_allowed_models(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
     relay = await relay_factory(
-        realtime_allowed_models=("gpt-realtime", "gpt-realtime-mini"),
-        realtime_default_model="gpt-realtime-mini",
+realtime={
+            "allowed_models": ("gpt-realtime", "gpt-realtime-mini"),
+            "default_model": "gpt-realtime-mini",
+        },
     )
     async with asyncio.timeout(BOUND):
         refused = await relay.post(
@@ -746,18 +751,18 @@ def test_realtime_table_is_read_from_toml(tmp_path: Path) -> None:
         "max_session = 1800\n"
     )
     settings = load_settings(config, {"OPENAI_API_KEY": UPSTREAM_KEY})
-    assert settings.realtime_enabled is False
-    assert settings.realtime_allowed_models == ("gpt-realtime", "gpt-realtime-mini")
-    assert settings.realtime_default_model == "gpt-realtime-mini"
-    assert settings.realtime_max_message_bytes == 1048576
-    assert (settings.realtime_idle_timeout_s, settings.realtime_max_session_s) == (30.0, 1800.0)
+    assert settings.realtime.enabled is False
+    assert settings.realtime.allowed_models == ("gpt-realtime", "gpt-realtime-mini")
+    assert settings.realtime.default_model == "gpt-realtime-mini"
+    assert settings.realtime.max_message_bytes == 1048576
+    assert (settings.realtime.idle_timeout_s, settings.realtime.max_session_s) == (30.0, 1800.0)
 
 
 def test_realtime_defaults_allow_any_model() -> None:
     settings = load_settings(None, {"OPENAI_API_KEY": UPSTREAM_KEY})
-    assert settings.realtime_enabled is True
-    assert settings.realtime_allowed_models == ()
-    assert settings.realtime_default_model == "gpt-realtime"
+    assert settings.realtime.enabled is True
+    assert settings.realtime.allowed_models == ()
+    assert settings.realtime.default_model == "gpt-realtime"
 
 
 @pytest.mark.parametrize(

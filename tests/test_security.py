@@ -128,7 +128,7 @@ async def _expect_continue(
 async def test_expect_continue_is_answered_only_after_auth_and_limits(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(max_body_bytes=1024)
+    relay = await relay_factory(limits={"max_body_bytes": 1024})
     body = json.dumps({"model": "text-embedding-3-small", "input": "hi"}).encode()
     auth = {"Authorization": f"Bearer {RELAY_KEY}"}
     assert await _expect_continue(relay, {}, body) == [401]
@@ -156,7 +156,7 @@ async def test_scoped_key_reaches_only_its_groups(
     scoped = RelayKey(
         "scraper", hashlib.sha256(b"rk-scoped-key-000000000").digest(), frozenset({"models"})
     )
-    relay = await relay_factory(keys=(scoped,))
+    relay = await relay_factory(auth={"keys": (scoped,)})
     headers = {"Authorization": "Bearer rk-scoped-key-000000000"}
     assert (await relay.get("/v1/models", headers=headers)).status == 200
     response = await relay.post("/v1/responses", json={"model": "gpt-5"}, headers=headers)
@@ -167,13 +167,13 @@ async def test_scoped_key_reaches_only_its_groups(
 
 async def test_hashed_keys_work(relay_factory: RelayFactory) -> None:
     digest = hashlib.sha256(b"rk-hashed-secret-123456").hexdigest()
-    relay = await relay_factory(keys=parse_keys_env(f"ops:sha256:{digest}"))
+    relay = await relay_factory(auth={"keys": parse_keys_env(f"ops:sha256:{digest}")})
     response = await relay.get("/v1/models", headers={"X-Relay-Key": "rk-hashed-secret-123456"})
     assert response.status == 200
 
 
 async def test_without_keys_loopback_relay_is_open(relay_factory: RelayFactory) -> None:
-    relay = await relay_factory(keys=())
+    relay = await relay_factory(auth={"keys": ()})
     assert (await relay.get("/v1/models")).status == 200
 
 
@@ -218,7 +218,7 @@ async def test_public_health_shows_deployment_details_only_to_a_key_holder(
 async def test_keyless_health_shows_details_since_every_route_is_open(
     relay_factory: RelayFactory,
 ) -> None:
-    relay = await relay_factory(keys=())
+    relay = await relay_factory(auth={"keys": ()})
     response = await relay.get("/health")
     assert set(await response.json()) == _HEALTH_PUBLIC | _HEALTH_DETAILS
 
@@ -227,7 +227,9 @@ async def test_keyless_health_shows_details_since_every_route_is_open(
 async def test_upstream_sees_only_the_upstream_key_and_clean_headers(
     relay_factory: RelayFactory, fake: FakeOpenAI, case: Callable[[str], str]
 ) -> None:
-    relay = await relay_factory(organization="org-team", project="proj-team")
+    relay = await relay_factory(
+        upstream={"organization": "org-team", "project": "proj-team"},
+    )
     headers = {
         "Authorization": f"Bearer {RELAY_KEY}",
         "X-Relay-Key": RELAY_KEY,
@@ -306,7 +308,7 @@ async def test_upstream_401_echoing_the_key_is_redacted(
     relay_factory: RelayFactory, auth: dict[str, str]
 ) -> None:
     wrong = "sk-canary-wrong-upstream-key-abcdef123456"
-    relay = await relay_factory(upstream_key=wrong)
+    relay = await relay_factory(upstream={"api_key": wrong})
     response = await relay.get("/v1/models", headers=auth)
     assert response.status == 401
     text = await response.text()
@@ -365,7 +367,7 @@ async def test_denied_families_are_403(
 async def test_policy_can_allow_further_families(
     relay_factory: RelayFactory, auth: dict[str, str], fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(policy_allow=("/v1/evals*",))
+    relay = await relay_factory(policy={"allow": ("/v1/evals*",)})
     response = await relay.get("/v1/evals?limit=2", headers=auth)
     assert response.status == 200
     assert fake.last("/v1/evals").query == {"limit": "2"}
@@ -394,7 +396,9 @@ async def test_known_path_with_wrong_method_is_405(relay: TestClient, auth: dict
 async def test_path_tricks_are_refused_before_upstream(
     relay_factory: RelayFactory, fake: FakeOpenAI, target: str
 ) -> None:
-    relay = await relay_factory(policy_allow=("/v1/*",), policy_deny=("/v1/organization*",))
+    relay = await relay_factory(
+        policy={"allow": ("/v1/*",), "deny": ("/v1/organization*",)},
+    )
     response = await rawhttp.request(relay, "GET", target, {"Authorization": f"Bearer {RELAY_KEY}"})
     assert response.status in (400, 403, 404), target
     assert_openai_error(json.loads(response.body))
@@ -421,7 +425,7 @@ async def test_the_policy_judges_the_path_upstream_will_see(
 ) -> None:
     # Issue 11: with an allow pattern that also covers a denied family, encoded
     # letters and fragments reached upstream, which decodes them.
-    relay = await relay_factory(policy_allow=("/v1/*",))
+    relay = await relay_factory(policy={"allow": ("/v1/*",)})
     response = await rawhttp.request(relay, "GET", target, {"Authorization": f"Bearer {RELAY_KEY}"})
     assert response.status == 400, target
     assert_openai_error(json.loads(response.body), "invalid_path")
@@ -445,7 +449,7 @@ async def test_honest_encodings_still_pass(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
     # Reserved characters and UTF-8 stay encodable: they mean the same to upstream.
-    relay = await relay_factory(policy_allow=("/v1/evals*",))
+    relay = await relay_factory(policy={"allow": ("/v1/evals*",)})
     auth = {"Authorization": f"Bearer {RELAY_KEY}"}
     response = await rawhttp.request(relay, "GET", "/v1/evals/ev%3A1%20caf%C3%A9?q=%61", auth)
     assert response.status == 200
@@ -475,7 +479,7 @@ async def test_wrong_media_type_is_415(
 async def test_declared_oversize_body_is_413_before_reading(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(max_body_bytes=1024)
+    relay = await relay_factory(limits={"max_body_bytes": 1024})
     reader, writer = await rawhttp.open_raw(relay)
     try:
         async with asyncio.timeout(2):
@@ -499,7 +503,7 @@ async def test_declared_oversize_body_is_413_before_reading(
 
 
 async def test_huge_headers_are_431(relay_factory: RelayFactory, auth: dict[str, str]) -> None:
-    relay = await relay_factory(max_header_bytes=4096)
+    relay = await relay_factory(limits={"max_header_bytes": 4096})
     headers = {**auth, **{f"X-Pad-{i}": "p" * 1000 for i in range(8)}}
     response = await relay.get("/v1/models", headers=headers)
     assert response.status == 431
@@ -648,7 +652,7 @@ async def test_user_data_guard_fails_closed_when_upstream_is_unreachable(
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    relay = await relay_factory(upstream_url=f"http://127.0.0.1:{port}")
+    relay = await relay_factory(upstream={"url": f"http://127.0.0.1:{port}"})
     response = await relay.get(route.format("file-x"), headers=auth)
     assert response.status == 502
     assert_openai_error(await response.json())

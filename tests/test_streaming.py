@@ -73,7 +73,7 @@ async def test_keepalive_comments_only_between_events(
     relay_factory: RelayFactory, auth: dict[str, str], fake: FakeOpenAI
 ) -> None:
     fake.pace = 0.35
-    relay = await relay_factory(sse_keepalive_s=0.1)
+    relay = await relay_factory(upstream={"sse_keepalive_s": 0.1})
     async with asyncio.timeout(10):
         async with relay.post(
             "/v1/responses", json={**STREAM_BODY, "model": "slow"}, headers=auth
@@ -94,7 +94,7 @@ async def test_sdk_stream_survives_keepalives(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
     fake.pace = 0.25
-    relay = await relay_factory(sse_keepalive_s=0.1)
+    relay = await relay_factory(upstream={"sse_keepalive_s": 0.1})
     async with openai.AsyncOpenAI(
         base_url=str(relay.make_url("/v1")), api_key=RELAY_KEY, max_retries=0
     ) as sdk:
@@ -159,7 +159,7 @@ async def test_client_hangup_cancels_upstream_within_a_second(
 async def test_first_byte_timeout_answers_504(
     relay_factory: RelayFactory, auth: dict[str, str], fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(first_byte_timeout_s=0.3)
+    relay = await relay_factory(upstream={"first_byte_timeout_s": 0.3})
     async with asyncio.timeout(5):
         response = await relay.post(
             "/v1/responses", json={"model": "silent", "input": "hi"}, headers=auth
@@ -173,7 +173,9 @@ async def test_first_byte_timeout_answers_504(
 async def test_idle_timeout_breaks_a_stalled_stream(
     relay_factory: RelayFactory, auth: dict[str, str]
 ) -> None:
-    relay = await relay_factory(idle_timeout_s=0.3, first_byte_timeout_s=5)
+    relay = await relay_factory(
+        upstream={"idle_timeout_s": 0.3, "first_byte_timeout_s": 5},
+    )
     async with asyncio.timeout(5):
         async with relay.post(
             "/v1/responses", json={**STREAM_BODY, "model": "stall"}, headers=auth
@@ -188,7 +190,9 @@ async def test_stream_longer_than_any_timeout_is_not_cut(
 ) -> None:
     # Idle and first-byte limits bound gaps, not the whole stream (aiohttp#4770).
     fake.pace = 0.15
-    relay = await relay_factory(idle_timeout_s=0.5, first_byte_timeout_s=0.5)
+    relay = await relay_factory(
+        upstream={"idle_timeout_s": 0.5, "first_byte_timeout_s": 0.5},
+    )
     async with asyncio.timeout(10):
         async with relay.post(
             "/v1/responses", json={**STREAM_BODY, "model": "slow"}, headers=auth
@@ -200,7 +204,7 @@ async def test_stream_longer_than_any_timeout_is_not_cut(
 async def test_unreachable_upstream_is_a_502(
     relay_factory: RelayFactory, auth: dict[str, str], unused_tcp_port: int
 ) -> None:
-    relay = await relay_factory(upstream_url=f"http://127.0.0.1:{unused_tcp_port}")
+    relay = await relay_factory(upstream={"url": f"http://127.0.0.1:{unused_tcp_port}"})
     response = await relay.get("/v1/models", headers=auth)
     assert response.status == 502
     assert (await response.json())["error"]["code"] == "upstream_unreachable"
@@ -209,7 +213,7 @@ async def test_unreachable_upstream_is_a_502(
 async def test_saturated_pool_fails_fast_with_503(
     relay_factory: RelayFactory, auth: dict[str, str], fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(max_upstream_connections=1)
+    relay = await relay_factory(upstream={"max_connections": 1})
     hanging = asyncio.ensure_future(
         relay.post("/v1/responses", json={"model": "silent", "input": "x"}, headers=auth)
     )
@@ -243,7 +247,7 @@ async def test_large_download_streams_with_its_length(
 async def test_chunked_upload_past_the_cap_is_refused_with_413(
     relay_factory: RelayFactory, auth: dict[str, str]
 ) -> None:
-    relay = await relay_factory(max_body_bytes=64 * 1024)
+    relay = await relay_factory(limits={"max_body_bytes": 64 * 1024})
 
     async def body():  # no Content-Length: the cap must be counted while streaming
         for _ in range(16):
@@ -281,7 +285,7 @@ async def test_an_unasked_upgrade_from_upstream_is_a_prompt_502(
     server = await asyncio.start_server(switch_protocols, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
-        relay = await relay_factory(upstream_url=f"http://127.0.0.1:{port}")
+        relay = await relay_factory(upstream={"url": f"http://127.0.0.1:{port}"})
         async with asyncio.timeout(3):
             response = await relay.get("/v1/models", headers=auth)
             assert response.status == 502

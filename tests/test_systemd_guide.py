@@ -148,10 +148,10 @@ def test_install_steps_give_a_config_that_checks_clean(tmp_path: Path) -> None:
 
     # The guide's check-config step printed the effective settings, and nothing else.
     [settings] = printed_documents(result.stdout)
-    assert [k["name"] for k in settings["keys"]] == ["team"]
-    assert settings["upstream_key"] == "<set>"
-    assert settings["tools_manifest"] == f"{root}/etc/relayd/tools.json"
-    assert settings["public_url"] and settings["public_url"].startswith("https://")
+    assert [k["name"] for k in settings["auth"]["keys"]] == ["team"]
+    assert settings["upstream"]["api_key"] == "<set>"
+    assert settings["meta"]["tools_manifest"] == f"{root}/etc/relayd/tools.json"
+    assert settings["server"]["public_url"] and settings["server"]["public_url"].startswith("https://")
     assert not re.search(r"(?i)warn|error|cannot|no such", result.stderr), result.stderr
     assert TYPED_UPSTREAM_KEY not in result.stdout + result.stderr
 
@@ -194,11 +194,11 @@ def test_several_cores_steps_share_one_signing_secret_and_store(tmp_path: Path) 
         "systemctl restart relayd",
     ]
     settings = printed_documents(result.stdout)[-1]
-    assert settings["workers"] == 2
-    assert settings["actions_signing_secret"] == "<set>"
+    assert settings["server"]["workers"] == 2
+    assert settings["actions"]["signing_secret_file"] == "<set>"
     # The store lives in the directory systemd makes writable for the service.
     [state] = unit_values(UNIT.read_text(), "StateDirectory")
-    assert settings["actions_store_dir"] == f"{root}/var/lib/{state}/files"
+    assert settings["actions"]["store_dir"] == f"{root}/var/lib/{state}/files"
     assert not re.search(r"(?i)warn|error|cannot|no such", result.stderr), result.stderr
     dropin = (root / "etc/systemd/system/relayd.service.d/workers.conf").read_text()
     [credential] = unit_values(dropin, "LoadCredential")

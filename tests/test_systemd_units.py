@@ -52,4 +52,4 @@ def test_stop_timeout_covers_twice_the_drain() -> None:
     stop = int(re.search(r"^TimeoutStopSec=(\d+)", unit, re.M).group(1))  # type: ignore[union-attr]
     from relayd.config import Settings
 
-    assert stop > 2 * Settings().drain_timeout_s
+    assert stop > 2 * Settings().server.drain_timeout_s

@@ -177,7 +177,7 @@ async def test_an_unmasked_client_frame_is_masked_on_its_way_upstream(
 async def test_oversize_client_frame_after_fast_frames_closes_1009(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(realtime_max_message_bytes=1024)
+    relay = await relay_factory(realtime={"max_message_bytes": 1024})
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers=AUTH) as ws:
             for _ in range(3):
@@ -204,7 +204,7 @@ async def test_fragmented_upstream_message_reaches_the_client_whole(
                         + frame(0x0, b"1}", mask=False) + frame(0x1, b"next", mask=False))
 
     upstream = await scripted(fragments)
-    relay = await relay_factory(upstream_url=str(upstream.make_url("")))
+    relay = await relay_factory(upstream={"url": str(upstream.make_url(""))})
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers=AUTH) as ws:
             await ws.send_str("warm-up")
@@ -222,7 +222,8 @@ async def test_oversize_upstream_frame_after_fast_frames_closes_the_client_1011(
 
     upstream = await scripted(oversize)
     relay = await relay_factory(
-        upstream_url=str(upstream.make_url("")), realtime_max_message_bytes=1024
+        upstream={"url": str(upstream.make_url(""))},
+        realtime={"max_message_bytes": 1024},
     )
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers=AUTH) as ws:
@@ -247,7 +248,7 @@ async def test_a_client_that_stops_reading_stops_relayd_reading_upstream(
             sent += chunk
 
     upstream = await scripted(flood)
-    relay = await relay_factory(upstream_url=str(upstream.make_url("")))
+    relay = await relay_factory(upstream={"url": str(upstream.make_url(""))})
     async with asyncio.timeout(4 * BOUND):
         reader, writer = await raw_session(relay)
         await echo(reader, writer, b"warm-up")

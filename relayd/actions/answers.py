@@ -92,7 +92,7 @@ async def _poll(
         if remaining <= 0:
             break
         slept = time.perf_counter()
-        await asyncio.sleep(min(settings.actions_poll_interval_s, remaining))
+        await asyncio.sleep(min(settings.actions.poll_interval_s, remaining))
         waited_on_upstream(request, slept)  # the model's time, not the relay's
         got = await upstream_json(request, "GET", path)
         if isinstance(got, web.StreamResponse):
@@ -127,16 +127,16 @@ async def _respond(
         polled = await _poll(request, response, deadline)
     except _Passthrough as passed:
         return passed.response
-    wait = max(1.0, settings.actions_poll_interval_s)
-    return json_answer(_answer(polled, wait, settings.actions_max_answer_chars))
+    wait = max(1.0, settings.actions.poll_interval_s)
+    return json_answer(_answer(polled, wait, settings.actions.max_answer_chars))
 
 
 async def create_action_response(request: web.Request) -> web.StreamResponse:
     """``POST /v1/actions/responses``: the answer within the budget, or a handle."""
     settings = request.app[SETTINGS]
-    deadline = asyncio.get_running_loop().time() + settings.actions_answer_budget_s
+    deadline = asyncio.get_running_loop().time() + settings.actions.answer_budget_s
     body = await load(request)
-    body.setdefault("model", settings.default_model)
+    body.setdefault("model", settings.meta.default_model)
     body.update(stream=False, background=True, store=True)  # store: background needs it
     started = await upstream_json(
         request, "POST", "/v1/responses", data=json_body(body),
@@ -149,7 +149,7 @@ async def get_action_response(request: web.Request) -> web.StreamResponse:
     """``GET /v1/actions/responses/{response_id}``: the answer once it is there."""
     checked_path(request)
     settings = request.app[SETTINGS]
-    deadline = asyncio.get_running_loop().time() + settings.actions_answer_budget_s
+    deadline = asyncio.get_running_loop().time() + settings.actions.answer_budget_s
     path = f"/v1/responses/{quote(request.match_info['response_id'], safe='')}"
     return await _respond(request, await upstream_json(request, "GET", path), deadline)
 
@@ -161,6 +161,6 @@ async def stream_action_response(request: web.Request) -> web.StreamResponse:
     """
     settings = request.app[SETTINGS]
     body = await load(request)
-    body.setdefault("model", settings.default_model)
+    body.setdefault("model", settings.meta.default_model)
     body["stream"] = True
     return await relay(request, "POST", "/v1/responses", data=json_body(body))

@@ -85,7 +85,7 @@ def check_link(url_text: str, settings: Settings, *, param: str | None = None) -
         url = URL(url_text)
     except (ValueError, TypeError) as exc:
         raise BadRequestError(f"{param or 'The link'} is not a URL.", param=param) from exc
-    schemes = ("https",) if settings.actions_fetch_https_only else ("https", "http")
+    schemes = ("https",) if settings.actions.fetch_https_only else ("https", "http")
     if url.scheme not in schemes or not url.host:
         raise _forbidden(
             f"Only absolute {' or '.join(schemes)} links are fetched; got {url.scheme or 'none'}.",
@@ -94,13 +94,13 @@ def check_link(url_text: str, settings: Settings, *, param: str | None = None) -
     if url.user is not None or url.password is not None:
         raise _forbidden("Links with credentials in them are not fetched.", param)
     host = url.host.lower().rstrip(".")
-    if not any(fnmatch.fnmatchcase(host, p.lower()) for p in settings.actions_fetch_hosts):
+    if not any(fnmatch.fnmatchcase(host, p.lower()) for p in settings.actions.fetch_hosts):
         raise _forbidden(
             f"Links to {host} are not fetched; allowed hosts: "
-            f"{', '.join(settings.actions_fetch_hosts)}.",
+            f"{', '.join(settings.actions.fetch_hosts)}.",
             param,
         )
-    if not settings.actions_fetch_allow_private and _is_ip(host):
+    if not settings.actions.fetch_allow_private and _is_ip(host):
         reason = non_public_reason(host)
         if reason is not None:
             raise _forbidden(f"Refusing to fetch the link: {reason}.", param)
@@ -132,11 +132,11 @@ async def fetch_link(
     of the memory budget) as they arrive.
     """
     url = check_link(url_text, settings, param=param)
-    cap = settings.actions_max_file_bytes
+    cap = settings.actions.max_file_bytes
     what = param or "the link"
     try:
         with link_errors(what):
-            async with asyncio.timeout(settings.actions_fetch_timeout_s):
+            async with asyncio.timeout(settings.actions.fetch_timeout_s):
                 async with upstream.open_link(url) as response:
                     if 300 <= response.status < 400:
                         raise _forbidden(

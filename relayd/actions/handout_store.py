@@ -176,25 +176,25 @@ class HandoutStore:
     """
 
     def __init__(self, settings: Settings, keyring: KeyRing) -> None:
-        secret = settings.actions_signing_secret
+        secret = settings.actions.signing_secret
         self._signer = _Signer(secret.encode() if secret else secrets.token_bytes(32))
         self._settings = settings
         self._keyring = keyring
-        self._ttl_s = settings.actions_link_ttl_s
+        self._ttl_s = settings.actions.link_ttl_s
         self._store: _BlobStore | None = None
         self._owned: Path | None = None
 
     def start(self) -> None:
         s = self._settings
-        if s.actions_store_dir is not None:
-            directory = Path(s.actions_store_dir)
+        if s.actions.store_dir is not None:
+            directory = Path(s.actions.store_dir)
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         else:
             # systemd's RuntimeDirectory= (private to the unit) when there is one.
             parent = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
             directory = self._owned = Path(tempfile.mkdtemp(prefix="relayd-files-", dir=parent))
-        self._store = _BlobStore(directory, s.actions_store_max_bytes, self._ttl_s)
-        if s.workers > 1 and not s.actions_signing_secret:
+        self._store = _BlobStore(directory, s.actions.store_max_bytes, self._ttl_s)
+        if s.server.workers > 1 and not s.actions.signing_secret:
             log.warning(
                 "several workers and no [actions] signing secret: a download link works "
                 "only on the worker that made it; set signing_secret_file and store_dir"
@@ -215,7 +215,7 @@ class HandoutStore:
         """What a valid, unexpired, unrevoked token names; else a 404 saying which."""
         claims, holder = self._signer.verify(token, time.time())
         if holder is None:
-            revoked = bool(self._keyring.keys) and not self._settings.auth_disabled
+            revoked = bool(self._keyring.keys) and not self._settings.auth.disabled
         else:
             name, fingerprint = holder
             key = self._keyring.by_name(name)

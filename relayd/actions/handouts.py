@@ -80,7 +80,7 @@ def origin(request: web.Request) -> str:
     (issue 11, item 7). Without a public url no link can be made; that is the
     operator's to fix, so a 500 whose message says how.
     """
-    public = request.app[SETTINGS].public_url
+    public = request.app[SETTINGS].server.public_url
     if not public:
         raise PublicUrlNotSetError(
             "This relay cannot hand out download links: its public url is not set. "
@@ -94,9 +94,9 @@ async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
     settings = request.app[SETTINGS]
     store = request.app[HANDOUTS]
     download_route = request.app[TABLE].by_operation_id(DOWNLOAD_OPERATION)
-    inline_budget = settings.actions_max_answer_chars // 2
+    inline_budget = settings.actions.max_answer_chars // 2
     sizes = [len(i.data) if i.data is not None else None for i in items]
-    if all(s is not None and s <= settings.actions_inline_max_bytes for s in sizes) and (
+    if all(s is not None and s <= settings.actions.inline_max_bytes for s in sizes) and (
         sum((s or 0) * 4 // 3 + 4 for s in sizes) <= inline_budget
     ):
         return [
@@ -183,12 +183,12 @@ async def file_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
         )
     name = _safe_name(str(meta.get("filename") or file_id))
     item = Handout(name, _guess_type(name), claims=Claims("file", file_id, name, _guess_type(name)))
-    if size is not None and size <= settings.actions_inline_max_bytes:
+    if size is not None and size <= settings.actions.inline_max_bytes:
         path = f"/v1/files/{quote(file_id, safe='')}/content"
         async with upstream_call(request, "GET", path) as content:
             if content.status >= 400:
                 return await send_back(request, content)
-            raw = await read_capped(content.content, settings.actions_inline_max_bytes)
+            raw = await read_capped(content.content, settings.actions.inline_max_bytes)
         sniffed = sniff(raw)
         kind = item.media_type if sniffed == "application/octet-stream" else sniffed
         item = Handout(name, kind, data=raw, claims=item.claims)

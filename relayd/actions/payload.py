@@ -163,7 +163,7 @@ def file_from_base64(
     cap: int | None = None,
 ) -> InputFile:
     settings = request.app[SETTINGS]
-    data = decode_base64(text, param=param, cap=cap or settings.actions_max_file_bytes)
+    data = decode_base64(text, param=param, cap=cap or settings.actions.max_file_bytes)
     kind = media_type or sniff(data)
     return InputFile(data, _named(filename, kind, fallback_name), kind)
 
@@ -281,7 +281,7 @@ async def upstream_json(
 
 async def _read_json(request: web.Request, answer: ClientResponse) -> Any:
     """A whole JSON answer (under the JSON cap); malformed JSON is upstream's fault."""
-    cap = request.app[SETTINGS].max_json_bytes
+    cap = request.app[SETTINGS].limits.max_json_bytes
     started = time.perf_counter()
     raw = await read_capped(answer.content, cap)
     waited_on_upstream(request, started)

@@ -54,5 +54,5 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         return got
     result = got.document
     if isinstance(result, dict):
-        result = fit_json(result, request.app[SETTINGS].actions_max_answer_chars)
+        result = fit_json(result, request.app[SETTINGS].actions.max_answer_chars)
     return json_answer(result, status=got.answer.status, upstream=got.answer)

@@ -265,9 +265,9 @@ async def generate_video(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     body = await load(
         request,
-        models=settings.actions_video_models,
-        sizes=settings.actions_video_sizes,
-        seconds=settings.actions_video_seconds,
+        models=settings.actions.video_models,
+        sizes=settings.actions.video_sizes,
+        seconds=settings.actions.video_seconds,
     )
     refs: list[FileRef] = body.pop("openaiFileIdRefs", None) or []
     filename, claimed = body.pop("filename", None), body.pop("mime_type", None)
@@ -275,13 +275,13 @@ async def generate_video(request: web.Request) -> web.StreamResponse:
     if "data_base64" in body:
         reference = file_from_base64(
             request, body.pop("data_base64"), param="data_base64", filename=filename,
-            media_type=claimed, fallback_name="input", cap=settings.actions_video_max_bytes,
+            media_type=claimed, fallback_name="input", cap=settings.actions.video_max_bytes,
         )
     elif refs:
         reference = await _from_ref(request, refs[0], "openaiFileIdRefs[0]", "input")
-        if len(reference.data) > settings.actions_video_max_bytes:
+        if len(reference.data) > settings.actions.video_max_bytes:
             raise PayloadTooLargeError(
-                f"The reference file is larger than {settings.actions_video_max_bytes} bytes.",
+                f"The reference file is larger than {settings.actions.video_max_bytes} bytes.",
                 code="file_too_large",
                 param="openaiFileIdRefs[0]",
             )

@@ -45,25 +45,25 @@ async def health(request: web.Request) -> web.Response:
     body: dict[str, Any] = {
         "object": "health",
         "status": "ok",
-        "environment": settings.environment,
-        "default_model": settings.default_model,
+        "environment": settings.meta.environment,
+        "default_model": settings.meta.default_model,
         "timestamp": datetime.now(UTC).isoformat(),
     }
     keys = request.app[KEYRING].keys
-    if request.get(KEY) is None and keys and not settings.auth_disabled:
+    if request.get(KEY) is None and keys and not settings.auth.disabled:
         return web.json_response(body)
     upstream = request.app[UPSTREAM]
     body["relay"] = {
-        "name": settings.relay_name,
+        "name": settings.meta.name,
         "version": __version__,
-        "auth_required": settings.auth_required,
-        "key_header": settings.key_header,
+        "auth_required": settings.auth.required,
+        "key_header": settings.auth.header,
         "keys_configured": len(keys),
         "uptime_s": round(time.monotonic() - request.app[STARTED], 3),
     }
     body["upstream"] = {
         "base_url": upstream.base_url,
-        "api_key_configured": bool(settings.upstream_key),
+        "api_key_configured": bool(settings.upstream.api_key),
         "in_flight": upstream.in_flight,
     }
     body["meta"] = {
@@ -80,8 +80,8 @@ async def ping(request: web.Request) -> web.Response:
         {
             "object": "relay.ping",
             "status": "ok",
-            "source": settings.relay_name,
-            "environment": settings.environment,
+            "source": settings.meta.name,
+            "environment": settings.meta.environment,
             "timestamp": datetime.now(UTC).isoformat(),
         }
     )
@@ -91,10 +91,10 @@ async def relay_info_flat(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     return web.json_response(
         {
-            "relay_name": settings.relay_name,
+            "relay_name": settings.meta.name,
             "version": __version__,
-            "environment": settings.environment,
-            "default_model": settings.default_model,
+            "environment": settings.meta.environment,
+            "default_model": settings.meta.default_model,
             "base_openai_api": request.app[UPSTREAM].base_url,
         }
     )
@@ -106,13 +106,13 @@ async def relay_info(request: web.Request) -> web.Response:
         {
             "type": "relay.info",
             "relay": {
-                "name": settings.relay_name,
+                "name": settings.meta.name,
                 "version": __version__,
-                "environment": settings.environment,
+                "environment": settings.meta.environment,
             },
             "upstream": {
                 "base_url": request.app[UPSTREAM].base_url,
-                "default_model": settings.default_model,
+                "default_model": settings.meta.default_model,
             },
         }
     )
@@ -140,10 +140,10 @@ async def manifest(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "object": "relay.manifest",
-            "relay": {"name": settings.relay_name, "version": __version__},
+            "relay": {"name": settings.meta.name, "version": __version__},
             "auth": {
-                "required": settings.auth_required,
-                "schemes": ["bearer", settings.key_header],
+                "required": settings.auth.required,
+                "schemes": ["bearer", settings.auth.header],
             },
             "openapi": {"full": "/openapi.json", "actions": "/openapi.actions.json"},
             "groups": groups,
@@ -167,18 +167,18 @@ async def get_tool(request: web.Request) -> web.Response:
 async def ai_plugin(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     # The public url, else a URL relative to this document: never Host (issue 11).
-    origin = settings.public_url.rstrip("/") if settings.public_url else ""
+    origin = settings.server.public_url.rstrip("/") if settings.server.public_url else ""
     document: dict[str, Any] = {
         "schema_version": "v1",
-        "name_for_human": settings.relay_name,
-        "name_for_model": settings.relay_name.replace("-", "_"),
+        "name_for_human": settings.meta.name,
+        "name_for_model": settings.meta.name.replace("-", "_"),
         "description_for_human": "A relay to the OpenAI API for this team.",
         "description_for_model": "Calls the OpenAI API through the team's relay.",
         "auth": {"type": "user_http", "authorization_type": "bearer"},
         "api": {"type": "openapi", "url": f"{origin}/openapi.actions.json"},
     }
-    if settings.ai_plugin:
-        document.update(settings.ai_plugin)
+    if settings.meta.ai_plugin:
+        document.update(settings.meta.ai_plugin)
     return web.json_response(document)
 
 
@@ -222,7 +222,7 @@ async def privacy(request: web.Request) -> web.StreamResponse:
     without either, a plain statement of what relayd does with data.
     """
     settings = request.app[SETTINGS]
-    if settings.actions_privacy_url:
-        raise web.HTTPFound(settings.actions_privacy_url)
-    text = settings.actions_privacy_text or _PRIVACY.format(name=settings.relay_name)
+    if settings.actions.privacy_url:
+        raise web.HTTPFound(settings.actions.privacy_url)
+    text = settings.actions.privacy_text or _PRIVACY.format(name=settings.meta.name)
     return web.Response(text=text, content_type="text/plain", charset="utf-8")

@@ -119,7 +119,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
     offered = _offered_protocols(request)
     # aiohttp refuses a message of max_msg_size bytes or more; the setting is the
     # largest message allowed.
-    limit = settings.realtime_max_message_bytes + 1
+    limit = settings.realtime.max_message_bytes + 1
     async with request.app[UPSTREAM].ws_connect(
         f"/v1/realtime?{urlencode({name: value})}",
         headers=_upstream_headers(request, _ephemeral_secret(request, offered)),
@@ -144,12 +144,12 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
         )
         await downstream.prepare(request)
         usage = _UsageTap()
-        upstream_key = settings.upstream_key
+        upstream_key = settings.upstream.api_key
         bridge = WebSocketBridge(
             downstream,
             upstream,
-            idle_timeout=settings.realtime_idle_timeout_s,
-            max_session=settings.realtime_max_session_s,
+            idle_timeout=settings.realtime.idle_timeout_s,
+            max_session=settings.realtime.max_session_s,
             observer=usage,
             observed=(Leg.UPSTREAM,),  # response.done comes from upstream only
             reason_filter=lambda reason: _redacted(reason, upstream_key),
@@ -209,7 +209,7 @@ async def end_revoked_sessions(app: web.Application) -> int:
     required. Returns how many sessions were ended.
     """
     keyring = app[KEYRING]
-    if app[SETTINGS].auth_disabled:
+    if app[SETTINGS].auth.disabled:
         return 0
     doomed = []
     for bridge, request in list(app[REALTIME_BRIDGES].items()):
@@ -366,7 +366,7 @@ async def _relay_checked_json(
     """
     path = checked_path(request)
     settings = admit(request)
-    if not (settings.realtime_allowed_models or fill):
+    if not (settings.realtime.allowed_models or fill):
         return await relay(request, request.method, path)
     # No body is a session with upstream's defaults: completed like an empty one.
     payload = await read_json_object(request) if request.body_exists else {}
@@ -384,7 +384,7 @@ async def forward_realtime(request: web.Request) -> web.StreamResponse:
     legacy transcription sessions, call hangup/refer/reject): policy, then relay."""
     path = checked_path(request)
     settings = admit(request)
-    if not settings.realtime_allowed_models or request.content_type != "application/json":
+    if not settings.realtime.allowed_models or request.content_type != "application/json":
         return await relay(request, request.method, path)
     payload = await read_json_object(request)
     check_named_models(payload, settings)
@@ -423,7 +423,7 @@ async def create_call(request: web.Request) -> web.StreamResponse:
     """
     path = checked_path(request)
     settings = admit(request)
-    if not settings.realtime_allowed_models:
+    if not settings.realtime.allowed_models:
         return await relay(request, "POST", path)
     if request.content_type != "multipart/form-data":
         raise BadRequestError(

@@ -90,7 +90,7 @@ def checked_query(request: web.Request, settings: Settings) -> tuple[str, str]:
 def check_model(model: object, settings: Settings) -> None:
     if not isinstance(model, str) or not model:
         raise BadRequestError("'model' must be a non-empty string.", param="model")
-    allowed = settings.realtime_allowed_models
+    allowed = settings.realtime.allowed_models
     if allowed and model not in allowed:
         raise BadRequestError(
             f"The model {model!r} is not allowed for realtime on this relay; "
@@ -107,7 +107,7 @@ def is_realtime_path(path: str) -> bool:
 
 
 def refuse_if_disabled(settings: Settings) -> None:
-    if not settings.realtime_enabled:
+    if not settings.realtime.enabled:
         raise PermissionDeniedError(
             "Realtime is disabled on this relay.", code="realtime_disabled"
         )
@@ -132,7 +132,7 @@ def admit_unlisted(request: web.Request) -> None:
     realtime is disabled, and while models are restricted, since relayd does not
     know where such a route names its model."""
     settings = admit(request)
-    if settings.realtime_allowed_models:
+    if settings.realtime.allowed_models:
         raise PermissionDeniedError(
             f"{request.path} is not a realtime route this relay can check against "
             "[realtime] allowed_models.",
@@ -152,14 +152,14 @@ def fill_default_model(session: dict[str, Any], settings: Settings) -> None:
     """A realtime session naming no model gets the default (transcription sessions
     name no realtime model)."""
     if session.get("type", "realtime") == "realtime" and "model" not in session:
-        session["model"] = settings.realtime_default_model
+        session["model"] = settings.realtime.default_model
 
 
 async def checked_call_form(request: web.Request, settings: Settings) -> MultipartWriter:
     """A call form (``sdp`` and ``session`` parts) read under the JSON cap, its
     ``session`` checked and completed, rebuilt for upstream: upstream gets exactly
     the parts relayd checked, so no parser difference can hide a second session."""
-    cap = settings.max_json_bytes
+    cap = settings.limits.max_json_bytes
     size = 0
     parts: list[tuple[str, str | None, str, bytes]] = []
     encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()

@@ -150,7 +150,7 @@ def _media(route: Route) -> str:
 async def test_a_declared_body_past_the_cap_is_413_before_reading_it(
     relay_factory: RelayFactory, fake: FakeOpenAI, route: Route
 ) -> None:
-    relay = await relay_factory(**CAPS)
+    relay = await relay_factory(limits=CAPS)
     assert await _declared(relay, route, CAPS["max_body_bytes"] + 1, _media(route)) == 413
     if route in PARSING:  # bodies relayd parses have the smaller JSON cap
         assert await _declared(relay, route, CAPS["max_json_bytes"] + 1, _media(route)) == 413
@@ -161,7 +161,7 @@ async def test_a_declared_body_past_the_cap_is_413_before_reading_it(
 async def test_a_chunked_body_past_the_cap_is_413(
     relay_factory: RelayFactory, route: Route
 ) -> None:
-    relay = await relay_factory(**CAPS)
+    relay = await relay_factory(limits=CAPS)
     cap = CAPS["max_json_bytes"] if route in PARSING else CAPS["max_body_bytes"]
     block = b"x" * 65536
 
@@ -216,7 +216,9 @@ TRICKS = ["..%2Forganization%2Fusers", "%2e%2e", "a%5C..%5Cb", "x%00y", "%2F", "
 async def test_path_tricks_in_every_route_family_never_reach_upstream(
     relay_factory: RelayFactory, fake: FakeOpenAI, route: Route
 ) -> None:
-    relay = await relay_factory(policy_allow=("/v1/*",), policy_deny=("/v1/organization*",))
+    relay = await relay_factory(
+        policy={"allow": ("/v1/*",), "deny": ("/v1/organization*",)},
+    )
     for trick in TRICKS:
         first, *_ = re.findall(r"\{[^}]+\}", route.path)
         if not trick and route.path.endswith(first):
@@ -296,7 +298,7 @@ async def test_a_malformed_head_gets_openai_shape_without_echoing_it(relay: Test
 async def test_oversized_binary_frame_from_the_client_closes_1009_and_upstream_1011(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
-    relay = await relay_factory(realtime_max_message_bytes=1024)
+    relay = await relay_factory(realtime={"max_message_bytes": 1024})
     async with asyncio.timeout(5):
         async with relay.ws_connect("/v1/realtime?model=gpt-realtime", headers=KEY) as ws:
             await ws.send_bytes(b"\x00" * 4096)
@@ -311,7 +313,10 @@ async def test_oversized_frame_from_upstream_never_reaches_the_client(
     relay_factory: RelayFactory, fault_server: FaultServer
 ) -> None:
     fault_server.script = scripts.websocket("stall", frames=(b"x" * 4096,))
-    relay = await relay_factory(upstream_url=fault_server.url, realtime_max_message_bytes=1024)
+    relay = await relay_factory(
+        upstream={"url": fault_server.url},
+        realtime={"max_message_bytes": 1024},
+    )
     async with asyncio.timeout(5):
         async with relay.ws_connect("/v1/realtime?model=gpt-realtime", headers=AUTH) as ws:
             msg = await ws.receive()

@@ -106,7 +106,7 @@ async def test_client_hangup_cancels_upstream_work_within_a_second(
     monkeypatch.setattr(realtime_handler, "CLOSE_TIMEOUT_S", 0.5)
     method, path, headers, body, script, when = PHASES[phase]
     fault_server.script = script
-    relay = await relay_factory(upstream_url=fault_server.url)
+    relay = await relay_factory(upstream={"url": fault_server.url})
     baseline = footprint(relay)
     all_headers = {**AUTH, **headers}
     if "realtime" in path:
@@ -144,7 +144,7 @@ async def test_slow_reader_holds_relay_memory_flat(
     # upstream (await write() is its only flow control), not buffer the rest.
     total = 128 * MiB
     fault_server.script = scripts.firehose(total)
-    relay = await relay_factory(upstream_url=fault_server.url)
+    relay = await relay_factory(upstream={"url": fault_server.url})
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     sock.setblocking(False)
@@ -180,7 +180,7 @@ async def test_slow_upstream_reader_holds_relay_memory_flat(
     # request must end (504) once upstream has taken nothing for idle_timeout_s
     # (aiohttp itself arms no timer until the whole body is written).
     fault_server.script = scripts.stop_reading(after=MiB, hold=30)
-    relay = await relay_factory(upstream_url=fault_server.url, idle_timeout_s=1.0)
+    relay = await relay_factory(upstream={"url": fault_server.url, "idle_timeout_s": 1.0})
     baseline = footprint(relay)
     total = 256 * MiB
     reader, writer = await rawhttp.open_raw(relay)
@@ -219,7 +219,7 @@ async def test_hangup_while_upstream_reads_nothing_cancels_within_a_second(
     relay_factory: RelayFactory, fault_server: FaultServer
 ) -> None:
     fault_server.script = scripts.stop_reading(after=MiB)
-    relay = await relay_factory(upstream_url=fault_server.url, idle_timeout_s=30)
+    relay = await relay_factory(upstream={"url": fault_server.url, "idle_timeout_s": 30})
     reader, writer = await rawhttp.open_raw(relay)
     writer.write(rawhttp.head("POST", "/v1/files", {
         **AUTH, "Content-Type": MULTIPART, "Content-Length": str(256 * MiB)}))
@@ -244,11 +244,14 @@ async def test_trickled_head_and_idle_keepalive_are_closed_by_the_keepalive_time
     # Slowloris: one byte of the head every 100 ms keeps every gap short; aiohttp's
     # keep-alive deadline is not pushed back by data, so the head-time bound holds.
     # (test_daemon covers the same limit in the real process with its config.)
-    settings = make_settings(upstream_url=fault_server.url, keepalive_timeout_s=1.0)
+    settings = make_settings(
+        upstream={"url": fault_server.url},
+        limits={"keepalive_timeout_s": 1.0},
+    )
     server = TestServer(create_app(settings))
     # The runner options relayd serve uses (relayd/server.py); TestServer drops
     # options given to its constructor, start_server() passes them on.
-    await server.start_server(keepalive_timeout=settings.keepalive_timeout_s)
+    await server.start_server(keepalive_timeout=settings.limits.keepalive_timeout_s)
     relay: TestClient = await aiohttp_client(server, trace_configs=[CANARY.trace()])
     loop = asyncio.get_running_loop()
     head = rawhttp.head("GET", "/v1/models", {**AUTH, "X-Pad": "p" * 200})
@@ -270,7 +273,7 @@ async def test_trickled_head_and_idle_keepalive_are_closed_by_the_keepalive_time
             assert await reader.read() == b""  # closed, without an answer
     finally:
         writer.close()
-    assert loop.time() - started < settings.keepalive_timeout_s + 1.5
+    assert loop.time() - started < settings.limits.keepalive_timeout_s + 1.5
 
     # Keep-alive: one answered request, then silence: closed after the timeout.
     reader, writer = await rawhttp.open_raw(relay)
@@ -285,7 +288,7 @@ async def test_trickled_head_and_idle_keepalive_are_closed_by_the_keepalive_time
     finally:
         writer.close()
     assert status == 200
-    assert loop.time() - idle_from < settings.keepalive_timeout_s + 1.0
+    assert loop.time() - idle_from < settings.limits.keepalive_timeout_s + 1.0
 
 
 async def test_a_crowd_beyond_the_pool_gets_fast_503s_not_hangs(
@@ -294,9 +297,7 @@ async def test_a_crowd_beyond_the_pool_gets_fast_503s_not_hangs(
     fault_server.script = scripts.silent()
     # One key may fill the whole pool here: this is about the pool, not a key's share.
     relay = await relay_factory(
-        upstream_url=fault_server.url,
-        max_upstream_connections=8,
-        max_upstream_connections_per_key=8,
+        upstream={"url": fault_server.url, "max_connections": 8, "max_connections_per_key": 8},
     )
     baseline = footprint(relay)
     url = str(relay.make_url("/v1/responses"))

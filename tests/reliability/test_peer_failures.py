@@ -87,7 +87,7 @@ async def test_helicone_no_chunk_is_lost_whatever_the_chunk_boundaries(
 ) -> None:
     # ruby-openai #251 (Helicone): "every 3rd or 4th chunk is gone".
     fault_server.script = _chopped_sse(2000)
-    relay = await relay_factory(upstream_url=fault_server.url)
+    relay = await relay_factory(upstream={"url": fault_server.url})
     async with asyncio.timeout(20):
         async with relay.post("/v1/responses", json=STREAM, headers=AUTH) as response:
             body = await response.read()
@@ -103,7 +103,7 @@ async def test_envoy_494_a_large_streamed_answer_is_not_too_large(
     body = b"".join(b"event: d\ndata: %s\n\n" % (b"y" * 1000) for _ in range(12_000))  # 12 MB
     fault_server.script = scripts.head_then("finish", content_type="text/event-stream",
                                             body=body)
-    relay = await relay_factory(upstream_url=fault_server.url)
+    relay = await relay_factory(upstream={"url": fault_server.url})
     async with asyncio.timeout(20):
         async with relay.post("/v1/responses", json=STREAM, headers=AUTH) as response:
             assert response.status == 200
@@ -115,7 +115,7 @@ async def test_envoy_1894_an_empty_stream_ends_at_once_instead_of_hanging(
 ) -> None:
     # Envoy AI GW #1894: "0 bytes to client", and the client hangs.
     fault_server.script = scripts.head_then("finish", content_type="text/event-stream", body=b"")
-    relay = await relay_factory(upstream_url=fault_server.url)
+    relay = await relay_factory(upstream={"url": fault_server.url})
     async with asyncio.timeout(2):
         async with relay.post("/v1/responses", json=STREAM, headers=AUTH) as response:
             assert response.status == 200
@@ -155,7 +155,9 @@ async def test_litellm_37322_keepalives_flow_while_upstream_is_silent_before_any
 ) -> None:
     # LiteLLM PR #37322: ALB and nginx drop healthy streams silent for 60 s.
     fault_server.script = _silent_head_then_events(0.6)
-    relay = await relay_factory(upstream_url=fault_server.url, sse_keepalive_s=0.1)
+    relay = await relay_factory(
+        upstream={"url": fault_server.url, "sse_keepalive_s": 0.1},
+    )
     async with asyncio.timeout(5):
         async with relay.post("/v1/responses", json=STREAM, headers=AUTH) as response:
             first = await response.content.readuntil(b"\n\n")
@@ -185,8 +187,9 @@ async def test_litellm_9551_a_slow_non_stream_answer_is_not_cut_by_the_idle_time
     # LiteLLM #9551 and openai-forward #119: 504 on long non-streaming requests.
     # The wait for the head is bounded by first_byte_timeout, not by the idle gap.
     fault_server.script = _slow_answer(1.0)
-    relay = await relay_factory(upstream_url=fault_server.url, idle_timeout_s=0.3,
-                                first_byte_timeout_s=5)
+    relay = await relay_factory(
+        upstream={"url": fault_server.url, "idle_timeout_s": 0.3, "first_byte_timeout_s": 5},
+    )
     async with asyncio.timeout(5):
         response = await relay.post("/v1/responses", json={"model": "m"}, headers=AUTH)
         assert response.status == 200
@@ -210,7 +213,7 @@ async def test_openai_forward_40_a_pooled_connection_upstream_closed_is_not_an_e
 ) -> None:
     # openai-forward #40: "connection closed before message completed".
     fault_server.script = _answer_then_hang_up(0.1)
-    relay = await relay_factory(upstream_url=fault_server.url)
+    relay = await relay_factory(upstream={"url": fault_server.url})
     for _ in range(3):
         async with asyncio.timeout(5):
             response = await relay.request(method, "/v1/batches", headers=AUTH,
@@ -283,7 +286,7 @@ async def test_bifrost_3954_key_bearing_upstream_headers_never_reach_the_client(
         "x-goog-api-key", "x-api-key", "api-key", "Authorization", "Proxy-Authorization",
         "WWW-Authenticate", "Set-Cookie", "OpenAI-Organization", "X-Upstream-Key")}
     fault_server.script = scripts.answer(extra=leaky)
-    relay = await relay_factory(upstream_url=fault_server.url)
+    relay = await relay_factory(upstream={"url": fault_server.url})
     response = await relay.post("/v1/responses", json={"model": "m"}, headers=AUTH)
     assert response.status == 200
     assert UPSTREAM_KEY not in str(response.raw_headers)
@@ -306,7 +309,7 @@ async def test_nyro_67_echoed_keys_are_redacted_even_in_compressed_error_bodies(
     body = {"gzip": gzip.compress(text), "deflate": zlib.compress(text),
             "identity": text}[encoding]
     fault_server.script = scripts.answer(status, body, extra={"Content-Encoding": encoding})
-    relay = await relay_factory(upstream_url=fault_server.url)
+    relay = await relay_factory(upstream={"url": fault_server.url})
     response = await relay.get("/v1/models/x", headers={**AUTH, "Accept-Encoding": "gzip"})
     raw = await response.read()
     assert response.status == status
@@ -354,7 +357,7 @@ async def test_litellm_39851_a_refused_realtime_session_is_an_error_not_a_hang_o
     # the session was "logged as a $0 success".
     caplog.set_level(logging.INFO)
     fault_server.script = scripts.answer(503, b'{"error": {"message": "down"}}')
-    relay = await relay_factory(upstream_url=fault_server.url)
+    relay = await relay_factory(upstream={"url": fault_server.url})
     async with asyncio.timeout(3):
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await relay.ws_connect("/v1/realtime?model=gpt-realtime", headers=AUTH)

@@ -100,8 +100,8 @@ class _Relay:
         fake.app.middlewares.append(note_5xx)
         upstream = await self._serve(fake.app)
         settings = make_settings(
-            upstream_url=upstream, first_byte_timeout_s=5, idle_timeout_s=5,
-            actions_answer_budget_s=1, actions_poll_interval_s=0.2,
+            upstream={"url": upstream, "first_byte_timeout_s": 5, "idle_timeout_s": 5},
+            actions={"answer_budget_s": 1, "poll_interval_s": 0.2},
         )
         self.url = await self._serve(create_app(settings), handler_cancellation=True)
 

@@ -29,6 +29,7 @@ from tests.conftest import RelayFactory
 from tests.reliability.conftest import (
     AUTH,
     FAST,
+    FAST_SETTINGS,
     SLACK_S,
     assert_settles,
     client_session,
@@ -270,7 +271,7 @@ async def test_upstream_fault_gets_the_truth_in_time_and_leaves_nothing_behind(
     else:
         upstream = fault_server.url
         fault_server.script = fault_script(fault, kind)
-    relay = await relay_factory(upstream_url=upstream, **FAST)
+    relay = await relay_factory(FAST_SETTINGS, upstream={"url": upstream})
     base = str(relay.make_url("")).rstrip("/")
     async with client_session() as session:
         warm = await session.get(f"{base}/v1/models" if local else f"{base}/health", headers=AUTH)
@@ -310,7 +311,7 @@ async def test_a_body_longer_than_announced_never_reaches_the_next_client(
     shape = _shape(kind)
     fault_server.script = scripts.overlong(len(shape["body"]), shape["body"] + SMUGGLED,
                                            shape["content_type"])
-    relay = await relay_factory(upstream_url=fault_server.url, **FAST)
+    relay = await relay_factory(FAST_SETTINGS, upstream={"url": fault_server.url})
     base = str(relay.make_url("")).rstrip("/")
     async with asyncio.timeout(10):
         first = await call_plain(relay, base, kind)
@@ -340,7 +341,7 @@ async def test_tls_handshake_that_never_completes_is_a_504_within_the_connect_ti
     silent = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
     async with silent:
         port = silent.sockets[0].getsockname()[1]
-        relay = await relay_factory(upstream_url=f"https://127.0.0.1:{port}", **FAST)
+        relay = await relay_factory(FAST_SETTINGS, upstream={"url": f"https://127.0.0.1:{port}"})
         started = time.monotonic()
         async with asyncio.timeout(5):
             response = await relay.get("/v1/models", headers=AUTH)
@@ -353,7 +354,7 @@ async def test_upstream_that_stops_reading_an_upload_is_a_504_not_a_hang(
     relay_factory: RelayFactory, fault_server: FaultServer
 ) -> None:
     fault_server.script = scripts.stop_reading(after=64 * 1024)
-    relay = await relay_factory(upstream_url=fault_server.url, **FAST)
+    relay = await relay_factory(FAST_SETTINGS, upstream={"url": fault_server.url})
     base = str(relay.make_url("")).rstrip("/")
     big = io.BytesIO(b"u" * (16 * 1024 * 1024))  # more than the socket buffers hold
     started = time.monotonic()

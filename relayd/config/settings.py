@@ -1,0 +1,237 @@
+"""The settings: one frozen dataclass per TOML table, nested in :class:`Settings`.
+
+Each field declares its TOML key and environment name once (:func:`setting`);
+durations are seconds (``_s``), sizes bytes. ``None`` is a value of its own where
+a setting can be off or derived; the comment on the field says which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+from relayd.config.casts import Listen, parse_listen, parse_workers
+from relayd.config.fields import setting
+from relayd.config.keys import RelayKey
+
+__all__ = [
+    "DEFAULT_DENY",
+    "DEFAULT_FETCH_HOSTS",
+    "SECTIONS",
+    "Actions",
+    "Auth",
+    "Limits",
+    "Logging",
+    "Meta",
+    "Policy",
+    "Realtime",
+    "Server",
+    "Settings",
+    "Upstream",
+]
+
+MiB: Final = 1024 * 1024
+
+# Path families that never pass the catch-all unless explicitly allowed
+# (docs/security.md#path-policy).
+DEFAULT_DENY: Final = ("/v1/organization/*", "/v1/organization", "/v1/admin*")
+
+# Where ChatGPT's file links (openaiFileIdRefs download_link) point: exact host
+# names, no patterns. A wildcard can match hosts OpenAI does not control (anyone
+# can register an Azure storage account called oaidalle<anything>), and a link
+# there would make relayd fetch an attacker's file as if the user had sent it.
+# ChatGPT's signed links use files.oaiusercontent.com; DALL-E's image URLs the
+# oaidalleapiprodscus storage account. Operators may still list patterns.
+DEFAULT_FETCH_HOSTS: Final = (
+    "files.oaiusercontent.com",
+    "files.openai.com",
+    "oaidalleapiprodscus.blob.core.windows.net",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """[server]: where and how relayd listens."""
+
+    listen: Listen = setting(factory=Listen, key="listen", env="RELAYD_LISTEN", parse=parse_listen)
+    public_url: str | None = setting(None, key="public_url", env="RELAYD_PUBLIC_URL")
+    workers: int = setting(1, key="workers", env="RELAYD_WORKERS", parse=parse_workers)
+    drain_timeout_s: float = setting(30.0, key="drain_timeout")
+    # Listen queue length; aiohttp's 128 overflows under a burst of new connections
+    # (clients then wait 1, 3, 7 s for SYN retries). The kernel caps it at somaxconn.
+    backlog: int = setting(4096, key="backlog")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """[upstream]: the OpenAI API, its key and the timeouts of the upstream leg."""
+
+    url: str = setting("https://api.openai.com", key="url", env="RELAYD_UPSTREAM")
+    api_key: str = setting("", key="api_key", also=("api_key_file",), special=True, repr=False)
+    organization: str | None = setting(None, key="organization", env="OPENAI_ORGANIZATION")
+    project: str | None = setting(None, key="project", env="OPENAI_PROJECT")
+    connect_timeout_s: float = setting(10.0, key="connect_timeout", env="RELAYD_CONNECT_TIMEOUT")
+    first_byte_timeout_s: float = setting(
+        600.0, key="first_byte_timeout", env="RELAYD_FIRST_BYTE_TIMEOUT"
+    )
+    idle_timeout_s: float = setting(300.0, key="idle_timeout", env="RELAYD_IDLE_TIMEOUT")
+    max_connections: int = setting(1024, key="max_connections")
+    # One key's share of max_connections; None: three quarters of them.
+    max_connections_per_key: int | None = setting(
+        None, key="max_connections_per_key", env="RELAYD_MAX_UPSTREAM_CONNECTIONS_PER_KEY"
+    )
+    # None: off (sse_keepalive = 0), which is not the same as unset (the default).
+    sse_keepalive_s: float | None = setting(15.0, key="sse_keepalive", off=0)
+
+    @property
+    def connections_per_key(self) -> int:
+        if self.max_connections_per_key is not None:
+            return self.max_connections_per_key
+        return max(1, self.max_connections * 3 // 4)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """[auth]: relay keys and the routes open without one."""
+
+    disabled: bool = setting(False, key="disabled")
+    header: str = setting("X-Relay-Key", key="header")
+    keys_file: str | None = setting(None, key="keys_file", env="RELAYD_KEYS_FILE", path=True)
+    # Collected from RELAYD_KEYS, the keys file and [[auth.keys]] (load.py).
+    keys: tuple[RelayKey, ...] = setting((), key="keys", special=True)
+    # None: the routes the table marks public (docs/security.md#public-routes);
+    # a list replaces that set.
+    public_paths: tuple[str, ...] | None = setting(None, key="public_paths")
+
+    @property
+    def required(self) -> bool:
+        return not self.disabled
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """[limits]: sizes of what relayd reads and holds, and the keep-alive timer."""
+
+    max_body_bytes: int = setting(520 * MiB, key="max_body_bytes")  # 512 MiB file + framing
+    max_json_bytes: int = setting(32 * MiB, key="max_json_bytes")  # bodies relayd parses
+    max_header_bytes: int = setting(64 * 1024, key="max_header_bytes")
+    keepalive_timeout_s: float = setting(75.0, key="keepalive_timeout")
+    # What relayd holds whole at once (JSON bodies it parses, unfinished WebSocket
+    # messages), in all and per relay key; the process peaks at a small multiple
+    # (parsing copies), well inside the unit's MemoryMax=512M (issue 11).
+    max_buffered_bytes: int = setting(
+        96 * MiB, key="max_buffered_bytes", env="RELAYD_MAX_BUFFERED_BYTES"
+    )
+    max_buffered_bytes_per_key: int = setting(
+        64 * MiB, key="max_buffered_bytes_per_key", env="RELAYD_MAX_BUFFERED_BYTES_PER_KEY"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """[policy]: paths outside the route table (fnmatch patterns; deny wins)."""
+
+    allow: tuple[str, ...] = setting((), key="allow")
+    deny: tuple[str, ...] = setting(DEFAULT_DENY, key="deny")
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """[meta]: what relayd says about itself."""
+
+    name: str = setting("relayd", key="name")
+    environment: str = setting("production", key="environment", env="RELAYD_ENVIRONMENT")
+    default_model: str = setting("gpt-5", key="default_model", env="RELAYD_DEFAULT_MODEL")
+    tools_manifest: str | None = setting(
+        None, key="tools_manifest", env="RELAYD_TOOLS_MANIFEST", path=True
+    )
+    ai_plugin: Mapping[str, Any] | None = setting(None, key="ai_plugin")
+
+
+@dataclass(frozen=True, slots=True)
+class Logging:
+    """[logging]: one line per request."""
+
+    format: str = setting("console", key="format", env="RELAYD_LOG_FORMAT")
+    level: str = setting("info", key="level", env="RELAYD_LOG_LEVEL")
+
+
+@dataclass(frozen=True, slots=True)
+class Realtime:
+    """[realtime]: every route under /v1/realtime (handlers/realtime.py applies it)."""
+
+    enabled: bool = setting(True, key="enabled")
+    allowed_models: tuple[str, ...] = setting((), key="allowed_models")  # empty: any model
+    default_model: str = setting("gpt-realtime", key="default_model")
+    # OpenAI caps one client event at 15 MiB (base64 audio in JSON); leave room.
+    max_message_bytes: int = setting(16 * MiB, key="max_message_bytes")
+    idle_timeout_s: float = setting(600.0, key="idle_timeout")
+    # OpenAI ends a session at 60 minutes with its own close; this is the backstop.
+    max_session_s: float = setting(3900.0, key="max_session")
+
+
+@dataclass(frozen=True, slots=True)
+class Actions:
+    """[actions]: the ChatGPT GPT Actions surface."""
+
+    # operationIds offered in /openapi.actions.json (at most 30); None: relayd's default.
+    operations: tuple[str, ...] | None = setting(None, key="operations")
+    auth: str = setting("bearer", key="auth")  # the one security scheme: "bearer" or "header"
+    # ChatGPT waits 45 s for an action and reads under 100,000 characters
+    # (docs/chatgpt.md#time-budget, docs/chatgpt.md#answer-size).
+    answer_budget_s: float = setting(25.0, key="answer_budget")
+    poll_interval_s: float = setting(1.0, key="poll_interval")
+    max_answer_chars: int = setting(90_000, key="max_answer_chars")
+    privacy_text: str | None = setting(None, key="privacy_text")
+    privacy_url: str | None = setting(None, key="privacy_url")
+    # Fetching user file links (download_link, image_url): allowlist, caps, timeout.
+    fetch_hosts: tuple[str, ...] = setting(DEFAULT_FETCH_HOSTS, key="fetch_hosts")
+    fetch_https_only: bool = setting(True, key="fetch_https_only")
+    fetch_allow_private: bool = setting(False, key="fetch_allow_private")  # tests only
+    fetch_ca_file: str | None = setting(None, key="fetch_ca_file", path=True)
+    fetch_timeout_s: float = setting(10.0, key="fetch_timeout")
+    max_file_bytes: int = setting(25 * MiB, key="max_file_bytes")  # base64 and fetched files
+    # Files handed back as openaiFileResponse: inline when small, else signed URLs.
+    inline_max_bytes: int = setting(32 * 1024, key="inline_max_bytes")  # 43,692 base64 chars
+    link_ttl_s: float = setting(300.0, key="link_ttl")
+    # HMAC key for those URLs; None: a random one per process (workers > 1 need one).
+    signing_secret: str | None = setting(
+        None, key="signing_secret_file", special=True, repr=False
+    )
+    store_dir: str | None = setting(None, key="store_dir", path=True)  # None: a private tmp dir
+    store_max_bytes: int = setting(256 * MiB, key="store_max_bytes")
+    # /v1/actions/videos/generations: the allowed sets and the reference image's cap.
+    video_models: tuple[str, ...] = setting(("sora-2", "sora-2-pro"), key="video_models")
+    video_sizes: tuple[str, ...] = setting(
+        ("720x1280", "1280x720", "1024x1792", "1792x1024"), key="video_sizes"
+    )
+    video_seconds: tuple[int, ...] = setting((4, 8, 12), key="video_seconds")
+    video_max_bytes: int = setting(25 * MiB, key="video_max_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything relayd needs to run: one section per TOML table."""
+
+    server: Server = field(default_factory=Server)
+    upstream: Upstream = field(default_factory=Upstream)
+    auth: Auth = field(default_factory=Auth)
+    limits: Limits = field(default_factory=Limits)
+    policy: Policy = field(default_factory=Policy)
+    meta: Meta = field(default_factory=Meta)
+    logging: Logging = field(default_factory=Logging)
+    realtime: Realtime = field(default_factory=Realtime)
+    actions: Actions = field(default_factory=Actions)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    # Where each setting came from, by "table.key" ("default", "file", "env NAME",
+    # "credential NAME", "flag --NAME"), for check-config (issue 11).
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+# The TOML tables, by name, and the section class each one fills.
+SECTIONS: Final[Mapping[str, type[Any]]] = {
+    item.name: item.type if not isinstance(item.type, str) else globals()[item.type]
+    for item in fields(Settings)
+    if item.name not in ("warnings", "sources")
+}

@@ -41,7 +41,8 @@ MiB = 1024 * 1024
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__.split("\n")[0],
+        prog="python -m bench",
+        description=__doc__.split("\n")[0],
         epilog="python -m bench soak [--minutes N]: the bounded mixed soak (see --help there)",
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run (1 round, small)")
@@ -103,12 +104,14 @@ def _log_notes(stack: Stack) -> list[str]:
     notes = []
     for server in stack.relayds() + stack.floors():
         lines = [
-            line for line in server.log_tail(1_000_000).splitlines()
+            line
+            for line in server.log_tail(1_000_000).splitlines()
             if line.startswith(("warning", "error", "critical", "Traceback", "Error handling"))
         ]
         if lines:
-            notes.append(f"{server.name} logged {len(lines)} warning/error line(s); first: "
-                         f"{lines[0][:300]}")
+            notes.append(
+                f"{server.name} logged {len(lines)} warning/error line(s); first: {lines[0][:300]}"
+            )
     return notes
 
 
@@ -150,8 +153,7 @@ def _run_rounds(stack: Stack, pool: LoadPool, plan: Plan, notes: list[str]) -> l
                 shown = ", ".join(
                     f"{k}={v:.4g}" for k, v in figures.items() if isinstance(v, float | int)
                 )
-                _say(f"  {scenario:<10} {target.name:<11} {elapsed:5.1f}s  "
-                     f"{shown}")
+                _say(f"  {scenario:<10} {target.name:<11} {elapsed:5.1f}s  {shown}")
         add_derived(round_)
         rounds.append(round_)
         _say(f"round {number + 1}/{plan.rounds} done")
@@ -173,8 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     environment = _environment(fd_limit)
     tmp = Path(tempfile.mkdtemp(prefix="relayd-bench-"))
     profiles = ["default", "paced"] if plan.paced else ["default"]
-    stack = Stack(tmp, profiles, use_nginx=not args.no_nginx, use_floor=not args.no_floor,
-                  relayd_workers=args.relayd_workers)
+    stack = Stack(
+        tmp,
+        profiles,
+        use_nginx=not args.no_nginx,
+        use_floor=not args.no_floor,
+        relayd_workers=args.relayd_workers,
+    )
     environment["relayd workers"] = args.relayd_workers
     pool: LoadPool | None = None
     notes: list[str] = []

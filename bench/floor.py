@@ -23,13 +23,30 @@ from multidict import CIMultiDict
 from yarl import URL
 
 SMALL = 64 * 1024  # bodies up to this size (known length) are read whole
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 # ws_connect makes its own handshake: the client's handshake headers stay here.
-WS_HANDSHAKE = frozenset({"host", "sec-websocket-key", "sec-websocket-version",
-                          "sec-websocket-protocol", "sec-websocket-extensions"})
+WS_HANDSHAKE = frozenset(
+    {
+        "host",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+    }
+)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
 ServerWs = web.WebSocketResponse[Literal[False]]  # decode_text=False: TEXT stays bytes
@@ -80,8 +97,12 @@ async def bridge(request: web.Request, url: URL) -> web.StreamResponse:
     protocols = [p.strip() for p in offered if p.strip()]
     try:
         upstream = await request.app[SESSION].ws_connect(
-            url, headers=_headers(request.headers, WS_HANDSHAKE), protocols=protocols,
-            autoclose=False, max_msg_size=0, decode_text=False,
+            url,
+            headers=_headers(request.headers, WS_HANDSHAKE),
+            protocols=protocols,
+            autoclose=False,
+            max_msg_size=0,
+            decode_text=False,
         )
     except aiohttp.WSServerHandshakeError as exc:
         return web.Response(status=exc.status, text=f"upstream refused: {exc.message}\n")
@@ -89,8 +110,9 @@ async def bridge(request: web.Request, url: URL) -> web.StreamResponse:
         return web.Response(status=502, text=f"upstream: {exc!r}\n")
     async with upstream:
         chosen = [upstream.protocol] if upstream.protocol else []
-        ws: ServerWs = web.WebSocketResponse(protocols=chosen, autoclose=False, max_msg_size=0,
-                                             compress=False, decode_text=False)
+        ws: ServerWs = web.WebSocketResponse(
+            protocols=chosen, autoclose=False, max_msg_size=0, compress=False, decode_text=False
+        )
         await ws.prepare(request)
         await asyncio.gather(_pump(ws, upstream), _pump(upstream, ws))
         return ws
@@ -117,8 +139,11 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
     skip = ("User-Agent", "Accept-Encoding", "Content-Type")  # add nothing of our own
     async with aiohttp.ClientSession(
-        connector=connector, cookie_jar=aiohttp.DummyCookieJar(),  # no cookies across clients
-        auto_decompress=False, timeout=timeout, skip_auto_headers=skip,
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # no cookies across clients
+        auto_decompress=False,
+        timeout=timeout,
+        skip_auto_headers=skip,
     ) as session:
         app[SESSION] = session
         yield
@@ -134,8 +159,15 @@ def main(argv: list[str] | None = None) -> None:
     app[UPSTREAM] = args.upstream.rstrip("/")
     app.cleanup_ctx.append(_session)
     app.router.add_route("*", "/{tail:.*}", handle)
-    web.run_app(app, host=args.host, port=args.port, backlog=4096, access_log=None, print=None,
-                loop=uvloop.new_event_loop())
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        backlog=4096,
+        access_log=None,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 if __name__ == "__main__":

@@ -87,13 +87,16 @@ def _goals(plan: Plan) -> list[tuple[str, Check]]:
         (f"{plan.concurrency} conns: req/s ≥ 0.35 × nginx", _vs_nginx("rps", 0.35, True)),
         (
             "SSE burst: first-event p99 ≤ 2 × nginx, 100 % complete",
-            _both(_vs_nginx("burst_ttfe_p99_ms", 2.0, False),
-                  _complete("burst_complete", plan.sse_streams)),
+            _both(
+                _vs_nginx("burst_ttfe_p99_ms", 2.0, False),
+                _complete("burst_complete", plan.sse_streams),
+            ),
         ),
     ]
     if plan.paced:
-        goals.append(("SSE 50x20ms: wall time ≤ 1.5 × nginx",
-                      _vs_nginx("paced_wall_s", 1.5, False)))
+        goals.append(
+            ("SSE 50x20ms: wall time ≤ 1.5 × nginx", _vs_nginx("paced_wall_s", 1.5, False))
+        )
     goals += [
         (
             f"upload: MiB/s ≥ 0.75 × nginx, peak RSS growth ≤ {GROWTH_MIB:.0f} MiB",

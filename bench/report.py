@@ -50,8 +50,9 @@ def figures_for(plan: Plan) -> list[Figure]:
         Figure("burst_ttfe_p99_ms", f"{streams} SSE burst: first event p99 (ms)"),
         Figure("burst_complete", f"{streams} SSE burst: complete streams (worst)", "min", False, 0),
         Figure("burst_wall_s", f"{streams} SSE burst: wall time (s)", digits=2),
-        Figure("burst_overflows", f"{streams} SSE burst: accept-queue drops (worst)", "max",
-               False, 0),
+        Figure(
+            "burst_overflows", f"{streams} SSE burst: accept-queue drops (worst)", "max", False, 0
+        ),
     ]
     if plan.paced:
         figures += [
@@ -59,8 +60,13 @@ def figures_for(plan: Plan) -> list[Figure]:
             Figure("paced_ttfe_p99_ms", f"{paced} SSE 50x20ms: first event p99 (ms)"),
             Figure("paced_complete", f"{paced} SSE 50x20ms: complete (worst)", "min", False, 0),
             Figure("paced_wall_s", f"{paced} SSE 50x20ms: wall time (s)", digits=2),
-            Figure("paced_overflows", f"{paced} SSE 50x20ms: accept-queue drops (worst)", "max",
-                   False, 0),
+            Figure(
+                "paced_overflows",
+                f"{paced} SSE 50x20ms: accept-queue drops (worst)",
+                "max",
+                False,
+                0,
+            ),
         ]
     figures += [
         Figure("down_mib_s", f"{down} download (MiB/s)", digits=0),
@@ -76,8 +82,9 @@ def figures_for(plan: Plan) -> list[Figure]:
         Figure("rt_p99_ms", f"{rt} realtime: round trip p99 (ms)", digits=2),
         Figure("realtime_cpu_pct", f"{rt} realtime: proxy CPU (% of one core)", digits=0),
         Figure("rt_cpu_us", f"{rt} realtime: proxy CPU per round trip (µs)"),
-        Figure("rt_rss_per_session_kib", f"{rt} realtime: RSS per open session (KiB, worst)",
-               "max"),
+        Figure(
+            "rt_rss_per_session_kib", f"{rt} realtime: RSS per open session (KiB, worst)", "max"
+        ),
         Figure("rt_sessions", f"{rt} realtime: sessions open (worst)", "min", False, 0),
         Figure("final_rss_mib", "RSS after the run (MiB)"),
         Figure("failed", "failed requests, all rounds", "sum", False, 0),
@@ -210,4 +217,3 @@ class Report:
 
 def _fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
-

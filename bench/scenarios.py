@@ -175,8 +175,10 @@ def _transfer(pool: LoadPool, target: Target, job: dict[str, Any], prefix: str) 
     else:
         with RssSampler(tree_pids(target.server.pid)) as sampler:
             [answer] = pool.run([job], timeout=timeout + 10)
-        memory = {f"{prefix}_peak_rss_mib": sampler.peak / MiB,
-                  f"{prefix}_rss_growth_mib": sampler.growth / MiB}
+        memory = {
+            f"{prefix}_peak_rss_mib": sampler.peak / MiB,
+            f"{prefix}_rss_growth_mib": sampler.growth / MiB,
+        }
     mib_s = answer["bytes"] / MiB / answer["elapsed"] if not answer["errors"] else None
     return {f"{prefix}_mib_s": mib_s, **memory, "errors": _errors([answer])}
 

@@ -37,8 +37,14 @@ __all__ = ["latest_soak", "main"]
 MiB = 1024 * 1024
 RSS_TOLERANCE = 0.10
 STEADY_SAMPLES, STEADY_TOLERANCE, MIN_WARMUP_S = 4, 0.03, 30.0
-COLUMNS = (("t_s", "t (s)"), ("phase", "phase"), ("rss_mib", "RSS (MiB)"), ("fds", "fds"),
-           ("upstream", "upstream conns"), ("cpu_pct", "relayd CPU %"))
+COLUMNS = (
+    ("t_s", "t (s)"),
+    ("phase", "phase"),
+    ("rss_mib", "RSS (MiB)"),
+    ("fds", "fds"),
+    ("upstream", "upstream conns"),
+    ("cpu_pct", "relayd CPU %"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,18 +78,28 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="soak-sampler", daemon=True)
 
     def read(self) -> dict[str, Any]:
-        return {"rss_mib": rss_bytes([self.pid]) / MiB, "fds": fd_count(self.pid),
-                "upstream": upstream_connections(self.pid, self.port)}
+        return {
+            "rss_mib": rss_bytes([self.pid]) / MiB,
+            "fds": fd_count(self.pid),
+            "upstream": upstream_connections(self.pid, self.port),
+        }
 
     def sample(self, phase: str | None = None) -> dict[str, Any]:
         with self._lock:
             now, cpu = time.monotonic(), cpu_seconds([self.pid])
-            row = {"t_s": round(now - self._t0, 1), "phase": phase or self.phase, **self.read(),
-                   "cpu_pct": (cpu - self._last_cpu) / max(now - self._last_t, 1e-6) * 100}
+            row = {
+                "t_s": round(now - self._t0, 1),
+                "phase": phase or self.phase,
+                **self.read(),
+                "cpu_pct": (cpu - self._last_cpu) / max(now - self._last_t, 1e-6) * 100,
+            }
             self._last_t, self._last_cpu = now, cpu
             self.rows.append(row)
-            print("  " + "  ".join(f"{k}={_cell(row[k])}" for k, _ in COLUMNS),
-                  file=sys.stderr, flush=True)
+            print(
+                "  " + "  ".join(f"{k}={_cell(row[k])}" for k, _ in COLUMNS),
+                file=sys.stderr,
+                flush=True,
+            )
             return row
 
     def _run(self) -> None:
@@ -112,8 +128,14 @@ def _cell(value: Any) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
-def _verdicts(idle: dict[str, Any], start: dict[str, Any], end: dict[str, Any],
-              unexpected: dict[str, int], minutes: float, warmup: float) -> list[str]:
+def _verdicts(
+    idle: dict[str, Any],
+    start: dict[str, Any],
+    end: dict[str, Any],
+    unexpected: dict[str, int],
+    minutes: float,
+    warmup: float,
+) -> list[str]:
     change = (end["rss_mib"] - start["rss_mib"]) / start["rss_mib"]
     ok = abs(change) <= RSS_TOLERANCE
     lines = [
@@ -132,13 +154,32 @@ def _verdicts(idle: dict[str, Any], start: dict[str, Any], end: dict[str, Any],
     return lines
 
 
-def _markdown(stamp: str, rows: list[dict[str, Any]], tally: dict[str, int],
-              unexpected: dict[str, int], verdicts: list[str], notes: list[str]) -> str:
-    lines = [f"# relayd soak, {stamp}", "", "| " + " | ".join(h for _, h in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
+def _markdown(
+    stamp: str,
+    rows: list[dict[str, Any]],
+    tally: dict[str, int],
+    unexpected: dict[str, int],
+    verdicts: list[str],
+    notes: list[str],
+) -> str:
+    lines = [
+        f"# relayd soak, {stamp}",
+        "",
+        "| " + " | ".join(h for _, h in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     lines += ["| " + " | ".join(_cell(r[k]) for k, _ in COLUMNS) + " |" for r in rows]
-    lines += ["", "## Verdicts", "", *(f"- {v}" for v in verdicts), "", "## Load (soak + warm-up)",
-              "", "| outcome | count |", "|---|---|"]
+    lines += [
+        "",
+        "## Verdicts",
+        "",
+        *(f"- {v}" for v in verdicts),
+        "",
+        "## Load (soak + warm-up)",
+        "",
+        "| outcome | count |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in sorted(tally.items())]
     lines += [f"| UNEXPECTED {k} | {v} |" for k, v in sorted(unexpected.items())]
     if notes:
@@ -167,8 +208,11 @@ def _merge(answers: list[dict[str, Any]], key: str) -> dict[str, int]:
 
 
 def _log_notes(log: str) -> list[str]:
-    lines = [line for line in log.splitlines()
-             if line.startswith(("warning", "error", "critical", "Traceback"))]
+    lines = [
+        line
+        for line in log.splitlines()
+        if line.startswith(("warning", "error", "critical", "Traceback"))
+    ]
     kinds = sorted({line.split(" request_id")[0][:160] for line in lines})
     return [f"relayd logged {len(lines)} warning/error line(s); distinct: {kinds[:8]}"]
 
@@ -188,14 +232,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool = LoadPool(1)
         time.sleep(1.0)
         steady = tmp / "warm-up-steady"
-        job = {"kind": "soak", "base": target.base_url, "headers": target.headers,
-               "lanes": args.lanes.split(",") if args.lanes else None}
+        job = {
+            "kind": "soak",
+            "base": target.base_url,
+            "headers": target.headers,
+            "lanes": args.lanes.split(",") if args.lanes else None,
+        }
         answers = []
         with Sampler(target.server.pid, fake.port, args.interval, steady) as sampler:
             idle = sampler.sample("idle")
             sampler.phase = "warm-up"
-            answers += pool.run([{**job, "duration": args.warmup, "stop_file": str(steady)}],
-                                timeout=args.warmup + 300)
+            answers += pool.run(
+                [{**job, "duration": args.warmup, "stop_file": str(steady)}],
+                timeout=args.warmup + 300,
+            )
             time.sleep(2.0)
             start = sampler.sample("start")
             warmup = start["t_s"] - 2.0 - idle["t_s"]
@@ -223,9 +273,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.results.mkdir(parents=True, exist_ok=True)
         md, js = args.results / f"soak-{stamp}.md", args.results / f"soak-{stamp}.json"
         md.write_text(text)
-        document = {"minutes": args.minutes, "warmup_s": warmup, "samples": rows,
-                    "tally": tally, "unexpected": unexpected, "verdicts": verdicts,
-                    "notes": notes}
+        document = {
+            "minutes": args.minutes,
+            "warmup_s": warmup,
+            "samples": rows,
+            "tally": tally,
+            "unexpected": unexpected,
+            "verdicts": verdicts,
+            "notes": notes,
+        }
         js.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {md} and {js}", file=sys.stderr)
         return 0 if all(v.startswith("PASS") for v in verdicts) else 1

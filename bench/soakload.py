@@ -118,8 +118,9 @@ async def _transfer(ctx: Ctx, i: int) -> str:
         async with ctx.session.post(ctx.url("/v1/files"), data=form, headers=ctx.headers) as r:
             answer = await r.json(content_type=None)
             _expect(r.status == 200, f"upload status {r.status}")
-        async with ctx.session.delete(ctx.url(f"/v1/files/{answer['id']}"),
-                                      headers=ctx.headers) as r:
+        async with ctx.session.delete(
+            ctx.url(f"/v1/files/{answer['id']}"), headers=ctx.headers
+        ) as r:
             await r.read()
             _expect(r.status == 200, f"delete status {r.status}")
         return "upload 32 MiB + delete"
@@ -139,7 +140,9 @@ async def _transfer(ctx: Ctx, i: int) -> str:
 
 async def _open(ctx: Ctx) -> Ws:
     return await ctx.session.ws_connect(
-        ctx.url("/v1/realtime?model=gpt-realtime"), headers=ctx.headers, decode_text=False,
+        ctx.url("/v1/realtime?model=gpt-realtime"),
+        headers=ctx.headers,
+        decode_text=False,
         timeout=ws_timeout(30.0),
     )
 
@@ -160,13 +163,18 @@ async def _realtime(ctx: Ctx, i: int) -> str:
         if i % 4 == 1:
             ws._response.close()  # hang up: no CLOSE frame, the TCP connection just ends
             return "realtime: client hung up"
-        command = {"type": "test.vanish"} if i % 4 == 2 else {
-            "type": "test.close", "code": 4000, "reason": "soak"}
+        command = (
+            {"type": "test.vanish"}
+            if i % 4 == 2
+            else {"type": "test.close", "code": 4000, "reason": "soak"}
+        )
         await ws.send_str(json.dumps(command))
         msg = await ws.receive()
         want = 1011 if i % 4 == 2 else 4000
-        _expect(msg.type is aiohttp.WSMsgType.CLOSE and msg.data == want,
-                f"{command['type']} gave {msg.type.name} {msg.data}")
+        _expect(
+            msg.type is aiohttp.WSMsgType.CLOSE and msg.data == want,
+            f"{command['type']} gave {msg.type.name} {msg.data}",
+        )
         return f"realtime: upstream {command['type']} -> {want}"
     finally:
         if not ws.closed and i % 4 != 1:
@@ -203,8 +211,15 @@ LANES: list[tuple[str, Step, int, float]] = [
 ]
 
 
-async def _lane(name: str, step: Step, ctx: Ctx, pause: float, limit: int,
-                tally: Counter[str], unexpected: Counter[str]) -> None:
+async def _lane(
+    name: str,
+    step: Step,
+    ctx: Ctx,
+    pause: float,
+    limit: int,
+    tally: Counter[str],
+    unexpected: Counter[str],
+) -> None:
     for index in range(limit):
         if time.monotonic() >= ctx.deadline:
             return
@@ -236,7 +251,8 @@ async def soak(job: Job) -> dict[str, Any]:
             if job.get("lanes") and name not in job["lanes"]:
                 continue
             limit = int(job["duration"] / max(pause, 0.01)) + 1  # bounded in count too
-            lanes += [_lane(name, step, ctx, pause, limit, tally, unexpected)
-                      for _ in range(parallel)]
+            lanes += [
+                _lane(name, step, ctx, pause, limit, tally, unexpected) for _ in range(parallel)
+            ]
         await asyncio.gather(*lanes)
     return {"tally": dict(tally), "unexpected": dict(unexpected), "errors": {}}

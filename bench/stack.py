@@ -66,9 +66,7 @@ def _relayd_env(
     upstream_port: int, port: int, relay_key: str, level: str, workers: int = 1
 ) -> dict[str, str]:
     # Drop inherited relayd/OpenAI settings so a developer's shell cannot skew a run.
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("RELAYD_", "OPENAI_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAYD_", "OPENAI_"))}
     env.update(
         OPENAI_API_KEY=UPSTREAM_KEY,
         RELAYD_UPSTREAM=f"http://{HOST}:{upstream_port}",
@@ -158,8 +156,15 @@ class Stack:
             fake_port = free_port()
             fake = self._spawn(
                 f"fake-{profile}",
-                [sys.executable, "-m", "tests.fakes.openai", "--port", str(fake_port),
-                 *FAKE_COMMON, *PROFILES[profile]],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.fakes.openai",
+                    "--port",
+                    str(fake_port),
+                    *FAKE_COMMON,
+                    *PROFILES[profile],
+                ],
                 fake_port,
             )
             self.fakes[profile] = fake
@@ -177,8 +182,15 @@ class Stack:
                 port = free_port()
                 floor = self._spawn(
                     f"{FLOOR}-{profile}",
-                    [sys.executable, "-m", "bench.floor", "--port", str(port),
-                     "--upstream", f"http://{HOST}:{fake_port}"],
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.floor",
+                        "--port",
+                        str(port),
+                        "--upstream",
+                        f"http://{HOST}:{fake_port}",
+                    ],
                     port,
                 )
                 targets[FLOOR] = Target(FLOOR, f"http://{HOST}:{port}", upstream_auth, floor)

@@ -57,7 +57,9 @@ async def ws_echo(job: Job) -> dict[str, Any]:
         async def open_one() -> Ws | None:
             try:
                 ws = await session.ws_connect(
-                    job["url"], headers=job["headers"], decode_text=False,
+                    job["url"],
+                    headers=job["headers"],
+                    decode_text=False,
                     timeout=ws_timeout(job["timeout"]),
                 )
                 if await round_trip(ws, payload, errors) is None:
@@ -68,8 +70,11 @@ async def ws_echo(job: Job) -> dict[str, Any]:
                 errors[f"open: {_error_name(exc)}"] += 1
                 return None
 
-        opened = [ws for ws in await asyncio.gather(*(open_one() for _ in range(job["sessions"])))
-                  if ws is not None]
+        opened = [
+            ws
+            for ws in await asyncio.gather(*(open_one() for _ in range(job["sessions"])))
+            if ws is not None
+        ]
         rss_open = rss_bytes(job["rss_pids"])  # every session open and warm
 
         async def loop(ws: Ws, deadline: float) -> None:

@@ -161,8 +161,10 @@ def _check_actions_document(path: str, settings: Settings) -> int:
     for violation in violations:
         print(violation)
     if violations:
-        print(f"relayd: {where}: {len(violations)} problem(s) the GPT builder would refuse",
-              file=sys.stderr)
+        print(
+            f"relayd: {where}: {len(violations)} problem(s) the GPT builder would refuse",
+            file=sys.stderr,
+        )
         return 1
     print(f"relayd: {where} passes every GPT builder rule relayd knows", file=sys.stderr)
     return 0

@@ -90,7 +90,6 @@ class NoDelayConnector(aiohttp.TCPConnector):
 # any resolver cache). relayd/actions/fetch.py decides which URLs may be tried at all.
 
 
-
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped

@@ -70,13 +70,15 @@ def _under_v1(request: web.Request) -> str:
     "http://host:8080")`` asks for ``POST /responses``): said only when the route
     table serves that path under ``/v1``."""
     table = request.app.get(TABLE)
-    if table is None or request.path.startswith("/v1/") or not table.methods_for(
-        "/v1" + request.path
+    if (
+        table is None
+        or request.path.startswith("/v1/")
+        or not table.methods_for("/v1" + request.path)
     ):
         return ""
     return (
         f" This relay serves the OpenAI API under /v1 (/v1{request.path}): add /v1 to "
-        "the SDK's base_url, e.g. base_url=\"http://127.0.0.1:8080/v1\"."
+        'the SDK\'s base_url, e.g. base_url="http://127.0.0.1:8080/v1".'
     )
 
 

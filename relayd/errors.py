@@ -66,6 +66,7 @@ __all__ = [
 
 CLIENT_CLOSED = 499
 
+
 class RelaydError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"

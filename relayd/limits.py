@@ -35,7 +35,6 @@ __all__ = ["limits_middleware"]
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-
 @web.middleware
 async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -88,7 +87,6 @@ async def _invite_body(request: web.Request) -> None:
     await request.writer.write(_CONTINUE)
     # What the answer writes is counted from here: the 100 is not the response.
     request.writer.output_size = 0
-
 
 
 def _boundary(request: web.Request) -> str | None:

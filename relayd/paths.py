@@ -50,7 +50,12 @@ _UNRESERVED: Final = re.compile(r"[A-Za-z0-9\-._~]")
 # Beyond the unreserved ones, bytes that must not hide behind a percent sign.
 # A second parser (a decoding hop, a lax server) would read them as separators.
 _NEVER_ENCODED: Final = {
-    0x2F: "'/'", 0x5C: "backslash", 0x25: "'%'", 0x3F: "'?'", 0x23: "'#'", 0x3B: "';'"
+    0x2F: "'/'",
+    0x5C: "backslash",
+    0x25: "'%'",
+    0x3F: "'?'",
+    0x23: "'#'",
+    0x3B: "';'",
 }
 
 

@@ -91,8 +91,7 @@ def bind_error(exc: OSError, listen: Listen) -> StartupError:
         return StartupError(f"{where}: {_port_holder(listen.port)}")
     if exc.errno in (errno.EACCES, errno.EPERM):
         return StartupError(
-            f"{where}: permission denied (a port below 1024 needs root or "
-            "CAP_NET_BIND_SERVICE)"
+            f"{where}: permission denied (a port below 1024 needs root or CAP_NET_BIND_SERVICE)"
         )
     if exc.errno == errno.EADDRNOTAVAIL:
         return StartupError(f"{where}: {listen.host} is not an address of this machine")

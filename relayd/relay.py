@@ -448,8 +448,7 @@ def parse_json(raw: bytes | bytearray) -> Any:
 
 def _too_deep() -> BadRequestError:
     return BadRequestError(
-        f"Request body nests deeper than {MAX_JSON_DEPTH} levels, more than this relay "
-        "accepts.",
+        f"Request body nests deeper than {MAX_JSON_DEPTH} levels, more than this relay accepts.",
         code="invalid_json",
     )
 

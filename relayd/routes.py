@@ -63,7 +63,14 @@ def _route(
     if request_schema is not None:
         body = Body.JSON  # a wrapper's body is the JSON its schema validates
     return Route(
-        method, path, handler, group, exposure, operation_id, summary, body,
+        method,
+        path,
+        handler,
+        group,
+        exposure,
+        operation_id,
+        summary,
+        body,
         description=description,
         request_schema=request_schema,
         consequential=consequential,

@@ -69,8 +69,8 @@ HANDOUTS: Final[web.AppKey[HandoutStore]] = web.AppKey("relayd.handouts")
 # Open realtime bridges and the request that opened each (its relay key): closed
 # with 1001 on shutdown (aiohttp's documented pattern), with 1008 when a reload
 # revokes the key.
-REALTIME_BRIDGES: Final[web.AppKey[WeakKeyDictionary[WebSocketBridge, web.Request]]] = (
-    web.AppKey("relayd.realtime_bridges")
+REALTIME_BRIDGES: Final[web.AppKey[WeakKeyDictionary[WebSocketBridge, web.Request]]] = web.AppKey(
+    "relayd.realtime_bridges"
 )
 
 # Bytes held whole for clients (parsed bodies, unfinished WebSocket messages).

@@ -339,9 +339,7 @@ class Upstream:
     def url(self, path_qs: str) -> URL:
         return URL(self._base + path_qs, encoded=True)
 
-    def headers(
-        self, incoming: Mapping[str, str], *, keep_length: bool = True
-    ) -> CIMultiDict[str]:
+    def headers(self, incoming: Mapping[str, str], *, keep_length: bool = True) -> CIMultiDict[str]:
         s = self._settings
         return request_headers(
             incoming,

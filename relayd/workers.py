@@ -135,6 +135,7 @@ class _Supervisor:
         spawn(self._watch(index, process), name=f"relayd.worker.{index}")
         loop = asyncio.get_running_loop()
         readable: asyncio.Future[None] = loop.create_future()
+
         def on_readable() -> None:
             if not readable.done():
                 readable.set_result(None)

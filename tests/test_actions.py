@@ -110,14 +110,21 @@ async def test_file_upload_from_an_attached_file_fetches_and_sniffs_it(
         {
             "purpose": "user_data",
             "openaiFileIdRefs": [
-                {"name": "report.pdf", "id": "file-x", "mime_type": "text/plain",
-                 "download_link": link}
+                {
+                    "name": "report.pdf",
+                    "id": "file-x",
+                    "mime_type": "text/plain",
+                    "download_link": link,
+                }
             ],
         },
     )
     assert status == 200, body
     assert parts(only(fake, "POST", "/v1/files"))[-1] == (
-        "file", "report.pdf", "application/pdf", pdf,
+        "file",
+        "report.pdf",
+        "application/pdf",
+        pdf,
     )
     assert host.hits == ["/files/report"]
 
@@ -129,8 +136,12 @@ async def test_file_upload_keeps_a_claimed_text_type_over_plain_text(
     status, _ = await post(
         actions,
         "/v1/actions/files/upload",
-        {"purpose": "assistants", "openaiFileIdRefs": [
-            {"name": "table.csv", "mime_type": "text/csv", "download_link": link}]},
+        {
+            "purpose": "assistants",
+            "openaiFileIdRefs": [
+                {"name": "table.csv", "mime_type": "text/csv", "download_link": link}
+            ],
+        },
     )
     assert status == 200
     assert parts(only(fake, "POST", "/v1/files"))[-1][1:3] == ("table.csv", "text/csv")
@@ -142,25 +153,57 @@ async def test_file_upload_keeps_a_claimed_text_type_over_plain_text(
         ({"filename": "a.txt", "data_base64": "aGk="}, "purpose", 400),
         ({"purpose": "assistants", "data_base64": "aGk="}, "filename", 400),
         ({"purpose": "assistants"}, "data_base64", 400),
-        ({"purpose": "assistants", "filename": "a.txt", "data_base64": "not base64!"},
-         "data_base64", 400),
+        (
+            {"purpose": "assistants", "filename": "a.txt", "data_base64": "not base64!"},
+            "data_base64",
+            400,
+        ),
         ({"purpose": "assistants", "filename": "a.txt", "data_base64": ""}, "data_base64", 400),
-        ({"purpose": "assistants", "filename": "../etc/passwd", "data_base64": "aGk="},
-         "filename", 400),
-        ({"purpose": "assistants", "filename": "a\r\nb.txt", "data_base64": "aGk="},
-         "filename", 400),
-        ({"purpose": "assistants", "filename": "a.txt", "mime_type": "text/plain\r\nX: y",
-          "data_base64": "aGk="}, "mime_type", 400),
-        ({"purpose": "assistants", "openaiFileIdRefs": ["file-abc"]},
-         "openaiFileIdRefs[0]", 400),
-        ({"purpose": "assistants", "filename": "a.bin",
-          "data_base64": b64(b"x" * 1025)}, "data_base64", 413),
+        (
+            {"purpose": "assistants", "filename": "../etc/passwd", "data_base64": "aGk="},
+            "filename",
+            400,
+        ),
+        (
+            {"purpose": "assistants", "filename": "a\r\nb.txt", "data_base64": "aGk="},
+            "filename",
+            400,
+        ),
+        (
+            {
+                "purpose": "assistants",
+                "filename": "a.txt",
+                "mime_type": "text/plain\r\nX: y",
+                "data_base64": "aGk=",
+            },
+            "mime_type",
+            400,
+        ),
+        ({"purpose": "assistants", "openaiFileIdRefs": ["file-abc"]}, "openaiFileIdRefs[0]", 400),
+        (
+            {"purpose": "assistants", "filename": "a.bin", "data_base64": b64(b"x" * 1025)},
+            "data_base64",
+            413,
+        ),
     ],
-    ids=["no-purpose", "no-filename", "no-file", "bad-base64", "empty", "path-filename",
-         "crlf-filename", "crlf-type", "bare-id-ref", "over-cap"],
+    ids=[
+        "no-purpose",
+        "no-filename",
+        "no-file",
+        "bad-base64",
+        "empty",
+        "path-filename",
+        "crlf-filename",
+        "crlf-type",
+        "bare-id-ref",
+        "over-cap",
+    ],
 )
 async def test_bad_upload_payloads_are_refused_before_upstream(
-    relay_factory: RelayFactory, fake: FakeOpenAI, body: dict[str, Any], param: str,
+    relay_factory: RelayFactory,
+    fake: FakeOpenAI,
+    body: dict[str, Any],
+    param: str,
     status: int,
 ) -> None:
     relay = await relay_factory(actions={"max_file_bytes": 1024})
@@ -174,14 +217,22 @@ async def test_uploads_create_part_complete_cancel(actions: TestClient, fake: Fa
     status, upload = await post(
         actions,
         "/v1/actions/uploads",
-        {"purpose": "assistants", "filename": "big.jsonl", "bytes": 6,
-         "mime_type": "application/jsonl", "future_field": {"kept": True}},
+        {
+            "purpose": "assistants",
+            "filename": "big.jsonl",
+            "bytes": 6,
+            "mime_type": "application/jsonl",
+            "future_field": {"kept": True},
+        },
     )
     assert status == 200
     # Unknown fields in pass-through JSON are not dropped.
     assert json.loads(only(fake, "POST", "/v1/uploads").body) == {
-        "purpose": "assistants", "filename": "big.jsonl", "bytes": 6,
-        "mime_type": "application/jsonl", "future_field": {"kept": True},
+        "purpose": "assistants",
+        "filename": "big.jsonl",
+        "bytes": 6,
+        "mime_type": "application/jsonl",
+        "future_field": {"kept": True},
     }
     upload_id = upload["id"]
     ids = []
@@ -196,8 +247,9 @@ async def test_uploads_create_part_complete_cancel(actions: TestClient, fake: Fa
         [("data", "part", "application/octet-stream", b"abc")],
         [("data", "part", "application/octet-stream", b"def")],
     ]
-    status, done = await post(actions, f"/v1/actions/uploads/{upload_id}/complete",
-                              {"part_ids": ids})
+    status, done = await post(
+        actions, f"/v1/actions/uploads/{upload_id}/complete", {"part_ids": ids}
+    )
     assert status == 200 and done["status"] == "completed"
     sent = only(fake, "POST", f"/v1/uploads/{upload_id}/complete")
     assert json.loads(sent.body) == {"part_ids": ids}
@@ -265,7 +317,9 @@ async def test_image_edit_from_url_and_base64_with_mask_base64(
     )
     assert status == 200
     assert [(n, f, t) for n, f, t, _ in parts(only(fake, "POST", "/v1/images/edits"))] == [
-        ("prompt", None, None), ("image", "u.jpg", "image/jpeg"), ("mask", "mask.png", "image/png"),
+        ("prompt", None, None),
+        ("image", "u.jpg", "image/jpeg"),
+        ("mask", "mask.png", "image/png"),
     ]
 
 
@@ -276,8 +330,7 @@ async def test_image_edit_from_url_and_base64_with_mask_base64(
         ({"image_base64": b64(PNG)}, "prompt"),
         ({"prompt": "p", "image_base64": b64(b"%PDF-1.4 not an image")}, "image_base64"),
         ({"prompt": "p", "image_base64": b64(PNG), "mask_base64": b64(JPEG)}, "mask_base64"),
-        ({"prompt": "p", "openaiFileIdRefs": ["https://x.test/a"], "mask_index": 3},
-         "mask_index"),
+        ({"prompt": "p", "openaiFileIdRefs": ["https://x.test/a"], "mask_index": 3}, "mask_index"),
         ({"prompt": "p", "image_base64": b64(PNG), "n": 11}, "n"),
     ],
     ids=["no-image", "no-prompt", "not-an-image", "jpeg-mask", "mask-index-out", "n-too-big"],
@@ -309,12 +362,14 @@ async def test_image_generation_goes_as_json_without_stream(
 ) -> None:
     fake.image_bytes = PNG
     status, body = await post(
-        actions, "/v1/actions/images/generations",
+        actions,
+        "/v1/actions/images/generations",
         {"prompt": "a relay", "stream": True, "partial_images": 2, "style": "vivid"},
     )
     assert status == 200
     assert json.loads(only(fake, "POST", "/v1/images/generations").body) == {
-        "prompt": "a relay", "style": "vivid",
+        "prompt": "a relay",
+        "style": "vivid",
     }
     assert body["openaiFileResponse"][0]["content"] == b64(PNG)
 
@@ -339,9 +394,7 @@ async def test_large_images_come_back_as_signed_links_anyone_can_fetch_briefly(
     assert download.status == 200
     assert await download.read() == PNG
     assert download.headers["Content-Type"] == "image/png"
-    assert download.headers["Content-Disposition"].startswith(
-        'attachment; filename="image-1.png"'
-    )
+    assert download.headers["Content-Disposition"].startswith('attachment; filename="image-1.png"')
     tampered = path[:-3] + ("AAA" if not path.endswith("AAA") else "BBB")
     assert (await relay.get(tampered)).status == 404
     await asyncio.sleep(1.1)
@@ -433,17 +486,18 @@ async def test_finished_video_comes_back_as_a_link(actions: TestClient, fake: Fa
 async def test_video_create_and_remix_send_checked_json(
     actions: TestClient, fake: FakeOpenAI
 ) -> None:
-    status, _ = await post(actions, "/v1/actions/videos",
-                           {"prompt": "waves", "seconds": 8, "size": "1280x720"})
+    status, _ = await post(
+        actions, "/v1/actions/videos", {"prompt": "waves", "seconds": 8, "size": "1280x720"}
+    )
     assert status == 200
     assert json.loads(only(fake, "POST", "/v1/videos").body) == {
-        "prompt": "waves", "seconds": "8", "size": "1280x720",
+        "prompt": "waves",
+        "seconds": "8",
+        "size": "1280x720",
     }
     status, _ = await post(actions, "/v1/actions/videos/video_9/remix", {"prompt": "at night"})
     assert status == 200
-    assert json.loads(only(fake, "POST", "/v1/videos/video_9/remix").body) == {
-        "prompt": "at night"
-    }
+    assert json.loads(only(fake, "POST", "/v1/videos/video_9/remix").body) == {"prompt": "at night"}
 
 
 async def test_video_generation_posts_multipart_to_v1_videos(
@@ -452,8 +506,14 @@ async def test_video_generation_posts_multipart_to_v1_videos(
     status, _ = await post(
         actions,
         "/v1/actions/videos/generations",
-        {"prompt": "a cat", "model": "sora-2", "size": "720x1280", "duration_seconds": 4,
-         "frames": 96, "input_reference_base64": b64(JPEG)},
+        {
+            "prompt": "a cat",
+            "model": "sora-2",
+            "size": "720x1280",
+            "duration_seconds": 4,
+            "frames": 96,
+            "input_reference_base64": b64(JPEG),
+        },
     )
     assert status == 200
     assert [s.path for s in fake.seen] == ["/v1/videos"]  # not /v1/videos/generations
@@ -479,11 +539,13 @@ async def test_video_generation_posts_multipart_to_v1_videos(
         ({"data_base64": ""}, "data_base64", 400),
         ({"data_base64": b64(b"x" * 2048)}, "data_base64", 413),
     ],
-    ids=["prompt", "model", "size", "seconds", "duration", "frames", "base64", "empty",
-         "too-big"],
+    ids=["prompt", "model", "size", "seconds", "duration", "frames", "base64", "empty", "too-big"],
 )
 async def test_video_generation_checks_refuse_before_upstream(
-    relay_factory: RelayFactory, fake: FakeOpenAI, extra: dict[str, Any], param: str,
+    relay_factory: RelayFactory,
+    fake: FakeOpenAI,
+    extra: dict[str, Any],
+    param: str,
     status: int,
 ) -> None:
     relay = await relay_factory(actions={"video_max_bytes": 1024})
@@ -500,11 +562,13 @@ async def test_video_allowed_sets_are_configurable(
     relay = await relay_factory(
         actions={"video_models": ("sora-3",), "video_seconds": (20,)},
     )
-    status, _ = await post(relay, "/v1/actions/videos/generations",
-                           {"prompt": "p", "model": "sora-3", "seconds": 20})
+    status, _ = await post(
+        relay, "/v1/actions/videos/generations", {"prompt": "p", "model": "sora-3", "seconds": 20}
+    )
     assert status == 200
-    status, answer = await post(relay, "/v1/actions/videos/generations",
-                                {"prompt": "p", "model": "sora-2"})
+    status, answer = await post(
+        relay, "/v1/actions/videos/generations", {"prompt": "p", "model": "sora-2"}
+    )
     assert status == 400 and answer["error"]["param"] == "model"
 
 
@@ -512,16 +576,25 @@ async def test_video_allowed_sets_are_configurable(
 
 
 async def test_a_quick_model_answers_with_its_text(actions: TestClient, fake: FakeOpenAI) -> None:
-    status, body = await post(actions, "/v1/actions/responses",
-                              {"input": "hi", "stream": True, "reasoning": {"effort": "low"}})
+    status, body = await post(
+        actions,
+        "/v1/actions/responses",
+        {"input": "hi", "stream": True, "reasoning": {"effort": "low"}},
+    )
     assert status == 200
     assert body["status"] == "completed"
     assert body["output_text"] == "answer to: hi"
     assert body["model"] == "gpt-5" and body["id"].startswith("resp_")
     assert body["usage"]["total_tokens"] == 14
     sent = json.loads(only(fake, "POST", "/v1/responses").body)
-    assert sent == {"input": "hi", "reasoning": {"effort": "low"}, "model": "gpt-5",
-                    "stream": False, "background": True, "store": True}
+    assert sent == {
+        "input": "hi",
+        "reasoning": {"effort": "low"},
+        "model": "gpt-5",
+        "stream": False,
+        "background": True,
+        "store": True,
+    }
 
 
 async def test_a_slow_model_gets_a_handle_in_time_and_the_poll_returns_the_text(
@@ -530,8 +603,9 @@ async def test_a_slow_model_gets_a_handle_in_time_and_the_poll_returns_the_text(
     relay = await relay_factory(actions={"answer_budget_s": 0.3, "poll_interval_s": 0.05})
     started = time.monotonic()
     async with asyncio.timeout(2):
-        status, body = await post(relay, "/v1/actions/responses",
-                                  {"model": "wait-1.0", "input": "think"})
+        status, body = await post(
+            relay, "/v1/actions/responses", {"model": "wait-1.0", "input": "think"}
+        )
     assert status == 200
     assert time.monotonic() - started < 0.9  # the budget, not the model, set the pace
     assert body["status"] in ("queued", "in_progress") and "output_text" not in body
@@ -547,8 +621,9 @@ async def test_a_slow_model_gets_a_handle_in_time_and_the_poll_returns_the_text(
 async def test_a_huge_answer_is_cut_under_chatgpts_limit_and_says_so(
     actions: TestClient,
 ) -> None:
-    response = await actions.post("/v1/actions/responses", json={"model": "huge", "input": "x"},
-                                  headers=AUTH)
+    response = await actions.post(
+        "/v1/actions/responses", json={"model": "huge", "input": "x"}, headers=AUTH
+    )
     text = await response.text()
     assert len(text) < 100_000
     body = json.loads(text)
@@ -557,8 +632,9 @@ async def test_a_huge_answer_is_cut_under_chatgpts_limit_and_says_so(
 
 
 async def test_upstream_errors_pass_through_the_answer_route(actions: TestClient) -> None:
-    status, body = await post(actions, "/v1/actions/responses",
-                              {"model": "error-429", "input": "x"})
+    status, body = await post(
+        actions, "/v1/actions/responses", {"model": "error-429", "input": "x"}
+    )
     assert status == 429
     assert body["error"]["message"] == "Simulated upstream error 429"
 
@@ -566,8 +642,9 @@ async def test_upstream_errors_pass_through_the_answer_route(actions: TestClient
 async def test_streaming_wrapper_forces_stream_and_streams(
     actions: TestClient, fake: FakeOpenAI
 ) -> None:
-    response = await actions.post("/v1/actions/responses/stream", json={"input": "hi"},
-                                  headers=AUTH)
+    response = await actions.post(
+        "/v1/actions/responses/stream", json={"input": "hi"}, headers=AUTH
+    )
     assert response.headers["Content-Type"].startswith("text/event-stream")
     assert b"event: response.completed" in await response.read()
     assert json.loads(only(fake, "POST", "/v1/responses").body)["stream"] is True

@@ -408,12 +408,18 @@ def test_check_config_passes_a_minimal_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("[upstrem]\nurl = 'https://api.openai.com'\n",
-         "unknown table [upstrem]; did you mean [upstream]?"),
-        ("[upstream]\nidel_timeout = 5\n",
-         "unknown key `idel_timeout` in [upstream]; did you mean `idle_timeout`?"),
-        ('[actions]\noperations = ["generateImageAktion"]\n',
-         "[actions] operations: 'generateImageAktion' is not an operationId"),
+        (
+            "[upstrem]\nurl = 'https://api.openai.com'\n",
+            "unknown table [upstrem]; did you mean [upstream]?",
+        ),
+        (
+            "[upstream]\nidel_timeout = 5\n",
+            "unknown key `idel_timeout` in [upstream]; did you mean `idle_timeout`?",
+        ),
+        (
+            '[actions]\noperations = ["generateImageAktion"]\n',
+            "[actions] operations: 'generateImageAktion' is not an operationId",
+        ),
     ],
     ids=["unknown-table", "unknown-key", "unknown-actions-operation"],
 )

@@ -179,29 +179,73 @@ def test_every_toml_section_is_read(toml: TomlFile) -> None:
 
 
 ENV_OVER_TOML = [
-    ("RELAYD_UPSTREAM", "http://10.0.0.1:9", '[upstream]\nurl = "http://10.0.0.2:9"',
-     "upstream.url", "http://10.0.0.1:9"),
-    ("RELAYD_LISTEN", "127.0.0.1:9001", '[server]\nlisten = "127.0.0.1:9002"',
-     "server.listen", Listen("127.0.0.1", 9001)),
-    ("RELAYD_PUBLIC_URL", "https://env.example.com",
-     # A public relay needs keys (issue 11).
-     '[server]\npublic_url = "https://toml.example.com"\n'
-     f'[[auth.keys]]\nname = "a"\nkey = "{KEY_A}"', "server.public_url",
-     "https://env.example.com"),
+    (
+        "RELAYD_UPSTREAM",
+        "http://10.0.0.1:9",
+        '[upstream]\nurl = "http://10.0.0.2:9"',
+        "upstream.url",
+        "http://10.0.0.1:9",
+    ),
+    (
+        "RELAYD_LISTEN",
+        "127.0.0.1:9001",
+        '[server]\nlisten = "127.0.0.1:9002"',
+        "server.listen",
+        Listen("127.0.0.1", 9001),
+    ),
+    (
+        "RELAYD_PUBLIC_URL",
+        "https://env.example.com",
+        # A public relay needs keys (issue 11).
+        '[server]\npublic_url = "https://toml.example.com"\n'
+        f'[[auth.keys]]\nname = "a"\nkey = "{KEY_A}"',
+        "server.public_url",
+        "https://env.example.com",
+    ),
     ("RELAYD_WORKERS", "3", "[server]\nworkers = 2", "server.workers", 3),
-    ("RELAYD_CONNECT_TIMEOUT", "2.5", "[upstream]\nconnect_timeout = 9",
-     "upstream.connect_timeout_s", 2.5),
-    ("RELAYD_FIRST_BYTE_TIMEOUT", "45", "[upstream]\nfirst_byte_timeout = 9",
-     "upstream.first_byte_timeout_s", 45.0),
-    ("RELAYD_IDLE_TIMEOUT", "0.25", "[upstream]\nidle_timeout = 9",
-     "upstream.idle_timeout_s", 0.25),
-    ("OPENAI_ORGANIZATION", "org-env", '[upstream]\norganization = "org-toml"',
-     "upstream.organization", "org-env"),
-    ("OPENAI_PROJECT", "proj_env", '[upstream]\nproject = "proj_toml"',
-     "upstream.project", "proj_env"),
+    (
+        "RELAYD_CONNECT_TIMEOUT",
+        "2.5",
+        "[upstream]\nconnect_timeout = 9",
+        "upstream.connect_timeout_s",
+        2.5,
+    ),
+    (
+        "RELAYD_FIRST_BYTE_TIMEOUT",
+        "45",
+        "[upstream]\nfirst_byte_timeout = 9",
+        "upstream.first_byte_timeout_s",
+        45.0,
+    ),
+    (
+        "RELAYD_IDLE_TIMEOUT",
+        "0.25",
+        "[upstream]\nidle_timeout = 9",
+        "upstream.idle_timeout_s",
+        0.25,
+    ),
+    (
+        "OPENAI_ORGANIZATION",
+        "org-env",
+        '[upstream]\norganization = "org-toml"',
+        "upstream.organization",
+        "org-env",
+    ),
+    (
+        "OPENAI_PROJECT",
+        "proj_env",
+        '[upstream]\nproject = "proj_toml"',
+        "upstream.project",
+        "proj_env",
+    ),
     ("RELAYD_ENVIRONMENT", "dev", '[meta]\nenvironment = "prod"', "meta.environment", "dev"),
-    ("RELAYD_DEFAULT_MODEL", "gpt-env", '[meta]\ndefault_model = "gpt-toml"',
-     "meta.default_model", "gpt-env"),
+    (
+        "RELAYD_DEFAULT_MODEL",
+        "gpt-env",
+        '[meta]\ndefault_model = "gpt-toml"',
+        "meta.default_model",
+        "gpt-env",
+    ),
     ("RELAYD_LOG_FORMAT", "json", '[logging]\nformat = "console"', "logging.format", "json"),
     ("RELAYD_LOG_LEVEL", "warning", '[logging]\nlevel = "debug"', "logging.level", "warning"),
 ]
@@ -337,8 +381,12 @@ def test_an_upstream_key_with_inner_whitespace_is_refused(tmp_path: Path) -> Non
         ("[::]:8080", Listen("::", 8080), "[::]:8080", False),
         ("0.0.0.0:80", Listen("0.0.0.0", 80), "0.0.0.0:80", False),
         ("127.0.0.1:0", Listen("127.0.0.1", 0), "127.0.0.1:0", True),
-        ("unix:/run/relayd/relayd.sock", Listen(None, None, "/run/relayd/relayd.sock"),
-         "unix:/run/relayd/relayd.sock", True),
+        (
+            "unix:/run/relayd/relayd.sock",
+            Listen(None, None, "/run/relayd/relayd.sock"),
+            "unix:/run/relayd/relayd.sock",
+            True,
+        ),
     ],
 )
 def test_relayd_listen_forms(text: str, listen: Listen, shown: str, loopback: bool) -> None:
@@ -349,8 +397,9 @@ def test_relayd_listen_forms(text: str, listen: Listen, shown: str, loopback: bo
     assert settings.server.listen.is_unix is text.startswith("unix:")
 
 
-@pytest.mark.parametrize("text", ["8080", "127.0.0.1", "127.0.0.1:http", "[::1]", "unix:",
-                                  "127.0.0.1:70000"])
+@pytest.mark.parametrize(
+    "text", ["8080", "127.0.0.1", "127.0.0.1:http", "[::1]", "unix:", "127.0.0.1:70000"]
+)
 def test_a_malformed_listen_address_is_refused(text: str) -> None:
     with pytest.raises(ConfigError, match="listen"):
         load({"RELAYD_LISTEN": text})
@@ -710,8 +759,9 @@ def test_an_upstream_elsewhere_is_not_a_loop(listen: str, upstream: str) -> None
 # --------------------------------------------------------------------------- timeouts
 
 
-@pytest.mark.parametrize("name", ["RELAYD_CONNECT_TIMEOUT", "RELAYD_FIRST_BYTE_TIMEOUT",
-                                  "RELAYD_IDLE_TIMEOUT"])
+@pytest.mark.parametrize(
+    "name", ["RELAYD_CONNECT_TIMEOUT", "RELAYD_FIRST_BYTE_TIMEOUT", "RELAYD_IDLE_TIMEOUT"]
+)
 @pytest.mark.parametrize("value", ["soon", "0", "-1", "nan", "inf", "1e999"])
 def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(
     name: str, value: str
@@ -748,10 +798,14 @@ def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     [
         ("server = 5", "[server] must be a table"),
         # Unknown names, with the closest known one (issue 12).
-        ("[upstrem]\nurl = 'https://api.openai.com'",
-         "unknown table [upstrem]; did you mean [upstream]?"),
-        ("[upstream]\nidel_timeout = 5",
-         "unknown key `idel_timeout` in [upstream]; did you mean `idle_timeout`?"),
+        (
+            "[upstrem]\nurl = 'https://api.openai.com'",
+            "unknown table [upstrem]; did you mean [upstream]?",
+        ),
+        (
+            "[upstream]\nidel_timeout = 5",
+            "unknown key `idel_timeout` in [upstream]; did you mean `idle_timeout`?",
+        ),
         ("[realtime]\nallowed_model = []", "did you mean `allowed_models`?"),
         ("[actions]\nsigning_secret = 'x'", "did you mean `signing_secret_file`?"),
         ("[nothing_alike]\nx = 1", "unknown table [nothing_alike]"),
@@ -802,8 +856,9 @@ def test_an_unusable_upstream_url_is_refused(upstream: str, problem: str) -> Non
         load({"RELAYD_UPSTREAM": upstream})
 
 
-@pytest.mark.parametrize("public_url", ["http://relay.example.com", "relay.example.com",
-                                        "https://"])
+@pytest.mark.parametrize(
+    "public_url", ["http://relay.example.com", "relay.example.com", "https://"]
+)
 def test_a_public_url_that_is_not_an_https_origin_is_refused(public_url: str) -> None:
     with pytest.raises(ConfigError, match="must be an https origin"):
         load({"RELAYD_PUBLIC_URL": public_url})
@@ -922,13 +977,25 @@ def test_the_example_config_loads_with_safe_defaults() -> None:
     assert settings.upstream.url == "https://api.openai.com"
     assert settings.policy.deny == Settings().policy.deny
     assert settings.meta.tools_manifest == str(CONF / "tools.json")
-    for name in ("upstream.connect_timeout_s", "upstream.first_byte_timeout_s",
-                 "upstream.idle_timeout_s", "server.workers", "limits.max_body_bytes",
-                 "limits.max_json_bytes", "limits.max_header_bytes",
-                 "limits.keepalive_timeout_s", "server.drain_timeout_s",
-                 "upstream.sse_keepalive_s", "upstream.max_connections", "auth.header",
-                 "meta.name", "meta.environment", "meta.default_model", "logging.format",
-                 "logging.level"):
+    for name in (
+        "upstream.connect_timeout_s",
+        "upstream.first_byte_timeout_s",
+        "upstream.idle_timeout_s",
+        "server.workers",
+        "limits.max_body_bytes",
+        "limits.max_json_bytes",
+        "limits.max_header_bytes",
+        "limits.keepalive_timeout_s",
+        "server.drain_timeout_s",
+        "upstream.sse_keepalive_s",
+        "upstream.max_connections",
+        "auth.header",
+        "meta.name",
+        "meta.environment",
+        "meta.default_model",
+        "logging.format",
+        "logging.level",
+    ):
         read = operator.attrgetter(name)
         assert read(settings) == read(Settings()), name
 

@@ -34,8 +34,10 @@ AUTH = {"Authorization": f"Bearer {RELAY_KEY}"}
 async def upload_from(relay: TestClient, link: str) -> tuple[int, dict[str, Any]]:
     response = await relay.post(
         "/v1/actions/files/upload",
-        json={"purpose": "assistants", "openaiFileIdRefs": [{"name": "f.png",
-                                                               "download_link": link}]},
+        json={
+            "purpose": "assistants",
+            "openaiFileIdRefs": [{"name": "f.png", "download_link": link}],
+        },
         headers=AUTH,
     )
     return response.status, await response.json()
@@ -59,8 +61,16 @@ async def host(aiohttp_server: AiohttpServer, tmp_path: Path) -> FileHost:
         # Anyone can register an Azure storage account named oaidalle<anything>.
         ("https://oaidalleattacker.blob.core.windows.net/private/x.png", "not fetched"),
     ],
-    ids=["loopback", "loopback-v6", "metadata", "plain-http", "userinfo", "other-host",
-         "file-scheme", "lookalike-storage-account"],
+    ids=[
+        "loopback",
+        "loopback-v6",
+        "metadata",
+        "plain-http",
+        "userinfo",
+        "other-host",
+        "file-scheme",
+        "lookalike-storage-account",
+    ],
 )
 async def test_default_config_refuses_links_before_connecting(
     relay_factory: RelayFactory, fake: FakeOpenAI, link: str, words: str
@@ -181,9 +191,24 @@ def test_operator_wildcards_still_match(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1", "::1", "169.254.169.254", "10.1.2.3", "172.16.0.1", "192.168.1.1",
-     "100.64.0.1", "0.0.0.0", "::", "224.0.0.1", "fd00:ec2::254", "fe80::1%eth0",
-     "::ffff:10.0.0.1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "192.0.2.1"],
+    [
+        "127.0.0.1",
+        "::1",
+        "169.254.169.254",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "0.0.0.0",
+        "::",
+        "224.0.0.1",
+        "fd00:ec2::254",
+        "fe80::1%eth0",
+        "::ffff:10.0.0.1",
+        "64:ff9b::a9fe:a9fe",
+        "2002:7f00:1::1",
+        "192.0.2.1",
+    ],
 )
 def test_non_public_addresses_are_named(address: str) -> None:
     assert non_public_reason(address) is not None
@@ -200,8 +225,16 @@ class _LyingResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET,
-                 "proto": 0, "flags": 0}]
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
 
     async def close(self) -> None:
         pass
@@ -221,8 +254,7 @@ async def test_the_connected_address_is_checked_not_only_the_name(
 ) -> None:
     server = await _plain_server(aiohttp_server)
     # The socket factory sees the address each socket is about to connect to.
-    connector = aiohttp.TCPConnector(resolver=_LyingResolver(),
-                                     socket_factory=refuse_non_public)
+    connector = aiohttp.TCPConnector(resolver=_LyingResolver(), socket_factory=refuse_non_public)
     async with aiohttp.ClientSession(connector=connector) as session:
         with pytest.raises(aiohttp.ClientConnectorError) as caught:
             await session.get(f"http://public.example:{server.port}/")

@@ -28,19 +28,43 @@ from tests.test_security import assert_openai_error
 BOUND = 5.0
 
 LOOPBACK_HOSTS = [
-    "localhost", "LocalHost:8080", "localhost:", "127.0.0.1", "127.0.0.1:9", "127.255.0.7:80",
-    "[::1]", "[::1]:8080", "[::ffff:127.0.0.1]:80",
+    "localhost",
+    "LocalHost:8080",
+    "localhost:",
+    "127.0.0.1",
+    "127.0.0.1:9",
+    "127.255.0.7:80",
+    "[::1]",
+    "[::1]:8080",
+    "[::ffff:127.0.0.1]:80",
 ]
 FOREIGN_HOSTS = [
-    "rebind.attacker.example", "rebind.attacker.example:8080", "127.0.0.1.nip.io",
-    "localhost.attacker.example", "0.0.0.0:8080", "10.0.0.1", "[::]:8080", "::1",
-    "[::2]", "[::1]x", "localhost:80:80", "localhost:http", "", "local host",
+    "rebind.attacker.example",
+    "rebind.attacker.example:8080",
+    "127.0.0.1.nip.io",
+    "localhost.attacker.example",
+    "0.0.0.0:8080",
+    "10.0.0.1",
+    "[::]:8080",
+    "::1",
+    "[::2]",
+    "[::1]x",
+    "localhost:80:80",
+    "localhost:http",
+    "",
+    "local host",
 ]
 LOOPBACK_ORIGINS = ["http://localhost:3000", "https://127.0.0.1", "http://[::1]:5173"]
 FOREIGN_ORIGINS = [
-    "null", "https://attacker.example", "http://localhost.attacker.example",
-    "http://0.0.0.0:8080", "file://", "http://user@localhost", "http://localhost/path",
-    "chrome-extension://abcdef", "http://localhost:99999",
+    "null",
+    "https://attacker.example",
+    "http://localhost.attacker.example",
+    "http://0.0.0.0:8080",
+    "file://",
+    "http://user@localhost",
+    "http://localhost/path",
+    "chrome-extension://abcdef",
+    "http://localhost:99999",
 ]
 
 
@@ -179,9 +203,7 @@ def test_a_public_url_needs_relay_keys(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- inherited sockets
 
 
-async def _activated(
-    fake_server: TestServer, listener: socket.socket, **env: str
-) -> Relayd:
+async def _activated(fake_server: TestServer, listener: socket.socket, **env: str) -> Relayd:
     """``relayd serve`` given ``listener`` as systemd would (fd 3, LISTEN_FDS, LISTEN_PID),
     keyless, with a config that claims a loopback address."""
     fd = listener.fileno()
@@ -191,11 +213,17 @@ async def _activated(
         "os.execv(sys.executable, [sys.executable, '-m', 'relayd', 'serve'])"
     )
     environ = _env(
-        str(fake_server.make_url("")).rstrip("/"), RELAYD_KEYS="", RELAYD_LISTEN="127.0.0.1:1",
+        str(fake_server.make_url("")).rstrip("/"),
+        RELAYD_KEYS="",
+        RELAYD_LISTEN="127.0.0.1:1",
         **env,
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", launcher, env=environ, pass_fds=(fd,),
+        sys.executable,
+        "-c",
+        launcher,
+        env=environ,
+        pass_fds=(fd,),
         stderr=asyncio.subprocess.PIPE,
     )
     return Relayd(process)

@@ -108,7 +108,12 @@ def _console(record: logging.LogRecord) -> str:
 
 def test_a_console_record_stays_one_line_whatever_a_client_sent() -> None:
     record = logging.LogRecord(
-        "relayd.errors", logging.INFO, __file__, 1, "unhandled error on %s %s", ("GET", FORGERY),
+        "relayd.errors",
+        logging.INFO,
+        __file__,
+        1,
+        "unhandled error on %s %s",
+        ("GET", FORGERY),
         None,
     )
     record.fields = {"model": FORGERY, "ke\ny": "v", "note": "a b=c"}
@@ -116,7 +121,7 @@ def test_a_console_record_stays_one_line_whatever_a_client_sent() -> None:
     assert len(line.splitlines()) == 1, line
     assert line.isprintable()
     assert "x\\ninfo    relayd.access: access status=200\\r\\x1b[2K\\u2028\\u202e\\x85" in line
-    assert 'ke\\ny=v' in line
+    assert "ke\\ny=v" in line
     assert 'note="a b=c"' in line  # a value with spaces cannot pose as more fields
     assert 'model="x\\\\ninfo' in line
 
@@ -172,6 +177,8 @@ async def test_a_decoded_path_in_an_error_log_is_one_escaped_line(
     assert "/boom/a\\u2028info relayd.access: forged\\x85\\u202e" in first
     assert not [line for line in out.getvalue().splitlines() if line.startswith("info relayd")]
     assert all(line.isprintable() for line in out.getvalue().splitlines())
+
+
 # --------------------------------------------------------------------------- diagnosis
 
 

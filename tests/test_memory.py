@@ -265,7 +265,7 @@ async def test_a_key_over_its_share_gets_429_and_the_relay_over_its_budget_503(
     relay_factory: RelayFactory,
 ) -> None:
     relay = await relay_factory(
-limits={
+        limits={
             "max_json_bytes": MiB,
             "max_buffered_bytes": 3 * MiB,
             "max_buffered_bytes_per_key": 2 * MiB,
@@ -404,15 +404,17 @@ async def test_files_fetched_from_links_count_and_one_request_may_not_exceed_a_s
     host = await start_file_host(aiohttp_server, tmp_path)
     relay = await relay_factory(
         fetch_settings(host),
-limits={
+        limits={
             "max_json_bytes": MiB,
             "max_buffered_bytes": 4 * MiB,
             "max_buffered_bytes_per_key": 2 * MiB,
         },
         realtime={"max_message_bytes": MiB},
     )
-    refs = [{"name": f"{i}.png", "download_link": host.put(f"{i}.png", PNG + bytes(MiB))}
-            for i in range(2)]
+    refs = [
+        {"name": f"{i}.png", "download_link": host.put(f"{i}.png", PNG + bytes(MiB))}
+        for i in range(2)
+    ]
     body = {"prompt": "make it blue", "openaiFileIdRefs": refs, "mask_index": 1}
     answer = await relay.post(
         "/v1/actions/images/edits", json=body, headers={"Authorization": f"Bearer {RELAY_KEY}"}
@@ -454,7 +456,7 @@ async def test_unfinished_messages_count_until_whole_and_past_the_share_close_10
     relay_factory: RelayFactory,
 ) -> None:
     relay = await relay_factory(
-limits={
+        limits={
             "max_json_bytes": MiB // 2,
             "max_buffered_bytes": 3 * MiB,
             "max_buffered_bytes_per_key": 2 * MiB,
@@ -505,8 +507,13 @@ async def _bye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 
 async def _raw_realtime(relay: TestClient) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await open_raw(relay)
-    writer.write(head("GET", "/v1/realtime?model=gpt-realtime", {
-        "Authorization": f"Bearer {RELAY_KEY}", **websocket_upgrade()}))
+    writer.write(
+        head(
+            "GET",
+            "/v1/realtime?model=gpt-realtime",
+            {"Authorization": f"Bearer {RELAY_KEY}", **websocket_upgrade()},
+        )
+    )
     status, _ = await read_head(reader)
     assert status == 101
     return reader, writer

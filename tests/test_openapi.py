@@ -79,7 +79,9 @@ def test_wrapper_bodies_and_answers_have_schemas() -> None:
     }
     refs = document["components"]["schemas"]["ImageEditRequest"]["properties"]
     assert refs["openaiFileIdRefs"] == {
-        "type": "array", "maxItems": 10, "items": {"type": "string"},
+        "type": "array",
+        "maxItems": 10,
+        "items": {"type": "string"},
         "description": refs["openaiFileIdRefs"]["description"],
     }
 
@@ -96,8 +98,12 @@ def test_the_actions_subset_is_configurable(tmp_path: Path) -> None:
     document = actions_document(operations=("ping", "proxyRequest"), auth="header")
     assert {op["operationId"] for op in operations(document).values()} == {"ping", "proxyRequest"}
     assert document["components"]["securitySchemes"] == {
-        "RelayKey": {"type": "apiKey", "in": "header", "name": "X-Relay-Key",
-                     "description": "A relay key."}
+        "RelayKey": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Relay-Key",
+            "description": "A relay key.",
+        }
     }
     assert lint(document) == []
     with pytest.raises(ConfigError, match="not offered to Actions"):
@@ -165,7 +171,8 @@ def _broken() -> dict[str, Any]:
     document["servers"] = [{"url": "http://relay.example.com"}, {"url": "https://other.example"}]
     document["components"]["securitySchemes"]["Other"] = {"type": "http", "scheme": "basic"}
     document["components"]["schemas"]["Loop"] = {
-        "type": "object", "properties": {"self": {"$ref": "#/components/schemas/Loop"}},
+        "type": "object",
+        "properties": {"self": {"$ref": "#/components/schemas/Loop"}},
     }
     document["components"]["schemas"]["Bare"] = {"type": "object"}
     ops = operations(document)
@@ -179,14 +186,18 @@ def _broken() -> dict[str, Any]:
     ops[("GET", "/v1/actions/relay_info")]["operationId"] = "createActionResponse"
     ops[("POST", "/v1/actions/images/edits")]["operationId"] = "edit image!"
     document["components"]["schemas"]["ImageEditRequest"]["properties"]["openaiFileIdRefs"] = {
-        "type": "array", "items": {"type": "object", "properties": {}},
+        "type": "array",
+        "items": {"type": "object", "properties": {}},
     }
     content = ops[("GET", "/v1/actions/files/{file_id}/content")]
     content["parameters"][0]["description"] = "z" * 701
     for i in range(30):
         document["paths"][f"/extra/{i}"] = {
-            "get": {"operationId": f"extra{i}", "x-openai-isConsequential": False,
-                    "responses": {"200": {"description": "ok"}}}
+            "get": {
+                "operationId": f"extra{i}",
+                "x-openai-isConsequential": False,
+                "responses": {"200": {"description": "ok"}},
+            }
         }
     document["paths"]["no-slash"] = {}
     return document
@@ -225,8 +236,10 @@ def test_the_lint_names_each_broken_rule_in_the_builders_words() -> None:
     "mutate, expected",
     [
         (lambda d: d.__setitem__("servers", []), "Could not find a valid URL in `servers`"),
-        (lambda d: d["components"].pop("schemas"),
-         "In components section, schemas subsection is not an object"),
+        (
+            lambda d: d["components"].pop("schemas"),
+            "In components section, schemas subsection is not an object",
+        ),
         (lambda d: d.__setitem__("security", {"RelayKey": []}), "Input should be a valid list"),
     ],
     ids=["no-server", "no-schemas", "security-not-a-list"],

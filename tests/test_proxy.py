@@ -187,16 +187,20 @@ async def test_query_and_aliases_are_encoded_for_upstream(
 ) -> None:
     status, _ = await call(
         relay,
-        {"method": "get", "path": "/v1/files", "params": {"limit": 2, "purpose": "batch",
-                                                         "include": ["a", "b"], "x": True}},
+        {
+            "method": "get",
+            "path": "/v1/files",
+            "params": {"limit": 2, "purpose": "batch", "include": ["a", "b"], "x": True},
+        },
     )
     assert status == 200
     seen = fake.seen[0]
     assert seen.path == "/v1/files"
     # (the fake keeps the first of repeated names: include=a&include=b)
     assert seen.query == {"limit": "2", "purpose": "batch", "include": "a", "x": "true"}
-    status, _ = await call(relay, {"method": "POST", "path": "/v1/embeddings",
-                                   "json": {"model": "e", "input": "x"}})
+    status, _ = await call(
+        relay, {"method": "POST", "path": "/v1/embeddings", "json": {"model": "e", "input": "x"}}
+    )
     assert status == 200
     assert json.loads(fake.seen[-1].body) == {"model": "e", "input": "x"}
 
@@ -213,8 +217,16 @@ async def test_query_and_aliases_are_encoded_for_upstream(
         ({"method": "GET", "path": "/v1/models", "query": {"a": {"b": 1}}}, "query"),
         ({"method": "GET", "path": "/v1/files?purpose=x"}, "path"),
     ],
-    ids=["no-method", "no-path", "bad-method", "unknown-field", "both-query-names",
-         "body-on-get", "nested-query", "query-in-path"],
+    ids=[
+        "no-method",
+        "no-path",
+        "bad-method",
+        "unknown-field",
+        "both-query-names",
+        "body-on-get",
+        "nested-query",
+        "query-in-path",
+    ],
 )
 async def test_malformed_envelopes_are_400_naming_the_field(
     relay: TestClient, fake: FakeOpenAI, envelope: dict[str, Any], param: str
@@ -230,8 +242,11 @@ async def test_a_huge_json_answer_is_cut_under_chatgpts_limit(
 ) -> None:
     response = await relay.post(
         "/v1/proxy",
-        json={"method": "POST", "path": "/v1/embeddings",
-              "body": {"model": "e", "input": ["x"] * 5000}},
+        json={
+            "method": "POST",
+            "path": "/v1/embeddings",
+            "body": {"model": "e", "input": ["x"] * 5000},
+        },
         headers=AUTH,
     )
     text = await response.text()
@@ -243,8 +258,9 @@ async def test_a_huge_json_answer_is_cut_under_chatgpts_limit(
 
 
 async def test_upstream_errors_come_back_redacted(relay: TestClient) -> None:
-    status, answer = await call(relay, {"method": "POST", "path": "/v1/responses",
-                                        "body": {"model": "error-500"}})
+    status, answer = await call(
+        relay, {"method": "POST", "path": "/v1/responses", "body": {"model": "error-500"}}
+    )
     assert status == 500
     assert answer["error"]["message"] == "Simulated upstream error 500"
 
@@ -283,20 +299,21 @@ async def test_a_proxy_call_needs_the_scope_of_the_route_it_reaches(
     assert fake.seen == []
 
 
-async def test_a_proxy_call_passes_with_both_scopes(
-    relay_factory: Any, fake: FakeOpenAI
-) -> None:
+async def test_a_proxy_call_passes_with_both_scopes(relay_factory: Any, fake: FakeOpenAI) -> None:
     both = RelayKey(
-        "gpt-files", hashlib.sha256(SCOPED_SECRET.encode()).digest(),
+        "gpt-files",
+        hashlib.sha256(SCOPED_SECRET.encode()).digest(),
         frozenset({"proxy", "files"}),
     )
     relay = await relay_factory(auth={"keys": (both,)})
     headers = {"Authorization": f"Bearer {SCOPED_SECRET}"}
-    response = await relay.post("/v1/proxy", json={"method": "GET", "path": "/v1/files"},
-                                headers=headers)
+    response = await relay.post(
+        "/v1/proxy", json={"method": "GET", "path": "/v1/files"}, headers=headers
+    )
     assert response.status == 200
-    response = await relay.post("/v1/proxy", json={"method": "GET", "path": "/v1/models"},
-                                headers=headers)
+    response = await relay.post(
+        "/v1/proxy", json={"method": "GET", "path": "/v1/models"}, headers=headers
+    )
     assert response.status == 403
     assert [s.path for s in fake.seen] == ["/v1/files"]
 
@@ -318,8 +335,21 @@ async def test_a_proxy_call_passes_with_both_scopes(
         {"body": {"model": "gpt-5"}, "query": {"Stream": "yes"}},
         {"body": {"model": "gpt-5"}, "params": {"stream": 1}},
     ],
-    ids=["str-true", "str-True", "one", "str-one", "list", "object", "str-false", "query",
-         "query-bool", "query-upper", "query-list", "query-name-case", "params"],
+    ids=[
+        "str-true",
+        "str-True",
+        "one",
+        "str-one",
+        "list",
+        "object",
+        "str-false",
+        "query",
+        "query-bool",
+        "query-upper",
+        "query-list",
+        "query-name-case",
+        "params",
+    ],
 )
 async def test_every_spelling_of_stream_true_is_refused(
     relay: TestClient, fake: FakeOpenAI, envelope: dict[str, Any]

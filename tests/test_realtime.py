@@ -184,9 +184,7 @@ async def test_upstream_that_stops_answering_pings_is_dropped(
     assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1011)
 
 
-async def test_predecessor_path_bridges_to_the_same_upstream(
-    relay: TestClient, fake: FakeOpenAI
-) -> None:
+async def test_older_path_bridges_to_the_same_upstream(relay: TestClient, fake: FakeOpenAI) -> None:
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect("/v1/realtime/ws?model=gpt-realtime", headers=AUTH) as ws:
             await ws.send_bytes(b"\x00\x01")
@@ -302,8 +300,13 @@ async def test_disabled_realtime_is_a_403_before_the_upgrade(
 
 @pytest.mark.parametrize(
     "query",
-    ["", "model=gpt-realtime&intent=transcription", "model=gpt-realtime&call_id=rtc_1",
-     "model=", "model=a&model=b"],
+    [
+        "",
+        "model=gpt-realtime&intent=transcription",
+        "model=gpt-realtime&call_id=rtc_1",
+        "model=",
+        "model=a&model=b",
+    ],
     ids=["none", "model-and-intent", "model-and-call_id", "empty", "repeated"],
 )
 async def test_a_query_that_names_no_single_session_is_a_400(
@@ -317,9 +320,14 @@ async def test_a_query_that_names_no_single_session_is_a_400(
 
 @pytest.mark.parametrize(
     "query",
-    ["Model=gpt-4o-realtime-preview", "model[]=gpt-4o-realtime-preview",
-     "model=gpt-realtime&Model=gpt-4o-realtime-preview", "model=gpt-realtime&debug=1",
-     "call_id=rtc_1&call_id=rtc_2", "intent=transcription&intent=transcription"],
+    [
+        "Model=gpt-4o-realtime-preview",
+        "model[]=gpt-4o-realtime-preview",
+        "model=gpt-realtime&Model=gpt-4o-realtime-preview",
+        "model=gpt-realtime&debug=1",
+        "call_id=rtc_1&call_id=rtc_2",
+        "intent=transcription&intent=transcription",
+    ],
     ids=["capitalised", "array", "shadowed", "unknown", "repeated-call_id", "repeated-intent"],
 )
 async def test_unknown_or_repeated_query_parameters_on_the_bridge_are_a_400(
@@ -405,8 +413,7 @@ async def test_a_full_upstream_pool_is_a_503_before_the_upgrade(
 
 @pytest.mark.parametrize(
     ("received", "sent"),
-    [(4001, 4001), (1000, 1000), (0, 1000), (1005, 1000), (1006, 1011), (1015, 1011),
-     (None, 1011)],
+    [(4001, 4001), (1000, 1000), (0, 1000), (1005, 1000), (1006, 1011), (1015, 1011), (None, 1011)],
 )
 def test_close_codes_that_cannot_be_sent_are_mapped(received: int | None, sent: int) -> None:
     assert sendable_close_code(received) == sent
@@ -447,9 +454,7 @@ async def test_session_is_closed_at_the_time_limit(
     assert fake.realtime.last().close_code == 1008
 
 
-async def test_shutdown_closes_open_bridges_with_1001(
-    relay: TestClient, fake: FakeOpenAI
-) -> None:
+async def test_shutdown_closes_open_bridges_with_1001(relay: TestClient, fake: FakeOpenAI) -> None:
     async with asyncio.timeout(BOUND):
         async with relay.ws_connect(URL, headers=AUTH) as ws:
             await ws.send_str("hello")
@@ -525,9 +530,7 @@ def _concrete(path: str) -> str:
 _REALTIME_ROUTES = [route for route in TABLE if route.group == "realtime"]
 
 
-@pytest.mark.parametrize(
-    "route", _REALTIME_ROUTES, ids=[r.operation_id for r in _REALTIME_ROUTES]
-)
+@pytest.mark.parametrize("route", _REALTIME_ROUTES, ids=[r.operation_id for r in _REALTIME_ROUTES])
 async def test_disabled_realtime_refuses_every_realtime_route(
     relay_factory: RelayFactory, fake: FakeOpenAI, route: Any
 ) -> None:
@@ -539,9 +542,7 @@ async def test_disabled_realtime_refuses_every_realtime_route(
                 f"{path}?model=gpt-realtime", headers={**websocket_upgrade(), **AUTH}
             )
         else:
-            response = await relay.post(
-                path, json={"session": {"type": "realtime"}}, headers=AUTH
-            )
+            response = await relay.post(path, json={"session": {"type": "realtime"}}, headers=AUTH)
         error = (await response.json())["error"]
     assert response.status == 403
     assert error["code"] == "realtime_disabled"
@@ -594,8 +595,17 @@ async def test_restricted_models_refuse_realtime_paths_relayd_cannot_check(
         ("/v1/realtime/calls/rtc_1/hangup?model=gpt-4o-rt", {}),
         ("/v1/realtime/client_secrets", {"session": {"type": "realtime", "model": 7}}),
     ],
-    ids=["client_secrets", "query", "query-variant", "translations", "accept",
-         "transcription", "sessions", "hangup-query", "not-a-string"],
+    ids=[
+        "client_secrets",
+        "query",
+        "query-variant",
+        "translations",
+        "accept",
+        "transcription",
+        "sessions",
+        "hangup-query",
+        "not-a-string",
+    ],
 )
 async def test_every_realtime_route_checks_the_models_it_names(
     relay_factory: RelayFactory, fake: FakeOpenAI, path: str, body: dict[str, Any]
@@ -613,7 +623,7 @@ async def test_client_secrets_get_the_default_model_when_models_are_restricted(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
     relay = await relay_factory(
-realtime={
+        realtime={
             "allowed_models": ("gpt-realtime", "gpt-realtime-mini"),
             "default_model": "gpt-realtime-mini",
         },
@@ -632,7 +642,10 @@ realtime={
         assert bodiless.status == 200
     sent = [json.loads(s.body) for s in fake.seen]
     assert [body["session"]["model"] for body in sent] == [
-        "gpt-realtime-mini", "gpt-realtime-mini", "gpt-realtime", "gpt-realtime-mini"
+        "gpt-realtime-mini",
+        "gpt-realtime-mini",
+        "gpt-realtime",
+        "gpt-realtime-mini",
     ]
     assert sent[1]["session"]["instructions"] == "hi"
 
@@ -704,7 +717,7 @@ async def test_legacy_sessions_refuse_a_model_outside_allowed_models(
     relay_factory: RelayFactory, fake: FakeOpenAI
 ) -> None:
     relay = await relay_factory(
-realtime={
+        realtime={
             "allowed_models": ("gpt-realtime", "gpt-realtime-mini"),
             "default_model": "gpt-realtime-mini",
         },
@@ -794,9 +807,10 @@ async def test_a_reload_ends_the_sessions_of_revoked_keys_only(
     keyring = app[KEYRING]
     team, other = keyring.keys
     async with asyncio.timeout(BOUND):
-        async with relay.ws_connect(URL, headers=AUTH) as kept, relay.ws_connect(
-            URL, headers={"Authorization": f"Bearer {OTHER_KEY}"}
-        ) as ended:
+        async with (
+            relay.ws_connect(URL, headers=AUTH) as kept,
+            relay.ws_connect(URL, headers={"Authorization": f"Bearer {OTHER_KEY}"}) as ended,
+        ):
             keyring.replace([team, other])
             assert await realtime_handler.end_revoked_sessions(app) == 0  # nothing changed
             # Still a key, but no longer one that may use realtime.

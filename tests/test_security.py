@@ -143,8 +143,11 @@ async def test_an_unknown_expectation_is_a_417_after_auth(relay: TestClient) -> 
     auth = {"Authorization": f"Bearer {RELAY_KEY}"}
     for headers, status in (({"Expect": "x-teapot"}, 401), ({**auth, "Expect": "x-teapot"}, 417)):
         response = await rawhttp.request(
-            relay, "POST", "/v1/embeddings",
-            {**headers, "Content-Type": "application/json"}, b"{}",
+            relay,
+            "POST",
+            "/v1/embeddings",
+            {**headers, "Content-Type": "application/json"},
+            b"{}",
         )
         assert response.status == status
         assert_openai_error(json.loads(response.body))
@@ -445,9 +448,7 @@ async def test_path_tricks_are_400_on_every_route_before_the_key_is_asked(
     assert fake.seen == []
 
 
-async def test_honest_encodings_still_pass(
-    relay_factory: RelayFactory, fake: FakeOpenAI
-) -> None:
+async def test_honest_encodings_still_pass(relay_factory: RelayFactory, fake: FakeOpenAI) -> None:
     # Reserved characters and UTF-8 stay encodable: they mean the same to upstream.
     relay = await relay_factory(policy={"allow": ("/v1/evals*",)})
     auth = {"Authorization": f"Bearer {RELAY_KEY}"}
@@ -536,14 +537,24 @@ def _nested(depth: int) -> str:
         ("/v1/actions/responses", "[" * 100_000),
         ("/v1/responses:stream", "[" * 100_000),
         ("/v1/proxy", "[" * 100_000),
-        ("/v1/proxy", '{"method": "POST", "path": "/v1/embeddings", "body": {"input": '
-         + _nested(900) + "}}"),
+        (
+            "/v1/proxy",
+            '{"method": "POST", "path": "/v1/embeddings", "body": {"input": ' + _nested(900) + "}}",
+        ),
         ("/v1/responses:stream", '{"model": "gpt-5", "input": ' + _nested(900) + "}"),
-        ("/v1/actions/responses", '{"input": "hi", "metadata": ' + '{"a":' * 300
-         + "1" + "}" * 300 + "}"),
+        (
+            "/v1/actions/responses",
+            '{"input": "hi", "metadata": ' + '{"a":' * 300 + "1" + "}" * 300 + "}",
+        ),
     ],
-    ids=["wrapper-unclosed", "stream-unclosed", "proxy-unclosed", "proxy-deep", "stream-deep",
-         "wrapper-deep-object"],
+    ids=[
+        "wrapper-unclosed",
+        "stream-unclosed",
+        "proxy-unclosed",
+        "proxy-deep",
+        "stream-deep",
+        "wrapper-deep-object",
+    ],
 )
 async def test_deeply_nested_json_is_400_not_500(
     relay: TestClient, auth: dict[str, str], fake: FakeOpenAI, path: str, body: str

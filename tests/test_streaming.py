@@ -269,13 +269,10 @@ async def test_an_unasked_upgrade_from_upstream_is_a_prompt_502(
     # would leave relayd waiting for a body on a connection that is no longer HTTP.
     closed = asyncio.Event()
 
-    async def switch_protocols(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def switch_protocols(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\n\r\n"
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
         )
         await writer.drain()
         await reader.read()  # until relayd drops the connection

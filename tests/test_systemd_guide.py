@@ -151,7 +151,9 @@ def test_install_steps_give_a_config_that_checks_clean(tmp_path: Path) -> None:
     assert [k["name"] for k in settings["auth"]["keys"]] == ["team"]
     assert settings["upstream"]["api_key"] == "<set>"
     assert settings["meta"]["tools_manifest"] == f"{root}/etc/relayd/tools.json"
-    assert settings["server"]["public_url"] and settings["server"]["public_url"].startswith("https://")
+    assert settings["server"]["public_url"] and settings["server"]["public_url"].startswith(
+        "https://"
+    )
     assert not re.search(r"(?i)warn|error|cannot|no such", result.stderr), result.stderr
     assert TYPED_UPSTREAM_KEY not in result.stdout + result.stderr
 
@@ -241,8 +243,14 @@ async def test_reload_takes_keys_from_the_config_and_rereads_the_credential_copy
         RELAYD_LISTEN="127.0.0.1:0",
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relayd", "serve", "--config", str(config),
-        env=env, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "relayd",
+        "serve",
+        "--config",
+        str(config),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
     )
     relayd = Relayd(process)
     try:

@@ -19,22 +19,25 @@ from relayd.usage import Usage, UsageTap, read_usage
 
 _TRICKY_TEXT = st.one_of(
     st.text(max_size=20),
-    st.sampled_from([
-        '"usage": {"input_tokens": 999, "output_tokens": 999}',
-        '{"model": "fake-model"}',
-        'model": "x',
-        "usage",
-        '\\"usage\\": {}',
-        '"model":',
-    ]),
+    st.sampled_from(
+        [
+            '"usage": {"input_tokens": 999, "output_tokens": 999}',
+            '{"model": "fake-model"}',
+            'model": "x',
+            "usage",
+            '\\"usage\\": {}',
+            '"model":',
+        ]
+    ),
 )
 _TOKENS = st.integers(min_value=0, max_value=10**6)
 _KEYS = st.one_of(st.sampled_from(["usage", "model", 'x"usage']), st.text(max_size=8))
 _METADATA = st.dictionaries(_KEYS, _TRICKY_TEXT, max_size=4)
 _SCHEMA = st.one_of(
     st.none(),
-    st.just({"format": {"type": "json_schema",
-                        "schema": {"properties": {"usage": {"type": "object"}}}}}),
+    st.just(
+        {"format": {"type": "json_schema", "schema": {"properties": {"usage": {"type": "object"}}}}}
+    ),
 )
 _MODEL = st.one_of(st.sampled_from(["gpt-5", "text-embedding-3-small"]), _TRICKY_TEXT)
 
@@ -42,10 +45,12 @@ _MODEL = st.one_of(st.sampled_from(["gpt-5", "text-embedding-3-small"]), _TRICKY
 @st.composite
 def _response(draw: st.DrawFn) -> dict[str, Any]:
     """A Responses object, keys in the API's order."""
-    usage = draw(st.one_of(
-        st.none(),
-        st.fixed_dictionaries({}, optional={"input_tokens": _TOKENS, "output_tokens": _TOKENS}),
-    ))
+    usage = draw(
+        st.one_of(
+            st.none(),
+            st.fixed_dictionaries({}, optional={"input_tokens": _TOKENS, "output_tokens": _TOKENS}),
+        )
+    )
     return {
         "id": "resp_1",
         "object": "response",
@@ -117,8 +122,10 @@ def test_reading_usage_agrees_with_parsing_the_whole_answer(
 
 
 def test_a_tap_reads_a_stream_of_chunks_and_a_small_answer_in_one_piece() -> None:
-    event = {"type": "response.completed", "response": {
-        "model": "gpt-5", "usage": {"input_tokens": 7, "output_tokens": 5}}}
+    event = {
+        "type": "response.completed",
+        "response": {"model": "gpt-5", "usage": {"input_tokens": 7, "output_tokens": 5}},
+    }
     stream = f"event: response.completed\ndata: {json.dumps(event)}\n\n".encode()
     tap = UsageTap(event_stream=True)
     for at in range(0, len(stream), 7):  # split anywhere, even inside the JSON

@@ -94,8 +94,9 @@ async def scripted(aiohttp_server: Any) -> Callable[[Script], Awaitable[TestServ
                 if msg.type is WSMsgType.TEXT and msg.data == "go":
                     await script(ws)
                 elif msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    await ws.send_frame(msg.data.encode() if isinstance(msg.data, str)
-                                        else msg.data, msg.type)
+                    await ws.send_frame(
+                        msg.data.encode() if isinstance(msg.data, str) else msg.data, msg.type
+                    )
                 elif msg.type is WSMsgType.CLOSE:
                     await ws.close(code=msg.data or 1000)
                     return ws
@@ -200,8 +201,11 @@ async def test_fragmented_upstream_message_reaches_the_client_whole(
 ) -> None:
     async def fragments(ws: web.WebSocketResponse) -> None:
         transport = ws._writer.transport  # type: ignore[union-attr]
-        transport.write(frame(0x1, b'{"a":', fin=False, mask=False)
-                        + frame(0x0, b"1}", mask=False) + frame(0x1, b"next", mask=False))
+        transport.write(
+            frame(0x1, b'{"a":', fin=False, mask=False)
+            + frame(0x0, b"1}", mask=False)
+            + frame(0x1, b"next", mask=False)
+        )
 
     upstream = await scripted(fragments)
     relay = await relay_factory(upstream={"url": str(upstream.make_url(""))})

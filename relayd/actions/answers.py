@@ -79,9 +79,7 @@ def _answer(response: dict[str, Any], poll_after_s: float, limit: int) -> dict[s
     return fit_json(answer, limit)
 
 
-async def _poll(
-    request: web.Request, response: dict[str, Any], deadline: float
-) -> dict[str, Any]:
+async def _poll(request: web.Request, response: dict[str, Any], deadline: float) -> dict[str, Any]:
     """Poll until the response is finished or ``deadline``; an upstream error is
     passed through to the client (raised as :class:`_Passthrough`)."""
     settings = request.app[SETTINGS]
@@ -139,7 +137,10 @@ async def create_action_response(request: web.Request) -> web.StreamResponse:
     body.setdefault("model", settings.meta.default_model)
     body.update(stream=False, background=True, store=True)  # store: background needs it
     started = await upstream_json(
-        request, "POST", "/v1/responses", data=json_body(body),
+        request,
+        "POST",
+        "/v1/responses",
+        data=json_body(body),
         content_type="application/json",
     )
     return await _respond(request, started, deadline)

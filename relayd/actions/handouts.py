@@ -72,7 +72,6 @@ class Handout:
     claims: Claims | None = None
 
 
-
 def origin(request: web.Request) -> str:
     """Where ChatGPT reaches relayd: ``RELAYD_PUBLIC_URL``, and nothing else.
 
@@ -209,7 +208,8 @@ async def video_content_for_chatgpt(request: web.Request) -> web.StreamResponse:
     variant = request.query.get("variant", "video")
     if variant not in _VARIANTS:
         raise BadRequestError(
-            f"variant must be one of: {', '.join(_VARIANTS)}.", code="invalid_value",
+            f"variant must be one of: {', '.join(_VARIANTS)}.",
+            code="invalid_value",
             param="variant",
         )
     got = await upstream_json(request, "GET", f"/v1/videos/{quote(video_id, safe='')}")

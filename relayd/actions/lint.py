@@ -62,11 +62,11 @@ def _host(url: str) -> str:
 
 
 def _servers(servers: Any) -> Iterator[Violation]:
-    urls = [
-        s["url"]
-        for s in servers or []
-        if isinstance(s, dict) and isinstance(s.get("url"), str)
-    ] if isinstance(servers, list) else []
+    urls = (
+        [s["url"] for s in servers or [] if isinstance(s, dict) and isinstance(s.get("url"), str)]
+        if isinstance(servers, list)
+        else []
+    )
     valid = [u for u in urls if re.fullmatch(r"https://[^/\s]+(/\S*)?", u)]
     if not valid:
         yield Violation("servers", "Could not find a valid URL in `servers`")
@@ -149,8 +149,8 @@ def _operations(document: dict[str, Any]) -> Iterator[Violation]:
             op_id = operation.get("operationId")
             if not isinstance(op_id, str) or not op_id:
                 yield Violation(
-                    "operationId", f"In path {path}, method {method} is missing operationId; "
-                    "skipping"
+                    "operationId",
+                    f"In path {path}, method {method} is missing operationId; skipping",
                 )
                 continue
             if not _OPERATION_ID.fullmatch(op_id):
@@ -201,9 +201,11 @@ def _operation(
             "the user first; false: the user may allow it once for all)",
         )
     for node in _walk(operation.get("requestBody"), schemas, set()):
-        refs = node.get("properties", {}).get("openaiFileIdRefs") if isinstance(
-            node.get("properties"), dict
-        ) else None
+        refs = (
+            node.get("properties", {}).get("openaiFileIdRefs")
+            if isinstance(node.get("properties"), dict)
+            else None
+        )
         if refs is not None and not (
             isinstance(refs, dict)
             and refs.get("type") == "array"

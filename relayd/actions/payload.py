@@ -205,7 +205,8 @@ def form_fields(values: Mapping[str, Any], prefix: str = "") -> list[TextPart]:
         if _CONTROL.search(name):  # a part header cannot carry it (aiohttp raises)
             raise BadRequestError(
                 f"Invalid field name {name!r}: control characters are not allowed.",
-                code="invalid_value", param=name,
+                code="invalid_value",
+                param=name,
             )
         if value is None:
             continue

@@ -100,8 +100,9 @@ async def upload_file(request: web.Request) -> web.StreamResponse:
         if filename:
             file = InputFile(file.data, filename, file.media_type)
     else:
-        file = file_from_base64(request, body.pop("data_base64"), param="data_base64",
-                                filename=filename)
+        file = file_from_base64(
+            request, body.pop("data_base64"), param="data_base64", filename=filename
+        )
     file = _refine(file, claimed)
     parts: list[TextPart | FilePart] = [*form_fields(body), file.part("file")]
     return await _send_form(request, "/v1/files", parts)
@@ -226,8 +227,9 @@ async def edit_image(request: web.Request) -> web.StreamResponse:
     if mask is not None:
         parts.append(mask.part("mask"))
     form = multipart_body(parts)
-    return await _images_back(request, "/v1/images/edits", data=form,
-                              content_type=form.content_type)
+    return await _images_back(
+        request, "/v1/images/edits", data=form, content_type=form.content_type
+    )
 
 
 async def create_image_variation(request: web.Request) -> web.StreamResponse:
@@ -238,8 +240,9 @@ async def create_image_variation(request: web.Request) -> web.StreamResponse:
     image = found[0] if found else await _url_or_base64_image(request, body)
     assert image is not None  # the schema insists on exactly one source
     form = multipart_body([*form_fields(body), image.part("image")])
-    return await _images_back(request, "/v1/images/variations", data=form,
-                              content_type=form.content_type)
+    return await _images_back(
+        request, "/v1/images/variations", data=form, content_type=form.content_type
+    )
 
 
 async def generate_image(request: web.Request) -> web.StreamResponse:
@@ -247,8 +250,9 @@ async def generate_image(request: web.Request) -> web.StreamResponse:
     body = await load(request)
     body.pop("stream", None)  # ChatGPT cannot read a stream of partial images
     body.pop("partial_images", None)
-    return await _images_back(request, "/v1/images/generations",
-                              data=json_body(body), content_type="application/json")
+    return await _images_back(
+        request, "/v1/images/generations", data=json_body(body), content_type="application/json"
+    )
 
 
 # ------------------------------------------------------------------ videos
@@ -274,8 +278,13 @@ async def generate_video(request: web.Request) -> web.StreamResponse:
     reference: InputFile | None = None
     if "data_base64" in body:
         reference = file_from_base64(
-            request, body.pop("data_base64"), param="data_base64", filename=filename,
-            media_type=claimed, fallback_name="input", cap=settings.actions.video_max_bytes,
+            request,
+            body.pop("data_base64"),
+            param="data_base64",
+            filename=filename,
+            media_type=claimed,
+            fallback_name="input",
+            cap=settings.actions.video_max_bytes,
         )
     elif refs:
         reference = await _from_ref(request, refs[0], "openaiFileIdRefs[0]", "input")

@@ -143,9 +143,7 @@ def cast_env(record: Declared, text: str) -> Any:
         try:
             value = float(text)
         except ValueError:
-            raise ConfigError(
-                f"{record.env} must be a number of seconds, got {text!r}"
-            ) from None
+            raise ConfigError(f"{record.env} must be a number of seconds, got {text!r}") from None
         return positive(value, record.env)
     raise TypeError(f"no environment cast for {record.name}: {record.hint!r}")
 

@@ -67,9 +67,7 @@ def validate(
         raise ConfigError("the upstream key contains whitespace; check the key file")
     parts = urlsplit(settings.upstream.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"upstream url {settings.upstream.url!r} must be an absolute http(s) URL"
-        )
+        raise ConfigError(f"upstream url {settings.upstream.url!r} must be an absolute http(s) URL")
     if parts.query or parts.fragment:
         raise ConfigError("upstream url must not carry a query or fragment")
     if parts.username is not None or parts.password is not None:
@@ -135,8 +133,11 @@ def validate(
             "which is not a loopback address: set RELAYD_KEYS or RELAYD_KEYS_FILE, or set "
             "[auth] disabled = true if another layer authenticates every request"
         )
-    if require_upstream_key and not settings.auth.keys and not settings.auth.disabled and (
-        settings.server.public_url
+    if (
+        require_upstream_key
+        and not settings.auth.keys
+        and not settings.auth.disabled
+        and (settings.server.public_url)
     ):
         # Issue 11, item 3: a relay published at a public origin cannot be keyless.
         # (Commands that never serve, such as printing the OpenAPI documents, may

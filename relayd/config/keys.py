@@ -164,7 +164,7 @@ def parse_keys_toml(entries: Any) -> tuple[RelayKey, ...]:
         elif "key" in entry:
             secret = str(entry["key"])
         else:
-            raise ConfigError(f"{origin}: needs sha256 = \"<hex>\" (or key)")
+            raise ConfigError(f'{origin}: needs sha256 = "<hex>" (or key)')
         scopes = None
         if "scopes" in entry:
             listed = entry["scopes"]

@@ -85,17 +85,22 @@ def load_settings(
     values["auth"]["keys"] = secrets.collect_keys(
         env_keys, keys_file, auth.get("keys", []), warnings
     )
-    sources["auth.keys"] = ", ".join(
-        origin
-        for origin, present in (
-            ("env RELAYD_KEYS", bool(env_keys)),
-            (sources["auth.keys_file"], bool(keys_file)),
-            ("file", bool(auth.get("keys"))),
+    sources["auth.keys"] = (
+        ", ".join(
+            origin
+            for origin, present in (
+                ("env RELAYD_KEYS", bool(env_keys)),
+                (sources["auth.keys_file"], bool(keys_file)),
+                ("file", bool(auth.get("keys"))),
+            )
+            if present
         )
-        if present
-    ) or "default"
-    if path and secrets.holds_secrets(upstream, auth) and (
-        too_open := secrets.too_open(Path(path), "config file holding a key")
+        or "default"
+    )
+    if (
+        path
+        and secrets.holds_secrets(upstream, auth)
+        and (too_open := secrets.too_open(Path(path), "config file holding a key"))
     ):
         warnings.append(too_open)
 

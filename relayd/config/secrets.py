@@ -90,9 +90,7 @@ def collect_keys(
     if keys_file:
         from_file = parse_keys_file(keys_file)
         if not from_file:
-            warnings.append(
-                f"keys file {keys_file} holds no key: every line is blank or a comment"
-            )
+            warnings.append(f"keys file {keys_file} holds no key: every line is blank or a comment")
         keys += from_file
         # A keys file of digests only is no secret; one with a key in it is (issue 11).
         if any(key.from_plaintext for key in from_file) and (

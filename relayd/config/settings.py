@@ -196,9 +196,7 @@ class Actions:
     inline_max_bytes: int = setting(32 * 1024, key="inline_max_bytes")  # 43,692 base64 chars
     link_ttl_s: float = setting(300.0, key="link_ttl")
     # HMAC key for those URLs; None: a random one per process (workers > 1 need one).
-    signing_secret: str | None = setting(
-        None, key="signing_secret_file", special=True, repr=False
-    )
+    signing_secret: str | None = setting(None, key="signing_secret_file", special=True, repr=False)
     store_dir: str | None = setting(None, key="store_dir", path=True)  # None: a private tmp dir
     store_max_bytes: int = setting(256 * MiB, key="store_max_bytes")
     # /v1/actions/videos/generations: the allowed sets and the reference image's cap.

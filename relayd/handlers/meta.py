@@ -195,9 +195,7 @@ async def openapi_full(request: web.Request) -> web.Response:
 
 
 async def openapi_actions(request: web.Request) -> web.Response:
-    return web.json_response(
-        build_openapi(request.app[TABLE], request.app[SETTINGS], actions=True)
-    )
+    return web.json_response(build_openapi(request.app[TABLE], request.app[SETTINGS], actions=True))
 
 
 _PRIVACY: Final = """Privacy policy of {name}

@@ -17,6 +17,7 @@ from relayd.state import POLICY, TABLE
 
 __all__ = ["create_response_stream", "download_file", "forward", "forward_by_policy"]
 
+
 async def forward(request: web.Request) -> web.StreamResponse:
     return await relay(request, request.method, checked_path(request))
 

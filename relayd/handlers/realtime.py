@@ -90,7 +90,6 @@ _EPHEMERAL_PROTOCOL: Final = WS_KEY_PREFIX + EPHEMERAL_PREFIX
 _USAGE_EVENT: Final = b"response.done"
 
 
-
 # --------------------------------------------------------------------------- bridge
 
 
@@ -325,9 +324,7 @@ def _count(usage: dict[str, Any], name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def _account(
-    request: web.Request, model: str | None, stats: BridgeStats, usage: _UsageTap
-) -> None:
+def _account(request: web.Request, model: str | None, stats: BridgeStats, usage: _UsageTap) -> None:
     """The session's one log line, its usage on the request, its tokens in metrics."""
     request[REALTIME_USAGE] = usage.totals()
     key = request.get(KEY)

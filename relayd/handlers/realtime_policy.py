@@ -108,9 +108,7 @@ def is_realtime_path(path: str) -> bool:
 
 def refuse_if_disabled(settings: Settings) -> None:
     if not settings.realtime.enabled:
-        raise PermissionDeniedError(
-            "Realtime is disabled on this relay.", code="realtime_disabled"
-        )
+        raise PermissionDeniedError("Realtime is disabled on this relay.", code="realtime_disabled")
 
 
 def admit(request: web.Request) -> Settings:

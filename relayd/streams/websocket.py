@@ -236,7 +236,9 @@ class WebSocketBridge:
             if lost and self.stats.downstream.close_code is None:
                 self.stats.downstream.close_code = WSCloseCode.ABNORMAL_CLOSURE
             await self._close_leg(
-                self._up, self.stats.upstream, WSCloseCode.INTERNAL_ERROR,
+                self._up,
+                self.stats.upstream,
+                WSCloseCode.INTERNAL_ERROR,
                 "downstream connection lost" if lost else "relay error",
             )
             raise

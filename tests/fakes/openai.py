@@ -151,9 +151,7 @@ class FakeOpenAI:
         upgrade = request.headers.get("Upgrade", "").lower()
         if request.path == "/v1/realtime" and upgrade == "websocket":
             return await self.realtime.handle(request)  # records its own handshakes
-        seen = Seen(
-            request.method, request.path, dict(request.query), dict(request.headers)
-        )
+        seen = Seen(request.method, request.path, dict(request.query), dict(request.headers))
         if self.record:
             self.seen.append(seen)
             self._notify()
@@ -276,9 +274,7 @@ class FakeOpenAI:
                 "response": response,
                 "done_at": time.monotonic() + delay,
             }
-            return web.json_response(
-                {**response, "status": "queued", "output": [], "usage": None}
-            )
+            return web.json_response({**response, "status": "queued", "output": [], "usage": None})
         if path.startswith("/v1/responses/") and method == "GET" and path.count("/") == 3:
             job = self.background.get(path.rsplit("/", 1)[-1])
             if job is None:
@@ -413,8 +409,15 @@ class FakeOpenAI:
             if len(parts) == 5 and parts[4] == "content":
                 return await _binary(request, size, "application/octet-stream")
             return web.json_response(
-                {"id": file_id, "object": "file", "bytes": size, "filename": f"{file_id}.bin",
-                 "purpose": "assistants", "created_at": 1, "status": "processed"}
+                {
+                    "id": file_id,
+                    "object": "file",
+                    "bytes": size,
+                    "filename": f"{file_id}.bin",
+                    "purpose": "assistants",
+                    "created_at": 1,
+                    "status": "processed",
+                }
             )
         stored = self.files.get(file_id)
         if stored is None:
@@ -598,8 +601,12 @@ def _sse_event(kind: str, data: dict[str, Any]) -> bytes:
 def _response_events(rid: str, deltas: int) -> list[bytes]:
     base = _response_object({"id": rid})
     created = {**base, "status": "in_progress", "output": [], "usage": None}
-    events = [_sse_event("response.created", {"type": "response.created", "sequence_number": 0,
-                                              "response": created})]
+    events = [
+        _sse_event(
+            "response.created",
+            {"type": "response.created", "sequence_number": 0, "response": created},
+        )
+    ]
     for n in range(deltas):
         events.append(
             _sse_event(

@@ -184,6 +184,7 @@ def _response_events() -> list[dict[str, Any]]:
 
 
 def _error(status: int, message: str, code: str | None) -> web.Response:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                      "code": code}}
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    }
     return web.json_response(body, status=status)

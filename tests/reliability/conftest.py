@@ -38,8 +38,9 @@ FAST = {
 }
 # FAST as a settings layer for relay_factory.
 FAST_SETTINGS = {
-    "upstream": {name: FAST[name] for name in ("connect_timeout_s", "first_byte_timeout_s",
-                                              "idle_timeout_s")},
+    "upstream": {
+        name: FAST[name] for name in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s")
+    },
     "realtime": {"idle_timeout_s": FAST["realtime_idle_timeout_s"]},
 }
 SLACK_S = 1.5

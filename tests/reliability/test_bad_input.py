@@ -32,7 +32,8 @@ ROUTES = [r for r in TABLE if r.exposure is not Exposure.INTERNAL]
 WITH_BODY = [r for r in ROUTES if r.body in (Body.JSON, Body.MULTIPART, Body.JSON_OR_MULTIPART)]
 # Routes whose JSON body relayd itself parses (and so must refuse when it is bad).
 PARSING = [
-    r for r in ROUTES
+    r
+    for r in ROUTES
     if r.request_schema is not None or r.path in ("/v1/responses:stream", "/v1/realtime/sessions")
 ]
 WITH_PARAMS = [r for r in ROUTES if "{" in r.path]
@@ -58,21 +59,28 @@ def nothing_upstream(fake: FakeOpenAI) -> None:
     assert fake.realtime.sessions == []
 
 
-async def post_raw(relay: TestClient, route: Route, body: bytes, content_type: str | None,
-                   target: str | None = None) -> rawhttp.RawResponse:
+async def post_raw(
+    relay: TestClient,
+    route: Route,
+    body: bytes,
+    content_type: str | None,
+    target: str | None = None,
+) -> rawhttp.RawResponse:
     headers = dict(KEY)
     if content_type is not None:
         headers["Content-Type"] = content_type
-    return await rawhttp.request(relay, route.method, target or concrete(route.path), headers,
-                                 body)
+    return await rawhttp.request(relay, route.method, target or concrete(route.path), headers, body)
 
 
 # --------------------------------------------------------------------------- media types
 
 
 @pytest.mark.parametrize("route", WITH_BODY, ids=ids(WITH_BODY))
-@pytest.mark.parametrize("content_type", ["text/plain", None, "application/x-www-form-urlencoded"],
-                         ids=["text-plain", "missing", "form-urlencoded"])
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", None, "application/x-www-form-urlencoded"],
+    ids=["text-plain", "missing", "form-urlencoded"],
+)
 async def test_a_body_of_the_wrong_or_no_media_type_is_415(
     relay: TestClient, fake: FakeOpenAI, route: Route, content_type: str | None
 ) -> None:
@@ -91,8 +99,9 @@ async def test_multipart_without_a_boundary_is_400(
     relay: TestClient, fake: FakeOpenAI, route: Route
 ) -> None:
     async with asyncio.timeout(5):
-        response = await post_raw(relay, route, b"--x\r\n\r\nhello\r\n--x--\r\n",
-                                  "multipart/form-data")
+        response = await post_raw(
+            relay, route, b"--x\r\n\r\nhello\r\n--x--\r\n", "multipart/form-data"
+        )
     assert response.status == 400
     assert assert_openai_error(response.body, 400)["code"] == "invalid_multipart"
     nothing_upstream(fake)
@@ -130,8 +139,13 @@ async def _declared(relay: TestClient, route: Route, length: int, content_type: 
     """Announce ``length`` bytes, send none: the answer must not wait for them."""
     reader, writer = await rawhttp.open_raw(relay)
     try:
-        writer.write(rawhttp.head(route.method, concrete(route.path), {
-            **KEY, "Content-Type": content_type, "Content-Length": str(length)}))
+        writer.write(
+            rawhttp.head(
+                route.method,
+                concrete(route.path),
+                {**KEY, "Content-Type": content_type, "Content-Length": str(length)},
+            )
+        )
         await writer.drain()
         async with asyncio.timeout(2):
             status, headers = await rawhttp.read_head(reader)
@@ -170,8 +184,12 @@ async def test_a_chunked_body_past_the_cap_is_413(
             yield block
 
     async with asyncio.timeout(10):
-        response = await relay.request(route.method, concrete(route.path), data=body(),
-                                       headers={**KEY, "Content-Type": _media(route)})
+        response = await relay.request(
+            route.method,
+            concrete(route.path),
+            data=body(),
+            headers={**KEY, "Content-Type": _media(route)},
+        )
         raw = await response.read()
     assert response.status == 413, (route.path, raw[:200])
     assert_openai_error(raw, 413)
@@ -191,8 +209,9 @@ BASE64_FIELDS = [
 BAD_BASE64 = ["not base64!", "aGk", "====", "data:image/png;base64,@@@", "aGk=\x00"]
 
 
-@pytest.mark.parametrize(("path", "base", "field"), BASE64_FIELDS,
-                         ids=[f"{p}:{f}" for p, _, f in BASE64_FIELDS])
+@pytest.mark.parametrize(
+    ("path", "base", "field"), BASE64_FIELDS, ids=[f"{p}:{f}" for p, _, f in BASE64_FIELDS]
+)
 async def test_bad_base64_is_400_naming_the_field(
     relay: TestClient, fake: FakeOpenAI, path: str, base: dict[str, str], field: str
 ) -> None:
@@ -226,8 +245,9 @@ async def test_path_tricks_in_every_route_family_never_reach_upstream(
         target = concrete(route.path.replace(first, trick, 1))
         body = b"{}" if route.body is not Body.NONE else b""
         async with asyncio.timeout(5):
-            response = await post_raw(relay, route, body,
-                                      "application/json" if body else None, target)
+            response = await post_raw(
+                relay, route, body, "application/json" if body else None, target
+            )
         assert 400 <= response.status < 500, (target, response.status)
         if response.headers.get("content-type", "").startswith("application/json"):
             assert_openai_error(response.body, response.status)
@@ -250,8 +270,15 @@ async def test_path_tricks_in_every_route_family_never_reach_upstream(
         b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
         b"Transfer-Encoding: chunked\r\n",  # both lengths: a smuggling classic
     ],
-    ids=["bare-cr", "bare-lf", "obs-fold", "huge-header-line", "invalid-target-byte",
-         "too-many-headers", "cl-and-te"],
+    ids=[
+        "bare-cr",
+        "bare-lf",
+        "obs-fold",
+        "huge-header-line",
+        "invalid-target-byte",
+        "too-many-headers",
+        "cl-and-te",
+    ],
 )
 async def test_a_malformed_head_is_refused_and_nothing_goes_upstream(
     relay: TestClient, fake: FakeOpenAI, head: bytes

@@ -52,53 +52,101 @@ async def _upstream_has_body(server: FaultServer) -> None:
 PHASES = {
     # name: (method, path, headers, body sent, upstream script, when to hang up)
     "sending-the-body": (
-        "POST", "/v1/files", {"Content-Type": MULTIPART, "Content-Length": str(64 << 20)},
-        b"x" * (256 * 1024), scripts.silent(), "body-upstream",
+        "POST",
+        "/v1/files",
+        {"Content-Type": MULTIPART, "Content-Length": str(64 << 20)},
+        b"x" * (256 * 1024),
+        scripts.silent(),
+        "body-upstream",
     ),
     "before-the-head-json": (
-        "POST", "/v1/responses", {"Content-Type": "application/json"},
-        b'{"model": "m", "input": "hi"}', scripts.silent(), "now",
+        "POST",
+        "/v1/responses",
+        {"Content-Type": "application/json"},
+        b'{"model": "m", "input": "hi"}',
+        scripts.silent(),
+        "now",
     ),
     "before-the-head-upload": (
-        "POST", "/v1/files", {"Content-Type": MULTIPART},
-        b"x" * (128 * 1024), scripts.silent(), "now",
+        "POST",
+        "/v1/files",
+        {"Content-Type": MULTIPART},
+        b"x" * (128 * 1024),
+        scripts.silent(),
+        "now",
     ),
     "before-the-head-download": (
-        "GET", "/v1/videos/v/content", {}, b"", scripts.silent(), "now",
+        "GET",
+        "/v1/videos/v/content",
+        {},
+        b"",
+        scripts.silent(),
+        "now",
     ),
     "before-the-head-wrapper": (
-        "POST", "/v1/responses:stream", {"Content-Type": "application/json"},
-        b'{"model": "m", "input": "hi"}', scripts.silent(), "now",
+        "POST",
+        "/v1/responses:stream",
+        {"Content-Type": "application/json"},
+        b'{"model": "m", "input": "hi"}',
+        scripts.silent(),
+        "now",
     ),
     "before-the-head-proxy": (
-        "POST", "/v1/proxy", {"Content-Type": "application/json"},
-        b'{"method": "GET", "path": "/v1/batches"}', scripts.silent(), "now",
+        "POST",
+        "/v1/proxy",
+        {"Content-Type": "application/json"},
+        b'{"method": "GET", "path": "/v1/batches"}',
+        scripts.silent(),
+        "now",
     ),
     "mid-stream-sse": (
-        "POST", "/v1/responses", {"Content-Type": "application/json"},
+        "POST",
+        "/v1/responses",
+        {"Content-Type": "application/json"},
         b'{"model": "m", "stream": true}',
-        scripts.head_then("stall", content_type="text/event-stream",
-                          body=b"event: x\ndata: {}\n\n" * 8, upto=40),
+        scripts.head_then(
+            "stall", content_type="text/event-stream", body=b"event: x\ndata: {}\n\n" * 8, upto=40
+        ),
         "head",
     ),
     "mid-stream-download": (
-        "GET", "/v1/videos/v/content", {}, b"",
-        scripts.head_then("stall", content_type="video/mp4", body=b"v" * 1_000_000,
-                          announce=1_000_000, upto=300_000),
+        "GET",
+        "/v1/videos/v/content",
+        {},
+        b"",
+        scripts.head_then(
+            "stall",
+            content_type="video/mp4",
+            body=b"v" * 1_000_000,
+            announce=1_000_000,
+            upto=300_000,
+        ),
         "head",
     ),
     "during-the-websocket-handshake": (
-        "GET", "/v1/realtime?model=gpt-realtime", {}, b"", scripts.silent(), "now",
+        "GET",
+        "/v1/realtime?model=gpt-realtime",
+        {},
+        b"",
+        scripts.silent(),
+        "now",
     ),
     "mid-websocket": (
-        "GET", "/v1/realtime?model=gpt-realtime", {}, b"", scripts.websocket("stall"), "head",
+        "GET",
+        "/v1/realtime?model=gpt-realtime",
+        {},
+        b"",
+        scripts.websocket("stall"),
+        "head",
     ),
 }
 
 
 @pytest.mark.parametrize("phase", PHASES)
 async def test_client_hangup_cancels_upstream_work_within_a_second(
-    monkeypatch: pytest.MonkeyPatch, relay_factory: RelayFactory, fault_server: FaultServer,
+    monkeypatch: pytest.MonkeyPatch,
+    relay_factory: RelayFactory,
+    fault_server: FaultServer,
     phase: str,
 ) -> None:
     # The stalled upstream WebSocket never answers relayd's CLOSE; the bridge gives
@@ -154,8 +202,9 @@ async def test_slow_reader_holds_relay_memory_flat(
     received = 0
     try:
         async with asyncio.timeout(30):
-            writer.write(rawhttp.head("GET", "/v1/videos/v/content",
-                                      {**AUTH, "Connection": "close"}))
+            writer.write(
+                rawhttp.head("GET", "/v1/videos/v/content", {**AUTH, "Connection": "close"})
+            )
             await writer.drain()
             status, _ = await rawhttp.read_head(reader)
             assert status == 200
@@ -184,8 +233,11 @@ async def test_slow_upstream_reader_holds_relay_memory_flat(
     baseline = footprint(relay)
     total = 256 * MiB
     reader, writer = await rawhttp.open_raw(relay)
-    writer.write(rawhttp.head("POST", "/v1/files", {
-        **AUTH, "Content-Type": MULTIPART, "Content-Length": str(total)}))
+    writer.write(
+        rawhttp.head(
+            "POST", "/v1/files", {**AUTH, "Content-Type": MULTIPART, "Content-Length": str(total)}
+        )
+    )
     sent = 0
     block = b"x" * MiB
     try:
@@ -221,8 +273,13 @@ async def test_hangup_while_upstream_reads_nothing_cancels_within_a_second(
     fault_server.script = scripts.stop_reading(after=MiB)
     relay = await relay_factory(upstream={"url": fault_server.url, "idle_timeout_s": 30})
     reader, writer = await rawhttp.open_raw(relay)
-    writer.write(rawhttp.head("POST", "/v1/files", {
-        **AUTH, "Content-Type": MULTIPART, "Content-Length": str(256 * MiB)}))
+    writer.write(
+        rawhttp.head(
+            "POST",
+            "/v1/files",
+            {**AUTH, "Content-Type": MULTIPART, "Content-Length": str(256 * MiB)},
+        )
+    )
     try:
         async with asyncio.timeout(0.8):
             while True:

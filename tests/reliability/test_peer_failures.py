@@ -63,13 +63,16 @@ def _chopped_sse(events: int) -> Script:
         await x.read_body()
         body = b"".join(
             b'event: response.output_text.delta\ndata: {"n": %d, "delta": "%s"}\n\n'
-            % (n, b"x" * (n % 37)) for n in range(events)
+            % (n, b"x" * (n % 37))
+            for n in range(events)
         )
-        x.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
+        x.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         offset, step = 0, 1
         while offset < len(body):
-            piece = body[offset:offset + step]
+            piece = body[offset : offset + step]
             x.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             offset += len(piece)
             step = (step * 7 + 3) % 997 + 1  # 1..997 bytes, never aligned to events
@@ -91,8 +94,11 @@ async def test_helicone_no_chunk_is_lost_whatever_the_chunk_boundaries(
     async with asyncio.timeout(20):
         async with relay.post("/v1/responses", json=STREAM, headers=AUTH) as response:
             body = await response.read()
-    numbers = [json.loads(line[6:])["n"] for line in body.decode().splitlines()
-               if line.startswith("data: ")]
+    numbers = [
+        json.loads(line[6:])["n"]
+        for line in body.decode().splitlines()
+        if line.startswith("data: ")
+    ]
     assert numbers == list(range(2000))
 
 
@@ -101,8 +107,7 @@ async def test_envoy_494_a_large_streamed_answer_is_not_too_large(
 ) -> None:
     # Envoy AI GW #494: response_payload_too_large on a streaming response.
     body = b"".join(b"event: d\ndata: %s\n\n" % (b"y" * 1000) for _ in range(12_000))  # 12 MB
-    fault_server.script = scripts.head_then("finish", content_type="text/event-stream",
-                                            body=body)
+    fault_server.script = scripts.head_then("finish", content_type="text/event-stream", body=body)
     relay = await relay_factory(upstream={"url": fault_server.url})
     async with asyncio.timeout(20):
         async with relay.post("/v1/responses", json=STREAM, headers=AUTH) as response:
@@ -129,8 +134,9 @@ async def test_envoy_2227_a_one_mebibyte_json_body_is_not_refused(
     big = json.dumps({"model": "gpt-5", "input": "x" * (1024 * 1024)}).encode()
     for path in ("/v1/responses", "/v1/responses:stream", "/v1/embeddings"):
         async with asyncio.timeout(10):
-            response = await relay.post(path, data=io.BytesIO(big), headers={
-                **AUTH, "Content-Type": "application/json"})
+            response = await relay.post(
+                path, data=io.BytesIO(big), headers={**AUTH, "Content-Type": "application/json"}
+            )
             await response.read()
         assert response.status == 200, path
     assert fake.last("/v1/responses").body_size > 1024 * 1024
@@ -139,8 +145,10 @@ async def test_envoy_2227_a_one_mebibyte_json_body_is_not_refused(
 def _silent_head_then_events(silence: float) -> Script:
     async def run(x: Exchange) -> None:
         await x.read_body()
-        x.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
+        x.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         await x.writer.drain()
         await asyncio.sleep(silence)
         event = b"event: response.completed\ndata: {}\n\n"
@@ -174,8 +182,10 @@ def _slow_answer(delay: float) -> Script:
         await x.read_body()
         await asyncio.sleep(delay)
         body = b'{"object": "response", "status": "completed"}'
-        x.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
-                b"\r\n\r\n%s" % (len(body), body))
+        x.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
+            b"\r\n\r\n%s" % (len(body), body)
+        )
         await x.writer.drain()
 
     return run
@@ -216,8 +226,9 @@ async def test_openai_forward_40_a_pooled_connection_upstream_closed_is_not_an_e
     relay = await relay_factory(upstream={"url": fault_server.url})
     for _ in range(3):
         async with asyncio.timeout(5):
-            response = await relay.request(method, "/v1/batches", headers=AUTH,
-                                           json={"a": 1} if method == "POST" else None)
+            response = await relay.request(
+                method, "/v1/batches", headers=AUTH, json={"a": 1} if method == "POST" else None
+            )
             await response.read()
         assert response.status == 200
         await asyncio.sleep(0.3)  # upstream has closed the idle connection by now
@@ -248,8 +259,9 @@ async def test_litellm_36794_an_ephemeral_secret_is_never_reused_for_the_next_se
     ephemeral = "ek_canary_ephemeral_previous_caller"
     url = "/v1/realtime?model=gpt-realtime"
     async with asyncio.timeout(5):
-        async with relay.ws_connect(url, headers=AUTH, protocols=(
-                "realtime", f"openai-insecure-api-key.{ephemeral}")):
+        async with relay.ws_connect(
+            url, headers=AUTH, protocols=("realtime", f"openai-insecure-api-key.{ephemeral}")
+        ):
             pass
         async with relay.ws_connect(url, headers=AUTH):
             pass
@@ -269,8 +281,16 @@ async def test_litellm_39757_a_wrong_key_401_reveals_nothing(
     assert response.status == 401
     text = await response.text()
     assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
-    forbidden = [hashlib.sha256(presented.encode()).hexdigest(), "team", "other",
-                 "Traceback", "aiohttp", "127.0.0.1", "sha256", *SECRETS]
+    forbidden = [
+        hashlib.sha256(presented.encode()).hexdigest(),
+        "team",
+        "other",
+        "Traceback",
+        "aiohttp",
+        "127.0.0.1",
+        "sha256",
+        *SECRETS,
+    ]
     if presented:
         forbidden.append(presented)
     for needle in forbidden:
@@ -282,9 +302,20 @@ async def test_bifrost_3954_key_bearing_upstream_headers_never_reach_the_client(
     relay_factory: RelayFactory, fault_server: FaultServer
 ) -> None:
     # Bifrost #3954: the upstream key came back in an x-goog-api-key header.
-    leaky = {name: UPSTREAM_KEY for name in (
-        "x-goog-api-key", "x-api-key", "api-key", "Authorization", "Proxy-Authorization",
-        "WWW-Authenticate", "Set-Cookie", "OpenAI-Organization", "X-Upstream-Key")}
+    leaky = {
+        name: UPSTREAM_KEY
+        for name in (
+            "x-goog-api-key",
+            "x-api-key",
+            "api-key",
+            "Authorization",
+            "Proxy-Authorization",
+            "WWW-Authenticate",
+            "Set-Cookie",
+            "OpenAI-Organization",
+            "X-Upstream-Key",
+        )
+    }
     fault_server.script = scripts.answer(extra=leaky)
     relay = await relay_factory(upstream={"url": fault_server.url})
     response = await relay.post("/v1/responses", json={"model": "m"}, headers=AUTH)
@@ -301,13 +332,19 @@ async def test_nyro_67_echoed_keys_are_redacted_even_in_compressed_error_bodies(
 ) -> None:
     # nyro #67: OpenAI's 401 echoes the key; notes §6: the body may be compressed.
     masked = UPSTREAM_KEY[:8] + "*" * 20 + UPSTREAM_KEY[-4:]
-    text = json.dumps({"error": {"message": f"Incorrect API key provided: {masked}; "
-                                            f"also {UPSTREAM_KEY}", "type": "x",
-                                 "param": None, "code": "invalid_api_key"}}).encode()
+    text = json.dumps(
+        {
+            "error": {
+                "message": f"Incorrect API key provided: {masked}; also {UPSTREAM_KEY}",
+                "type": "x",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
+    ).encode()
     import zlib
 
-    body = {"gzip": gzip.compress(text), "deflate": zlib.compress(text),
-            "identity": text}[encoding]
+    body = {"gzip": gzip.compress(text), "deflate": zlib.compress(text), "identity": text}[encoding]
     fault_server.script = scripts.answer(status, body, extra={"Content-Encoding": encoding})
     relay = await relay_factory(upstream={"url": fault_server.url})
     response = await relay.get("/v1/models/x", headers={**AUTH, "Accept-Encoding": "gzip"})
@@ -330,18 +367,24 @@ async def test_litellm_11264_no_log_line_holds_a_key_even_at_debug(
     await relay.get("/v1/models", headers={"Authorization": "Bearer rk-wrong"})
     # A malformed head whose offending line is the Authorization header.
     reader, writer = await rawhttp.open_raw(relay)
-    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                 + RELAY_KEY.encode() + b"\rX: y\r\n\r\n")
+    writer.write(
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + RELAY_KEY.encode()
+        + b"\rX: y\r\n\r\n"
+    )
     await writer.drain()
     async with asyncio.timeout(2):
         await reader.read()
     writer.close()
     # A browser offering only its key as a subprotocol (none is selected: aiohttp warns).
-    async with relay.ws_connect("/v1/realtime?model=gpt-realtime",
-                                protocols=(f"openai-insecure-api-key.{RELAY_KEY}",)):
+    async with relay.ws_connect(
+        "/v1/realtime?model=gpt-realtime", protocols=(f"openai-insecure-api-key.{RELAY_KEY}",)
+    ):
         pass
-    lines = [r.getMessage() + str(getattr(r, "fields", "")) + str(r.exc_text or "")
-             for r in caplog.records]
+    lines = [
+        r.getMessage() + str(getattr(r, "fields", "")) + str(r.exc_text or "")
+        for r in caplog.records
+    ]
     assert any("malformed request" in line for line in lines)
     for secret in SECRETS:
         assert not any(secret in line for line in lines), secret
@@ -374,8 +417,9 @@ async def test_tcp_nodelay_on_both_legs(relay: TestClient, fake: FakeOpenAI) -> 
     # peer-failures (vii): Nagle's ~40 ms artefacts, on the client and upstream legs.
     fake.pace = 0.3  # a stream still flowing while the sockets are inspected
     async with client_session() as session:
-        async with session.post(relay.make_url("/v1/responses"),
-                                json={**STREAM, "model": "slow"}, headers=AUTH) as response:
+        async with session.post(
+            relay.make_url("/v1/responses"), json={**STREAM, "model": "slow"}, headers=AUTH
+        ) as response:
             await response.content.readuntil(b"\n\n")
             assert relay.server.runner is not None
             server = relay.server.runner.server
@@ -411,25 +455,35 @@ async def _single(relay: TestClient, kind: int) -> None:
                 async with session.post(f"{base}/v1/responses", json=STREAM, headers=AUTH) as r:
                     await r.read()
             elif kind == 2:  # a stream that breaks mid-way
-                async with session.post(f"{base}/v1/responses",
-                                        json={**STREAM, "model": "break"}, headers=AUTH) as r:
+                async with session.post(
+                    f"{base}/v1/responses", json={**STREAM, "model": "break"}, headers=AUTH
+                ) as r:
                     with pytest.raises(aiohttp.ClientPayloadError):
                         await r.read()
             elif kind == 3:
-                async with session.get(f"{base}/v1/files/gen-300000/content",
-                                       headers=AUTH) as r:
+                async with session.get(f"{base}/v1/files/gen-300000/content", headers=AUTH) as r:
                     await r.read()
             elif kind == 4:  # a client that leaves mid-stream
                 reader, writer = await rawhttp.open_raw(relay)
                 payload = json.dumps({**STREAM, "model": "slow"}).encode()
-                writer.write(rawhttp.head("POST", "/v1/responses", {
-                    **AUTH, "Content-Type": "application/json",
-                    "Content-Length": str(len(payload))}) + payload)
+                writer.write(
+                    rawhttp.head(
+                        "POST",
+                        "/v1/responses",
+                        {
+                            **AUTH,
+                            "Content-Type": "application/json",
+                            "Content-Length": str(len(payload)),
+                        },
+                    )
+                    + payload
+                )
                 await rawhttp.read_head(reader)
                 writer.transport.abort()
             else:
-                async with session.ws_connect(f"{base}/v1/realtime?model=gpt-realtime",
-                                              headers=AUTH) as ws:
+                async with session.ws_connect(
+                    f"{base}/v1/realtime?model=gpt-realtime", headers=AUTH
+                ) as ws:
                     await ws.send_str('{"type": "response.create"}')
                     while (await ws.receive()).type is WSMsgType.TEXT:
                         if ws.closed:
@@ -466,8 +520,11 @@ async def test_litellm_12685_mixed_traffic_leaves_no_growth_behind(
         after = _census()
     finally:
         logging.disable(logging.NOTSET)
-    grown = {kind: after[kind] - before.get(kind, 0) for kind in after
-             if after[kind] - before.get(kind, 0) > 20}
+    grown = {
+        kind: after[kind] - before.get(kind, 0)
+        for kind in after
+        if after[kind] - before.get(kind, 0) > 20
+    }
     assert sum(after.values()) - sum(before.values()) < 500, grown
     assert len(os.listdir("/proc/self/fd")) <= baseline.fds
 

@@ -135,8 +135,9 @@ def test_relayd_keeps_to_its_own_openapi_document(live_relay: _Relay) -> None:
             @given(case=operation.as_strategy())
             def exchange(case: Any) -> None:
                 before = live_relay.upstream_5xx
-                response = case.call(base_url=live_relay.url, session=http, headers=AUTH,
-                                     timeout=15)
+                response = case.call(
+                    base_url=live_relay.url, session=http, headers=AUTH, timeout=15
+                )
                 CANARY.check(f"schemathesis {case.method} {case.path}", response.content)
                 CANARY.check(f"schemathesis {case.method} {case.path}", str(response.headers))
                 if live_relay.upstream_5xx != before:
@@ -150,8 +151,11 @@ def test_relayd_keeps_to_its_own_openapi_document(live_relay: _Relay) -> None:
                 try:
                     case.validate_response(
                         response,
-                        checks=[status_code_conformance, content_type_conformance,
-                                response_schema_conformance],
+                        checks=[
+                            status_code_conformance,
+                            content_type_conformance,
+                            response_schema_conformance,
+                        ],
                     )
                 except Exception as exc:  # schemathesis raises a FailureGroup
                     problems.append(f"{case.method} {case.formatted_path}: {exc!r}"[:400])
@@ -163,8 +167,37 @@ def test_relayd_keeps_to_its_own_openapi_document(live_relay: _Relay) -> None:
 # --------------------------------------------------------------------------- path gates
 
 _SEGMENT_CHARS = st.sampled_from(
-    ["a", "Z", "0", "-", "_", ".", "%", "2", "e", "E", "f", "F", "5", "c", "C", "\\", "/",
-     "%2e", "%2E", "%2f", "%2F", "%5c", "%00", "%25", "..", "\x00", " ", ":", "?"]
+    [
+        "a",
+        "Z",
+        "0",
+        "-",
+        "_",
+        ".",
+        "%",
+        "2",
+        "e",
+        "E",
+        "f",
+        "F",
+        "5",
+        "c",
+        "C",
+        "\\",
+        "/",
+        "%2e",
+        "%2E",
+        "%2f",
+        "%2F",
+        "%5c",
+        "%00",
+        "%25",
+        "..",
+        "\x00",
+        " ",
+        ":",
+        "?",
+    ]
 )
 _PATHS = st.lists(_SEGMENT_CHARS, min_size=0, max_size=12).map(
     lambda parts: "/v1/" + "".join(parts)
@@ -199,8 +232,34 @@ def test_an_accepted_raw_path_means_the_same_once_decoded(raw: str) -> None:
 # bare and encoded, fragments and parameters, glued in any order.
 _WORDS = ("v1", "organization", "admin", "files", "evals", "x")
 _PIECES = st.sampled_from(
-    [".", "..", "%2e", "%2E", "%2f", "%5c", "%25", "%3b", "%3f", "%23", "%20", "%7e", "~",
-     "#", "?", ";", "\\", ":", "@", "/", "//", "%e2%80%a8", "%ff", "%6", "a", "o"]
+    [
+        ".",
+        "..",
+        "%2e",
+        "%2E",
+        "%2f",
+        "%5c",
+        "%25",
+        "%3b",
+        "%3f",
+        "%23",
+        "%20",
+        "%7e",
+        "~",
+        "#",
+        "?",
+        ";",
+        "\\",
+        ":",
+        "@",
+        "/",
+        "//",
+        "%e2%80%a8",
+        "%ff",
+        "%6",
+        "a",
+        "o",
+    ]
 )
 
 
@@ -213,8 +272,12 @@ def _disguised_word(draw: st.DrawFn) -> str:
 
 
 _SEGMENTS = st.lists(
-    st.one_of(st.sampled_from(_WORDS), _disguised_word(), _PIECES,
-              st.lists(_PIECES, min_size=2, max_size=4).map("".join)),
+    st.one_of(
+        st.sampled_from(_WORDS),
+        _disguised_word(),
+        _PIECES,
+        st.lists(_PIECES, min_size=2, max_size=4).map("".join),
+    ),
     max_size=6,
 )
 _TARGETS = st.tuples(st.sampled_from(["/v1/", "/"]), _SEGMENTS, st.sampled_from(["", "/"])).map(
@@ -322,16 +385,33 @@ def test_an_accepted_proxy_call_is_an_allowlisted_json_endpoint(
     route = TABLE.match(method, path)
     assert route is not None and route.method == method
     assert route.body.value in ("none", "json", "any")
-    for blocked in ("/v1/admin", "/v1/organization", "/v1/realtime", "/v1/uploads",
-                    "/v1/audio", "/v1/moderations", "/v1/webhooks", "/v1/proxy"):
+    for blocked in (
+        "/v1/admin",
+        "/v1/organization",
+        "/v1/realtime",
+        "/v1/uploads",
+        "/v1/audio",
+        "/v1/moderations",
+        "/v1/webhooks",
+        "/v1/proxy",
+    ):
         assert not lowered.startswith(blocked), (method, raw)
     assert not lowered.endswith(("/content", "/results")) and ":" not in path
     assert not (isinstance(body, dict) and body.get("stream") is True)
 
 
 _PATTERNS = st.lists(
-    st.sampled_from(["/v1/organization*", "/v1/admin*", "/v1/evals*", "/v1/*", "/v1/fine_tuning/*",
-                     "*/content", "/v1/Evals/*"]),
+    st.sampled_from(
+        [
+            "/v1/organization*",
+            "/v1/admin*",
+            "/v1/evals*",
+            "/v1/*",
+            "/v1/fine_tuning/*",
+            "*/content",
+            "/v1/Evals/*",
+        ]
+    ),
     max_size=4,
 )
 
@@ -347,4 +427,3 @@ def test_path_policy_deny_wins_and_case_does_not_matter(
     assert policy.decide(path.lower())[0] is verdict
     if PathPolicy([], deny).decide(path)[0] is Verdict.DENY:
         assert verdict is Verdict.DENY
-

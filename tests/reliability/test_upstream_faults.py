@@ -47,8 +47,9 @@ JSON_BODY = json.dumps({"id": "resp_1", "object": "response", "pad": "x" * 150})
 SMUGGLED = (
     b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n"smuggled"'
 )
-UPSTREAM_ERROR = {"error": {"message": "upstream says no", "type": "server_error", "param": None,
-                            "code": None}}
+UPSTREAM_ERROR = {
+    "error": {"message": "upstream says no", "type": "server_error", "param": None, "code": None}
+}
 
 
 @dataclass
@@ -83,11 +84,13 @@ async def call(session: aiohttp.ClientSession, base: str, kind: str) -> Outcome:
         except aiohttp.WSServerHandshakeError as exc:
             return Outcome(exc.status, headers=dict(exc.headers or {}))
     if kind == "json":
-        request = session.post(f"{base}/v1/responses", json={"model": "m", "input": "hi"},
-                               headers=AUTH)
+        request = session.post(
+            f"{base}/v1/responses", json={"model": "m", "input": "hi"}, headers=AUTH
+        )
     elif kind == "sse":
         request = session.post(
-            f"{base}/v1/responses", json={"model": "m", "input": "hi", "stream": True},
+            f"{base}/v1/responses",
+            json={"model": "m", "input": "hi", "stream": True},
             headers=AUTH,
         )
     elif kind == "content":
@@ -95,8 +98,9 @@ async def call(session: aiohttp.ClientSession, base: str, kind: str) -> Outcome:
     else:
         form = aiohttp.FormData()
         form.add_field("purpose", "assistants")
-        form.add_field("file", UPLOAD, filename="big.jsonl",
-                       content_type="application/octet-stream")
+        form.add_field(
+            "file", UPLOAD, filename="big.jsonl", content_type="application/octet-stream"
+        )
         request = session.post(f"{base}/v1/files", data=form, headers=AUTH)
     async with request as response:
         outcome = Outcome(response.status, dict(response.headers))
@@ -118,8 +122,11 @@ def _shape(kind: str) -> dict[str, Any]:
     if kind == "sse":
         return {"content_type": "text/event-stream", "body": SSE_BODY}
     if kind == "content":
-        return {"content_type": "application/octet-stream", "body": CONTENT,
-                "announce": len(CONTENT)}
+        return {
+            "content_type": "application/octet-stream",
+            "body": CONTENT,
+            "announce": len(CONTENT),
+        }
     return {"content_type": "application/json", "body": JSON_BODY, "announce": len(JSON_BODY)}
 
 
@@ -226,8 +233,9 @@ def check(fault: str, kind: str, outcome: Outcome) -> None:
     else:
         status = 502 if fault == "drop_mid_body" else 504
         assert outcome.status == status, outcome
-        assert outcome.error()["code"] == ("upstream_unreachable" if status == 502
-                                           else "upstream_timeout")
+        assert outcome.error()["code"] == (
+            "upstream_unreachable" if status == 502 else "upstream_timeout"
+        )
 
 
 FAULTS = (
@@ -286,8 +294,9 @@ async def test_upstream_fault_gets_the_truth_in_time_and_leaves_nothing_behind(
         if local:  # the faulty request is upstream now; others are still served
             await fault_server.wait_for(lambda: bool(fault_server.faulted()))
         async with asyncio.timeout(1):
-            other = await session.get(f"{base}/v1/models" if local else f"{base}/health",
-                                      headers=AUTH)
+            other = await session.get(
+                f"{base}/v1/models" if local else f"{base}/health", headers=AUTH
+            )
             assert other.status == 200
             await other.read()
         outcome = await faulty
@@ -309,8 +318,9 @@ async def test_a_body_longer_than_announced_never_reaches_the_next_client(
     # The excess is a complete HTTP response. A pooled connection that still held
     # it would hand it to the next request: response smuggling across clients.
     shape = _shape(kind)
-    fault_server.script = scripts.overlong(len(shape["body"]), shape["body"] + SMUGGLED,
-                                           shape["content_type"])
+    fault_server.script = scripts.overlong(
+        len(shape["body"]), shape["body"] + SMUGGLED, shape["content_type"]
+    )
     relay = await relay_factory(FAST_SETTINGS, upstream={"url": fault_server.url})
     base = str(relay.make_url("")).rstrip("/")
     async with asyncio.timeout(10):
@@ -325,8 +335,9 @@ async def call_plain(relay: Any, base: str, kind: str) -> bytes:
     async with client_session() as session:
         path = "/v1/responses" if kind == "json" else "/v1/videos/v/content"
         method = "POST" if kind == "json" else "GET"
-        async with session.request(method, base + path, json={"model": "m"} if kind == "json"
-                                   else None, headers=AUTH) as response:
+        async with session.request(
+            method, base + path, json={"model": "m"} if kind == "json" else None, headers=AUTH
+        ) as response:
             assert response.status == 200
             return await response.read()
 

@@ -25,6 +25,11 @@ Hierarchy (whose fault is part of the type, as in h11's Local/RemoteProtocolErro
     ForbiddenAddressError (an OSError)   a user file link led to a non-public address;
                                          never rendered itself (the fetcher's 400 is)
 
+Errors that never reach a client as an answer live beside the code that raises them:
+``ConfigError`` (relayd.config, a floor that imports nothing of relayd) and
+``StartupError`` (relayd.preflight) end the process with one line and exit 2;
+``BrokenStreamError`` (relayd.streams) becomes an aborted connection.
+
 Every error leaves relayd in OpenAI's shape:
 ``{"error": {"message", "type", "param", "code"}}`` (the middleware that renders them
 is relayd/error_shape.py). This module imports nothing of relayd, so any floor may

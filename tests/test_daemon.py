@@ -31,7 +31,7 @@ pytestmark = pytest.mark.process
 
 OLD_KEY = "rk-canary-old-key-00000000000000"
 NEW_KEY = "rk-canary-new-key-11111111111111"
-_LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(r"listening on https?://127\.0\.0\.1:(\d+)")
 
 
 class Relayd:

@@ -5,12 +5,9 @@ certificate under an open stream (issue 13). Loopback only, a throwaway CA."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
 import ssl
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,7 +20,16 @@ from cryptography import x509
 
 from tests.conftest import RELAY_KEY
 from tests.fakes.openai import FakeOpenAI
-from tests.test_daemon import REALTIME, Relayd, Start, _env, _stream, auth, start
+from tests.test_daemon import (
+    REALTIME,
+    Relayd,
+    Start,
+    _env,
+    _stream,
+    auth,
+    socket_activated,
+    start,
+)
 from tests.test_tls_config import write_pair
 
 __all__ = ["start"]  # the fixture, shared with test_daemon
@@ -201,32 +207,8 @@ async def test_two_workers_serve_https(
 async def test_socket_activation_serves_https_on_the_passed_socket(
     fake_server: TestServer, ca: trustme.CA, tmp_path: Path
 ) -> None:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port, fd = listener.getsockname()[1], listener.fileno()
-    launcher = (
-        f"import os, sys; os.dup2({fd}, 3); os.environ['LISTEN_FDS'] = '1';"
-        "os.environ['LISTEN_PID'] = str(os.getpid());"
-        "os.execv(sys.executable, [sys.executable, '-m', 'relayd', 'serve'])"
-    )
     env = await tls_env(fake_server, ca, tmp_path, RELAYD_LISTEN="127.0.0.1:1")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        launcher,
-        env=env,
-        pass_fds=(fd,),
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    relayd = Relayd(process)
-    try:
+    async with socket_activated(env) as (relayd, port):
         await relayd.wait_line(f"listening on https://127.0.0.1:{port}")
         assert (await handshake(port, ca)).selected_alpn_protocol() == "http/1.1"
         assert await relayd.stop() == 0
-    finally:
-        listener.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()

@@ -175,8 +175,10 @@ async def test_sighup_swaps_the_certificate_and_the_open_stream_goes_on(
         os.replace(renewed_key, env["RELAYD_TLS_KEY_FILE"])
         relayd.process.send_signal(signal.SIGHUP)
         await relayd.wait_line("TLS certificate reloaded")
-        second = serial(await handshake(relayd.port, ca))
+        renewed = await handshake(relayd.port, ca)
+        second = serial(renewed)
         assert second != first
+        assert renewed.selected_alpn_protocol() == "http/1.1"  # the fresh context's ALPN
         assert not stream.done()  # the stream opened before the reload is still going
 
         _, other_key = write_pair(ca, tmp_path, name="other")

@@ -3,8 +3,9 @@
 Lifecycle: sites start → ``READY=1`` (never before the port accepts) → serve →
 SIGTERM/SIGINT → ``STOPPING=1`` → stop accepting, let in-flight requests, streams and
 bridges finish for up to ``drain_timeout`` → cancel what remains (a cut stream is
-an honest break, never a clean end) → exit. SIGHUP re-reads relay keys, scopes and
-the path policy; requests in flight keep what they started with.
+an honest break, never a clean end) → exit. SIGHUP re-reads relay keys, scopes,
+the path policy and relayd's own TLS pair (relayd/tls.py); requests and connections
+in flight keep what they started with.
 """
 
 from __future__ import annotations

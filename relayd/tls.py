@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from relayd.config import ConfigError, Server
-from relayd.config.certs import Certificate, expiry_warning, read_pair
+from relayd.config.certs import Certificate, read_pair
 
 if TYPE_CHECKING:
     from relayd.metrics import Metrics
@@ -92,8 +92,7 @@ class ServedCertificate:
             facts.serial,
             facts.not_after.isoformat(),
         )
-        if warning := expiry_warning(facts):
-            log.warning("%s", warning)
+        # A near expiry is among the reloaded settings' warnings, logged by the caller.
 
     @staticmethod
     def _build(cert_file: str, key_file: str) -> tuple[Certificate, ssl.SSLContext]:

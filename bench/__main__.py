@@ -164,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["soak"]:
         return soak_main(argv[1:])
+    if argv[:1] == ["tls"]:
+        from bench.tls import main as tls_main
+
+        return tls_main(argv[1:])
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {"workers": args.workers, "paced": not args.no_paced}
     if args.rounds:

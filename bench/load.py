@@ -25,7 +25,9 @@ _BLOCK = bytes(range(256)) * 4096  # 1 MiB
 
 
 def _session(limit: int, timeout: float) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, force_close=False)
+    # ssl=False: https targets (python -m bench tls) use a throwaway CA; TLS is
+    # measured, trust is not.
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, force_close=False, ssl=False)
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout),

@@ -81,8 +81,6 @@ def _relayd_env(
 
 def nginx_conf(tmp: Path, pairs: Sequence[tuple[int, int]]) -> str:
     """A pure streaming reverse proxy: one server block per (listen, upstream) pair."""
-    temp = tmp / "nginx-temp"
-    user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
     blocks = []
     for index, (listen, upstream) in enumerate(pairs):
         blocks.append(f"""
@@ -112,6 +110,14 @@ def nginx_conf(tmp: Path, pairs: Sequence[tuple[int, int]]) -> str:
             proxy_send_timeout 300s;
         }}
     }}""")
+    return nginx_main(tmp, "".join(blocks))
+
+
+def nginx_main(tmp: Path, servers: str) -> str:
+    """nginx.conf around ``servers`` (upstream and server blocks): one worker, its
+    files in ``tmp``, no access log, streaming proxies' temp paths."""
+    temp = tmp / "nginx-temp"
+    user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
     return f"""{user}worker_processes 1;
 worker_rlimit_nofile 16384;
 daemon off;
@@ -128,7 +134,7 @@ http {{
     fastcgi_temp_path {temp}/fastcgi;
     uwsgi_temp_path {temp}/uwsgi;
     scgi_temp_path {temp}/scgi;
-{"".join(blocks)}
+{servers}
 }}
 """
 

@@ -73,6 +73,13 @@ class Metrics:
             ("kind",),
             registry=registry,
         )
+        # relayd's own TLS only; an alert fires on it (docs/security.md#own-tls).
+        self.tls_expiry = Gauge(
+            "relayd_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate relayd serves expires (Unix time).",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.tokens = Counter(
             "relayd_tokens",
             "Tokens used, from upstream usage reports, by relay key, model and direction.",

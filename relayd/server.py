@@ -3,8 +3,9 @@
 Lifecycle: sites start → ``READY=1`` (never before the port accepts) → serve →
 SIGTERM/SIGINT → ``STOPPING=1`` → stop accepting, let in-flight requests, streams and
 bridges finish for up to ``drain_timeout`` → cancel what remains (a cut stream is
-an honest break, never a clean end) → exit. SIGHUP re-reads relay keys, scopes and
-the path policy; requests in flight keep what they started with.
+an honest break, never a clean end) → exit. SIGHUP re-reads relay keys, scopes,
+the path policy and relayd's own TLS pair (relayd/tls.py); requests and connections
+in flight keep what they started with.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from relayd.config import ConfigError, Settings, keyless_warning, load_settings
 from relayd.handlers.realtime import end_revoked_sessions
 from relayd.loopback import is_loopback_address, socket_label
 from relayd.preflight import bind_error
-from relayd.state import KEYRING, POLICY, TABLE
+from relayd.state import KEYRING, METRICS, POLICY, TABLE
 from relayd.systemd import Notifier, listen_sockets, watchdog_interval
 from relayd.tasks import spawn
+from relayd.tls import ServedCertificate, TLSSockSite, TLSTCPSite
 
 __all__ = ["loop_factory", "refuse_keyless_sockets", "run", "serve", "warn_if_keyless"]
 
@@ -84,20 +86,38 @@ def refuse_keyless_sockets(settings: Settings, sockets: list[socket.socket]) -> 
 
 
 async def _start_sites(
-    runner: web.AppRunner, settings: Settings, inherited: list[socket.socket]
+    runner: web.AppRunner,
+    settings: Settings,
+    inherited: list[socket.socket],
+    tls: ServedCertificate | None,
 ) -> None:
+    backlog = settings.server.backlog
     sites: list[web.BaseSite]
-    if inherited:
-        sites = [web.SockSite(runner, sock, backlog=settings.server.backlog) for sock in inherited]
+    if tls is not None:  # docs/security.md#own-tls
+        if inherited:
+            sites = [TLSSockSite(runner, sock, tls, backlog=backlog) for sock in inherited]
+        else:  # config refuses TLS on a Unix socket path
+            sites = [
+                TLSTCPSite(
+                    runner,
+                    settings.server.listen.host,
+                    settings.server.listen.port,
+                    tls,
+                    backlog=backlog,
+                    reuse_port=settings.server.workers > 1,
+                )
+            ]
+    elif inherited:
+        sites = [web.SockSite(runner, sock, backlog=backlog) for sock in inherited]
     elif settings.server.listen.path is not None:
-        sites = [web.UnixSite(runner, settings.server.listen.path, backlog=settings.server.backlog)]
+        sites = [web.UnixSite(runner, settings.server.listen.path, backlog=backlog)]
     else:
         sites = [
             web.TCPSite(
                 runner,
                 settings.server.listen.host,
                 settings.server.listen.port,
-                backlog=settings.server.backlog,
+                backlog=backlog,
                 reuse_port=settings.server.workers > 1,
             )
         ]
@@ -108,12 +128,12 @@ async def _start_sites(
             raise bind_error(exc, settings.server.listen) from None
 
 
-def bound_addresses(runner: web.AppRunner) -> str:
+def bound_addresses(runner: web.AppRunner, scheme: str = "http") -> str:
     parts = []
     for address in runner.addresses:
         if isinstance(address, tuple):
             host = f"[{address[0]}]" if ":" in address[0] else address[0]
-            parts.append(f"http://{host}:{address[1]}")
+            parts.append(f"{scheme}://{host}:{address[1]}")
         else:
             parts.append(f"unix:{address}")
     return ", ".join(parts)
@@ -136,6 +156,7 @@ async def serve(settings: Settings, config: str | None) -> None:
         keepalive_timeout=settings.limits.keepalive_timeout_s,
     )
     await runner.setup()
+    tls = ServedCertificate(settings.server, app[METRICS]) if settings.server.tls_cert else None
     pinger: asyncio.Task[None] | None = None
     # Handlers first: a SIGHUP or SIGTERM right after READY must never hit the
     # default action (which kills the process).
@@ -143,10 +164,10 @@ async def serve(settings: Settings, config: str | None) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload, app, config, notifier)
+    loop.add_signal_handler(signal.SIGHUP, reload, app, config, notifier, tls)
     try:
-        await _start_sites(runner, settings, inherited)
-        addresses = bound_addresses(runner)
+        await _start_sites(runner, settings, inherited, tls)
+        addresses = bound_addresses(runner, "https" if tls else "http")
         log.info("relayd %s listening on %s", __version__, addresses)
         if warn_keyless:
             warn_if_keyless(settings, addresses)
@@ -184,13 +205,16 @@ def _report_ready(notifier: Notifier, status: str) -> None:
     notifier.ready(status)
 
 
-def reload(app: web.Application, config: str | None, notifier: Notifier) -> None:
-    """SIGHUP: re-read relay keys, scopes and the path policy; report what changed."""
+def reload(
+    app: web.Application, config: str | None, notifier: Notifier, tls: ServedCertificate | None
+) -> None:
+    """SIGHUP: re-read relay keys, scopes, the path policy and the TLS pair; report
+    what changed."""
     notifier.reloading("reloading keys and policy")
     try:
         fresh = load_settings(config, route_groups=app[TABLE].groups)
     except ConfigError as exc:
-        log.error("reload failed, keeping the current keys and policy: %s", exc)
+        log.error("reload failed, keeping the current keys, policy and TLS pair: %s", exc)
         notifier.status(f"reload failed: {exc}")
         return
     keyring, policy = app[KEYRING], app[POLICY]
@@ -211,6 +235,8 @@ def reload(app: web.Application, config: str | None, notifier: Notifier) -> None
     after = {k.name: k for k in fresh.auth.keys}
     changed = sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
     keyring.replace(fresh.auth.keys)
+    if tls is not None:
+        tls.reload(fresh.server)
     # What the removed keys opened ends now: realtime sessions here, signed links
     # when next presented (actions/handout_store.py).
     spawn(end_revoked_sessions(app), name="relayd.revoke_sessions")

@@ -157,6 +157,10 @@ async def relay(
     caplog.set_level(logging.DEBUG)
     client = await relay_factory()
     yield client
+    assert_no_secret_logged(caplog)
+
+
+def assert_no_secret_logged(caplog: pytest.LogCaptureFixture) -> None:
     for record in caplog.records:
         line = record.getMessage() + str(getattr(record, "fields", ""))
         for secret in SECRETS:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from relayd.app import load_tools
 from relayd.cli import main
@@ -32,6 +33,7 @@ from relayd.config import (
 )
 from relayd.routes import TABLE
 from tests.conftest import RelayFactory
+from tests.test_tls_config import write_pair
 
 UPSTREAM = "sk-test-upstream-0123456789abcdef"
 KEY_A = "rk-test-alpha-0123456789abcdef"
@@ -1004,9 +1006,10 @@ def test_every_optional_setting_in_the_example_config_is_valid(tmp_path: Path) -
     path = write(tmp_path / "relayd.toml", _switched_on((CONF / "relayd.toml").read_text()))
     keys_file = write(tmp_path / "keys", "")
     secret = write(tmp_path / "signing_secret", "s" * 32)  # the env wins over the example
-    settings = load(
-        {"RELAYD_KEYS_FILE": str(keys_file), "RELAYD_SIGNING_SECRET_FILE": str(secret)}, path
-    )
+    cert, key = write_pair(trustme.CA(), tmp_path)
+    env = {"RELAYD_KEYS_FILE": str(keys_file), "RELAYD_SIGNING_SECRET_FILE": str(secret)}
+    env |= {"RELAYD_TLS_CERT_FILE": str(cert), "RELAYD_TLS_KEY_FILE": str(key)}
+    settings = load(env, path)
     assert settings.server.public_url == "https://relay.example.com"
     assert settings.upstream.organization and settings.upstream.project
     assert [(k.name, k.scopes) for k in settings.auth.keys] == [

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.process
 
 OLD_KEY = "rk-canary-old-key-00000000000000"
 NEW_KEY = "rk-canary-new-key-11111111111111"
-_LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(r"listening on https?://127\.0\.0\.1:(\d+)")
 
 
 class Relayd:
@@ -180,23 +180,22 @@ async def test_notify_ready_only_once_listening_then_watchdog_and_stopping(
         sock.close()
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-async def test_socket_activation_serves_on_the_passed_socket(
-    start: Start, fake_server: TestServer, workers: str
-) -> None:
+@contextlib.asynccontextmanager
+async def socket_activated(
+    env: dict[str, str], *serve_args: str
+) -> AsyncIterator[tuple[Relayd, int]]:
+    """``relayd serve`` as systemd starts it, on a loopback listener: fd 3, LISTEN_PID
+    its own pid. Gives back relayd and the port; killed (process group) on the way out."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    port = listener.getsockname()[1]
     fd = listener.fileno()
-    # Like systemd: the socket is fd 3 and LISTEN_PID names the service's own pid.
     launcher = (
         f"import os, sys; os.dup2({fd}, 3); os.environ['LISTEN_FDS'] = '1';"
         "os.environ['LISTEN_PID'] = str(os.getpid());"
-        "os.execv(sys.executable, [sys.executable, '-m', 'relayd', 'serve', '--workers',"
-        f" '{workers}'])"
+        "os.execv(sys.executable, [sys.executable, '-m', 'relayd', 'serve', "
+        f"*{list(serve_args)!r}])"
     )
-    env = _env(str(fake_server.make_url("")).rstrip("/"), RELAYD_LISTEN="127.0.0.1:1")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -206,8 +205,21 @@ async def test_socket_activation_serves_on_the_passed_socket(
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
-    relayd = Relayd(process)
     try:
+        yield Relayd(process), listener.getsockname()[1]
+    finally:
+        listener.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_socket_activation_serves_on_the_passed_socket(
+    start: Start, fake_server: TestServer, workers: str
+) -> None:
+    env = _env(str(fake_server.make_url("")).rstrip("/"), RELAYD_LISTEN="127.0.0.1:1")
+    async with socket_activated(env, "--workers", workers) as (relayd, port):
         await relayd.wait_line(f"listening on http://127.0.0.1:{port}")
         if workers != "1":
             await relayd.wait_line(f"{workers} workers serving")
@@ -215,11 +227,6 @@ async def test_socket_activation_serves_on_the_passed_socket(
             async with session.get(f"http://127.0.0.1:{port}/health") as response:
                 assert response.status == 200
         assert await relayd.stop() == 0
-    finally:
-        listener.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
 
 
 async def test_sigterm_drains_streams_and_refuses_new_connections(

@@ -4,6 +4,10 @@ Each test drives one API family the way a team script would (``base_url`` is
 relayd, ``api_key`` a relay key) and then checks both ends: what the SDK got
 back, and what the fake upstream saw (path, method, body, multipart parts, and
 that only the upstream key ever left relayd).
+
+Every test that drives the SDK runs twice: over plain http, and over https with
+relayd's own TLS context (relayd/tls.py) and a certificate from a throwaway CA
+(issue 13); both runs together take about 10 s.
 """
 
 from __future__ import annotations
@@ -11,26 +15,78 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+import trustme
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.responses import (
     ResponseCompletedEvent,
     ResponseStreamEvent,
     ResponseTextDeltaEvent,
 )
+from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import RELAY_KEY
+from relayd.app import create_app
+from relayd.state import METRICS
+from relayd.tls import ServedCertificate
+from tests.conftest import RELAY_KEY, RelayFactory, assert_no_secret_logged, make_settings
 from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI, Seen, pattern_block
+from tests.test_tls_config import write_pair
 
 # Small but real PNG signatures: the relay must not care what the bytes are.
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(2048)
 MASK = b"\x89PNG\r\n\x1a\n" + os.urandom(1024)
+
+
+@pytest.fixture(params=["http", "https"])
+def scheme(request: pytest.FixtureRequest) -> str:
+    """Every SDK test runs over plain http and over relayd's own TLS."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def sdk(
+    scheme: str,
+    relay_factory: RelayFactory,
+    aiohttp_server: AiohttpServer,
+    fake_server: TestServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The SDK pointed at relayd, over http or over relayd's own TLS."""
+    caplog.set_level(logging.DEBUG)
+    if scheme == "http":
+        base_url, http_client = str((await relay_factory()).make_url("/v1")), None
+    else:
+        ca = trustme.CA()
+        cert, key = write_pair(ca, tmp_path)
+        settings = make_settings(
+            upstream={"url": str(fake_server.make_url(""))},
+            server={"tls_cert": str(cert), "tls_key": str(key)},
+        )
+        app = create_app(settings)
+        served = ServedCertificate(settings.server, app[METRICS])
+        server = await aiohttp_server(app, ssl=served.context)
+        assert server.scheme == "https"
+        trust = ssl.create_default_context()
+        ca.configure_trust(trust)
+        base_url = str(server.make_url("/v1"))
+        http_client = openai.DefaultAsyncHttpxClient(verify=trust)
+    client = openai.AsyncOpenAI(
+        base_url=base_url, api_key=RELAY_KEY, max_retries=0, timeout=30, http_client=http_client
+    )
+    async with client:
+        yield client
+    assert_no_secret_logged(caplog)
 
 
 def only(fake: FakeOpenAI, method: str, path: str) -> Seen:

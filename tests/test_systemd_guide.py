@@ -279,3 +279,71 @@ async def test_reload_takes_keys_from_the_config_and_rereads_the_credential_copy
     log = "\n".join(relayd.lines)
     for secret in (UPSTREAM_KEY, CREDENTIAL_KEY, TOML_KEY, ROTATED_KEY):
         assert secret not in log
+
+
+def subsection(markdown: str, title: str) -> str:
+    """The text of the ``### title`` subsection, up to the next heading of its level."""
+    match = re.search(rf"^### {re.escape(title)}\n(.*?)(?=^##+ |\Z)", markdown, re.M | re.S)
+    assert match is not None, f"systemd/README.md has no '### {title}' subsection"
+    return match.group(1)
+
+
+def test_own_tls_steps_install_a_renewal_hook_that_hands_relayd_the_pair(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: certbot's deploy hook copies the pair where relayd reads it, owned by
+    relayd, the key private, then reloads; check-config takes the pair clean."""
+    import trustme
+
+    from tests.test_tls_config import write_pair
+
+    root, skipped, issued = tmp_path / "root", tmp_path / "skipped", tmp_path / "issued"
+    issued.mkdir()
+    cert, key = write_pair(trustme.CA(), issued)
+    # certbot stand-in: "issues" the throwaway CA's pair into its live directory;
+    # the hook is a script of its own, so it finds a systemctl stand-in on PATH.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text('#!/bin/sh\necho "systemctl $*" >> "$SKIPPED"\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    stubs = f"""
+export PATH="{bin_dir}:$PATH"
+apt-get() {{ skip apt-get "$@"; }}
+certbot() {{
+    skip certbot "$@"
+    while [ "$1" != -d ]; do shift; done
+    install -d "/etc/letsencrypt/live/$2"
+    cp {cert} "/etc/letsencrypt/live/$2/fullchain.pem"
+    cp {key} "/etc/letsencrypt/live/$2/privkey.pem"
+}}
+"""
+    guide = GUIDE.read_text()
+    blocks = [
+        *shell_blocks(section(guide, "Install")),
+        stubs,
+        *shell_blocks(subsection(guide, "relayd's own TLS")),
+    ]
+    result = _follow(root, skipped, blocks)
+    assert result.returncode == 0, result.stderr
+    assert unmapped(skipped.read_text(), root).splitlines() == [
+        *EXPECTED_SKIPPED,
+        "apt-get install -y certbot",
+        "certbot certonly --standalone --non-interactive --agree-tos -m admin@example.com "
+        "-d relay.example.com",
+        "systemctl reload relayd",
+        "systemctl daemon-reload",
+        "systemctl stop relayd.service",
+        "systemctl enable --now relayd.socket",
+        "systemctl start relayd.service",
+    ]
+    settings = printed_documents(result.stdout)[-1]
+    tls = root / "var/lib/relayd/tls"
+    assert settings["server"]["tls_cert"] == f"{tls}/fullchain.pem"
+    assert settings["server"]["public_url"] == "https://relay.example.com"
+    assert not re.search(r"(?i)warn|error|cannot|no such", result.stderr), result.stderr
+    assert (tls / "privkey.pem").read_bytes() == key.read_bytes()
+    assert (tls / "privkey.pem").stat().st_mode & 0o077 == 0
+    dropin = (root / "etc/systemd/system/relayd.service.d/tls.conf").read_text()
+    assert f"RELAYD_TLS_KEY_FILE={tls}/privkey.pem" in dropin
+    socket_dropin = (root / "etc/systemd/system/relayd.socket.d/https.conf").read_text()
+    assert socket_dropin.splitlines()[-1] == "ListenStream=0.0.0.0:443"

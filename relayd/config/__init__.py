@@ -7,6 +7,7 @@ A floor below everything: this package imports nothing else of relayd.
 * :mod:`~relayd.config.casts`: values cast by type, :class:`ConfigError`;
 * :mod:`~relayd.config.load`: the one generic loader;
 * :mod:`~relayd.config.secrets`: keys and secrets that come from several places;
+* :mod:`~relayd.config.certs`: relayd's own TLS pair, read and checked;
 * :mod:`~relayd.config.keys`: relay key formats and the one key hash;
 * :mod:`~relayd.config.checks`: what cannot work or would be unsafe;
 * :mod:`~relayd.config.report`: what ``check-config`` prints.

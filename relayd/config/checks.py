@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from relayd.config.casts import ConfigError
-from relayd.config.secrets import CREDENTIAL_UPSTREAM_KEY
+from relayd.config.certs import expiry_warning, read_pair
+from relayd.config.secrets import CREDENTIAL_UPSTREAM_KEY, too_open
 from relayd.config.settings import Settings
 
 __all__ = ["keyless_warning", "validate", "warnings_for"]
@@ -48,6 +50,11 @@ def warnings_for(settings: Settings) -> list[str]:
             "names no server, so ChatGPT cannot import it, and no download link can be "
             "handed out"
         )
+    server = settings.server
+    if server.tls_cert is not None and server.tls_key is not None:
+        facts = read_pair(server.tls_cert, server.tls_key)  # validate() read it already
+        key_open = too_open(Path(server.tls_key), "TLS key")
+        found += [w for w in (expiry_warning(facts), key_open) if w]
     return found
 
 
@@ -104,6 +111,7 @@ def validate(
     ):
         if getattr(settings.limits, name) < 1:
             raise ConfigError(f"[limits] {name} must be a positive number of bytes")
+    _check_tls(settings)
     _check_buffered(settings)
     _check_realtime(settings)
     _check_actions(settings)
@@ -148,6 +156,30 @@ def validate(
             "[auth] disabled = true if another layer authenticates every request"
         )
     _check_proxy_loop(settings)
+
+
+def _check_tls(settings: Settings) -> None:
+    """Both files or neither; then the pair itself (docs/security.md#own-tls)."""
+    server = settings.server
+    if (server.tls_cert is None) != (server.tls_key is None):
+        given, missing = (
+            ("tls_cert (RELAYD_TLS_CERT_FILE)", "tls_key (RELAYD_TLS_KEY_FILE)")
+            if server.tls_cert is not None
+            else ("tls_key (RELAYD_TLS_KEY_FILE)", "tls_cert (RELAYD_TLS_CERT_FILE)")
+        )
+        raise ConfigError(
+            f"[server] {given} is set but {missing} is not: relayd's own TLS needs both "
+            "the certificate and its key"
+        )
+    if server.tls_cert is not None and server.listen.is_unix:
+        raise ConfigError(
+            "[server] tls_cert is set but relayd listens on a Unix socket; a front on this "
+            "machine connects there, and TLS belongs to that front"
+        )
+    if server.tls_handshake_timeout_s <= 0:
+        raise ConfigError("[server] tls_handshake_timeout must be a positive number of seconds")
+    if server.tls_cert is not None and server.tls_key is not None:
+        read_pair(server.tls_cert, server.tls_key)
 
 
 def _check_buffered(settings: Settings) -> None:

@@ -77,6 +77,11 @@ def load_settings(
         values["actions"]["signing_secret"] = secret
     sources["actions.signing_secret_file"] = origin or "default"
 
+    for name, path in secrets.tls_credentials(env).items():
+        if name not in values["server"]:  # the env and the file win, as for keys_file
+            values["server"][name] = path
+            sources[f"server.{name}"] = f"credential {secrets.CREDENTIALS_TLS[name]}"
+
     keys_file = values["auth"].get("keys_file")
     if keys_file is None and (keys_file := secrets.keys_file_credential(env)) is not None:
         values["auth"]["keys_file"] = keys_file

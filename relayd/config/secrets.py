@@ -31,6 +31,8 @@ __all__ = [
 CREDENTIAL_UPSTREAM_KEY: Final = "openai_api_key"
 CREDENTIAL_RELAY_KEYS: Final = "relay_keys"
 CREDENTIAL_SIGNING_SECRET: Final = "actions_signing_secret"
+# relayd's own TLS pair, by [server] field (docs/security.md#own-tls).
+CREDENTIALS_TLS: Final = {"tls_cert": "tls_cert", "tls_key": "tls_key"}
 
 
 def credential(env: Mapping[str, str], name: str) -> Path | None:
@@ -74,6 +76,12 @@ def signing_secret(
         secret = _read_secret(path, "systemd credential", warnings)
         return secret, f"credential {CREDENTIAL_SIGNING_SECRET}"
     return None, None
+
+
+def tls_credentials(env: Mapping[str, str]) -> dict[str, str]:
+    """The TLS files systemd passed as credentials, by [server] field."""
+    found = {field: credential(env, name) for field, name in CREDENTIALS_TLS.items()}
+    return {field: str(path) for field, path in found.items() if path is not None}
 
 
 def keys_file_credential(env: Mapping[str, str]) -> str | None:

@@ -61,6 +61,13 @@ class Server:
     # Listen queue length; aiohttp's 128 overflows under a burst of new connections
     # (clients then wait 1, 3, 7 s for SYN retries). The kernel caps it at somaxconn.
     backlog: int = setting(4096, key="backlog")
+    # relayd's own TLS (docs/security.md#own-tls): both or neither; None: plain http.
+    # Also the systemd credentials tls_cert and tls_key (secrets.py).
+    tls_cert: str | None = setting(None, key="tls_cert", env="RELAYD_TLS_CERT_FILE", path=True)
+    tls_key: str | None = setting(None, key="tls_key", env="RELAYD_TLS_KEY_FILE", path=True)
+    # How long a client may take over its TLS handshake before the connection is
+    # closed; a stalled one would otherwise hold a socket for asyncio's 60 s.
+    tls_handshake_timeout_s: float = setting(10.0, key="tls_handshake_timeout")
 
 
 @dataclass(frozen=True, slots=True)

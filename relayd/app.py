@@ -19,6 +19,7 @@ from aiohttp import web
 
 from relayd.actions.handout_store import HandoutStore, handout_store_ctx
 from relayd.auth import KeyRing, auth_middleware
+from relayd.clientaddr import TrustedProxies
 from relayd.config import ConfigError, Settings
 from relayd.error_shape import error_middleware
 from relayd.handlers.realtime import close_bridges
@@ -36,6 +37,7 @@ from relayd.state import (
     KEYRING,
     METRICS,
     POLICY,
+    PROXIES,
     REALTIME_BRIDGES,
     ROUTE_MAP,
     SETTINGS,
@@ -104,6 +106,7 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[KEYRING] = KeyRing(settings.auth.keys)
     app[POLICY] = PathPolicy(settings.policy.allow, settings.policy.deny)
     app[METRICS] = Metrics()
+    app[PROXIES] = TrustedProxies(settings.server.trusted_proxies)
     app[UPSTREAM] = Upstream(settings)
     app[BUDGET] = BufferBudget(
         settings.limits.max_buffered_bytes,

@@ -25,9 +25,11 @@ from relayd.errors import CLIENT_CLOSED
 from relayd.routing import Handler
 from relayd.state import (
     BROKEN,
+    CLIENT_ADDRESS,
     ERROR_CODE,
     KEY,
     METRICS,
+    PROXIES,
     REQUEST_ID,
     ROUTE,
     STREAMED,
@@ -52,6 +54,17 @@ _SANE_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 access_log = logging.getLogger("relayd.access")
 
 
+def client_address(request: web.Request) -> str:
+    """The client's address, decided once per request: the peer's own, or what a
+    trusted front proxy reports (relayd/clientaddr.py)."""
+    proxies = request.app[PROXIES]
+    if not proxies:
+        return request.remote or "unix"
+    return proxies.client(
+        request.remote, request.forwarded, request.headers.getall("X-Forwarded-For", ())
+    )
+
+
 def _request_id(request: web.Request) -> str:
     """The client's ``X-Request-Id`` when it is a sane token, else a fresh one."""
     offered = request.headers.get("X-Request-Id", "")
@@ -63,6 +76,7 @@ def _request_id(request: web.Request) -> str:
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = _request_id(request)
+    request[CLIENT_ADDRESS] = client_address(request)
     started = time.perf_counter()
     status = 500
     response: web.StreamResponse | None = None
@@ -112,7 +126,7 @@ def _account(
     key = request.get(KEY)
     fields = {
         "request_id": request.get(REQUEST_ID),
-        "client": request.remote,
+        "client": request.get(CLIENT_ADDRESS),
         "key": key.name if key else None,
         "method": request.method,
         "route": route.path if route else None,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from relayd.actions.handout_store import HandoutStore
     from relayd.auth import KeyRing
+    from relayd.clientaddr import TrustedProxies
     from relayd.memory import BufferBudget, Lease
     from relayd.metrics import Metrics
     from relayd.paths import PathPolicy
@@ -40,6 +41,8 @@ __all__ = [
     "REALTIME_BRIDGES",
     "REALTIME_USAGE",
     "REQUEST_ID",
+    "CLIENT_ADDRESS",
+    "PROXIES",
     "ROUTE",
     "ROUTE_MAP",
     "SETTINGS",
@@ -62,6 +65,7 @@ UPSTREAM: Final[web.AppKey[Upstream]] = web.AppKey("relayd.upstream")
 KEYRING: Final[web.AppKey[KeyRing]] = web.AppKey("relayd.keyring")
 POLICY: Final[web.AppKey[PathPolicy]] = web.AppKey("relayd.paths")
 METRICS: Final[web.AppKey[Metrics]] = web.AppKey("relayd.metrics")
+PROXIES: Final[web.AppKey[TrustedProxies]] = web.AppKey("relayd.trusted_proxies")
 TOOLS: Final = web.AppKey("relayd.tools", dict)
 STARTED: Final = web.AppKey("relayd.started", float)
 # Signed download links and the store behind them (Actions: openaiFileResponse).
@@ -77,6 +81,8 @@ REALTIME_BRIDGES: Final[web.AppKey[WeakKeyDictionary[WebSocketBridge, web.Reques
 BUDGET: Final[web.AppKey[BufferBudget]] = web.AppKey("relayd.budget")
 
 REQUEST_ID: Final = web.RequestKey("relayd.request_id", str)
+# The client's address: the peer's, or what a trusted proxy reports (clientaddr.py).
+CLIENT_ADDRESS: Final = web.RequestKey("relayd.client_address", str)
 # The request's share of BUDGET, released when its handler returns (limits.py).
 BUFFERED: Final[web.RequestKey[Lease]] = web.RequestKey("relayd.buffered")
 ROUTE: Final = web.RequestKey("relayd.route", Route)

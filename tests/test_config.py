@@ -866,6 +866,15 @@ def test_a_public_url_that_is_not_an_https_origin_is_refused(public_url: str) ->
         load({"RELAYD_PUBLIC_URL": public_url})
 
 
+@pytest.mark.parametrize("origin", ["http://127.0.0.1:8080", "http://localhost:8080"])
+def test_an_http_public_url_is_allowed_on_loopback_only(origin: str) -> None:
+    # Local testing: a loopback origin while relayd listens on loopback only.
+    assert load({"RELAYD_PUBLIC_URL": origin}).server.public_url == origin
+    keyed = {"RELAYD_KEYS": KEY_A, "RELAYD_PUBLIC_URL": origin, "RELAYD_LISTEN": "0.0.0.0:8080"}
+    with pytest.raises(ConfigError, match="ChatGPT calls only https"):
+        load(keyed)
+
+
 def test_relayd_workers_must_be_a_whole_number() -> None:
     with pytest.raises(ConfigError, match="RELAYD_WORKERS must be a whole number or 'auto'"):
         load({"RELAYD_WORKERS": "two"})

@@ -16,7 +16,15 @@ from typing import Any, get_args
 
 from relayd.config.fields import Declared
 
-__all__ = ["ConfigError", "Listen", "cast_env", "cast_toml", "parse_listen", "parse_workers"]
+__all__ = [
+    "ConfigError",
+    "Listen",
+    "cast_env",
+    "cast_toml",
+    "parse_listen",
+    "parse_trusted_proxies",
+    "parse_workers",
+]
 
 
 class ConfigError(ValueError):
@@ -82,6 +90,28 @@ def parse_workers(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where} must be a whole number or 'auto'")
     return value
+
+
+def parse_trusted_proxies(value: Any, where: str) -> tuple[str, ...]:
+    """Addresses and CIDRs (and ``unix`` for Unix-socket peers): a TOML list, or
+    comma-separated text in the environment."""
+    if isinstance(value, str):
+        entries = [e.strip() for e in value.split(",") if e.strip()]
+    elif isinstance(value, list) and all(isinstance(e, str) for e in value):
+        entries = [e.strip() for e in value]
+    else:
+        raise ConfigError(f"{where} must be a list of addresses or CIDRs")
+    for entry in entries:
+        if entry == "unix":
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: {entry!r} is not an address or CIDR (e.g. 127.0.0.1, 10.0.0.0/8, "
+                "::1, or unix for a proxy on a Unix socket)"
+            ) from None
+    return tuple(entries)
 
 
 def _base(hint: Any) -> Any:

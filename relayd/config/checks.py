@@ -8,6 +8,7 @@ nothing else of relayd.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Collection
 from pathlib import Path
@@ -81,12 +82,7 @@ def validate(
         # check-config and /health show the upstream url; credentials there would leak.
         raise ConfigError("upstream url must not carry credentials; use OPENAI_API_KEY")
     if settings.server.public_url is not None:
-        public = urlsplit(settings.server.public_url)
-        if public.scheme != "https" or not public.hostname:
-            raise ConfigError(
-                f"public url {settings.server.public_url!r} must be an https origin "
-                "(ChatGPT only calls https servers)"
-            )
+        _check_public_url(settings)
     if settings.logging.format not in ("console", "json"):
         raise ConfigError("log format must be 'console' or 'json'")
     if settings.logging.level not in ("debug", "info", "warning", "error"):
@@ -145,9 +141,11 @@ def validate(
         require_upstream_key
         and not settings.auth.keys
         and not settings.auth.disabled
-        and (settings.server.public_url)
+        and settings.server.public_url
+        and urlsplit(settings.server.public_url).scheme == "https"
     ):
         # Issue 11, item 3: a relay published at a public origin cannot be keyless.
+        # (An http origin is only ever a loopback one, for local testing.)
         # (Commands that never serve, such as printing the OpenAPI documents, may
         # name the public url of a relay whose keys live elsewhere.)
         raise ConfigError(
@@ -156,6 +154,35 @@ def validate(
             "[auth] disabled = true if another layer authenticates every request"
         )
     _check_proxy_loop(settings)
+
+
+def _check_public_url(settings: Settings) -> None:
+    """An https origin: ChatGPT calls nothing else. An http origin on a loopback host
+    is allowed while relayd itself listens on loopback only, for trying it out on one
+    machine (docs/security.md#public-url)."""
+    url = settings.server.public_url
+    public = urlsplit(url or "")
+    if not public.hostname or public.scheme not in ("https", "http"):
+        raise ConfigError(
+            f"public url {url!r} must be an https origin such as https://relay.example.com"
+        )
+    if public.scheme == "https":
+        return
+    if not (_is_loopback_host(public.hostname) and settings.server.listen.is_loopback):
+        raise ConfigError(
+            f"public url {url!r} must be an https origin: ChatGPT calls only https (an http "
+            "origin is allowed only on a loopback host while relayd listens on loopback, "
+            "for local testing)"
+        )
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_tls(settings: Settings) -> None:

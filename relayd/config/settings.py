@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
-from relayd.config.casts import Listen, parse_listen, parse_workers
+from relayd.config.casts import Listen, parse_listen, parse_trusted_proxies, parse_workers
 from relayd.config.fields import setting
 from relayd.config.keys import RelayKey
 
@@ -68,6 +68,11 @@ class Server:
     # How long a client may take over its TLS handshake before the connection is
     # closed; a stalled one would otherwise hold a socket for asyncio's 60 s.
     tls_handshake_timeout_s: float = setting(10.0, key="tls_handshake_timeout")
+    # Front proxies whose X-Forwarded-For / Forwarded relayd believes for the client
+    # address (docs/security.md#client-address); "unix" trusts Unix-socket peers.
+    trusted_proxies: tuple[str, ...] = setting(
+        (), key="trusted_proxies", env="RELAYD_TRUSTED_PROXIES", parse=parse_trusted_proxies
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from relayd.clientaddr import TrustedProxies
 from relayd.config import ConfigError, load_settings
 from tests.conftest import RELAY_KEY, RelayFactory
+from tests.test_daemon import Relayd, Start, start
+from tests.test_daemon import _env as daemon_env
+
+__all__ = ["start"]  # the fixture, shared with test_daemon
 
 AUTH = {"Authorization": f"Bearer {RELAY_KEY}"}
 BOUND = 5.0
@@ -136,3 +142,41 @@ async def test_a_forged_forwarded_header_from_an_untrusted_peer_changes_nothing(
     assert await _client_logged(direct, caplog, **forged) == "127.0.0.1"
     nobody = await relay_factory()
     assert await _client_logged(nobody, caplog, **forged) == "127.0.0.1"
+
+
+# --------------------------------------------------------------------------- a real relayd
+
+
+async def _logged_client(relayd: Relayd, session: aiohttp.ClientSession, url: str, xff: str) -> str:
+    request_id = f"client-address-{len(relayd.lines)}"
+    headers = {**AUTH, "X-Forwarded-For": xff, "X-Request-Id": request_id}
+    async with session.get(url, headers=headers) as response:
+        assert response.status == 200
+    line = await relayd.wait_line(request_id, timeout=BOUND)
+    match = re.search(r"client=(\S+)", line)
+    assert match, line
+    return match.group(1)
+
+
+@pytest.mark.process
+async def test_a_real_relayd_believes_only_its_trusted_peers_on_tcp_and_unix_sockets(
+    start: Start, fake_server: TestServer, tmp_path: Path
+) -> None:
+    upstream = str(fake_server.make_url("")).rstrip("/")
+    # The front is 127.0.0.2; a client on 127.0.0.1 forging the header changes nothing.
+    tcp = await start(env=daemon_env(upstream, RELAYD_TRUSTED_PROXIES="127.0.0.2, 10.0.0.0/8"))
+    url = tcp.url("/v1/models")
+    async with aiohttp.ClientSession() as direct:
+        assert await _logged_client(tcp, direct, url, "198.51.100.1") == "127.0.0.1"
+    front = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=front) as behind:
+        forwarded = "6.6.6.6, 198.51.100.1, 10.1.2.3"
+        assert await _logged_client(tcp, behind, url, forwarded) == "198.51.100.1"
+    # A front on the same machine talking over relayd's Unix socket, trusted as "unix".
+    sock = tmp_path / "relayd.sock"
+    unix = await start(
+        env=daemon_env(upstream, RELAYD_LISTEN=f"unix:{sock}", RELAYD_TRUSTED_PROXIES="unix")
+    )
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as local:
+        logged = await _logged_client(unix, local, "http://relayd/v1/models", "198.51.100.7")
+        assert logged == "198.51.100.7"

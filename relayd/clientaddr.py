@@ -13,6 +13,7 @@ ignored, so a forged ``X-Forwarded-For`` changes nothing.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
@@ -21,9 +22,11 @@ __all__ = ["UNIX_PEER", "TrustedProxies"]
 # The entry of ``trusted_proxies`` that trusts peers on a Unix socket (a front
 # proxy on the same machine), which have no address of their own.
 UNIX_PEER: Final = "unix"
-# A forwarded node that is not an address ("unknown", an obfuscated "_name") is
-# reported as sent, cut to this length.
+# A forwarded node that is not an address is reported as sent when it is one of
+# RFC 7239's own (§6: "unknown", an obfuscated "_name"), cut to this length; any
+# other text is reported as "unknown", so no odd text reaches a log line.
 _MAX_NODE: Final = 64
+_NAMED_NODE: Final = re.compile(r"unknown|_[A-Za-z0-9._-]+", re.IGNORECASE)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -69,8 +72,8 @@ class TrustedProxies:
         hops = [hop for hop in hops if hop]
         for hop in reversed(hops):
             node = _node_address(hop)
-            if node is None:
-                return hop[:_MAX_NODE]  # what the trusted proxy said, as it said it
+            if node is None:  # what the trusted proxy said, as it said it
+                return hop[:_MAX_NODE] if _NAMED_NODE.fullmatch(hop) else "unknown"
             if not self.trusts(node):
                 return node
         # Every hop is a trusted proxy: the left-most is the closest to the client.

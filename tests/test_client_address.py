@@ -58,6 +58,9 @@ def client(
         (("127.0.0.1",), "127.0.0.1", ("198.51.100.1:4711",), "198.51.100.1"),
         # What a trusted proxy says that is no address is reported as it said it.
         (("127.0.0.1",), "127.0.0.1", ("unknown",), "unknown"),
+        (("127.0.0.1",), "127.0.0.1", ("_gateway-2",), "_gateway-2"),
+        # Any other text is no address to log: a line cannot be forged through it.
+        (("127.0.0.1",), "127.0.0.1", ("x key=admin status=200",), "unknown"),
         # A Unix-socket peer (no address) is trusted only when "unix" says so.
         (("unix",), "", ("198.51.100.1",), "198.51.100.1"),
         (("127.0.0.1",), "", ("198.51.100.1",), "unix"),

@@ -900,6 +900,7 @@ def test_warnings_name_what_works_but_probably_should_not(tmp_path: Path) -> Non
     text = "\n".join(settings.warnings)
     assert f"keys file {commented} holds no key" in text
     assert "no public URL" in text and "RELAYD_PUBLIC_URL" in text
+    assert "ChatGPT calls only a public https origin" in text
     assert "no upstream key" in text and "OPENAI_API_KEY" in text
     assert KEY_A not in text
     complete = load({"RELAYD_KEYS": KEY_A, "RELAYD_PUBLIC_URL": "https://relay.example.com"})

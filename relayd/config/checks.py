@@ -47,9 +47,11 @@ def warnings_for(settings: Settings) -> list[str]:
         )
     if settings.server.public_url is None:
         found.append(
-            "no public URL (RELAYD_PUBLIC_URL, [server] public_url): the Actions document "
-            "names no server, so ChatGPT cannot import it, and no download link can be "
-            "handed out"
+            "no public URL (RELAYD_PUBLIC_URL, [server] public_url): ChatGPT calls only a "
+            "public https origin and relayd never guesses its own, so the Actions document "
+            "names no server (ChatGPT cannot import it) and no download link can be handed "
+            "out; set it to the https origin of relayd or its front proxy "
+            "(systemd/README.md, Make it public)"
         )
     server = settings.server
     if server.tls_cert is not None and server.tls_key is not None:

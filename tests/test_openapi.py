@@ -117,15 +117,22 @@ def test_the_actions_subset_is_configurable(tmp_path: Path) -> None:
         load_settings(config, {}, require_upstream_key=False)
 
 
-FORGED = {"Host": "rebind.attacker.example", "X-Forwarded-Host": "fwd.attacker.example"}
+FORGED = {
+    "Host": "rebind.attacker.example",
+    "X-Forwarded-Host": "fwd.attacker.example",
+    "X-Forwarded-Proto": "http",
+    "Forwarded": 'for=192.0.2.1;host="fwdd.attacker.example";proto=http',
+}
 
 
+@pytest.mark.parametrize("trusted", [(), ("127.0.0.1",)])
 @pytest.mark.parametrize("path", ["/openapi.actions.json", "/openapi.json"])
 async def test_served_documents_never_reflect_the_host_header(
-    relay_factory: RelayFactory, path: str
+    relay_factory: RelayFactory, path: str, trusted: tuple[str, ...]
 ) -> None:
-    # Issue 11, item 7: only RELAYD_PUBLIC_URL names the server; never Host.
-    relay = await relay_factory(server={"public_url": PUBLIC})
+    # Issue 11, item 7: only RELAYD_PUBLIC_URL names the server; never Host, and
+    # (issue 13) not what a trusted front proxy forwards either: it names the client only.
+    relay = await relay_factory(server={"public_url": PUBLIC, "trusted_proxies": trusted})
     text = await (await relay.get(path, headers=FORGED)).text()
     assert "attacker" not in text
     assert json.loads(text)["servers"] == [{"url": PUBLIC}]

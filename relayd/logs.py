@@ -58,7 +58,7 @@ def client_address(request: web.Request) -> str:
     """The client's address, decided once per request: the peer's own, or what a
     trusted front proxy reports (relayd/clientaddr.py)."""
     proxies = request.app[PROXIES]
-    if not proxies:
+    if not proxies.trusts(request.remote):  # headers from anyone else are not even parsed
         return request.remote or "unix"
     return proxies.client(
         request.remote, request.forwarded, request.headers.getall("X-Forwarded-For", ())

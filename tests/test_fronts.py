@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +27,7 @@ import pytest
 import trustme
 from aiohttp.test_utils import TestServer
 
+from relayd.config import load_settings
 from tests.conftest import RELAY_KEY
 from tests.fakes.openai import FakeOpenAI
 from tests.test_daemon import Relayd, Start, _env, start
@@ -251,3 +253,31 @@ async def test_a_large_upload_streams_with_flat_relayd_memory(
     sizes = [p["size"] for s in fake.seen for p in s.parts if p["filename"] == "big.bin"]
     assert sizes == [UPLOAD_MIB * 1024 * 1024]
     assert grown < 64, f"relayd's peak RSS grew {grown:.0f} MiB for a {UPLOAD_MIB} MiB upload"
+
+
+def _seconds(conf: str, directive: str) -> list[float]:
+    found = re.findall(rf"^\s*{directive}\s+(\d+)s;?\s*$", conf, re.MULTILINE)
+    assert found, f"no {directive}"
+    return [float(value) for value in found]
+
+
+def test_the_shipped_fronts_outwait_relayd_and_take_its_largest_body() -> None:
+    """Issue 13: a front's timeout shorter than relayd's own timers would cut a stream
+    relayd still holds; nginx's body cap is relayd's (Caddy has none by default)."""
+    settings = load_settings(None, {"OPENAI_API_KEY": "sk-test"})
+    longest = max(
+        settings.upstream.idle_timeout_s,
+        settings.upstream.first_byte_timeout_s,
+        settings.realtime.idle_timeout_s,
+    )
+    nginx = (ROOT / "conf/nginx/relayd.conf").read_text()
+    caddy = (ROOT / "conf/caddy/Caddyfile").read_text()
+    for conf, directive in [
+        (nginx, "proxy_read_timeout"),
+        (nginx, "proxy_send_timeout"),
+        (caddy, "read_timeout"),
+        (caddy, "write_timeout"),
+    ]:
+        assert min(_seconds(conf, directive)) >= longest, directive
+    cap = re.search(r"client_max_body_size (\d+)m;", nginx)
+    assert cap is not None and int(cap.group(1)) * 1024 * 1024 == settings.limits.max_body_bytes

@@ -35,6 +35,7 @@ from tests.fakes.openai import FakeOpenAI
 from tests.filehost import PNG, fetch_settings, start_file_host
 from tests.rawhttp import head, open_raw, read_head, websocket_upgrade
 from tests.test_daemon import Relayd, Start, _env, start  # noqa: F401 (fixture)
+from tests.test_ws_fast_lane import read_frame
 
 pytestmark = pytest.mark.process
 
@@ -167,16 +168,6 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
     else:
         header = struct.pack("!BBQ", first, 0x80 | 127, size)
     return header + b"\0\0\0\0" + payload
-
-
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    first, second = await reader.readexactly(2)
-    size = second & 0x7F
-    if size == 126:
-        size = struct.unpack("!H", await reader.readexactly(2))[0]
-    elif size == 127:
-        size = struct.unpack("!Q", await reader.readexactly(8))[0]
-    return first & 0x0F, await reader.readexactly(size)
 
 
 async def realtime_session(

@@ -182,13 +182,15 @@ async def test_notify_ready_only_once_listening_then_watchdog_and_stopping(
 
 @contextlib.asynccontextmanager
 async def socket_activated(
-    env: dict[str, str], *serve_args: str
+    env: dict[str, str], *serve_args: str, host: str = "127.0.0.1", listening: bool = True
 ) -> AsyncIterator[tuple[Relayd, int]]:
-    """``relayd serve`` as systemd starts it, on a loopback listener: fd 3, LISTEN_PID
-    its own pid. Gives back relayd and the port; killed (process group) on the way out."""
+    """``relayd serve`` as systemd starts it, on a socket bound to ``host`` (listening
+    unless told otherwise): fd 3, LISTEN_PID its own pid. Gives back relayd and the
+    port; killed (process group) on the way out."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
+    listener.bind((host, 0))
+    if listening:
+        listener.listen()
     fd = listener.fileno()
     launcher = (
         f"import os, sys; os.dup2({fd}, 3); os.environ['LISTEN_FDS'] = '1';"

@@ -9,8 +9,6 @@ loopback port with its own ``Host`` and ``Origin``, and is refused on every rout
 from __future__ import annotations
 
 import asyncio
-import socket
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -22,7 +20,7 @@ from relayd.loopback import is_loopback_host, is_loopback_origin
 from tests.conftest import RELAY_KEY, RelayFactory
 from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
 from tests.rawhttp import open_raw, read_head, websocket_upgrade
-from tests.test_daemon import Relayd, _env
+from tests.test_daemon import _env, socket_activated
 from tests.test_security import assert_openai_error
 
 BOUND = 5.0
@@ -203,30 +201,14 @@ def test_a_public_url_needs_relay_keys(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- inherited sockets
 
 
-async def _activated(fake_server: TestServer, listener: socket.socket, **env: str) -> Relayd:
-    """``relayd serve`` given ``listener`` as systemd would (fd 3, LISTEN_FDS, LISTEN_PID),
-    keyless, with a config that claims a loopback address."""
-    fd = listener.fileno()
-    launcher = (
-        f"import os, sys; os.dup2({fd}, 3); os.environ['LISTEN_FDS'] = '1';"
-        "os.environ['LISTEN_PID'] = str(os.getpid());"
-        "os.execv(sys.executable, [sys.executable, '-m', 'relayd', 'serve'])"
-    )
-    environ = _env(
+def _keyless_env(fake_server: TestServer, **env: str) -> dict[str, str]:
+    """Keyless, with a config that claims a loopback address."""
+    return _env(
         str(fake_server.make_url("")).rstrip("/"),
         RELAYD_KEYS="",
         RELAYD_LISTEN="127.0.0.1:1",
         **env,
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        launcher,
-        env=environ,
-        pass_fds=(fd,),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    return Relayd(process)
 
 
 @pytest.mark.process
@@ -235,19 +217,11 @@ async def test_keyless_refuses_an_inherited_socket_that_is_not_loopback(
     fake_server: TestServer, workers: str
 ) -> None:
     # Bound, never listening: nothing outside can connect while relayd decides.
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("0.0.0.0", 0))
-    port = listener.getsockname()[1]
-    relayd = await _activated(fake_server, listener, RELAYD_WORKERS=workers)
-    try:
+    env = _keyless_env(fake_server, RELAYD_WORKERS=workers)
+    async with socket_activated(env, host="0.0.0.0", listening=False) as (relayd, port):
         async with asyncio.timeout(15):
             code = await relayd.process.wait()
             await relayd._reader
-    finally:
-        listener.close()
-        if relayd.process.returncode is None:
-            relayd.process.kill()
-            await relayd.process.wait()
     assert code == 2
     assert not any("Traceback" in line for line in relayd.lines)
     (line,) = [line for line in relayd.lines if line.startswith("relayd: ")]
@@ -257,20 +231,10 @@ async def test_keyless_refuses_an_inherited_socket_that_is_not_loopback(
 
 @pytest.mark.process
 async def test_keyless_warning_names_the_socket_really_served(fake_server: TestServer) -> None:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    relayd = await _activated(fake_server, listener)
-    try:
+    async with socket_activated(_keyless_env(fake_server)) as (relayd, port):
         line = await relayd.wait_line("NO RELAY KEYS")
         assert f"http://127.0.0.1:{port}" in line and "127.0.0.1:1 " not in line
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{port}/v1/models") as response:
                 assert response.status == 200
         assert await relayd.stop() == 0
-    finally:
-        listener.close()
-        if relayd.process.returncode is None:
-            relayd.process.kill()
-            await relayd.process.wait()

@@ -98,6 +98,17 @@ def canary_watch() -> Iterator[CanaryWatch]:
 
 
 @pytest.fixture(autouse=True)
+def private_state_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test keeps relayd's state (relayd.store.state_dir) in a directory of its
+    own, in-process and in the relayd processes it starts, never in the user's."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("RELAYD_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
 def canary_per_test(request: pytest.FixtureRequest, canary_watch: CanaryWatch) -> Iterator[None]:
     """Names the test for :data:`CANARY` and fails it if a secret escaped during it."""
     canary_watch.test = request.node.nodeid

@@ -42,4 +42,5 @@ from relayd.config.settings import Policy as Policy
 from relayd.config.settings import Realtime as Realtime
 from relayd.config.settings import Server as Server
 from relayd.config.settings import Settings as Settings
+from relayd.config.settings import Store as Store
 from relayd.config.settings import Upstream as Upstream

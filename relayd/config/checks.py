@@ -156,6 +156,7 @@ def validate(
             "[auth] disabled = true if another layer authenticates every request"
         )
     _check_proxy_loop(settings)
+    _check_store(settings)
 
 
 def _check_public_url(settings: Settings) -> None:
@@ -322,3 +323,10 @@ def _check_proxy_loop(settings: Settings) -> None:
             f"upstream {settings.upstream.url} points back at relayd itself "
             f"({up_host}:{up_port}); requests would loop forever"
         )
+
+
+def _check_store(settings: Settings) -> None:
+    if settings.store.backend != "local":
+        raise ConfigError(f"[store] backend must be 'local', not {settings.store.backend!r}")
+    if settings.store.busy_timeout_s <= 0:
+        raise ConfigError("[store] busy_timeout must be a positive number of seconds")

@@ -28,6 +28,7 @@ __all__ = [
     "Realtime",
     "Server",
     "Settings",
+    "Store",
     "Upstream",
 ]
 
@@ -221,6 +222,18 @@ class Actions:
 
 
 @dataclass(frozen=True, slots=True)
+class Store:
+    """``[store]``: where state shared by workers and restarts lives (relayd/store/)."""
+
+    backend: str = setting("local", key="backend")  # "local": SQLite and files under dir
+    # None: systemd's StateDirectory ($STATE_DIRECTORY), else $XDG_STATE_HOME/relayd,
+    # else ~/.local/state/relayd (relayd.store.state_dir).
+    dir: str | None = setting(None, key="dir", env="RELAYD_STATE_DIR", path=True)
+    # How long a write waits for another worker's transaction before giving up.
+    busy_timeout_s: float = setting(2.0, key="busy_timeout")
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything relayd needs to run: one section per TOML table."""
 
@@ -233,6 +246,7 @@ class Settings:
     logging: Logging = field(default_factory=Logging)
     realtime: Realtime = field(default_factory=Realtime)
     actions: Actions = field(default_factory=Actions)
+    store: Store = field(default_factory=Store)
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # Where each setting came from, by "table.key" ("default", "file", "env NAME",
     # "credential NAME", "flag --NAME"), for check-config (issue 11).

@@ -36,6 +36,7 @@ from relayd.handlers.passthrough import (
     forward,
     forward_by_policy,
 )
+from relayd.mcp.transport import refuse_method, serve_mcp
 from relayd.routing import Body, Exposure, Handler, Route, RouteTable
 
 __all__ = ["TABLE", "build_table"]
@@ -439,6 +440,18 @@ _ACTIONS_SURFACE = (
             handler=meta.privacy, exposure=Exposure.PUBLIC, consequential=None),
 )
 
+# ChatGPT apps and IDE agents (docs/chatgpt.md#chatgpt-apps): MCP over Streamable HTTP,
+# the Actions operations as tools. A JSON-RPC endpoint, not a REST operation: served,
+# not documented. GET and DELETE answer 405 (no server stream, no sessions), after auth.
+_MCP = (
+    _route("mcp", "POST", "/mcp", "postMcp", "MCP Streamable HTTP (JSON-RPC)",
+           handler=serve_mcp, body=Body.JSON, exposure=INTERNAL),
+    _route("mcp", "GET", "/mcp", "getMcp", "MCP server stream (not offered: 405)",
+           handler=refuse_method, exposure=INTERNAL),
+    _route("mcp", "DELETE", "/mcp", "deleteMcp", "MCP session end (no sessions: 405)",
+           handler=refuse_method, exposure=INTERNAL),
+)
+
 # Last: everything else under /v1/ is decided by the path policy (paths.py).
 _CATCH_ALL = (
     _route("policy", "*", "/v1/{tail:.*}", "relayByPolicy",
@@ -464,6 +477,7 @@ def build_table() -> RouteTable:
             *_MODELS_AND_MORE,
             *_REALTIME,
             *_ACTIONS_SURFACE,
+            *_MCP,
             *_CATCH_ALL,
         )
     )

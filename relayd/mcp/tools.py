@@ -116,6 +116,7 @@ def _input_schema(
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     schema: dict[str, Any] = copy.deepcopy(dict(body)) if body else {"type": "object"}
     schema.setdefault("type", "object")
+    schema.pop("additionalProperties", None)  # true is JSON Schema's default: say nothing
     properties = schema.setdefault("properties", {})
     required: list[str] = list(schema.get("required", []))
     for name in reversed(path_parameters(route)):
@@ -143,7 +144,7 @@ def _input_schema(
 def _output_schema(answer: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not answer:
         return None
-    schema = copy.deepcopy(dict(answer))
+    schema = _undescribed(copy.deepcopy(dict(answer)))
     schema["additionalProperties"] = True  # upstream's own fields come along
     schema.pop("required", None)
     properties = schema.setdefault("properties", {})
@@ -153,13 +154,22 @@ def _output_schema(answer: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return schema
 
 
-def _annotations(route: Route, title: str) -> dict[str, Any]:
+def _undescribed(node: Any) -> Any:
+    """A schema without its descriptions: the answer's fields explain themselves, and
+    every byte of the tool list counts against ChatGPT's budget."""
+    if isinstance(node, dict):
+        return {k: _undescribed(v) for k, v in node.items() if k != "description"}
+    if isinstance(node, list):
+        return [_undescribed(v) for v in node]
+    return node
+
+
+def _annotations(route: Route) -> dict[str, Any]:
     body = route.request_schema
     declared = set(body().fields) if body is not None else set()
     reaches_out = route.group == "proxy" or bool(declared & _LINK_FIELDS)
     read_only = route.method == "GET"
     return {
-        "title": title,
         "readOnlyHint": read_only,
         "destructiveHint": route.method == "DELETE" or route.group == "proxy",
         "idempotentHint": read_only,
@@ -177,8 +187,7 @@ def _descriptor(route: Route, schemas: Any) -> Tool:
     security = [{"type": "oauth2", "scopes": [route.group]}]
     meta: dict[str, Any] = {
         "openai/toolInvocation/invoking": _short(f"{title}…"),
-        "openai/toolInvocation/invoked": _short(f"Done: {title[0].lower()}{title[1:]}"),
-        "securitySchemes": security,
+        "openai/toolInvocation/invoked": "Done",
     }
     if files:
         meta["openai/fileParams"] = list(files)
@@ -187,7 +196,7 @@ def _descriptor(route: Route, schemas: Any) -> Tool:
         "title": title,
         "description": _description(route),
         "inputSchema": input_schema,
-        "annotations": _annotations(route, title),
+        "annotations": _annotations(route),
         "securitySchemes": security,
         "_meta": meta,
     }

@@ -217,7 +217,9 @@ async def _answer_as_events(
     runs (proxies and clients see a live connection)."""
     keepalive = request.app[SETTINGS].mcp.sse_keepalive_s
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    async with sse_response(request, headers=headers, ping_interval=keepalive) as events:
+    async with sse_response(
+        request, headers=headers, ping_interval=keepalive, allow_all_methods=True
+    ) as events:
         answer = await _answer(context, message)
         await events.send(
             json.dumps(answer, ensure_ascii=False, separators=(",", ":")), event="message"

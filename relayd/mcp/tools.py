@@ -144,7 +144,7 @@ def _input_schema(
 def _output_schema(answer: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not answer:
         return None
-    schema = _undescribed(copy.deepcopy(dict(answer)))
+    schema: dict[str, Any] = _undescribed(copy.deepcopy(dict(answer)))
     schema["additionalProperties"] = True  # upstream's own fields come along
     schema.pop("required", None)
     properties = schema.setdefault("properties", {})

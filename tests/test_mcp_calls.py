@@ -143,7 +143,9 @@ async def test_reads_are_never_joined(quick: TestClient, fake: FakeOpenAI) -> No
     async with asyncio.timeout(5):
         for _ in range(2):
             await call(quick, "getActionResponse", {"response_id": "resp_x"})
+            await call(quick, "proxyRequest", {"method": "GET", "path": "/v1/models"})
     assert sum(1 for s in fake.seen if s.path == "/v1/responses/resp_x") == 2
+    assert sum(1 for s in fake.seen if s.path == "/v1/models") == 2  # a GET through the proxy
 
 
 async def test_a_hang_up_does_not_throw_away_a_paid_job(

@@ -92,7 +92,7 @@ class CallBook:
         """The ``CallToolResult`` of one call, within the budget."""
         loop = asyncio.get_running_loop()
         invocation = self._invocation(tool, arguments, loop.time())
-        if tool.read_only:
+        if tool.reads(arguments):
             try:
                 async with asyncio.timeout(self.budget_s):
                     outcome = await run_operation(request, invocation)

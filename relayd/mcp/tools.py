@@ -79,6 +79,14 @@ class Tool:
     def read_only(self) -> bool:
         return self.route.method == "GET"
 
+    def reads(self, arguments: Mapping[str, Any]) -> bool:
+        """Whether this call only reads: a GET route, or the proxy envelope asking for
+        a GET. Reads are never joined to an earlier call (polling must see news)."""
+        if self.read_only:
+            return True
+        method = arguments.get("method")
+        return self.route.group == "proxy" and isinstance(method, str) and method.upper() == "GET"
+
     def arguments(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The call's arguments as the route's schema reads them: ChatGPT apps' file
         objects become the ``openaiFileIdRefs`` items the Actions wrappers take."""

@@ -110,6 +110,21 @@ async def test_past_the_budget_a_paid_call_hands_back_a_handle_and_goes_on(
     assert not any(s.cancelled for s in fake.seen)
 
 
+async def test_a_read_past_the_budget_is_cancelled_and_says_so(
+    quick: TestClient, fake: FakeOpenAI
+) -> None:
+    async def stuck(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(30)
+        return web.json_response({})
+
+    fake.script("GET", "/v1/files/file-slow", stuck)
+    async with asyncio.timeout(5):
+        result = await call(quick, "getFileContentAction", {"file_id": "file-slow"})
+    assert result["isError"] is True
+    assert "did not answer within 0.6 s" in result["content"][0]["text"]
+    await fake.wait_cancelled("/v1/files/file-slow", timeout=2)  # nothing left running upstream
+
+
 # ------------------------------------------------------------------ repeats
 
 

@@ -126,6 +126,12 @@ class CallBook:
             self._entries[fingerprint] = entry
         return entry
 
+    def close(self) -> None:
+        """Cancel the calls still running (the server is stopping; its requests drained)."""
+        for entry in self._entries.values():
+            entry.task.cancel()
+        self._entries.clear()
+
     def _forget(self, now: float) -> None:
         """Drop answered calls older than the window (their results with them)."""
         for fingerprint, entry in list(self._entries.items()):

@@ -353,3 +353,20 @@ def test_mcp_tools_may_name_their_own_operations() -> None:
         "getRelayInfo",
         "cancelUploadAction",
     ]
+
+
+def test_the_mcp_face_reaches_operations_through_the_table_not_the_other_faces() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "relayd"
+    for path in [*(root / "mcp").glob("*.py"), root / "operations.py"]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                assert not name.startswith(("relayd.actions", "relayd.handlers")), (path, name)

@@ -44,6 +44,7 @@ from relayd.state import (
     FILE_HOSTS,
     FILES_AS_LINKS,
     KEY,
+    OPERATION,
     REQUEST_ID,
     ROUTE,
     UPSTREAM_REQUEST_ID,
@@ -202,6 +203,7 @@ async def run_operation(request: web.Request, call: Invocation) -> Outcome:
     caller cancels the operation (and so its upstream request), as a hang-up does.
     """
     route = call.route
+    request[OPERATION] = route.operation_id
     key = request.get(KEY)
     if key is not None and not key.allows(route.group):
         return _refusal(

@@ -289,3 +289,27 @@ def test_settings_refuse_an_unknown_tool_name() -> None:
 
     with pytest.raises(ConfigError, match="not an Actions operation"):
         create_app(make_settings(mcp={"tools": ("createActionResponse", "getHealth")}))
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"call_answers": "xml"}, "call_answers"),
+        ({"answer_budget_s": 0}, "answer_budget"),
+        ({"repeat_window_s": -1}, "repeat_window"),
+        ({"origins": ("chatgpt.com",)}, "not an origin"),
+        ({"origins": ("https://ide.example/app",)}, "not an origin"),
+    ],
+)
+def test_settings_refuse_what_cannot_work(section: dict[str, Any], message: str) -> None:
+    from relayd.config import ConfigError
+    from relayd.config.checks import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(make_settings(mcp=section))
+
+
+def test_an_origin_with_a_trailing_slash_is_an_origin() -> None:
+    from relayd.config.checks import validate
+
+    validate(make_settings(mcp={"origins": ("https://ide.example/",)}))

@@ -292,6 +292,9 @@ async def test_chatgpts_request_sequence_works_and_its_user_fields_are_never_log
     upstream = fake.last("/v1/responses")
     for secret in ("Canarytown", SUBJECT, SESSION, ORGANIZATION):
         assert secret not in upstream.body.decode() and secret not in json.dumps(upstream.headers)
+    access = [getattr(r, "fields", {}) for r in caplog.records if r.name == "relayd.access"]
+    assert [f.get("operation") for f in access if f.get("operation")] == ["createActionResponse"]
+    assert all(f["key"] == "team" for f in access)
     logged = "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
     for secret in ("Canarytown", "38.7223", SUBJECT, SESSION, ORGANIZATION, "userLocation"):
         assert secret not in logged, secret

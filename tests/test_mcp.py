@@ -254,6 +254,11 @@ async def test_tool_calls_answer_as_json_or_as_events(
         assert response.headers["X-Accel-Buffering"] == "no"
         event = next(line for line in raw.splitlines() if line.startswith("data:"))
         assert json.loads(event.removeprefix("data:"))["result"]["isError"] is False
+    # A client that takes JSON only gets JSON, whatever the setting.
+    only_json = {**headers, "Accept": "application/json"}
+    response = await relay.post("/mcp", json=body, headers=only_json)
+    assert response.content_type == "application/json"
+    assert (await response.json())["result"]["isError"] is False
 
 
 async def test_a_slow_sse_call_carries_keepalive_comments(
@@ -313,3 +318,16 @@ def test_an_origin_with_a_trailing_slash_is_an_origin() -> None:
     from relayd.config.checks import validate
 
     validate(make_settings(mcp={"origins": ("https://ide.example/",)}))
+
+
+async def test_an_image_past_the_inline_bound_comes_back_as_a_link_only(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(
+        server={"public_url": PUBLIC}, mcp={"max_image_bytes": len(PNG) - 1}
+    )
+    fake.image_bytes = PNG
+    async with asyncio.timeout(20), connected(relay) as client:
+        made = await client.call_tool("generateImageAction", {"prompt": "a red dot"})
+    assert [block.type for block in made.content] == ["text", "resource_link"]
+    assert (await download(relay, str(links(made)[0].uri)))[1] == PNG

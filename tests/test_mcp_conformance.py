@@ -34,7 +34,7 @@ SCENARIOS = ("server-initialize", "ping", "tools-list", "dns-rebinding-protectio
 
 def _loud_skip(why: str) -> None:
     message = f"LOUD SKIP: MCP conformance suite not run: {why}"
-    print(message, file=sys.stderr)
+    print(f"\n{message}", file=sys.__stderr__, flush=True)  # past pytest's capture
     pytest.skip(message)
 
 

@@ -36,12 +36,14 @@ PUBLIC = "https://relay.example.com"  # signed links name the public url, never 
 
 
 @contextlib.asynccontextmanager
-async def connected(relay: TestClient, key: str = RELAY_KEY) -> AsyncIterator[Client]:
+async def connected(
+    relay: TestClient, key: str = RELAY_KEY, mode: str = "legacy"
+) -> AsyncIterator[Client]:
     """The SDK's client on relayd's /mcp, the relay key as bearer, every wait bounded."""
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx2.AsyncClient(headers=headers, timeout=20) as http:
         transport = streamable_http_client(str(relay.make_url("/mcp")), http_client=http)
-        async with Client(transport, mode="legacy", read_timeout_seconds=20) as client:
+        async with Client(transport, mode=mode, read_timeout_seconds=20) as client:
             yield client
 
 
@@ -108,6 +110,15 @@ async def test_the_sdk_connects_with_a_relay_key_and_lists_the_actions_tools(
     assert by_name["getRelayInfo"].annotations.read_only_hint is True
     assert by_name["createActionResponse"].annotations.read_only_hint is False
     assert by_name["proxyRequest"].annotations.destructive_hint is True
+
+
+async def test_the_sdks_auto_mode_probes_discover_and_falls_back_to_initialize(
+    relay: TestClient,
+) -> None:
+    # What ChatGPT does too: server/discover first (2026-07-28), -32601, then initialize.
+    async with asyncio.timeout(20), connected(relay, mode="auto") as client:
+        assert client.protocol_version == "2025-11-25"
+        assert (await client.call_tool("getRelayInfo", {})).is_error is False
 
 
 async def test_every_tool_answers_against_the_fake_upstream(

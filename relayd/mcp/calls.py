@@ -41,6 +41,9 @@ __all__ = ["CallBook"]
 
 log = logging.getLogger("relayd.mcp")
 
+# Answered calls kept for repeats, at most (a few MiB each at worst: images inline).
+MAX_ANSWERED = 256
+
 
 @dataclass(slots=True)
 class _Entry:
@@ -133,7 +136,16 @@ class CallBook:
         self._entries.clear()
 
     def _forget(self, now: float) -> None:
-        """Drop answered calls older than the window (their results with them)."""
+        """Drop answered calls older than the window (their results with them), and
+        past :data:`MAX_ANSWERED` answered calls the oldest: the book holds answers in
+        memory, so it stays bounded however busy the relay is."""
+        answered = []
         for fingerprint, entry in list(self._entries.items()):
-            if entry.task.done() and now - entry.started > self.window_s:
+            if not entry.task.done():
+                continue
+            if now - entry.started > self.window_s:
                 del self._entries[fingerprint]
+            else:
+                answered.append((entry.started, fingerprint))
+        for _, fingerprint in sorted(answered)[: max(0, len(answered) - MAX_ANSWERED)]:
+            del self._entries[fingerprint]

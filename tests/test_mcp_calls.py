@@ -298,3 +298,16 @@ async def test_chatgpts_request_sequence_works_and_its_user_fields_are_never_log
     logged = "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
     for secret in ("Canarytown", "38.7223", SUBJECT, SESSION, ORGANIZATION, "userLocation"):
         assert secret not in logged, secret
+
+
+async def test_the_book_of_answered_calls_stays_bounded(
+    quick: TestClient, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relayd.mcp import calls
+    from relayd.state import MCP_CALLS
+
+    monkeypatch.setattr(calls, "MAX_ANSWERED", 2)
+    async with asyncio.timeout(5):
+        for number in range(5):
+            await call(quick, "createActionResponse", {"input": f"q{number}"})
+    assert len(quick.app[MCP_CALLS]) <= 3  # two answered, plus the newest

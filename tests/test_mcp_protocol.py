@@ -68,6 +68,13 @@ async def test_initialize_echoes_a_version_it_speaks_and_says_it_has_tools(
     assert result["capabilities"] == {"tools": {"listChanged": False}}
     assert result["serverInfo"]["name"] == "relayd"
     assert len(result["instructions"]) <= 512  # ChatGPT reads the first 512 characters
+    assert "getActionResponse" in result["instructions"]
+
+
+async def test_the_instructions_name_only_tools_on_offer(relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(mcp={"tools": ("getRelayInfo",)})
+    _, body, _ = await rpc(relay, INITIALIZE)
+    assert "createActionResponse" not in body["result"]["instructions"]
 
 
 async def test_initialize_with_an_unknown_version_answers_the_newest(relay: TestClient) -> None:

@@ -197,6 +197,16 @@ async def test_every_tool_answers_against_the_fake_upstream(
     assert called == set(DEFAULT_ACTIONS)
 
 
+async def test_a_null_argument_counts_as_left_out(apps: TestClient, fake: FakeOpenAI) -> None:
+    async with asyncio.timeout(20), connected(apps) as client:
+        result = await client.call_tool(
+            "createActionResponse", {"input": "hi", "model": None, "instructions": None}
+        )
+    assert texts(result) == ["answer to: hi"]
+    (sent,) = [s for s in fake.seen if (s.method, s.path) == ("POST", "/v1/responses")]
+    assert json.loads(sent.body)["model"] == "gpt-5"  # the relay's default
+
+
 async def test_a_bad_argument_is_a_tool_error_the_model_can_read(
     apps: TestClient, fake: FakeOpenAI
 ) -> None:

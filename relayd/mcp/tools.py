@@ -89,8 +89,9 @@ class Tool:
 
     def arguments(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The call's arguments as the route's schema reads them: ChatGPT apps' file
-        objects become the ``openaiFileIdRefs`` items the Actions wrappers take."""
-        arguments = dict(given)
+        objects become the ``openaiFileIdRefs`` items the Actions wrappers take, and a
+        top-level null (a model's way of leaving a field out) is left out."""
+        arguments = {name: value for name, value in given.items() if value is not None}
         for name in self.file_params:
             files = arguments.get(name)
             if isinstance(files, list):

@@ -60,7 +60,8 @@ _FILE_OUT: Final[Mapping[str, Any]] = {
 }
 # Fields through which a wrapper fetches a link the caller gives (actions/fetch.py).
 _LINK_FIELDS: Final = frozenset({FILE_PARAM, "image_url", "mask_url"})
-_GPT_ONLY: Final = re.compile(r"[^.]*openaiFile\w*[^.]*\.\s*")
+# A sentence that speaks of GPT Actions' file fields (the tools take files otherwise).
+_GPT_ONLY: Final = re.compile(r"\s*[^.]*openaiFile\w*[^.]*\.")
 _STATUS_CHARS: Final = 64  # openai/toolInvocation texts
 
 

@@ -8,6 +8,7 @@ route table it is derived from.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -282,7 +283,8 @@ def test_every_tool_has_a_title_a_use_it_when_and_the_three_hints(
         route = TABLE.by_operation_id(tool["name"])
         assert tool["title"] == route.summary
         assert tool["description"].startswith("Use this to ")
-        assert "openaiFileResponse" not in tool["description"]  # a GPT Actions word
+        assert "openaiFile" not in tool["description"]  # GPT Actions words
+        assert not re.search(r"\.[A-Z]|  ", tool["description"]), tool["description"]
         hints = tool["annotations"]
         assert hints["readOnlyHint"] is (route.method == "GET"), tool["name"]
         assert isinstance(hints["destructiveHint"], bool) and isinstance(

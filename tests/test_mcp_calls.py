@@ -313,3 +313,15 @@ async def test_the_book_of_answered_calls_stays_bounded(
         for number in range(5):
             await call(quick, "createActionResponse", {"input": f"q{number}"})
     assert len(quick.app[MCP_CALLS]) <= 3  # two answered, plus the newest
+
+
+async def test_a_failed_call_is_tried_again_not_repeated(
+    quick: TestClient, fake: FakeOpenAI
+) -> None:
+    arguments = {"input": "x", "model": "error-429"}
+    async with asyncio.timeout(5):
+        first = await call(quick, "createActionResponse", arguments)
+        second = await call(quick, "createActionResponse", arguments)
+    assert first["isError"] and second["isError"]
+    assert "429" in first["content"][0]["text"]
+    assert posts(fake, "/v1/responses") == 2  # the repeat went upstream again

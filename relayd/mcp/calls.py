@@ -59,6 +59,12 @@ def _fingerprint(request: web.Request, tool: Tool, arguments: Mapping[str, Any])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _succeeded(task: asyncio.Task[Outcome]) -> bool:
+    """A failed call is not repeated to the caller: an upstream 429 or 5xx, or a
+    refusal, is worth trying again (a refusal costs nothing upstream)."""
+    return not task.cancelled() and task.exception() is None and task.result().ok
+
+
 def _log_failure(task: asyncio.Task[Outcome]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("MCP tool task %s failed", task.get_name(), exc_info=exc)
@@ -120,8 +126,8 @@ class CallBook:
         self._forget(now)
         fingerprint = _fingerprint(request, tool, arguments)
         entry = self._entries.get(fingerprint)
-        if entry is not None and (now - entry.started <= self.window_s or not entry.task.done()):
-            return entry
+        if entry is not None and (not entry.task.done() or _succeeded(entry.task)):
+            return entry  # in flight, or answered well within the window: join it
         task = spawn(run_operation(request, invocation), name=f"mcp tool {tool.name}")
         task.add_done_callback(_log_failure)
         entry = _Entry(task, now)

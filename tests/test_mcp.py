@@ -121,9 +121,11 @@ async def test_the_sdks_auto_mode_probes_discover_and_falls_back_to_initialize(
         assert (await client.call_tool("getRelayInfo", {})).is_error is False
 
 
+@pytest.mark.parametrize("answers", ["json", "sse"])
 async def test_every_tool_answers_against_the_fake_upstream(
-    apps: TestClient, fake: FakeOpenAI, host: FileHost
+    relay_factory: RelayFactory, fake: FakeOpenAI, host: FileHost, answers: str
 ) -> None:
+    apps = await relay_factory(_apps_fetch(host), mcp={"call_answers": answers})
     fake.image_bytes = PNG
     fake.video_status = "completed"
     photo = host.put("photo.png", PNG)

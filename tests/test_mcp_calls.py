@@ -325,3 +325,28 @@ async def test_a_failed_call_is_tried_again_not_repeated(
     assert first["isError"] and second["isError"]
     assert "429" in first["content"][0]["text"]
     assert posts(fake, "/v1/responses") == 2  # the repeat went upstream again
+
+
+async def test_tool_calls_are_counted_by_tool_and_outcome(
+    quick: TestClient, fake: FakeOpenAI
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    slow_images(fake, 1.0)
+    async with asyncio.timeout(5):
+        await call(quick, "getRelayInfo", {})
+        await call(quick, "createActionResponse", {})  # no input: a tool error
+        await call(quick, "generateImageAction", {"prompt": "slow"})  # past the budget
+    response = await quick.get("/metrics", headers=headers())
+    counted = {
+        (sample.labels["tool"], sample.labels["outcome"]): sample.value
+        for family in text_string_to_metric_families(await response.text())
+        if family.name == "relayd_mcp_tool_calls"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+    assert counted == {
+        ("getRelayInfo", "ok"): 1,
+        ("createActionResponse", "error"): 1,
+        ("generateImageAction", "in_progress"): 1,
+    }

@@ -34,7 +34,7 @@ from relayd.config import Mcp
 from relayd.mcp.results import error_result, running_result, tool_result
 from relayd.mcp.tools import Tool
 from relayd.operations import Invocation, Outcome, run_operation
-from relayd.state import KEY
+from relayd.state import KEY, METRICS
 from relayd.tasks import spawn
 
 __all__ = ["CallBook"]
@@ -98,7 +98,20 @@ class CallBook:
     async def call(
         self, request: web.Request, tool: Tool, arguments: dict[str, Any]
     ) -> dict[str, Any]:
-        """The ``CallToolResult`` of one call, within the budget."""
+        """The ``CallToolResult`` of one call, within the budget (counted in metrics)."""
+        result = await self._call(request, tool, arguments)
+        if result.get("isError"):
+            outcome = "error"
+        elif result.get("structuredContent", {}).get("status") in ("in_progress", "queued"):
+            outcome = "in_progress"
+        else:
+            outcome = "ok"
+        request.app[METRICS].tool_calls.labels(tool.name, outcome).inc()
+        return result
+
+    async def _call(
+        self, request: web.Request, tool: Tool, arguments: dict[str, Any]
+    ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         invocation = self._invocation(tool, arguments, loop.time())
         if tool.reads(arguments):

@@ -51,7 +51,7 @@ def _operation(request: web.Request, method: str, path_qs: str) -> str | None:
     """The route of the upstream call: the request's own on pass-through routes."""
     route = request.get(ROUTE)
     if route is not None and route.group not in RELAYING_GROUPS and route.method == method:
-        return route.operation_id
+        return str(route.operation_id)
     found = request.app[TABLE].match(method, path_qs.split("?", 1)[0])
     return found.operation_id if found is not None else None
 

@@ -17,6 +17,7 @@ cost beyond their estimates.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -249,7 +250,7 @@ class SpendControl:
             headers["retry-after"] = str(max(1, int(resets - now)))
         return QuotaExceededError(
             f"Relay key '{key}' has spent ${spent:.6f} of its budget {name} of "
-            f"${limit:.2f} ({refusal.window}). {when}",
+            f"${limit:.6g} ({refusal.window}). {when}",
             headers={"x-should-retry": "false", **headers},
         )
 
@@ -327,7 +328,7 @@ class SpendControl:
         event = _event_of(
             now, ticket.key, model, ticket.operation, "ok", tokens, micro or 0, micro is None
         )
-        event = Event(**{**_as_dict(event), "windows": ticket.windows})
+        event = dataclasses.replace(event, windows=ticket.windows)
         self.hooks.spent(ticket.key, model, event.micro_usd)
         self._write(event)
 
@@ -363,9 +364,7 @@ class SpendControl:
             )
         )
 
-    def poll_saw_end(
-        self, key: str, ref: str, model: str, usage: Mapping[str, Any] | None
-    ) -> None:
+    def poll_saw_end(self, key: str, ref: str, model: str, usage: Mapping[str, Any] | None) -> None:
         """A poll saw background response ``ref`` end: settle what it carried."""
         if not self.enabled:
             return
@@ -373,7 +372,7 @@ class SpendControl:
         windows = tuple(w.name for w in windows_at(now, self.settings.spend.timezone))
         tokens, micro = charge(self.prices, Cost.TOKENS, model, usage, None)
         event = _event_of(now, key, model, "createResponse", "ok", tokens, micro or 0, False)
-        event = Event(**{**_as_dict(event), "windows": windows})
+        event = dataclasses.replace(event, windows=windows)
         assert self.ledger is not None
 
         async def settle() -> None:
@@ -407,7 +406,7 @@ class SpendControl:
         event = _event_of(
             now, ticket.key, model, ticket.operation, outcome, tokens, micro or 0, estimated
         )
-        return Event(**{**_as_dict(event), "windows": ticket.windows}), tokens.input + tokens.output
+        return dataclasses.replace(event, windows=ticket.windows), tokens.input + tokens.output
 
     async def _settle(
         self, event: Event | None, reservation: str | None, hit: int | None, tokens: int
@@ -523,7 +522,3 @@ def _event_of(
         micro_usd=micro,
         estimated=estimated,
     )
-
-
-def _as_dict(event: Event) -> dict[str, Any]:
-    return {name: getattr(event, name) for name in Event.__dataclass_fields__}

@@ -21,6 +21,7 @@ window is a sliding log of the last 60 seconds of admissions, exact across worke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -301,7 +302,7 @@ class SqliteLedger:
             if row is None or row[1] != event.key:
                 return False
             windows = tuple(row[2].split())
-            carried = Event(**{**_fields(event), "windows": windows})
+            carried = dataclasses.replace(event, windows=windows)
             return _settle(db, carried, row[0], None, 0)
 
         return await self._run("settle", work)
@@ -471,10 +472,6 @@ def _expire(db: sqlite3.Connection, now: float) -> int:
             ),
         )
     return len(rows)
-
-
-def _fields(event: Event) -> dict[str, object]:
-    return {name: getattr(event, name) for name in Event.__dataclass_fields__}
 
 
 def read_spent(path: Path, key: str, windows: Sequence[str]) -> dict[str, int]:

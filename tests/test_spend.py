@@ -372,3 +372,61 @@ def test_json_of_a_request_never_reaches_the_ledger_text() -> None:
     from relayd.store.ledger import MIGRATIONS
 
     assert "prompt" not in MIGRATIONS[0] and "secret" not in json.dumps(MIGRATIONS)
+
+
+# ----------------------------------------------------------------- realtime
+
+REALTIME = "/v1/realtime?model=gpt-realtime"
+REALTIME_MICRO = 25 * 4 + 12 * 16  # the fake's response.done usage at gpt-realtime's price
+
+
+async def _one_response(ws: Any) -> None:
+    await ws.send_str(json.dumps({"type": "response.create"}))
+    async with asyncio.timeout(3):
+        while True:
+            event = json.loads((await ws.receive()).data)
+            if event["type"] == "response.done":
+                return
+
+
+async def test_realtime_prices_each_response_done_and_frees_its_slot_at_close(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(spend=spend(max_parallel=1, usd_total=1_000_000))
+    async with relay.ws_connect(REALTIME, headers=AUTH) as ws:
+        await _one_response(ws)
+        await _one_response(ws)
+        # At its parallel limit: the next session is refused before any upgrade.
+        with pytest.raises(Exception) as refused:
+            await relay.ws_connect(REALTIME, headers=AUTH)
+        assert getattr(refused.value, "status", None) == 429
+    await wait_no_reservations(relay)
+    async with relay.ws_connect(REALTIME, headers=AUTH):
+        pass  # the slot came back when the first session closed
+    rows = await ledger_rows(
+        relay, "SELECT operation, model, micro_usd FROM events WHERE outcome = 'ok'"
+    )
+    assert rows == [("connectRealtime", "gpt-realtime", REALTIME_MICRO)] * 2
+
+
+async def test_realtime_over_budget_is_refused_before_the_upgrade(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(spend=spend(usd_total=REALTIME_MICRO))
+    async with relay.ws_connect(REALTIME, headers=AUTH) as ws:
+        await _one_response(ws)
+    await relay.app[SPEND].drain()
+    response = await relay.get(
+        REALTIME,
+        headers={
+            **AUTH,
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
+    assert response.status == 429
+    body = await response.json()
+    assert body["error"]["code"] == "insufficient_quota"
+    assert response.headers["x-should-retry"] == "false"

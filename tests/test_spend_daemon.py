@@ -22,7 +22,9 @@ from aiohttp.test_utils import TestServer
 from relayd.store.ledger import LEDGER_FILE
 from tests.conftest import RELAY_KEY
 from tests.fakes.openai import FakeOpenAI
-from tests.test_daemon import Start, _env, start  # noqa: F401 (fixture)
+from tests.test_daemon import Start, _env, start
+
+__all__ = ["start"]  # the fixture, shared with test_daemon
 
 pytestmark = pytest.mark.process
 

@@ -298,6 +298,7 @@ class SpendControl:
         if ticket.reservation is not None:
             self._live.tickets.pop(ticket.reservation, None)
         event, tokens = self._event(ticket, outcome, model, usage)
+        tokens -= ticket.estimate.input_tokens + ticket.estimate.output_tokens  # tpm's correction
         self.hooks.spent(ticket.key, event.model, event.micro_usd)
         self._track(
             spawn(

@@ -430,3 +430,33 @@ async def test_realtime_over_budget_is_refused_before_the_upgrade(
     body = await response.json()
     assert body["error"]["code"] == "insufficient_quota"
     assert response.headers["x-should-retry"] == "false"
+
+
+async def test_chat_streams_settle_their_usage_when_asked_else_the_estimate_flagged(
+    relay_factory: RelayFactory,
+) -> None:
+    # relayd never changes a client's stream_options (docs/spend.md#chat-streams).
+    relay = await relay_factory(spend=spend(usd_total=1_000_000))
+    chat = {"model": "gpt-5", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    asked = {**chat, "stream_options": {"include_usage": True}, "max_completion_tokens": 9}
+    for body in (asked, {**chat, "max_completion_tokens": 9}):
+        answer = await relay.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert answer.status == 200
+        text = (await answer.read()).decode()
+        assert ('"usage"' in text) is (body is asked)  # the client's bytes, unchanged
+    rows = await ledger_rows(
+        relay, "SELECT input_tokens, output_tokens, estimated FROM events ORDER BY id"
+    )
+    assert rows[0] == (5, 3, 0)  # priced from the usage chunk
+    assert rows[1][1:] == (9, 1)  # its own output cap, flagged as an estimate
+
+
+async def test_tpm_counts_estimates_then_actual_tokens(relay_factory: RelayFactory) -> None:
+    # Estimated 18 tokens (15 in, 3 out) fit 20; it used 14; 14 + 18 does not fit.
+    relay = await relay_factory(spend=spend(tpm=20))
+    assert (await relay.post("/v1/responses", json=ask(), headers=AUTH)).status == 200
+    await relay.app[SPEND].drain()
+    refused = await relay.post("/v1/responses", json=ask(), headers=AUTH)
+    assert refused.status == 429
+    assert refused.headers["x-relay-ratelimit-limit-tokens"] == "20"
+    assert "tpm" in (await refused.json())["error"]["message"]

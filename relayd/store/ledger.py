@@ -52,9 +52,6 @@ WINDOW_S: Final = 60  # the rpm/tpm window, seconds
 # How long an admission on the event loop waits for another writer before it moves
 # to the ledger's thread (which waits up to [store] busy_timeout).
 QUICK_BUSY_S: Final = 0.005
-# How long a settlement may wait for an admission's commit to ride along with:
-# one commit per request instead of two, off the client's latency path either way.
-SETTLE_DELAY_S: Final = 0.05
 # Commits on the loop between two checkpoints (in the thread): about 1,000 WAL
 # pages, SQLite's own default.
 CHECKPOINT_EVERY: Final = 200
@@ -246,7 +243,6 @@ class SqliteLedger:
         self._observe = observe
         self._queue: list[_Queued] = []  # waiting for the commit at the end of this turn
         self._commit_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None  # a commit for settlements alone
         self._commits = 0
         self._threaded: set[asyncio.Task[None]] = set()  # batches the thread commits
 
@@ -295,8 +291,6 @@ class SqliteLedger:
 
     async def close(self) -> None:
         while self._queue or self._threaded:
-            if self._queue and not self._commit_scheduled:
-                self._commit()  # settlements waiting for a ride: now
             await asyncio.gather(*self._threaded, return_exceptions=True)
             await asyncio.sleep(0)  # the commit scheduled for this turn
         self._drop_quick()
@@ -311,34 +305,28 @@ class SqliteLedger:
     ) -> asyncio.Future[bool]:
         return self._queued(_Queued(settlement=(event, reservation, hit, tokens)))  # type: ignore[return-value]
 
-    # Group commit: admissions queued during one turn of the event loop are written
-    # in one transaction at the end of it, with every settlement waiting, on the
-    # loop's own connection with a busy timeout of a few milliseconds (a thread hop
+    # Group commit: admissions and settlements queued during one turn of the event
+    # loop are written in one transaction at the end of it, on the loop's own
+    # connection with a busy timeout of a few milliseconds (a thread hop
     # costs more than the transaction, about 0.1 ms). Under load many requests
     # share one commit; alone, a request pays for one. If another writer holds the
     # lock longer, the batch moves to the ledger's thread, which waits up to
     # [store] busy_timeout; either way the batch stays in order.
 
     def _queued(self, operation: _Queued) -> asyncio.Future[object]:
-        """Queue ``operation``; its future has the result. An admission is committed
-        at the end of this turn; a settlement rides along with the next admission,
-        or is committed on its own within :data:`SETTLE_DELAY_S`."""
+        """Queue ``operation`` for the commit at the end of this turn of the loop;
+        its future has the result. A settlement is queued once its answer has gone
+        to the client, so its commit runs while the client reads."""
         loop = asyncio.get_running_loop()
         operation.done = done = loop.create_future()
         self._queue.append(operation)
-        if operation.admission is not None:
-            if not self._commit_scheduled:
-                self._commit_scheduled = True
-                loop.call_soon(self._commit)
-        elif self._timer is None and not self._commit_scheduled:
-            self._timer = loop.call_later(SETTLE_DELAY_S, self._commit)
+        if not self._commit_scheduled:
+            self._commit_scheduled = True
+            loop.call_soon(self._commit)
         return done
 
     def _commit(self) -> None:
         self._commit_scheduled = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         batch, self._queue = self._queue, []
         if not batch:
             return

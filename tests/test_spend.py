@@ -460,3 +460,16 @@ async def test_tpm_counts_estimates_then_actual_tokens(relay_factory: RelayFacto
     assert refused.status == 429
     assert refused.headers["x-relay-ratelimit-limit-tokens"] == "20"
     assert "tpm" in (await refused.json())["error"]["message"]
+
+
+async def test_a_background_answer_of_a_key_without_limits_is_recorded_when_polled(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(actions={"poll_interval_s": 0.05})
+    answer = await relay.post(
+        "/v1/actions/responses", json={"input": "hi", "model": "gpt-5"}, headers=AUTH
+    )
+    assert (await answer.json())["status"] == "completed"
+    await wait_no_reservations(relay)
+    rows = await ledger_rows(relay, "SELECT key, operation, micro_usd FROM events")
+    assert rows == [("team", "createResponse", FAKE_ANSWER_MICRO)]

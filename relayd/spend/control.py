@@ -358,14 +358,24 @@ class SpendControl:
             return
         ticket.done = True
         ticket.carried = ref
-        if ticket.reservation is None:
-            return  # nothing held: the poll that sees it end records it
-        self._live.tickets.pop(ticket.reservation, None)
-        assert self.ledger is not None
-        expires = self.clock() + self.settings.spend.reservation_ttl_s
+        if ticket.reservation is not None:
+            self._live.tickets.pop(ticket.reservation, None)
+        if self.ledger is None:
+            return
+        now = self.clock()
+        expires = now + self.settings.spend.reservation_ttl_s
+        held = Admission(
+            key=ticket.key,
+            reservation=ticket.reservation or os.urandom(9).hex(),
+            model=ticket.estimate.model,
+            operation=ticket.operation,
+            now=now,
+            expires=expires,
+            windows=ticket.windows,
+        )
         self._track(
             spawn(
-                self._quietly(self.ledger.carry(ticket.reservation, ref, expires)),
+                self._quietly(self.ledger.carry(held.reservation, ref, expires, held)),
                 name="relayd.spend.carry",
             )
         )

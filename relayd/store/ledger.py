@@ -208,8 +208,10 @@ class Ledger(Protocol):
 
     async def extend(self, reservations: Sequence[str], expires: float) -> None: ...
 
-    async def carry(self, reservation: str, ref: str, expires: float) -> None:
-        """Keep a reservation past its request under ``ref`` (an upstream id)."""
+    async def carry(self, reservation: str, ref: str, expires: float, held: Admission) -> None:
+        """Keep a reservation past its request under ``ref`` (an upstream id); one
+        that was never held (a key without limits) is made now, holding nothing,
+        from ``held``, so the poll that sees the end still records it."""
         ...
 
     async def settle_ref(self, ref: str, event: Event, tokens_now: float) -> bool:
@@ -411,12 +413,22 @@ class SqliteLedger:
 
         await self._run("extend", work)
 
-    async def carry(self, reservation: str, ref: str, expires: float) -> None:
+    async def carry(self, reservation: str, ref: str, expires: float, held: Admission) -> None:
         await self._run(
             "carry",
             lambda db: db.execute(
-                "UPDATE reservations SET ref = ?, expires = ? WHERE id = ?",
-                (ref, expires, reservation),
+                "INSERT INTO reservations (id, key, model, operation, windows, expires, ref)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET ref = excluded.ref, expires = excluded.expires",
+                (
+                    reservation,
+                    held.key,
+                    held.model,
+                    held.operation,
+                    " ".join(held.windows),
+                    expires,
+                    ref,
+                ),
             ),
         )
 

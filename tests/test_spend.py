@@ -473,3 +473,14 @@ async def test_a_background_answer_of_a_key_without_limits_is_recorded_when_poll
     await wait_no_reservations(relay)
     rows = await ledger_rows(relay, "SELECT key, operation, micro_usd FROM events")
     assert rows == [("team", "createResponse", FAKE_ANSWER_MICRO)]
+
+
+async def test_images_without_usage_are_charged_their_flat_price(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(spend=spend(usd_total=1_000_000))
+    body = {"model": "dall-e-3", "prompt": "a cat", "n": 2, "size": "1024x1024"}
+    answer = await relay.post("/v1/images/generations", json=body, headers=AUTH)
+    assert answer.status == 200
+    rows = await ledger_rows(relay, "SELECT operation, micro_usd, estimated FROM events")
+    assert rows == [("createImage", 2 * 40_000, 0)]  # dall-e-3, 1024x1024: $0.04 each

@@ -51,6 +51,8 @@ log = logging.getLogger("relayd.spend")
 # Usage kept while the ledger is away (on_backend_error = "open"); past it the
 # oldest events are dropped, and said so.
 SPOOL_MAX: Final = 100_000
+# The request fields settlement reads (flat prices, background responses).
+_KEPT: Final = ("model", "n", "size", "quality", "seconds", "background")
 
 
 @dataclass(slots=True)
@@ -153,7 +155,9 @@ class SpendControl:
         now = self.clock()
         day, month, total = self.windows(now)
         windows = (day.name, month.name, total.name)
-        ticket = Ticket(key, operation, cost, guess, windows, request=body)
+        # Only what settlement reads is kept, not the whole (possibly large) body.
+        kept = {name: body[name] for name in _KEPT if name in body} if body else None
+        ticket = Ticket(key, operation, cost, guess, windows, request=kept)
         if not limits.allows(guess.model):
             self._refuse_event(ticket, now, "model_not_allowed")
             shown = guess.model or "(a request whose model relayd cannot read)"

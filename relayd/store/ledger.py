@@ -224,6 +224,11 @@ class Ledger(Protocol):
 
     async def spent(self, key: str, windows: Sequence[str]) -> dict[str, int]: ...
 
+    async def open(self) -> None:
+        """Create or migrate the ledger and connect (at start; an error is logged
+        and the ledger is tried again on first use)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -396,6 +401,14 @@ class SqliteLedger:
         task.add_done_callback(self._threaded.discard)
 
     # -------------------------------------------------------------- operations
+
+    async def open(self) -> None:
+        await self._run("open", lambda db: None)  # migrates, in the thread
+        try:
+            self._quick_connection()
+        except sqlite3.Error as exc:
+            self._drop_quick()
+            raise LedgerUnavailableError(f"the spend ledger {self.path}: {exc}") from exc
 
     async def record(self, events: Sequence[Event]) -> None:
         def work(db: sqlite3.Connection) -> None:

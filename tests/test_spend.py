@@ -484,3 +484,34 @@ async def test_images_without_usage_are_charged_their_flat_price(
     assert answer.status == 200
     rows = await ledger_rows(relay, "SELECT operation, micro_usd, estimated FROM events")
     assert rows == [("createImage", 2 * 40_000, 0)]  # dall-e-3, 1024x1024: $0.04 each
+
+
+async def test_realtime_response_create_is_refused_mid_session_once_over_budget(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(spend=spend(usd_total=REALTIME_MICRO))
+    async with relay.ws_connect(REALTIME, headers=AUTH) as ws:
+        await _one_response(ws)  # spends the whole budget
+        refused = None
+        async with asyncio.timeout(5):
+            while refused is None:  # the gate arms once the spend is written
+                await ws.send_str(json.dumps({"type": "response.create", "event_id": "e9"}))
+                while True:
+                    event = json.loads((await ws.receive()).data)
+                    if event["type"] == "error":
+                        refused = event
+                        break
+                    if event["type"] == "response.done":
+                        break
+        # Audio and other events still pass both ways; only response.create is held.
+        await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA"}))
+    assert refused["error"]["code"] == "insufficient_quota"
+    assert refused["error"]["event_id"] == "e9"
+    sent = [json.loads(data) for _, data in fake.realtime.last().frames]
+    creates = [e for e in sent if e.get("type") == "response.create"]
+    done = await ledger_rows(relay, "SELECT count(*) FROM events WHERE outcome = 'ok'")
+    assert len(creates) == done[0][0]  # the refused one never reached upstream
+    async with asyncio.timeout(3):
+        while not any(e.get("type") == "input_audio_buffer.append" for e in sent):
+            await asyncio.sleep(0.02)
+            sent = [json.loads(data) for _, data in fake.realtime.last().frames]

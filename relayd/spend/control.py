@@ -342,6 +342,12 @@ class SpendControl:
         self.hooks.spent(ticket.key, model, event.micro_usd)
         self._write(event)
 
+    async def flushed(self) -> None:
+        """Wait until every ledger write this process scheduled so far is done."""
+        pending = list(self._tasks)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
     async def over_budget(self, key: str) -> bool:
         """Whether ``key`` has spent a whole budget (a realtime session asks before
         each ``response.create``)."""

@@ -263,6 +263,7 @@ async def test_day_budget_resets_at_midnight_in_the_configured_zone(
     control: SpendControl = relay.app[SPEND]
     control.clock = lambda: now[0]
     assert (await relay.post("/v1/responses", json=ask(), headers=AUTH)).status == 200
+    await control.drain()
     refused = await relay.post("/v1/responses", json=ask(), headers=AUTH)
     assert refused.status == 429
     message = (await refused.json())["error"]["message"]

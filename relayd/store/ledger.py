@@ -337,6 +337,9 @@ class SqliteLedger:
         batch, self._queue = self._queue, []
         if not batch:
             return
+        if self._threaded:  # an earlier batch is still in the thread: stay in order
+            self._track(spawn(self._commit_in_thread(batch), name="relayd.ledger.commit"))
+            return
         started = time.perf_counter()
         try:
             results = _in_transaction(self._quick_connection(), lambda db: _apply(db, batch))

@@ -180,6 +180,7 @@ class _Queued:
 
     admission: Admission | None = None
     hold: bool = False
+    prune: bool = True
     settlement: _Settlement | None = None
     done: asyncio.Future[object] | None = None
 
@@ -251,6 +252,8 @@ class SqliteLedger:
         self._queue: list[_Queued] = []  # waiting for the commit at the end of this turn
         self._commit_scheduled = False
         self._commits = 0
+        self._pruned: dict[str, int] = {}  # key -> the second its old hits were pruned
+        self._checkpointing: asyncio.Task[None] | None = None
         self._threaded: set[asyncio.Task[None]] = set()  # batches the thread commits
 
     @classmethod
@@ -297,15 +300,23 @@ class SqliteLedger:
                 self._quick = None
 
     async def close(self) -> None:
-        while self._queue or self._threaded:
-            await asyncio.gather(*self._threaded, return_exceptions=True)
+        while self._queue or self._threaded or self._checkpointing:
+            await asyncio.gather(
+                *self._threaded, *filter(None, [self._checkpointing]), return_exceptions=True
+            )
             await asyncio.sleep(0)  # the commit scheduled for this turn
         self._drop_quick()
         await asyncio.get_running_loop().run_in_executor(self._pool, self._drop)
         self._pool.shutdown(wait=True)
 
     def admit(self, admission: Admission, *, hold: bool) -> asyncio.Future[Refusal | int | None]:
-        return self._queued(_Queued(admission=admission, hold=hold))  # type: ignore[return-value]
+        # Hits older than the window are pruned once a second per key, not per request.
+        second = int(admission.now)
+        prune = self._pruned.get(admission.key) != second
+        if prune:
+            self._pruned[admission.key] = second
+        queued = _Queued(admission=admission, hold=hold, prune=prune)
+        return self._queued(queued)  # type: ignore[return-value]
 
     def settle(
         self, event: Event | None, *, reservation: str | None, hit: int | None, tokens: int
@@ -351,8 +362,10 @@ class SqliteLedger:
             self._observe("commit", time.perf_counter() - started)
         _resolve(batch, results)
         self._commits += 1
-        if self._commits % CHECKPOINT_EVERY == 0:
-            self._track(spawn(self._checkpoint(), name="relayd.ledger.checkpoint"))
+        if self._commits % CHECKPOINT_EVERY == 0 and self._checkpointing is None:
+            # Not a batch: loop commits go on meanwhile (a passive checkpoint never
+            # takes the write lock).
+            self._checkpointing = spawn(self._checkpoint(), name="relayd.ledger.checkpoint")
 
     async def _commit_in_thread(self, batch: list[_Queued]) -> None:
         try:
@@ -382,6 +395,8 @@ class SqliteLedger:
             await self._run_bare("checkpoint", "PRAGMA wal_checkpoint(PASSIVE)")
         except LedgerUnavailableError as exc:
             log.warning("spend ledger checkpoint failed: %s", exc)
+        finally:
+            self._checkpointing = None
 
     async def _run_bare(self, name: str, sql: str) -> None:
         """One statement outside any transaction, in the ledger's thread."""
@@ -497,7 +512,7 @@ def _apply(db: sqlite3.Connection, batch: Sequence[_Queued]) -> list[object]:
     results: list[object] = []
     for operation in batch:
         if operation.admission is not None:
-            results.append(_admit(db, operation.admission, operation.hold))
+            results.append(_admit(db, operation.admission, operation.hold, operation.prune))
         elif operation.settlement is not None:
             results.append(_settle(db, *operation.settlement))
     return results
@@ -509,7 +524,9 @@ def _resolve(batch: Sequence[_Queued], results: Sequence[object]) -> None:
             operation.done.set_result(result)
 
 
-def _admit(db: sqlite3.Connection, a: Admission, hold: bool) -> Refusal | int | None:
+def _admit(
+    db: sqlite3.Connection, a: Admission, hold: bool, prune: bool = True
+) -> Refusal | int | None:
     if hold and a.max_parallel is not None:
         (running,) = db.execute(
             "SELECT count(*) FROM reservations WHERE key = ? AND expires > ? AND ref IS NULL",
@@ -520,11 +537,13 @@ def _admit(db: sqlite3.Connection, a: Admission, hold: bool) -> Refusal | int | 
     hit: int | None = None
     if a.rpm is not None or a.tpm is not None:
         second = int(a.now)
-        db.execute("DELETE FROM hits WHERE key = ? AND second <= ?", (a.key, second - WINDOW_S))
+        since = second - WINDOW_S
+        if prune:
+            db.execute("DELETE FROM hits WHERE key = ? AND second <= ?", (a.key, since))
         count, tokens, oldest = db.execute(
             "SELECT coalesce(sum(requests), 0), coalesce(sum(tokens), 0), min(second)"
-            " FROM hits WHERE key = ?",
-            (a.key,),
+            " FROM hits WHERE key = ? AND second > ?",
+            (a.key, since),
         ).fetchone()
         retry = max(1.0, (oldest or second) + WINDOW_S - a.now)
         if a.rpm is not None and count >= a.rpm:

@@ -172,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.mcp import main as mcp_main
 
         return mcp_main(argv[1:])
+    if argv[:1] == ["spend"]:
+        from bench.spend import main as spend_main
+
+        return spend_main(argv[1:])
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {"workers": args.workers, "paced": not args.no_paced}
     if args.rounds:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from relayd.memory import BufferBudget, Lease
     from relayd.metrics import Metrics
     from relayd.paths import PathPolicy
+    from relayd.spend.control import SpendControl, Ticket
     from relayd.streams.websocket import WebSocketBridge
     from relayd.upstream import Upstream
 
@@ -51,6 +52,12 @@ __all__ = [
     "REALTIME_USAGE",
     "REQUEST_ID",
     "CLIENT_ADDRESS",
+    "CLIENT_LEFT",
+    "SPEND",
+    "SPEND_DOCUMENT",
+    "SPEND_MODEL",
+    "SPEND_TICKET",
+    "SPEND_WATCH",
     "PROXIES",
     "ROUTE",
     "ROUTE_MAP",
@@ -129,3 +136,13 @@ OPERATION: Final = web.RequestKey("relayd.operation", str)
 MCP_CALLS: Final[web.AppKey[CallBook]] = web.AppKey("relayd.mcp_calls")
 # The MCP tools, derived from the route table once at start (mcp/tools.py).
 MCP_TOOLS: Final[web.AppKey[ToolSet]] = web.AppKey("relayd.mcp_tools")
+# Spend control (relayd/metering.py): the process's control, the request's admitted
+# ticket, a JSON answer relayd read whole, and a poll whose answer must be tapped.
+SPEND: Final[web.AppKey[SpendControl]] = web.AppKey("relayd.spend")
+SPEND_TICKET: Final[web.RequestKey[Ticket]] = web.RequestKey("relayd.spend_ticket")
+SPEND_DOCUMENT: Final = web.RequestKey("relayd.spend_document", object)
+SPEND_WATCH: Final = web.RequestKey("relayd.spend_watch", bool)
+# The model field of a multipart body, read ahead of the file (relayd/metering.py).
+SPEND_MODEL: Final = web.RequestKey("relayd.spend_model", str)
+# The client went away while its answer streamed (no upstream fault).
+CLIENT_LEFT: Final = web.RequestKey("relayd.client_left", bool)

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from relayd.actions.handout_store import HandoutStore, handout_store_ctx
 from relayd.auth import KeyRing, auth_middleware
+from relayd.client_documents import document_fetcher
 from relayd.clientaddr import TrustedProxies
 from relayd.config import ConfigError, Settings
 from relayd.error_shape import error_middleware
@@ -27,6 +28,7 @@ from relayd.limits import limits_middleware
 from relayd.logs import access_middleware, add_request_id, scrub_aiohttp_logs
 from relayd.memory import BufferBudget, MemoryReturn
 from relayd.metrics import Metrics
+from relayd.oauth import Authority, Endpoints
 from relayd.openapi import actions_routes
 from relayd.paths import PathPolicy, path_middleware
 from relayd.routes import TABLE
@@ -36,6 +38,7 @@ from relayd.state import (
     HANDOUTS,
     KEYRING,
     METRICS,
+    OAUTH,
     POLICY,
     PROXIES,
     REALTIME_BRIDGES,
@@ -46,6 +49,7 @@ from relayd.state import (
     UPSTREAM,
 )
 from relayd.state import TABLE as TABLE_KEY
+from relayd.store.grants import GrantStore
 from relayd.upstream import Upstream
 
 __all__ = ["create_app", "load_tools"]
@@ -83,6 +87,22 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _close_budget(app: web.Application) -> None:
     app[BUDGET].close()
+
+
+def _add_oauth(app: web.Application, settings: Settings, table: RouteTable) -> None:
+    """relayd's OAuth authorization server, when a public url gives it its URLs
+    (without one its routes answer that it is needed: relayd never guesses)."""
+    endpoints = Endpoints.build(settings, table)
+    if endpoints is None:
+        return
+    store = GrantStore.open(settings)
+    fetch = document_fetcher(app[UPSTREAM], settings)
+    app[OAUTH] = Authority(settings, endpoints, store, fetch)
+
+    async def close_store(app: web.Application) -> None:
+        store.close()
+
+    app.on_cleanup.append(close_store)
 
 
 def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application:
@@ -123,6 +143,7 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     actions_routes(table, settings)
     app[HANDOUTS] = HandoutStore(settings, app[KEYRING])
     app.cleanup_ctx.append(handout_store_ctx)
+    _add_oauth(app, settings, table)
     app.on_shutdown.append(close_bridges)
     app.on_cleanup.append(_close_budget)
     app.on_response_prepare.append(add_request_id)

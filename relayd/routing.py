@@ -42,6 +42,7 @@ class Body(StrEnum):
     MULTIPART = "multipart"
     JSON_OR_MULTIPART = "json_or_multipart"
     ANY = "any"
+    FORM = "form"  # application/x-www-form-urlencoded (OAuth's endpoints)
 
     @property
     def media_types(self) -> tuple[str, ...]:
@@ -54,6 +55,7 @@ _MEDIA_TYPES: Final = {
     Body.MULTIPART: ("multipart/form-data",),
     Body.JSON_OR_MULTIPART: ("application/json", "multipart/form-data"),
     Body.ANY: (),
+    Body.FORM: ("application/x-www-form-urlencoded",),
 }
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from relayd.clientaddr import TrustedProxies
     from relayd.memory import BufferBudget, Lease
     from relayd.metrics import Metrics
+    from relayd.oauth.authority import Authority
     from relayd.paths import PathPolicy
     from relayd.streams.websocket import WebSocketBridge
     from relayd.upstream import Upstream
@@ -37,6 +38,7 @@ __all__ = [
     "KEY",
     "KEYRING",
     "METRICS",
+    "OAUTH",
     "POLICY",
     "REALTIME_BRIDGES",
     "REALTIME_USAGE",
@@ -76,6 +78,9 @@ HANDOUTS: Final[web.AppKey[HandoutStore]] = web.AppKey("relayd.handouts")
 REALTIME_BRIDGES: Final[web.AppKey[WeakKeyDictionary[WebSocketBridge, web.Request]]] = web.AppKey(
     "relayd.realtime_bridges"
 )
+
+# relayd's OAuth authorization server (relayd/oauth/); absent without a public url.
+OAUTH: Final[web.AppKey[Authority]] = web.AppKey("relayd.oauth")
 
 # Bytes held whole for clients (parsed bodies, unfinished WebSocket messages).
 BUDGET: Final[web.AppKey[BufferBudget]] = web.AppKey("relayd.budget")

@@ -22,6 +22,14 @@ SPEC_PUBLIC = {
     "/manifest",
     "/.well-known/ai-plugin.json",
     "/privacy",
+    # SPEC §8: how an OAuth client gets a token at all.
+    "/.well-known/oauth-protected-resource",
+    "/.well-known/oauth-authorization-server",
+    "/.well-known/openid-configuration",
+    "/oauth/authorize",
+    "/oauth/token",
+    "/oauth/revoke",
+    "/oauth/register",
 }
 
 
@@ -81,7 +89,14 @@ def test_only_the_public_list_and_signed_links_are_served_without_a_key() -> Non
     # ChatGPT fetches openaiFileResponse URLs without the action's credentials.
     keyless = {(r.method, r.path) for r in TABLE if not r.needs_key}
     signed = {("GET", "/v1/actions/downloads/{token}")}
-    assert keyless == {("GET", path) for path in SPEC_PUBLIC} | signed
+    # The OAuth forms are posted by browsers and clients that have no key yet.
+    oauth_posts = {
+        ("POST", path)
+        for path in ("/oauth/authorize", "/oauth/token", "/oauth/revoke", "/oauth/register")
+    }
+    get_public = {("GET", path) for path in SPEC_PUBLIC if path not in ("/oauth/token",)}
+    get_public -= {("GET", p) for p in ("/oauth/revoke", "/oauth/register")}
+    assert keyless == get_public | oauth_posts | signed
     assert {(r.method, r.path) for r in TABLE if r.exposure is Exposure.SIGNED} == signed
 
 

@@ -501,7 +501,8 @@ _CATCH_ALL = (
 # fmt: on
 
 
-def build_table() -> RouteTable:
+def build_table(*extra: Route) -> RouteTable:
+    """The table; ``extra`` routes (tests) join the served ones, before the catch-all."""
     served = (
         *_META,
         *_RESPONSES,
@@ -517,6 +518,7 @@ def build_table() -> RouteTable:
         *_REALTIME,
         *_ACTIONS_SURFACE,
         *_OAUTH,
+        *extra,
     )
     return RouteTable((*served, *_resource_metadata_routes(served), *_CATCH_ALL))
 

@@ -31,7 +31,11 @@ __all__ = [
     "FetchDocument",
     "client_from_document",
     "document_allowed",
+    "fetch_document_client",
+    "looks_like_document_url",
+    "redirect_host",
     "register_client",
+    "registration_answer",
 ]
 
 # Fetches a document's bytes, or raises DocumentFetchError saying why not.
@@ -89,8 +93,8 @@ def client_from_document(url: str, data: bytes) -> ClientRecord:
     if not _string_list(uris) or not uris:
         raise refuse("lists no redirect_uris")
     for uri in uris:
-        if _redirect_problem(uri, allow_loopback_http=False):
-            raise refuse(f"lists a redirect URI relayd does not accept: {uri!r}")
+        if problem := _redirect_problem(uri, allow_loopback_http=False):
+            raise refuse(f"lists the redirect URI {uri!r}, which relayd refuses: {problem}")
     return ClientRecord(url, "document", _name(document, url), tuple(uris), AUTH_METHOD)
 
 

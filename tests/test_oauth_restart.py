@@ -1,0 +1,47 @@
+"""OAuth grants live in the state directory: a real ``relayd serve`` restarted keeps
+them, and its log never shows a code or a token."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import RELAY_KEY
+from tests.oauthflow import bearer, login, refresh, register, tokens
+from tests.test_daemon import Start, _env, start  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.process
+
+
+async def test_tokens_survive_a_restart(
+    start: Start, fake_server: TestServer, unused_tcp_port: int
+) -> None:
+    port = unused_tcp_port
+    origin = f"http://127.0.0.1:{port}"
+    env = _env(
+        str(fake_server.make_url("")).rstrip("/"),
+        RELAYD_LISTEN=f"127.0.0.1:{port}",
+        RELAYD_PUBLIC_URL=origin,
+    )
+    first = await start(env=env)
+    jar = aiohttp.CookieJar(unsafe=True)  # the login cookie, on an IP address
+    async with aiohttp.ClientSession(origin, cookie_jar=jar) as http:
+        client_id = await register(http)  # type: ignore[arg-type]
+        done = await login(http, client_id, RELAY_KEY, scope="offline_access")
+        status, granted = await tokens(http, done)
+        assert status == 200, granted
+        ping = await http.get("/v1/actions/ping", headers=bearer(granted["access_token"]))
+        assert ping.status == 200
+        assert await first.stop() == 0
+
+        second = await start(env=env)
+        ping = await http.get("/v1/actions/ping", headers=bearer(granted["access_token"]))
+        assert ping.status == 200, await ping.text()
+        status, renewed = await refresh(http, client_id, granted["refresh_token"])
+        assert status == 200, renewed
+        await second.stop()
+    log = "\n".join(first.lines + second.lines)
+    for secret in (done.code, granted["access_token"], granted["refresh_token"]):
+        assert secret not in log
+    assert "key=team" in log or '"key": "team"' in log  # the token acted as its key

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.process
 
 
 async def test_tokens_survive_a_restart(
-    start: Start, fake_server: TestServer, unused_tcp_port: int
+    start: Start,  # noqa: F811 (the fixture)
+    fake_server: TestServer,
+    unused_tcp_port: int,
 ) -> None:
     port = unused_tcp_port
     origin = f"http://127.0.0.1:{port}"

@@ -1,5 +1,7 @@
 """relayd as an OAuth 2.1 authorization server: documents, login, tokens, refusals.
 
+Assertions never take a code or token as an operand: pytest would print it.
+
 Everything runs against an in-process relayd on a loopback socket, with the grant
 store in the test's own state directory. Codes and tokens a test receives are
 watched in every log record (CANARY.watch_logs).
@@ -138,14 +140,16 @@ async def test_a_linked_app_acts_as_the_key_and_refreshes(relay: TestClient) -> 
     assert status == 200, granted
     assert granted["token_type"] == "Bearer"
     assert 3000 <= granted["expires_in"] <= 3600
-    assert granted["access_token"].startswith("rlyat_")
+    prefixed = granted["access_token"].startswith("rlyat_")
+    assert prefixed, "access tokens carry the rlyat_ prefix"
     assert granted["scope"] == "mcp offline_access"
     who = await relay.post(MCP.path, headers=bearer(granted["access_token"]))
     assert await who.json() == {"key": "team", "scopes": ["mcp"]}
 
     status, renewed = await refresh(relay, client_id, granted["refresh_token"])
     assert status == 200, renewed
-    assert renewed["refresh_token"] != granted["refresh_token"]
+    rotated = renewed["refresh_token"] != granted["refresh_token"]
+    assert rotated, "a refresh rotates the refresh token"  # (never printed: secrets)
     who = await relay.post(MCP.path, headers=bearer(renewed["access_token"]))
     assert who.status == 200
 

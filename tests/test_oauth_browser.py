@@ -162,6 +162,7 @@ async def test_the_login_page_works_in_a_real_browser(
     assert f"{landed.scheme}://{landed.netloc}{landed.path}" == callback
     answer = {k: v[0] for k, v in parse_qs(landed.query).items()}
     CANARY.watch_logs(answer["code"])
-    assert answer["code"].startswith("rlyac_")
+    prefixed = answer["code"].startswith("rlyac_")
+    assert prefixed, "the redirect carries a code"
     assert answer["state"] == params["state"]
     assert answer["iss"] == PUBLIC_URL

@@ -7,7 +7,7 @@ reader can look them up there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from marshmallow import Schema
@@ -38,6 +38,13 @@ from relayd.handlers.passthrough import (
     forward_by_policy,
 )
 from relayd.oauth import endpoints as oauth
+from relayd.oauth.documented import (
+    AUTHORIZE_ANSWERS,
+    METADATA_ANSWERS,
+    REGISTER_ANSWERS,
+    REVOKE_ANSWERS,
+    TOKEN_ANSWERS,
+)
 from relayd.oauth.metadata import PROTECTED_GROUP, RESOURCE_METADATA, resource_metadata_path
 from relayd.routing import Body, Exposure, Handler, Route, RouteTable
 
@@ -62,6 +69,7 @@ def _route(
     request_schema: type[Schema] | None = None,
     response_schema: type[Schema] | None = None,
     forwards_to: str | None = None,
+    responses: Mapping[str, Any] | None = None,
 ) -> Route:
     if request_schema is not None:
         body = Body.JSON  # a wrapper's body is the JSON its schema validates
@@ -79,6 +87,7 @@ def _route(
         consequential=consequential,
         response_schema=response_schema,
         forwards_to=forwards_to,
+        responses=responses,
     )
 
 
@@ -447,27 +456,29 @@ _ACTIONS_SURFACE = (
 _OAUTH = (
     _route("oauth", "GET", RESOURCE_METADATA, "getProtectedResourceMetadata",
            "OAuth protected resource metadata (RFC 9728)", handler=oauth.resource_metadata,
-           exposure=PUBLIC),
+           exposure=PUBLIC, responses=METADATA_ANSWERS),
     _route("oauth", "GET", "/.well-known/oauth-authorization-server",
            "getAuthorizationServerMetadata", "OAuth authorization server metadata (RFC 8414)",
-           handler=oauth.server_metadata, exposure=PUBLIC),
+           handler=oauth.server_metadata, exposure=PUBLIC, responses=METADATA_ANSWERS),
     _route("oauth", "GET", "/.well-known/openid-configuration", "getOpenIdConfiguration",
            "The authorization server metadata, where OpenID clients look for it",
-           handler=oauth.server_metadata, exposure=PUBLIC),
+           handler=oauth.server_metadata, exposure=PUBLIC, responses=METADATA_ANSWERS),
     _route("oauth", "GET", "/oauth/authorize", "showOAuthAuthorize",
            "The login page: link an app with your relay key", handler=oauth.authorize_page,
-           exposure=PUBLIC),
+           exposure=PUBLIC, responses=AUTHORIZE_ANSWERS),
     _route("oauth", "POST", "/oauth/authorize", "submitOAuthAuthorize",
            "The login form: a relay key for an authorization code",
-           handler=oauth.authorize_submit, body=Body.FORM, exposure=PUBLIC),
+           handler=oauth.authorize_submit, body=Body.FORM, exposure=PUBLIC,
+           responses=AUTHORIZE_ANSWERS),
     _route("oauth", "POST", "/oauth/token", "createOAuthToken",
            "Exchange a code or refresh token for tokens", handler=oauth.token, body=Body.FORM,
-           exposure=PUBLIC),
+           exposure=PUBLIC, responses=TOKEN_ANSWERS),
     _route("oauth", "POST", "/oauth/revoke", "revokeOAuthToken", "Revoke a token and its grant",
-           handler=oauth.revoke, body=Body.FORM, exposure=PUBLIC),
+           handler=oauth.revoke, body=Body.FORM, exposure=PUBLIC,
+           responses=REVOKE_ANSWERS),
     _route("oauth", "POST", "/oauth/register", "registerOAuthClient",
            "Register an OAuth client (RFC 7591)", handler=oauth.register, body=Body.JSON,
-           exposure=PUBLIC),
+           exposure=PUBLIC, responses=REGISTER_ANSWERS),
 )
 # fmt: on
 
@@ -485,6 +496,7 @@ def _resource_metadata_routes(served: Sequence[Route]) -> tuple[Route, ...]:
             f"OAuth protected resource metadata of {route.path} (RFC 9728)",
             handler=oauth.resource_metadata,
             exposure=PUBLIC,
+            responses=METADATA_ANSWERS,
         )
         for route in served
         if route.group == PROTECTED_GROUP and route.method == "POST"

@@ -40,7 +40,7 @@ from relayd.oauth.clients import (
 )
 from relayd.oauth.errors import LoginPageError, OAuthError, RedirectError
 from relayd.oauth.metadata import OFFLINE_ACCESS, PROTECTED_GROUP, Endpoints
-from relayd.oauth.throttle import FailedLogins
+from relayd.oauth.throttle import PerAddressLimit
 from relayd.oauth.tokens import (
     ACCESS_PREFIX,
     CODE_PREFIX,
@@ -59,6 +59,7 @@ KeyLookup = Callable[[str], RelayKey | None]  # a relay key by name (KeyRing.by_
 
 # A fetched client document is trusted this long before it is fetched again.
 _DOCUMENT_TTL_S: Final = 300.0
+_REGISTRATIONS_PER_HOUR: Final = 30
 # How long a login page may wait for its form to be posted.
 LOGIN_FORM_TTL_S: Final = 900.0
 # What the authorize request carries that the form repeats, in the order signed.
@@ -101,9 +102,11 @@ class Authority:
         self.store = store
         self._fetch = fetch
         self._csrf_key = store.secret("login-csrf")
-        self.failed_logins = FailedLogins(
+        self.failed_logins = PerAddressLimit(
             settings.oauth.login_attempts, settings.oauth.login_window_s
         )
+        # Registration is open to anyone: bound how fast one address fills the store.
+        self.registrations = PerAddressLimit(_REGISTRATIONS_PER_HOUR, 3600.0)
 
     # -------------------------------------------------------------- authorize
 
@@ -355,12 +358,19 @@ class Authority:
             raise OAuthError("invalid_request", "token is required.")
         self.store.revoke(digest(token))
 
-    def register(self, document: Any) -> dict[str, Any]:
+    def register(self, document: Any, address: str) -> dict[str, Any]:
         if not self.settings.oauth.registration:
             raise OAuthError(
                 "access_denied", "Dynamic client registration is turned off on this relay."
             )
+        if self.registrations.retry_after(address) is not None:
+            raise OAuthError(
+                "temporarily_unavailable",
+                "Too many client registrations from this address; try again later.",
+                status=429,
+            )
         client = register_client(document)
+        self.registrations.record(address)
         self.store.save_client(client)
         return registration_answer(client)
 

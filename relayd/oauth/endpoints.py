@@ -208,7 +208,7 @@ async def register(request: web.Request) -> web.Response:
             document: Any = json.loads(body)
         except ValueError:
             raise OAuthError("invalid_client_metadata", "The body is not JSON.") from None
-        answer = authority.register(document)
+        answer = authority.register(document, request[CLIENT_ADDRESS])
     except OAuthError as exc:
         return exc.response()
     return web.json_response(answer, status=201, headers=NO_STORE)

@@ -1,5 +1,6 @@
-"""Failed logins per client address: after too many wrong relay keys within a
-window, the login page refuses that address until the window has passed.
+"""Attempts per client address within a window: wrong relay keys typed on the login
+page, and client registrations. Past the limit, that address is refused until the
+window has passed.
 
 Kept in each process's memory: with several workers each counts its own share,
 which only multiplies the bound by the worker count; a relay key's 16 or more
@@ -12,12 +13,12 @@ import time
 from collections import OrderedDict, deque
 from typing import Final
 
-__all__ = ["FailedLogins"]
+__all__ = ["PerAddressLimit"]
 
 _MAX_ADDRESSES: Final = 10_000  # beyond this the oldest address is forgotten
 
 
-class FailedLogins:
+class PerAddressLimit:
     __slots__ = ("_attempts", "_seen", "_window")
 
     def __init__(self, attempts: int, window_s: float) -> None:

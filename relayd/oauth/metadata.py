@@ -61,8 +61,12 @@ class Endpoints:
 
     @classmethod
     def build(cls, settings: Settings, table: RouteTable) -> Endpoints | None:
-        """None without a public url: relayd never guesses its own origin."""
+        """None without a public url (relayd never guesses its own origin), or for a
+        table that serves no OAuth routes."""
         if not settings.server.public_url:
+            return None
+        operations = {route.operation_id for route in table}
+        if not {AUTHORIZE_OPERATION, TOKEN_OPERATION} <= operations:
             return None
         issuer = settings.server.public_url.rstrip("/")
         protected = protected_route(table)

@@ -57,7 +57,7 @@ class Endpoints:
     token: str
     revoke: str
     register: str
-    scopes: tuple[str, ...]  # every route group, sorted
+    scopes: tuple[str, ...]  # the route groups behind a key, sorted
 
     @classmethod
     def build(cls, settings: Settings, table: RouteTable) -> Endpoints | None:
@@ -80,7 +80,8 @@ class Endpoints:
             token=issuer + path(TOKEN_OPERATION).path,
             revoke=issuer + path(REVOKE_OPERATION).path,
             register=issuer + path(REGISTER_OPERATION).path,
-            scopes=tuple(sorted(table.groups)),
+            # The groups a key's scopes matter for: those with a route that needs one.
+            scopes=tuple(sorted({route.group for route in table if route.needs_key})),
         )
 
     def server_document(self, settings: Settings) -> dict[str, Any]:

@@ -20,12 +20,12 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from relayd.app import create_app
-from relayd.config import parse_keys_env
+from relayd.config import ConfigError, parse_keys_env, validate
 from relayd.oauth.metadata import protected_route
 from relayd.oauth.tokens import pkce_matches
 from relayd.routes import TABLE, build_table
 from relayd.routing import Body, Exposure, Route, RouteTable
-from relayd.state import KEY, KEYRING
+from relayd.state import KEY, KEYRING, OAUTH
 from tests.conftest import OTHER_KEY, RELAY_KEY, make_settings
 from tests.oauthflow import (
     REDIRECT,
@@ -469,3 +469,26 @@ def test_pkce_s256_matches_rfc_7636_appendix_b() -> None:
     verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
     assert pkce_matches(verifier, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM")
     assert not pkce_matches(verifier[:-1] + "l", "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM")
+
+
+async def test_the_grant_store_holds_no_code_or_token(relay: TestClient) -> None:
+    client_id = await register(relay)
+    done = await login(relay, client_id, RELAY_KEY, scope="mcp offline_access")
+    _, granted = await tokens(relay, done)
+    _, renewed = await refresh(relay, client_id, granted["refresh_token"])
+    assert relay.app is not None
+    database = relay.app[OAUTH].store.path
+    stored = b"".join(p.read_bytes() for p in database.parent.glob(database.name + "*"))
+    issued = [done.code, *granted.values(), *renewed.values(), RELAY_KEY]
+    found = [str(i)[:6] for i in issued if len(str(i)) > 20 and str(i).encode() in stored]
+    assert not found, f"stored in the clear: {found}"
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["http://chatgpt.com/oauth/client.json", "https://*.example/client.json", "https://a/b?c=*"],
+)
+def test_client_document_patterns_must_be_https_with_exact_hosts(pattern: str) -> None:
+    settings = make_settings(oauth={"client_documents": (pattern,)})
+    with pytest.raises(ConfigError, match="client_documents"):
+        validate(settings)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -173,9 +174,8 @@ class Authority:
     def csrf_token(self, request: AuthorizeRequest, browser: str, issued: int) -> str:
         """The login form's token: bound to this browser (its cookie), to every
         parameter of the request, and to when the page was shown."""
-        message = "\0".join(
-            [browser, str(issued), *(request.params.get(f, "") for f in AUTHORIZE_FIELDS)]
-        )
+        # JSON: no value can pass for a field boundary.
+        message = json.dumps([browser, issued, *(request.params.get(f) for f in AUTHORIZE_FIELDS)])
         mac = hmac.new(self._csrf_key, message.encode(), hashlib.sha256).hexdigest()
         return f"{issued}.{mac}"
 

@@ -361,13 +361,16 @@ async def test_another_clients_code_is_refused(relay: TestClient) -> None:
     assert (status, body["error"]) == (400, "invalid_grant")
 
 
-async def test_a_reused_refresh_token_revokes_the_family(relay: TestClient) -> None:
+async def test_a_reused_refresh_token_revokes_the_family(
+    relay: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
     client_id = await register(relay)
     done = await login(relay, client_id, RELAY_KEY, scope="mcp offline_access")
     _, first = await tokens(relay, done)
     _, second = await refresh(relay, client_id, first["refresh_token"])
     status, body = await refresh(relay, client_id, first["refresh_token"])  # a replay
     assert (status, body["error"]) == (400, "invalid_grant")
+    assert "a refresh token was used a second time" in caplog.text  # the operator hears
     for token in (first["access_token"], second["access_token"]):
         assert (await relay.post(MCP.path, headers=bearer(token))).status == 401
     status, body = await refresh(relay, client_id, second["refresh_token"])

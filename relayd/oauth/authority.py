@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,9 +53,12 @@ from relayd.oauth.tokens import (
     pkce_matches,
     valid_challenge,
 )
-from relayd.store.grants import ClientRecord, Grant, GrantStore
+from relayd.store.grants import ClientRecord, Grant, GrantStore, ReplayError
 
 __all__ = ["Authority", "AuthorizeRequest", "KeyLookup"]
+
+# What an operator should know (links made, replays caught); never a code or token.
+log = logging.getLogger("relayd.oauth")
 
 KeyLookup = Callable[[str], RelayKey | None]  # a relay key by name (KeyRing.by_name)
 
@@ -219,6 +223,14 @@ class Authority:
         code = new_secret(CODE_PREFIX)
         expires = time.time() + self.settings.oauth.code_ttl_s
         self.store.add_code(digest(code), grant, request.redirect_uri, request.challenge, expires)
+        log.info(
+            "relay key %s linked app %r (client %s), scopes %s%s",
+            key.name,
+            request.client.name,
+            request.client.client_id,
+            " ".join(grant.scopes) if grant.scopes is not None else "(all of the key's)",
+            ", with refresh tokens" if grant.offline else "",
+        )
         return self.redirect_url(request, {"code": code})
 
     def redirect_url(self, request: AuthorizeRequest, values: dict[str, str]) -> str:
@@ -276,7 +288,11 @@ class Authority:
                 "invalid_request", "code, code_verifier and redirect_uri are all required."
             )
         # Taking the code uses it up, whatever follows: a code is tried once.
-        record = self.store.take_code(digest(code))
+        try:
+            record = self.store.take_code(digest(code))
+        except ReplayError as exc:
+            _log_replay("an authorization code", exc.grant)
+            record = None
         if record is None or record.grant.client_id != client.client_id:
             raise OAuthError(
                 "invalid_grant", "The code is unknown, expired, used, or not this client's."
@@ -295,7 +311,11 @@ class Authority:
         token = form.get("refresh_token")
         if not token:
             raise OAuthError("invalid_request", "refresh_token is required.")
-        used = self.store.use_refresh(digest(token))
+        try:
+            used = self.store.use_refresh(digest(token))
+        except ReplayError as exc:
+            _log_replay("a refresh token", exc.grant)
+            used = None
         if used is None or used[1].client_id != client.client_id:
             raise OAuthError(
                 "invalid_grant", "The refresh token is unknown, expired, used or revoked."
@@ -399,6 +419,16 @@ def narrowed(
     if held is None:
         return tuple(sorted(asked))
     return tuple(sorted(set(asked) & held))
+
+
+def _log_replay(what: str, grant: Grant) -> None:
+    log.warning(
+        "%s was used a second time: the grant of relay key %s to client %s is revoked "
+        "(a leaked code or token, or a client that retried)",
+        what,
+        grant.key_name,
+        grant.client_id,
+    )
 
 
 def _redirect(error: str, description: str) -> RedirectError:

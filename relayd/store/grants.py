@@ -26,7 +26,7 @@ from relayd.config import Settings
 from relayd.store import state_dir
 from relayd.store.sqlite import open_database
 
-__all__ = ["ClientRecord", "CodeRecord", "Grant", "GrantStore"]
+__all__ = ["ClientRecord", "CodeRecord", "Grant", "GrantStore", "ReplayError"]
 
 FILENAME: Final = "oauth.sqlite3"
 
@@ -73,6 +73,14 @@ _MIGRATIONS: Final = (
     );
     """,
 )
+
+
+class ReplayError(Exception):
+    """A code or refresh token was used a second time; its grant is now revoked."""
+
+    def __init__(self, grant: Grant) -> None:
+        super().__init__("replayed")
+        self.grant = grant
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +201,10 @@ class GrantStore:
 
     def take_code(self, code_hash: bytes) -> CodeRecord | None:
         """The code's grant, marking the code used. A code already used revokes its
-        family (RFC 6749 §4.1.2: the tokens it issued must not outlive a replay);
-        an unknown, expired or revoked code is None."""
+        family (RFC 6749 §4.1.2: the tokens it issued must not outlive a replay)
+        and raises ReplayError; an unknown, expired or revoked code is None."""
         now = time.time()
+        replayed = None
         with self._write() as db:
             row = db.execute(
                 "SELECT c.family, c.redirect_uri, c.challenge, c.expires, c.used, f.revoked, "
@@ -208,11 +217,13 @@ class GrantStore:
             family, redirect_uri, challenge, expires, used, revoked = row[:6]
             if used:
                 self._revoke(db, family)
-                return None
-            db.execute("UPDATE codes SET used = 1 WHERE code_hash = ?", (code_hash,))
-            if revoked or expires <= now:
-                return None
-            return CodeRecord(family, _grant(row[6:]), redirect_uri, challenge)
+                replayed = _grant(row[6:])
+            else:
+                db.execute("UPDATE codes SET used = 1 WHERE code_hash = ?", (code_hash,))
+                if revoked or expires <= now:
+                    return None
+                return CodeRecord(family, _grant(row[6:]), redirect_uri, challenge)
+        raise ReplayError(replayed)
 
     # ------------------------------------------------------------------ tokens
 
@@ -235,9 +246,10 @@ class GrantStore:
 
     def use_refresh(self, token_hash: bytes) -> tuple[str, Grant] | None:
         """The family and grant of a live refresh token, which is used up by this.
-        One used before revokes its whole family (OAuth 2.1 §4.3.1: a replayed
-        refresh token means it leaked)."""
+        One used before revokes its whole family and raises ReplayError (OAuth 2.1
+        §4.3.1: a replayed refresh token means it leaked)."""
         now = time.time()
+        replayed = None
         with self._write() as db:
             row = db.execute(
                 f"SELECT t.family, t.expires, t.used, f.revoked, {_GRANT_COLUMNS} "
@@ -250,11 +262,13 @@ class GrantStore:
             family, expires, used, revoked = row[:4]
             if used:
                 self._revoke(db, family)
-                return None
-            if revoked or expires <= now:
-                return None
-            db.execute("UPDATE tokens SET used = 1 WHERE token_hash = ?", (token_hash,))
-            return family, _grant(row[4:])
+                replayed = _grant(row[4:])
+            else:
+                if revoked or expires <= now:
+                    return None
+                db.execute("UPDATE tokens SET used = 1 WHERE token_hash = ?", (token_hash,))
+                return family, _grant(row[4:])
+        raise ReplayError(replayed)
 
     def revoke(self, token_hash: bytes) -> bool:
         """Revoke the family of an access or refresh token; False if none is known."""

@@ -149,6 +149,21 @@ def _unauthenticated(
     return AuthenticationError(message, code=code, headers=headers)
 
 
+def _scope_challenge(request: web.Request, route: Route) -> dict[str, str]:
+    """On the route OAuth protects, a 403 says which scope would do (RFC 6750 §3.1,
+    ``insufficient_scope``), so a client can ask for it."""
+    authority = request.app.get(OAUTH)
+    if route.group != PROTECTED_GROUP or authority is None:
+        return {}
+    metadata = authority.endpoints.resource_metadata
+    return {
+        "WWW-Authenticate": (
+            f'Bearer error="insufficient_scope", scope="{route.group}", '
+            f'resource_metadata="{metadata}"'
+        )
+    }
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
@@ -193,5 +208,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise PermissionDeniedError(
             f"The relay key '{key.name}' may not use the '{route.group}' routes.",
             code="key_scope",
+            headers=_scope_challenge(request, route),
         )
     return await handler(request)

@@ -427,6 +427,17 @@ async def test_the_mcp_endpoint_challenges_with_its_metadata(relay: TestClient) 
     assert "WWW-Authenticate" not in elsewhere.headers
 
 
+async def test_a_key_without_the_mcp_scope_hears_which_scope_would_do(start: Start) -> None:
+    scoped = dataclasses.replace(
+        parse_keys_env(f"scoped:{OTHER_KEY}")[0], scopes=frozenset({"meta"})
+    )
+    relay = await start(auth={"keys": (scoped,)})
+    refused = await relay.post(MCP.path, headers=bearer(OTHER_KEY))
+    assert refused.status == 403
+    challenge = refused.headers["WWW-Authenticate"]
+    assert 'error="insufficient_scope"' in challenge and 'scope="mcp"' in challenge
+
+
 # ------------------------------------------------------------- registration
 
 

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -506,3 +510,21 @@ def test_client_document_patterns_must_be_https_with_exact_hosts(pattern: str) -
     settings = make_settings(oauth={"client_documents": (pattern,)})
     with pytest.raises(ConfigError, match="client_documents"):
         validate(settings)
+
+
+def test_serve_refuses_a_state_directory_it_cannot_create(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "OPENAI_API_KEY": "sk-test-upstream",
+        "RELAYD_KEYS": f"team:{RELAY_KEY}",
+        "RELAYD_LISTEN": "127.0.0.1:0",
+        "RELAYD_PUBLIC_URL": PUBLIC_URL,
+        "RELAYD_STATE_DIR": str(blocker / "state"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "relayd", "serve"], env=env, capture_output=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert b"state directory" in done.stderr and b"OAuth grants" in done.stderr

@@ -20,7 +20,7 @@ from relayd.errors import PayloadTooLargeError
 from relayd.oauth.authority import AUTHORIZE_FIELDS, LOGIN_FORM_TTL_S, Authority, AuthorizeRequest
 from relayd.oauth.clients import redirect_host
 from relayd.oauth.errors import NO_STORE, LoginPageError, OAuthError, RedirectError
-from relayd.oauth.metadata import Endpoints, require
+from relayd.oauth.metadata import require
 from relayd.oauth.page import HEADERS, error_page, login_page
 from relayd.state import CLIENT_ADDRESS, KEYRING, OAUTH, SETTINGS
 
@@ -41,12 +41,8 @@ COOKIE: Final = "relayd_login"
 MAX_FORM_BYTES: Final = 64 * 1024
 
 
-def _endpoints(request: web.Request) -> Endpoints:
-    authority = request.app.get(OAUTH)
-    return require(authority.endpoints if authority is not None else None)
-
-
 def _authority(request: web.Request) -> Authority:
+    """The authorization server; a 500 ``public_url_not_set`` without one."""
     authority = request.app.get(OAUTH)
     require(authority.endpoints if authority is not None else None)
     assert authority is not None
@@ -55,12 +51,12 @@ def _authority(request: web.Request) -> Authority:
 
 async def server_metadata(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    return web.json_response(_endpoints(request).server_document(settings))
+    return web.json_response(_authority(request).endpoints.server_document(settings))
 
 
 async def resource_metadata(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    return web.json_response(_endpoints(request).resource_document(settings))
+    return web.json_response(_authority(request).endpoints.resource_document(settings))
 
 
 # ------------------------------------------------------------------ authorize

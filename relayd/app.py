@@ -26,6 +26,8 @@ from relayd.error_shape import error_middleware
 from relayd.handlers.realtime import close_bridges
 from relayd.limits import limits_middleware
 from relayd.logs import access_middleware, add_request_id, scrub_aiohttp_logs
+from relayd.mcp.calls import CallBook
+from relayd.mcp.tools import ToolSet
 from relayd.memory import BufferBudget, MemoryReturn
 from relayd.metrics import Metrics
 from relayd.oauth import Authority, Endpoints
@@ -37,6 +39,8 @@ from relayd.state import (
     BUDGET,
     HANDOUTS,
     KEYRING,
+    MCP_CALLS,
+    MCP_TOOLS,
     METRICS,
     OAUTH,
     POLICY,
@@ -144,6 +148,10 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[HANDOUTS] = HandoutStore(settings, app[KEYRING])
     app.cleanup_ctx.append(handout_store_ctx)
     _add_oauth(app, settings, table)
+    # The MCP face: its tools derived now (an unknown [mcp] tools name is a config
+    # error at start), and the book of tool calls in flight.
+    app[MCP_TOOLS] = ToolSet.build(table, settings)
+    app[MCP_CALLS] = CallBook(settings.mcp)
     app.on_shutdown.append(close_bridges)
     app.on_cleanup.append(_close_budget)
     app.on_response_prepare.append(add_request_id)

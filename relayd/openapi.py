@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
@@ -23,7 +24,7 @@ from relayd.actions.schemas import FileRefField
 from relayd.config import ConfigError, Settings
 from relayd.routing import Body, Exposure, Route, RouteTable
 
-__all__ = ["DEFAULT_ACTIONS", "actions_routes", "build_openapi"]
+__all__ = ["DEFAULT_ACTIONS", "OperationSchemas", "actions_routes", "build_openapi", "json_schemas"]
 
 # A team GPT's toolbox: ask a model (answer or poll), images in and out, files in
 # and out, videos, and the JSON proxy for everything else; 12 of the 30 allowed.
@@ -196,15 +197,28 @@ def build_openapi(table: RouteTable, settings: Settings, *, actions: bool) -> di
     was fetched) and the document says to set it; the GPT builder refuses that,
     which is what the operator needs to hear.
     """
-    plugin = MarshmallowPlugin(schema_name_resolver=_schema_name)
     description = _ACTIONS_DESCRIPTION if actions else _DESCRIPTION
     if settings.server.public_url:
         servers = [{"url": settings.server.public_url.rstrip("/")}]
     else:
         servers = [{"url": "/", "description": _NO_PUBLIC_URL}]
         description = f"{description} {_NO_PUBLIC_URL}"
+    spec = _spec(settings.meta.name + (" (Actions)" if actions else ""), description, servers)
+    _security(spec, settings, actions=actions)
+    spec.components.schema("Error", _error_schema(nullable=not actions))
+    routes: Iterable[Route] = actions_routes(table, settings) if actions else table.documented()
+    _add_paths(spec, routes, actions=actions)
+    document = spec.to_dict()
+    document["security"] = [{name: []} for name in document["components"]["securitySchemes"]]
+    _with_properties(document)
+    return document
+
+
+def _spec(title: str, description: str, servers: list[dict[str, str]]) -> APISpec:
+    """An empty document with relayd's one marshmallow converter configured."""
+    plugin = MarshmallowPlugin(schema_name_resolver=_schema_name)
     spec = APISpec(
-        title=settings.meta.name + (" (Actions)" if actions else ""),
+        title=title,
         version=__version__,
         openapi_version="3.1.0",
         info={"description": description},
@@ -213,18 +227,56 @@ def build_openapi(table: RouteTable, settings: Settings, *, actions: bool) -> di
     )
     # Declared as strings, as the GPT builder wants (schemas.FileRefField explains).
     plugin.map_to_openapi_type(FileRefField, fields.String)  # type: ignore[no-untyped-call]
-    _security(spec, settings, actions=actions)
-    spec.components.schema("Error", _error_schema(nullable=not actions))
-    routes: Iterable[Route] = actions_routes(table, settings) if actions else table.documented()
+    return spec
+
+
+def _add_paths(spec: APISpec, routes: Iterable[Route], *, actions: bool) -> None:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, actions=actions)
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
+
+
+class OperationSchemas(NamedTuple):
+    """An operation's JSON body and answer as self-contained JSON Schema (None: none)."""
+
+    request: dict[str, Any] | None
+    response: dict[str, Any] | None
+
+
+def json_schemas(routes: Iterable[Route]) -> dict[str, OperationSchemas]:
+    """Each route's request and answer schemas by operationId, converted exactly as
+    for the documents (same converter, same builder-safe shapes) with every
+    ``$ref`` inlined: for a face that describes operations on its own (MCP tools)."""
+    chosen = list(routes)
+    spec = _spec("schemas", "", [{"url": "/"}])
+    _add_paths(spec, chosen, actions=True)
     document = spec.to_dict()
-    document["security"] = [{name: []} for name in document["components"]["securitySchemes"]]
     _with_properties(document)
-    return document
+    components = document.get("components", {}).get("schemas", {})
+    found: dict[str, OperationSchemas] = {}
+    for route in chosen:
+        operation = document["paths"][route.path][route.method.lower()]
+        body = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+        ok = operation["responses"]["200"].get("content", {}).get("application/json", {})
+        found[route.operation_id] = OperationSchemas(
+            _inlined(body.get("schema"), components), _inlined(ok.get("schema"), components)
+        )
+    return found
+
+
+def _inlined(node: Any, components: dict[str, Any]) -> Any:
+    """``node`` with each ``#/components/schemas/`` reference replaced by its schema
+    (the documents have no circular references: actions/lint.py checks it)."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+            return _inlined(copy.deepcopy(components[ref.rsplit("/", 1)[-1]]), components)
+        return {key: _inlined(value, components) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inlined(value, components) for value in node]
+    return node
 
 
 def _security(spec: APISpec, settings: Settings, *, actions: bool) -> None:

@@ -37,6 +37,7 @@ from relayd.handlers.passthrough import (
     forward,
     forward_by_policy,
 )
+from relayd.mcp.transport import refuse_method, serve_mcp
 from relayd.oauth import endpoints as oauth
 from relayd.oauth.documented import (
     AUTHORIZE_ANSWERS,
@@ -504,6 +505,18 @@ def _resource_metadata_routes(served: Sequence[Route]) -> tuple[Route, ...]:
 
 
 # fmt: off
+# ChatGPT apps and IDE agents (docs/chatgpt.md#chatgpt-apps): MCP over Streamable HTTP,
+# the Actions operations as tools. A JSON-RPC endpoint, not a REST operation: served,
+# not documented. GET and DELETE answer 405 (no server stream, no sessions), after auth.
+_MCP = (
+    _route("mcp", "POST", "/mcp", "postMcp", "MCP Streamable HTTP (JSON-RPC)",
+           handler=serve_mcp, body=Body.JSON, exposure=INTERNAL),
+    _route("mcp", "GET", "/mcp", "getMcp", "MCP server stream (not offered: 405)",
+           handler=refuse_method, exposure=INTERNAL),
+    _route("mcp", "DELETE", "/mcp", "deleteMcp", "MCP session end (no sessions: 405)",
+           handler=refuse_method, exposure=INTERNAL),
+)
+
 # Last: everything else under /v1/ is decided by the path policy (paths.py).
 _CATCH_ALL = (
     _route("policy", "*", "/v1/{tail:.*}", "relayByPolicy",
@@ -513,8 +526,7 @@ _CATCH_ALL = (
 # fmt: on
 
 
-def build_table(*extra: Route) -> RouteTable:
-    """The table; ``extra`` routes (tests) join the served ones, before the catch-all."""
+def build_table() -> RouteTable:
     served = (
         *_META,
         *_RESPONSES,
@@ -530,7 +542,7 @@ def build_table(*extra: Route) -> RouteTable:
         *_REALTIME,
         *_ACTIONS_SURFACE,
         *_OAUTH,
-        *extra,
+        *_MCP,
     )
     return RouteTable((*served, *_resource_metadata_routes(served), *_CATCH_ALL))
 

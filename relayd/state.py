@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from relayd.actions.handout_store import HandoutStore
     from relayd.auth import KeyRing
     from relayd.clientaddr import TrustedProxies
+    from relayd.mcp.calls import CallBook
+    from relayd.mcp.tools import ToolSet
     from relayd.memory import BufferBudget, Lease
     from relayd.metrics import Metrics
     from relayd.oauth.authority import Authority
@@ -33,10 +35,16 @@ __all__ = [
     "BROKEN",
     "BUDGET",
     "BUFFERED",
+    "ARGUMENTS",
+    "DEADLINE",
     "ERROR_CODE",
+    "FILE_HOSTS",
+    "FILES_AS_LINKS",
     "HANDOUTS",
     "KEY",
     "KEYRING",
+    "MCP_CALLS",
+    "MCP_TOOLS",
     "METRICS",
     "OAUTH",
     "POLICY",
@@ -108,3 +116,18 @@ ERROR_CODE: Final = web.RequestKey("relayd.error_code", str)
 USAGE_TAP: Final = web.RequestKey("relayd.usage_tap", UsageTap)
 # Token totals of a realtime session, summed from its response.done events.
 REALTIME_USAGE: Final = web.RequestKey("relayd.realtime_usage", dict[str, int])
+
+
+# An operation run in-process for another face (relayd/operations.py): its input,
+# already parsed (wrappers validate it instead of reading a body), the loop time by
+# which it should answer, the file hosts the calling face adds to the fetch
+# allowlist, and the largest image whose bytes come back inline beside its link
+# (files then come back as {name, mime_type, url[, content]}, never inline only).
+ARGUMENTS: Final = web.RequestKey("relayd.arguments", dict)
+DEADLINE: Final = web.RequestKey("relayd.deadline", float)
+FILE_HOSTS: Final = web.RequestKey("relayd.file_hosts", tuple)
+FILES_AS_LINKS: Final = web.RequestKey("relayd.files_as_links", int)
+# MCP tool calls in flight or just answered, for repeats and late answers (mcp/calls.py).
+MCP_CALLS: Final[web.AppKey[CallBook]] = web.AppKey("relayd.mcp_calls")
+# The MCP tools, derived from the route table once at start (mcp/tools.py).
+MCP_TOOLS: Final[web.AppKey[ToolSet]] = web.AppKey("relayd.mcp_tools")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
@@ -27,9 +28,8 @@ from relayd.app import create_app
 from relayd.config import ConfigError, parse_keys_env, validate
 from relayd.oauth.metadata import protected_route
 from relayd.oauth.tokens import pkce_matches
-from relayd.routes import TABLE, build_table
-from relayd.routing import Body, Exposure, Route, RouteTable
-from relayd.state import KEY, KEYRING, OAUTH
+from relayd.routes import TABLE
+from relayd.state import KEYRING, OAUTH
 from tests.conftest import OTHER_KEY, RELAY_KEY, make_settings
 from tests.oauthflow import (
     REDIRECT,
@@ -46,23 +46,25 @@ from tests.oauthflow import (
 PUBLIC_URL = "http://127.0.0.1:8999"
 
 
-async def _whoami(request: web.Request) -> web.Response:
-    key = request[KEY]
-    scopes = None if key.scopes is None else sorted(key.scopes)
-    return web.json_response({"key": key.name, "scopes": scopes})
-
-
-def oauth_table() -> RouteTable:
-    """The route table, with a stand-in for the MCP endpoint while the table has none."""
-    if protected_route(TABLE) is not None:
-        return TABLE
-    probe = Route("POST", "/mcp", _whoami, "mcp", Exposure.RELAY, "probeMcp", "stand-in", Body.ANY)
-    return build_table(probe)
-
-
-MCP = protected_route(oauth_table())
+MCP = protected_route(TABLE)
 assert MCP is not None
 RESOURCE = PUBLIC_URL + MCP.path
+PING = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+
+
+async def call_mcp(relay: TestClient, token: str) -> ClientResponse:
+    """A JSON-RPC ping on the MCP endpoint, with ``token`` as its bearer."""
+    return await relay.post(MCP.path, json=PING, headers=bearer(token))
+
+
+def access_keys(caplog: pytest.LogCaptureFixture, path: str) -> list[object]:
+    """The key names the access lines of requests to ``path`` were booked under."""
+    return [
+        getattr(r, "fields", {}).get("key")
+        for r in caplog.records
+        if r.name == "relayd.access" and getattr(r, "fields", {}).get("route") == path
+    ]
+
 
 Start = Callable[..., Awaitable[TestClient]]
 
@@ -72,7 +74,7 @@ def start(aiohttp_client: AiohttpClient) -> Start:
     async def start(**sections: Any) -> TestClient:
         sections.setdefault("server", {"public_url": PUBLIC_URL})
         settings = make_settings(**sections)
-        return await aiohttp_client(create_app(settings, oauth_table()))
+        return await aiohttp_client(create_app(settings))
 
     return start
 
@@ -127,14 +129,16 @@ async def test_without_a_public_url_oauth_says_what_is_missing(start: Start) -> 
     body = await response.json()
     assert body["error"]["code"] == "public_url_not_set"
     assert "RELAYD_PUBLIC_URL" in body["error"]["message"]
-    challenge = (await relay.post(MCP.path)).headers["WWW-Authenticate"]
+    challenge = (await relay.post(MCP.path, json=PING)).headers["WWW-Authenticate"]
     assert challenge == "Bearer"
 
 
 # ---------------------------------------------------------------- the flow
 
 
-async def test_a_linked_app_acts_as_the_key_and_refreshes(relay: TestClient) -> None:
+async def test_a_linked_app_acts_as_the_key_and_refreshes(
+    relay: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
     client_id = await register(relay)
     done = await login(relay, client_id, RELAY_KEY, scope="mcp offline_access")
     answer = done.answer
@@ -147,15 +151,18 @@ async def test_a_linked_app_acts_as_the_key_and_refreshes(relay: TestClient) -> 
     prefixed = granted["access_token"].startswith("rlyat_")
     assert prefixed, "access tokens carry the rlyat_ prefix"
     assert granted["scope"] == "mcp offline_access"
-    who = await relay.post(MCP.path, headers=bearer(granted["access_token"]))
-    assert await who.json() == {"key": "team", "scopes": ["mcp"]}
+    caplog.set_level(logging.INFO, "relayd.access")
+    who = await call_mcp(relay, granted["access_token"])
+    assert who.status == 200
+    assert (await who.json())["result"] == {}
+    await asyncio.sleep(0.05)  # the access line is booked on the loop's next turn
+    assert access_keys(caplog, MCP.path) == ["team"]  # the token acts as its key, by name
 
     status, renewed = await refresh(relay, client_id, granted["refresh_token"])
     assert status == 200, renewed
     rotated = renewed["refresh_token"] != granted["refresh_token"]
     assert rotated, "a refresh rotates the refresh token"  # (never printed: secrets)
-    who = await relay.post(MCP.path, headers=bearer(renewed["access_token"]))
-    assert who.status == 200
+    assert (await call_mcp(relay, renewed["access_token"])).status == 200
 
 
 async def test_a_token_without_scopes_asked_gets_the_keys_and_works_beyond_mcp(
@@ -179,8 +186,7 @@ async def test_a_token_gets_only_the_asked_scopes_the_key_has(start: Start) -> N
     done = await login(relay, await register(relay), OTHER_KEY, scope="mcp models")
     status, granted = await tokens(relay, done)
     assert granted["scope"] == "mcp"
-    who = await relay.post(MCP.path, headers=bearer(granted["access_token"]))
-    assert await who.json() == {"key": "scoped", "scopes": ["mcp"]}
+    assert (await call_mcp(relay, granted["access_token"])).status == 200
     refused = await relay.get("/v1/actions/ping", headers=bearer(granted["access_token"]))
     assert refused.status == 403
     assert (await refused.json())["error"]["code"] == "key_scope"
@@ -326,8 +332,7 @@ async def test_a_reused_code_fails_and_revokes_what_it_issued(relay: TestClient)
     assert status == 200
     status, body = await tokens(relay, done)
     assert (status, body["error"]) == (400, "invalid_grant")
-    after = await relay.post(MCP.path, headers=bearer(granted["access_token"]))
-    assert after.status == 401
+    assert (await call_mcp(relay, granted["access_token"])).status == 401
 
 
 async def test_an_expired_code_is_refused(start: Start) -> None:
@@ -376,7 +381,7 @@ async def test_a_reused_refresh_token_revokes_the_family(
     assert (status, body["error"]) == (400, "invalid_grant")
     assert "a refresh token was used a second time" in caplog.text  # the operator hears
     for token in (first["access_token"], second["access_token"]):
-        assert (await relay.post(MCP.path, headers=bearer(token))).status == 401
+        assert (await call_mcp(relay, token)).status == 401
     status, body = await refresh(relay, client_id, second["refresh_token"])
     assert (status, body["error"]) == (400, "invalid_grant")
 
@@ -389,7 +394,7 @@ async def test_revoke_ends_the_grant(relay: TestClient) -> None:
         "/oauth/revoke", data={"token": granted["access_token"], "client_id": client_id}
     )
     assert revoked.status == 200
-    assert (await relay.post(MCP.path, headers=bearer(granted["access_token"]))).status == 401
+    assert (await call_mcp(relay, granted["access_token"])).status == 401
     status, _ = await refresh(relay, client_id, granted["refresh_token"])
     assert status == 400
     unknown = await relay.post("/oauth/revoke", data={"token": "rlyat_nothing"})
@@ -404,11 +409,11 @@ async def test_a_removed_or_rotated_key_kills_its_tokens(relay: TestClient) -> N
     keyring = relay.app[KEYRING]
     original = keyring.keys
     keyring.replace(parse_keys_env(f"other:{OTHER_KEY}"))  # SIGHUP without "team"
-    gone = await relay.post(MCP.path, headers=bearer(granted["access_token"]))
+    gone = await call_mcp(relay, granted["access_token"])
     assert gone.status == 401
     assert 'error="invalid_token"' in gone.headers["WWW-Authenticate"]
     keyring.replace(parse_keys_env(f"team:{OTHER_KEY}-rotated"))  # same name, new secret
-    assert (await relay.post(MCP.path, headers=bearer(granted["access_token"]))).status == 401
+    assert (await call_mcp(relay, granted["access_token"])).status == 401
     status, body = await refresh(relay, client_id, granted["refresh_token"])
     assert (status, body["error"]) == (400, "invalid_grant")
     keyring.replace(original)
@@ -419,10 +424,10 @@ async def test_a_removed_or_rotated_key_kills_its_tokens(relay: TestClient) -> N
 
 async def test_the_mcp_endpoint_challenges_with_its_metadata(relay: TestClient) -> None:
     metadata = f"{PUBLIC_URL}/.well-known/oauth-protected-resource{MCP.path}"
-    missing = await relay.post(MCP.path)
+    missing = await relay.post(MCP.path, json=PING)
     assert missing.status == 401
     assert missing.headers["WWW-Authenticate"] == f'Bearer resource_metadata="{metadata}"'
-    wrong = await relay.post(MCP.path, headers=bearer("rlyat_not-a-real-token"))
+    wrong = await call_mcp(relay, "rlyat_not-a-real-token")
     assert wrong.status == 401
     assert wrong.headers["WWW-Authenticate"] == (
         f'Bearer resource_metadata="{metadata}", error="invalid_token"'
@@ -436,7 +441,7 @@ async def test_a_key_without_the_mcp_scope_hears_which_scope_would_do(start: Sta
         parse_keys_env(f"scoped:{OTHER_KEY}")[0], scopes=frozenset({"meta"})
     )
     relay = await start(auth={"keys": (scoped,)})
-    refused = await relay.post(MCP.path, headers=bearer(OTHER_KEY))
+    refused = await call_mcp(relay, OTHER_KEY)
     assert refused.status == 403
     challenge = refused.headers["WWW-Authenticate"]
     assert 'error="insufficient_scope"' in challenge and 'scope="mcp"' in challenge

@@ -24,7 +24,7 @@ from pytest_aiohttp import AiohttpServer
 from relayd.app import create_app
 from tests.conftest import CANARY, RELAY_KEY, make_settings
 from tests.oauthflow import pkce_pair, request_params
-from tests.test_oauth import PUBLIC_URL, oauth_table
+from tests.test_oauth import PUBLIC_URL
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -61,6 +61,13 @@ class Browser:
 
     async def url(self) -> str:
         return str(await self._call("GET", "/url"))
+
+    async def wait_for_path(self, path: str) -> str:
+        """The URL once the browser got to ``path`` (a click's navigation is not
+        awaited by WebDriver); bounded by the caller's timeout."""
+        while urlsplit(url := await self.url()).path != path:
+            await asyncio.sleep(0.05)
+        return url
 
     async def title(self) -> str:
         return str(await self._call("GET", "/title"))
@@ -112,6 +119,11 @@ async def browser(tmp_path: Path, unused_tcp_port: int) -> AsyncIterator[Browser
                     answer = await created.json()
                     assert created.status == 200, answer
             session = answer["value"]["sessionId"]
+            # Finding an element waits up to 5 s for it: a click's page load is not awaited.
+            async with http.post(
+                f"{base}/session/{session}/timeouts", json={"implicit": 5000}
+            ) as timeouts:
+                assert timeouts.status == 200
             try:
                 yield Browser(http, base, session)
             finally:
@@ -132,10 +144,11 @@ async def test_the_login_page_works_in_a_real_browser(
 ) -> None:
     app = web.Application()
     app.router.add_get("/callback", _app_callback)
-    callback_server: TestServer = await aiohttp_server(app)
+    # No access log: the app's callback URL carries the code (relayd logs no query).
+    callback_server: TestServer = await aiohttp_server(app, access_log=None)
     callback = str(callback_server.make_url("/callback"))
     settings = make_settings(server={"public_url": PUBLIC_URL})
-    relay: TestServer = await aiohttp_server(create_app(settings, oauth_table()))
+    relay: TestServer = await aiohttp_server(create_app(settings))
     async with aiohttp.ClientSession() as http:
         registered = await http.post(
             relay.make_url("/oauth/register"),
@@ -158,7 +171,7 @@ async def test_the_login_page_works_in_a_real_browser(
 
         await browser.type("#relay_key", RELAY_KEY)
         await browser.click("button[value=allow]")
-        landed = urlsplit(await browser.url())
+        landed = urlsplit(await browser.wait_for_path(urlsplit(callback).path))
     assert f"{landed.scheme}://{landed.netloc}{landed.path}" == callback
     answer = {k: v[0] for k, v in parse_qs(landed.query).items()}
     CANARY.watch_logs(answer["code"])

@@ -24,7 +24,7 @@ from relayd.oauth.clients import client_from_document, document_allowed
 from relayd.oauth.errors import LoginPageError
 from tests.conftest import RELAY_KEY, make_settings
 from tests.oauthflow import REDIRECT, login, tokens
-from tests.test_oauth import PUBLIC_URL, oauth_table
+from tests.test_oauth import PUBLIC_URL
 
 
 class DocumentHost:
@@ -96,7 +96,7 @@ async def relay(host: DocumentHost, aiohttp_client: AiohttpClient, tmp_path: Pat
         # The link session may reach the loopback stand-in (tests only).
         actions={"fetch_allow_private": True, "fetch_ca_file": str(ca_file)},
     )
-    return await aiohttp_client(create_app(settings, oauth_table()))
+    return await aiohttp_client(create_app(settings))
 
 
 async def test_a_document_client_links_and_gets_tokens(

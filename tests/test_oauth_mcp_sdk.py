@@ -1,6 +1,7 @@
 """The official MCP Python SDK's OAuth client provider does the whole dance with
 relayd: a 401 from /mcp, protected resource metadata, server metadata, dynamic
-registration, the login form posted with a relay key, the token, and a refresh.
+registration, the login form posted with a relay key, the token; its client then
+lists the tools, and does again after a refresh.
 
 relayd listens on a port chosen first, so its public url (the test's loopback
 origin) is the URL the SDK really reaches: the SDK checks every URL it is given.
@@ -10,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import httpx2
 import pytest
 from aiohttp.test_utils import TestServer
+from mcp import Client
 from mcp.client.auth import OAuthClientProvider
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import (
     AuthorizationCodeResult,
     OAuthClientInformationFull,
@@ -27,9 +29,10 @@ from mcp.shared.auth import (
 from pytest_aiohttp import AiohttpServer
 
 from relayd.app import create_app
+from relayd.openapi import DEFAULT_ACTIONS
 from tests.conftest import CANARY, RELAY_KEY, make_settings
 from tests.oauthflow import hidden_fields
-from tests.test_oauth import MCP, oauth_table
+from tests.test_oauth import MCP
 
 CALLBACK = "http://127.0.0.1:9/callback"  # never reached: the test reads the redirect
 
@@ -90,9 +93,7 @@ class Person:
 async def relayd_url(aiohttp_server: AiohttpServer, unused_tcp_port: int) -> AsyncIterator[str]:
     origin = f"http://127.0.0.1:{unused_tcp_port}"
     settings = make_settings(server={"public_url": origin})
-    server: TestServer = await aiohttp_server(
-        create_app(settings, oauth_table()), port=unused_tcp_port
-    )
+    server: TestServer = await aiohttp_server(create_app(settings), port=unused_tcp_port)
     assert str(server.make_url("")).rstrip("/") == origin
     yield origin
 
@@ -114,23 +115,27 @@ def _provider(url: str, person: Person, storage: MemoryStorage) -> OAuthClientPr
     )
 
 
-async def test_the_sdk_links_with_a_relay_key_and_refreshes(relayd_url: str) -> None:
+async def _list_tools(url: str, http: httpx2.AsyncClient) -> list[str]:
+    transport = streamable_http_client(url, http_client=http)
+    async with Client(transport, mode="legacy", read_timeout_seconds=20) as client:
+        listed = await client.list_tools()
+    return sorted(tool.name for tool in listed.tools)
+
+
+async def test_the_sdk_links_with_a_relay_key_lists_tools_and_refreshes(relayd_url: str) -> None:
     mcp_url = relayd_url + MCP.path
     person, storage = Person(RELAY_KEY), MemoryStorage()
     provider = _provider(mcp_url, person, storage)
-    body: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
-    headers = {"Accept": "application/json, text/event-stream"}
-    async with httpx2.AsyncClient(auth=provider, timeout=10) as http, asyncio.timeout(30):
-        first = await http.post(mcp_url, json=body, headers=headers)
-        assert first.status_code == 200, first.text
+    async with httpx2.AsyncClient(auth=provider, timeout=20) as http, asyncio.timeout(60):
+        tools = await _list_tools(mcp_url, http)
+        assert tools == sorted(DEFAULT_ACTIONS)
         assert person.pages == 1
         assert storage.client is not None and storage.client.client_id.startswith("rlyc_")
         assert storage.tokens is not None and storage.tokens.refresh_token
         granted = storage.tokens
 
         provider.context.token_expiry_time = 1.0  # as if an hour had passed: the SDK refreshes
-        second = await http.post(mcp_url, json=body, headers=headers)
-        assert second.status_code == 200, second.text
+        assert await _list_tools(mcp_url, http) == tools
     assert person.pages == 1  # the refresh needed nobody
     assert storage.tokens is not None
     # Compared without showing them: a failing assertion prints its operands.

@@ -24,6 +24,7 @@ SPEC_PUBLIC = {
     "/privacy",
     # SPEC §8: how an OAuth client gets a token at all.
     "/.well-known/oauth-protected-resource",
+    "/.well-known/oauth-protected-resource/mcp",
     "/.well-known/oauth-authorization-server",
     "/.well-known/openid-configuration",
     "/oauth/authorize",
@@ -89,14 +90,11 @@ def test_only_the_public_list_and_signed_links_are_served_without_a_key() -> Non
     # ChatGPT fetches openaiFileResponse URLs without the action's credentials.
     keyless = {(r.method, r.path) for r in TABLE if not r.needs_key}
     signed = {("GET", "/v1/actions/downloads/{token}")}
-    # The OAuth forms are posted by browsers and clients that have no key yet.
-    oauth_posts = {
-        ("POST", path)
-        for path in ("/oauth/authorize", "/oauth/token", "/oauth/revoke", "/oauth/register")
-    }
-    get_public = {("GET", path) for path in SPEC_PUBLIC if path not in ("/oauth/token",)}
-    get_public -= {("GET", p) for p in ("/oauth/revoke", "/oauth/register")}
-    assert keyless == get_public | oauth_posts | signed
+    # OAuth's forms are posted by browsers and clients that have no key yet.
+    posted = {"/oauth/authorize", "/oauth/token", "/oauth/revoke", "/oauth/register"}
+    gets = SPEC_PUBLIC - posted | {"/oauth/authorize"}
+    expected = {("GET", p) for p in gets} | {("POST", p) for p in posted} | signed
+    assert keyless == expected
     assert {(r.method, r.path) for r in TABLE if r.exposure is Exposure.SIGNED} == signed
 
 

@@ -28,7 +28,7 @@ from relayd.actions.payload import (
     upstream_json,
 )
 from relayd.relay import checked_path, json_body, relay, waited_on_upstream
-from relayd.state import SETTINGS
+from relayd.state import DEADLINE, SETTINGS
 
 __all__ = ["create_action_response", "get_action_response", "stream_action_response"]
 
@@ -129,10 +129,18 @@ async def _respond(
     return json_answer(_answer(polled, wait, settings.actions.max_answer_chars))
 
 
+def _deadline(request: web.Request) -> float:
+    """When to stop waiting: the answer budget from now, or sooner if the face that
+    runs this operation in-process has a budget of its own (relayd/operations.py)."""
+    own = asyncio.get_running_loop().time() + request.app[SETTINGS].actions.answer_budget_s
+    given: float = request.get(DEADLINE, own)
+    return min(own, given)
+
+
 async def create_action_response(request: web.Request) -> web.StreamResponse:
     """``POST /v1/actions/responses``: the answer within the budget, or a handle."""
     settings = request.app[SETTINGS]
-    deadline = asyncio.get_running_loop().time() + settings.actions.answer_budget_s
+    deadline = _deadline(request)
     body = await load(request)
     body.setdefault("model", settings.meta.default_model)
     body.update(stream=False, background=True, store=True)  # store: background needs it
@@ -149,8 +157,7 @@ async def create_action_response(request: web.Request) -> web.StreamResponse:
 async def get_action_response(request: web.Request) -> web.StreamResponse:
     """``GET /v1/actions/responses/{response_id}``: the answer once it is there."""
     checked_path(request)
-    settings = request.app[SETTINGS]
-    deadline = asyncio.get_running_loop().time() + settings.actions.answer_budget_s
+    deadline = _deadline(request)
     path = f"/v1/responses/{quote(request.match_info['response_id'], safe='')}"
     return await _respond(request, await upstream_json(request, "GET", path), deadline)
 

@@ -79,8 +79,16 @@ def _forbidden(message: str, param: str | None) -> PermissionDeniedError:
     return PermissionDeniedError(message, code="file_url_forbidden", param=param)
 
 
-def check_link(url_text: str, settings: Settings, *, param: str | None = None) -> URL:
-    """The parsed link if relayd may try it; a 400/403 naming ``param`` otherwise."""
+def check_link(
+    url_text: str,
+    settings: Settings,
+    *,
+    param: str | None = None,
+    extra_hosts: tuple[str, ...] = (),
+) -> URL:
+    """The parsed link if relayd may try it; a 400/403 naming ``param`` otherwise.
+    ``extra_hosts``: patterns the calling face adds to ``[actions] fetch_hosts``
+    (ChatGPT apps' file hosts, ``[mcp] fetch_hosts``)."""
     try:
         url = URL(url_text)
     except (ValueError, TypeError) as exc:
@@ -94,10 +102,10 @@ def check_link(url_text: str, settings: Settings, *, param: str | None = None) -
     if url.user is not None or url.password is not None:
         raise _forbidden("Links with credentials in them are not fetched.", param)
     host = url.host.lower().rstrip(".")
-    if not any(fnmatch.fnmatchcase(host, p.lower()) for p in settings.actions.fetch_hosts):
+    allowed = (*settings.actions.fetch_hosts, *extra_hosts)
+    if not any(fnmatch.fnmatchcase(host, p.lower()) for p in allowed):
         raise _forbidden(
-            f"Links to {host} are not fetched; allowed hosts: "
-            f"{', '.join(settings.actions.fetch_hosts)}.",
+            f"Links to {host} are not fetched; allowed hosts: {', '.join(allowed)}.",
             param,
         )
     if not settings.actions.fetch_allow_private and _is_ip(host):
@@ -122,6 +130,7 @@ async def fetch_link(
     *,
     param: str | None = None,
     lease: Lease | None = None,
+    extra_hosts: tuple[str, ...] = (),
 ) -> Fetched:
     """Download a user's file link whole, under the size cap and the fetch deadline.
 
@@ -131,7 +140,7 @@ async def fetch_link(
     The bytes are held whole, so they are reserved in ``lease`` (the request's share
     of the memory budget) as they arrive.
     """
-    url = check_link(url_text, settings, param=param)
+    url = check_link(url_text, settings, param=param, extra_hosts=extra_hosts)
     cap = settings.actions.max_file_bytes
     what = param or "the link"
     try:

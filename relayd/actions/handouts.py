@@ -39,7 +39,7 @@ from relayd.relay import (
     send_back,
     stream_back,
 )
-from relayd.state import HANDOUTS, KEY, SETTINGS, TABLE, UPSTREAM
+from relayd.state import FILES_AS_LINKS, HANDOUTS, KEY, SETTINGS, TABLE, UPSTREAM
 
 __all__ = [
     "Handout",
@@ -93,6 +93,9 @@ async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
     settings = request.app[SETTINGS]
     store = request.app[HANDOUTS]
     download_route = request.app[TABLE].by_operation_id(DOWNLOAD_OPERATION)
+    image_cap = request.get(FILES_AS_LINKS)
+    if image_cap is not None:
+        return await _linked(request, items, image_cap)
     inline_budget = settings.actions.max_answer_chars // 2
     sizes = [len(i.data) if i.data is not None else None for i in items]
     if all(s is not None and s <= settings.actions.inline_max_bytes for s in sizes) and (
@@ -116,6 +119,34 @@ async def hand_out(request: web.Request, items: list[Handout]) -> list[Any]:
         token = store.token(claims, request.get(KEY))
         links.append(base + download_route.path.replace("{token}", token))
     return links
+
+
+async def _linked(request: web.Request, items: list[Handout], image_cap: int) -> list[Any]:
+    """Files for a face that shows links and images (MCP): every file as a signed
+    link, each image up to ``image_cap`` bytes with its bytes too. Without a public
+    url an image still comes back inline; anything else needs the link."""
+    store = request.app[HANDOUTS]
+    download_route = request.app[TABLE].by_operation_id(DOWNLOAD_OPERATION)
+    public = request.app[SETTINGS].server.public_url
+    files: list[Any] = []
+    for item in items:
+        entry: dict[str, Any] = {"name": item.name, "mime_type": item.media_type}
+        small_image = (
+            item.data is not None
+            and item.media_type.startswith("image/")
+            and len(item.data) <= image_cap
+        )
+        if small_image:
+            entry["content"] = base64.b64encode(item.data or b"").decode("ascii")
+        if public or not small_image:
+            claims = item.claims
+            if claims is None:
+                blob = await store.keep(item.data or b"")
+                claims = Claims("blob", blob, item.name, item.media_type)
+            token = store.token(claims, request.get(KEY))
+            entry["url"] = origin(request) + download_route.path.replace("{token}", token)
+        files.append(entry)
+    return files
 
 
 # ------------------------------------------------------------------ images

@@ -38,7 +38,7 @@ from relayd.relay import (
     send_back,
     waited_on_upstream,
 )
-from relayd.state import ROUTE, SETTINGS, UPSTREAM
+from relayd.state import ARGUMENTS, FILE_HOSTS, ROUTE, SETTINGS, UPSTREAM
 from relayd.streams.multipart import FilePart, TextPart
 
 __all__ = [
@@ -101,10 +101,16 @@ def validated(schema: Schema, payload: Mapping[str, Any]) -> dict[str, Any]:
 
 async def load(request: web.Request, **options: Any) -> dict[str, Any]:
     """The request's JSON body, validated by its route's ``request_schema`` (400
-    naming the field); ``options`` go to the schema (the configured sets it checks)."""
+    naming the field); ``options`` go to the schema (the configured sets it checks).
+
+    An operation run in-process for another face (relayd/operations.py) has no
+    body: its arguments, already parsed, are validated the same way.
+    """
     schema_class = request[ROUTE].request_schema
     assert schema_class is not None, "routes.py names a request_schema for every wrapper"
-    return validated(schema_class(**options), await read_json_object(request))
+    arguments = request.get(ARGUMENTS)
+    payload = arguments if arguments is not None else await read_json_object(request)
+    return validated(schema_class(**options), payload)
 
 
 # ------------------------------------------------------------------ file inputs
@@ -183,6 +189,7 @@ async def file_from_link(
         link,
         param=param,
         lease=buffer_lease(request),
+        extra_hosts=request.get(FILE_HOSTS, ()),
     )
     if not fetched.data:
         raise BadRequestError(f"'{param}' points at an empty file.", param=param)

@@ -37,6 +37,7 @@ from relayd.config.settings import Actions as Actions
 from relayd.config.settings import Auth as Auth
 from relayd.config.settings import Limits as Limits
 from relayd.config.settings import Logging as Logging
+from relayd.config.settings import Mcp as Mcp
 from relayd.config.settings import Meta as Meta
 from relayd.config.settings import OAuth as OAuth
 from relayd.config.settings import Policy as Policy

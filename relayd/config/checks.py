@@ -158,6 +158,7 @@ def validate(
     _check_proxy_loop(settings)
     _check_store(settings)
     _check_oauth(settings)
+    _check_mcp(settings)
 
 
 def _check_public_url(settings: Settings) -> None:
@@ -361,3 +362,23 @@ def _check_oauth(settings: Settings) -> None:
             )
         if url.query or url.fragment:
             raise ConfigError(f"[oauth] client_documents: {pattern!r} has a query or fragment")
+
+
+def _check_mcp(settings: Settings) -> None:
+    """[mcp]: its answers, timers, caps and origins (the tool names need the route
+    table: checked when the application is built)."""
+    mcp = settings.mcp
+    if mcp.call_answers not in ("json", "sse"):
+        raise ConfigError('[mcp] call_answers must be "json" or "sse"')
+    if mcp.answer_budget_s <= 0 or mcp.sse_keepalive_s <= 0:
+        raise ConfigError("[mcp] answer_budget and sse_keepalive must be positive seconds")
+    if mcp.repeat_window_s < 0:
+        raise ConfigError("[mcp] repeat_window must be zero (off) or positive seconds")
+    if mcp.max_body_bytes < 1 or mcp.max_image_bytes < 0:
+        raise ConfigError("[mcp] max_body_bytes and max_image_bytes must be byte counts")
+    for origin in mcp.origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("https", "http") or not parts.hostname or parts.path:
+            raise ConfigError(
+                f"[mcp] origins: {origin!r} is not an origin such as https://app.example.com"
+            )

@@ -24,6 +24,7 @@ __all__ = [
     "Auth",
     "Limits",
     "Logging",
+    "Mcp",
     "Meta",
     "OAuth",
     "Policy",
@@ -263,6 +264,33 @@ class OAuth:
 
 
 @dataclass(frozen=True, slots=True)
+class Mcp:
+    """[mcp]: relayd as a remote MCP server, for ChatGPT apps and IDE agents."""
+
+    # operationIds offered as tools; None: the same choice as [actions] operations.
+    tools: tuple[str, ...] | None = setting(None, key="tools")
+    # Origins a browser-borne request may come from besides RELAYD_PUBLIC_URL and
+    # ChatGPT's (a request without Origin is always allowed).
+    origins: tuple[str, ...] = setting((), key="origins")
+    # ChatGPT abandons a tool call at about 60 s and may call again: answer within
+    # this, or hand back what checks the work later.
+    answer_budget_s: float = setting(25.0, key="answer_budget")
+    # An identical call (same key, tool and arguments) within this window joins the
+    # first one instead of starting a second paid upstream job.
+    repeat_window_s: float = setting(120.0, key="repeat_window")
+    # "json": every answer is application/json; "sse": tools/call answers as
+    # text/event-stream (keepalive comments while the tool runs) when the client accepts it.
+    call_answers: str = setting("json", key="call_answers")
+    sse_keepalive_s: float = setting(15.0, key="sse_keepalive")
+    max_body_bytes: int = setting(2 * MiB, key="max_body_bytes")
+    # Images larger than this come back as a link only, not as image content too.
+    max_image_bytes: int = setting(1 * MiB, key="max_image_bytes")
+    # Hosts of ChatGPT apps' file links (openai/fileParams download_url), allowed on
+    # top of [actions] fetch_hosts for MCP calls only; OpenAI's own domain.
+    fetch_hosts: tuple[str, ...] = setting(("*.oaiusercontent.com",), key="fetch_hosts")
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything relayd needs to run: one section per TOML table."""
 
@@ -277,6 +305,7 @@ class Settings:
     actions: Actions = field(default_factory=Actions)
     store: Store = field(default_factory=Store)
     oauth: OAuth = field(default_factory=OAuth)
+    mcp: Mcp = field(default_factory=Mcp)
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # Where each setting came from, by "table.key" ("default", "file", "env NAME",
     # "credential NAME", "flag --NAME"), for check-config (issue 11).

@@ -88,11 +88,11 @@ async def authorize_page(request: web.Request) -> web.StreamResponse:
 
 async def authorize_submit(request: web.Request) -> web.StreamResponse:
     """``POST /oauth/authorize``: the login form, checked again from scratch."""
-    authority = _authority(request)
     try:
-        form = await _form(request)
+        form = await _form(request)  # first: a body too large is the client's 413
     except OAuthError as exc:
         return _refused(request, exc.description)
+    authority = _authority(request)
     params = {name: form[name] for name in AUTHORIZE_FIELDS if name in form}
     checked = await _checked(request, authority, params)
     if isinstance(checked, web.StreamResponse):
@@ -178,28 +178,27 @@ def _see_other(location: str) -> web.Response:
 
 
 async def token(request: web.Request) -> web.Response:
-    authority = _authority(request)
     try:
-        form = await _form(request)
-        answer = authority.exchange(form, request.app[KEYRING].by_name)
+        form = await _form(request)  # first: a body too large is the client's 413
+        answer = _authority(request).exchange(form, request.app[KEYRING].by_name)
     except OAuthError as exc:
         return exc.response()
     return web.json_response(answer, headers=NO_STORE)
 
 
 async def revoke(request: web.Request) -> web.Response:
-    authority = _authority(request)
     try:
-        authority.revoke(await _form(request))
+        form = await _form(request)  # first: a body too large is the client's 413
+        _authority(request).revoke(form)
     except OAuthError as exc:
         return exc.response()
     return web.Response(status=200, headers=NO_STORE)
 
 
 async def register(request: web.Request) -> web.Response:
-    authority = _authority(request)
     try:
-        body = await _bounded_body(request)
+        body = await _bounded_body(request)  # first: a body too large is the client's 413
+        authority = _authority(request)
         try:
             document: Any = json.loads(body)
         except ValueError:
@@ -214,13 +213,16 @@ async def register(request: web.Request) -> web.Response:
 
 
 async def _bounded_body(request: web.Request) -> bytes:
-    if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
-        raise PayloadTooLargeError(f"An OAuth request body is at most {MAX_FORM_BYTES} bytes.")
-    body = await request.content.read(MAX_FORM_BYTES + 1)
-    while len(body) <= MAX_FORM_BYTES and (more := await request.content.read(MAX_FORM_BYTES)):
+    """The whole (small) body, or a 413 once it passes the cap, counted as it arrives."""
+    cap = min(MAX_FORM_BYTES, request.app[SETTINGS].limits.max_json_bytes)
+    too_large = PayloadTooLargeError(f"An OAuth request body is at most {cap} bytes.")
+    if request.content_length is not None and request.content_length > cap:
+        raise too_large
+    body = b""
+    while len(body) <= cap and (more := await request.content.read(cap + 1 - len(body))):
         body += more
-    if len(body) > MAX_FORM_BYTES:
-        raise PayloadTooLargeError(f"An OAuth request body is at most {MAX_FORM_BYTES} bytes.")
+    if len(body) > cap:
+        raise too_large
     return body
 
 

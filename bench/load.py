@@ -41,8 +41,13 @@ def _error_name(exc: BaseException) -> str:
 
 
 async def _post_json(session: aiohttp.ClientSession, job: Job) -> bool:
-    headers = {**job["headers"], "Content-Type": "application/json"}
-    async with session.post(job["url"], data=job["body"], headers=headers) as response:
+    """One request (a JSON POST unless the job names another ``method``, bodiless)."""
+    method = job.get("method", "POST")
+    headers = dict(job["headers"])
+    if method == "POST":
+        headers["Content-Type"] = "application/json"
+    body = job["body"] if method == "POST" else None
+    async with session.request(method, job["url"], data=body, headers=headers) as response:
         await response.read()
         return response.status == 200
 

@@ -89,6 +89,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         await upstream.close()
 
 
+async def _close_calls(app: web.Application) -> None:
+    app[MCP_CALLS].close()
+
+
 async def _close_budget(app: web.Application) -> None:
     app[BUDGET].close()
 
@@ -152,6 +156,7 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     # error at start), and the book of tool calls in flight.
     app[MCP_TOOLS] = ToolSet.build(table, settings)
     app[MCP_CALLS] = CallBook(settings.mcp)
+    app.on_cleanup.append(_close_calls)
     app.on_shutdown.append(close_bridges)
     app.on_cleanup.append(_close_budget)
     app.on_response_prepare.append(add_request_id)

@@ -29,6 +29,7 @@ from relayd.state import (
     ERROR_CODE,
     KEY,
     METRICS,
+    OPERATION,
     PROXIES,
     REQUEST_ID,
     ROUTE,
@@ -140,6 +141,8 @@ def _account(
     }
     if failure is not None:
         fields["upstream_error"] = failure
+    if (operation := request.get(OPERATION)) is not None:
+        fields["operation"] = operation  # what an MCP tool call ran (relayd/operations.py)
     access_log.log(level, "access", extra={"fields": fields})
 
 

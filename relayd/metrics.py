@@ -86,6 +86,14 @@ class Metrics:
             ("key", "model", "direction"),
             registry=registry,
         )
+        # MCP tool calls (relayd/mcp/calls.py): ok, error (isError) or in_progress
+        # (a handle: the answer budget ran out first).
+        self.tool_calls = Counter(
+            "relayd_mcp_tool_calls",
+            "MCP tool calls by tool and outcome (ok, error, in_progress).",
+            ("tool", "outcome"),
+            registry=registry,
+        )
 
     # Labelled children are cached: labels() takes a lock and builds a key on every
     # call, which showed in the request-rate profile.

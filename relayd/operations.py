@@ -44,6 +44,7 @@ from relayd.state import (
     FILE_HOSTS,
     FILES_AS_LINKS,
     KEY,
+    OPERATION,
     REQUEST_ID,
     ROUTE,
     UPSTREAM_REQUEST_ID,
@@ -140,11 +141,15 @@ def _target(route: Route, arguments: dict[str, Any]) -> str:
     path = route.path
     for name in path_parameters(route):
         value = arguments.get(name)
-        if not isinstance(value, str) or not value:
+        if value is None:
             raise BadRequestError(
                 f"Missing required parameter: '{name}'.",
                 code="missing_required_parameter",
                 param=name,
+            )
+        if not isinstance(value, str) or not value:
+            raise BadRequestError(
+                f"Invalid '{name}': must be a non-empty string.", code="invalid_value", param=name
             )
         path = path.replace("{" + name + "}", quote(value, safe=""), 1)
     upstream_path(path)  # refused (400) if an id hides a path trick
@@ -165,6 +170,8 @@ async def _sub_request(
         if key not in _KEPT:
             del sub[key]
     writer = CapturedAnswer()
+    # The three private attributes of the module docstring: no body, the answer
+    # into memory, the route's own match info.
     sub._payload = EMPTY_PAYLOAD
     sub._payload_writer = writer
     match = await request.app.router.resolve(sub)
@@ -196,6 +203,7 @@ async def run_operation(request: web.Request, call: Invocation) -> Outcome:
     caller cancels the operation (and so its upstream request), as a hang-up does.
     """
     route = call.route
+    request[OPERATION] = route.operation_id
     key = request.get(KEY)
     if key is not None and not key.allows(route.group):
         return _refusal(

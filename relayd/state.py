@@ -45,6 +45,7 @@ __all__ = [
     "KEYRING",
     "MCP_CALLS",
     "MCP_TOOLS",
+    "OPERATION",
     "METRICS",
     "OAUTH",
     "POLICY",
@@ -127,6 +128,8 @@ ARGUMENTS: Final = web.RequestKey("relayd.arguments", dict)
 DEADLINE: Final = web.RequestKey("relayd.deadline", float)
 FILE_HOSTS: Final = web.RequestKey("relayd.file_hosts", tuple)
 FILES_AS_LINKS: Final = web.RequestKey("relayd.files_as_links", int)
+# On the caller's request: the operationId it ran that way, for its access line.
+OPERATION: Final = web.RequestKey("relayd.operation", str)
 # MCP tool calls in flight or just answered, for repeats and late answers (mcp/calls.py).
 MCP_CALLS: Final[web.AppKey[CallBook]] = web.AppKey("relayd.mcp_calls")
 # The MCP tools, derived from the route table once at start (mcp/tools.py).

@@ -36,12 +36,14 @@ PUBLIC = "https://relay.example.com"  # signed links name the public url, never 
 
 
 @contextlib.asynccontextmanager
-async def connected(relay: TestClient, key: str = RELAY_KEY) -> AsyncIterator[Client]:
+async def connected(
+    relay: TestClient, key: str = RELAY_KEY, mode: str = "legacy"
+) -> AsyncIterator[Client]:
     """The SDK's client on relayd's /mcp, the relay key as bearer, every wait bounded."""
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx2.AsyncClient(headers=headers, timeout=20) as http:
         transport = streamable_http_client(str(relay.make_url("/mcp")), http_client=http)
-        async with Client(transport, mode="legacy", read_timeout_seconds=20) as client:
+        async with Client(transport, mode=mode, read_timeout_seconds=20) as client:
             yield client
 
 
@@ -110,9 +112,20 @@ async def test_the_sdk_connects_with_a_relay_key_and_lists_the_actions_tools(
     assert by_name["proxyRequest"].annotations.destructive_hint is True
 
 
-async def test_every_tool_answers_against_the_fake_upstream(
-    apps: TestClient, fake: FakeOpenAI, host: FileHost
+async def test_the_sdks_auto_mode_probes_discover_and_falls_back_to_initialize(
+    relay: TestClient,
 ) -> None:
+    # What ChatGPT does too: server/discover first (2026-07-28), -32601, then initialize.
+    async with asyncio.timeout(20), connected(relay, mode="auto") as client:
+        assert client.protocol_version == "2025-11-25"
+        assert (await client.call_tool("getRelayInfo", {})).is_error is False
+
+
+@pytest.mark.parametrize("answers", ["json", "sse"])
+async def test_every_tool_answers_against_the_fake_upstream(
+    relay_factory: RelayFactory, fake: FakeOpenAI, host: FileHost, answers: str
+) -> None:
+    apps = await relay_factory(_apps_fetch(host), mcp={"call_answers": answers})
     fake.image_bytes = PNG
     fake.video_status = "completed"
     photo = host.put("photo.png", PNG)
@@ -186,6 +199,16 @@ async def test_every_tool_answers_against_the_fake_upstream(
     assert called == set(DEFAULT_ACTIONS)
 
 
+async def test_a_null_argument_counts_as_left_out(apps: TestClient, fake: FakeOpenAI) -> None:
+    async with asyncio.timeout(20), connected(apps) as client:
+        result = await client.call_tool(
+            "createActionResponse", {"input": "hi", "model": None, "instructions": None}
+        )
+    assert texts(result) == ["answer to: hi"]
+    (sent,) = [s for s in fake.seen if (s.method, s.path) == ("POST", "/v1/responses")]
+    assert json.loads(sent.body)["model"] == "gpt-5"  # the relay's default
+
+
 async def test_a_bad_argument_is_a_tool_error_the_model_can_read(
     apps: TestClient, fake: FakeOpenAI
 ) -> None:
@@ -254,6 +277,11 @@ async def test_tool_calls_answer_as_json_or_as_events(
         assert response.headers["X-Accel-Buffering"] == "no"
         event = next(line for line in raw.splitlines() if line.startswith("data:"))
         assert json.loads(event.removeprefix("data:"))["result"]["isError"] is False
+    # A client that takes JSON only gets JSON, whatever the setting.
+    only_json = {**headers, "Accept": "application/json"}
+    response = await relay.post("/mcp", json=body, headers=only_json)
+    assert response.content_type == "application/json"
+    assert (await response.json())["result"]["isError"] is False
 
 
 async def test_a_slow_sse_call_carries_keepalive_comments(
@@ -289,3 +317,40 @@ def test_settings_refuse_an_unknown_tool_name() -> None:
 
     with pytest.raises(ConfigError, match="not an Actions operation"):
         create_app(make_settings(mcp={"tools": ("createActionResponse", "getHealth")}))
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"call_answers": "xml"}, "call_answers"),
+        ({"answer_budget_s": 0}, "answer_budget"),
+        ({"repeat_window_s": -1}, "repeat_window"),
+        ({"origins": ("chatgpt.com",)}, "not an origin"),
+        ({"origins": ("https://ide.example/app",)}, "not an origin"),
+    ],
+)
+def test_settings_refuse_what_cannot_work(section: dict[str, Any], message: str) -> None:
+    from relayd.config import ConfigError
+    from relayd.config.checks import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(make_settings(mcp=section))
+
+
+def test_an_origin_with_a_trailing_slash_is_an_origin() -> None:
+    from relayd.config.checks import validate
+
+    validate(make_settings(mcp={"origins": ("https://ide.example/",)}))
+
+
+async def test_an_image_past_the_inline_bound_comes_back_as_a_link_only(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(
+        server={"public_url": PUBLIC}, mcp={"max_image_bytes": len(PNG) - 1}
+    )
+    fake.image_bytes = PNG
+    async with asyncio.timeout(20), connected(relay) as client:
+        made = await client.call_tool("generateImageAction", {"prompt": "a red dot"})
+    assert [block.type for block in made.content] == ["text", "resource_link"]
+    assert (await download(relay, str(links(made)[0].uri)))[1] == PNG

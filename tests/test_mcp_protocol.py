@@ -8,6 +8,7 @@ route table it is derived from.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -68,6 +69,13 @@ async def test_initialize_echoes_a_version_it_speaks_and_says_it_has_tools(
     assert result["capabilities"] == {"tools": {"listChanged": False}}
     assert result["serverInfo"]["name"] == "relayd"
     assert len(result["instructions"]) <= 512  # ChatGPT reads the first 512 characters
+    assert "getActionResponse" in result["instructions"]
+
+
+async def test_the_instructions_name_only_tools_on_offer(relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(mcp={"tools": ("getRelayInfo",)})
+    _, body, _ = await rpc(relay, INITIALIZE)
+    assert "createActionResponse" not in body["result"]["instructions"]
 
 
 async def test_initialize_with_an_unknown_version_answers_the_newest(relay: TestClient) -> None:
@@ -275,7 +283,8 @@ def test_every_tool_has_a_title_a_use_it_when_and_the_three_hints(
         route = TABLE.by_operation_id(tool["name"])
         assert tool["title"] == route.summary
         assert tool["description"].startswith("Use this to ")
-        assert "openaiFileResponse" not in tool["description"]  # a GPT Actions word
+        assert "openaiFile" not in tool["description"]  # GPT Actions words
+        assert not re.search(r"\.[A-Z]|  ", tool["description"]), tool["description"]
         hints = tool["annotations"]
         assert hints["readOnlyHint"] is (route.method == "GET"), tool["name"]
         assert isinstance(hints["destructiveHint"], bool) and isinstance(
@@ -353,3 +362,20 @@ def test_mcp_tools_may_name_their_own_operations() -> None:
         "getRelayInfo",
         "cancelUploadAction",
     ]
+
+
+def test_the_mcp_face_reaches_operations_through_the_table_not_the_other_faces() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "relayd"
+    for path in [*(root / "mcp").glob("*.py"), root / "operations.py"]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                assert not name.startswith(("relayd.actions", "relayd.handlers")), (path, name)

@@ -378,7 +378,11 @@ def _check_mcp(settings: Settings) -> None:
         raise ConfigError("[mcp] max_body_bytes and max_image_bytes must be byte counts")
     for origin in mcp.origins:
         parts = urlsplit(origin)
-        if parts.scheme not in ("https", "http") or not parts.hostname or parts.path:
+        if (
+            parts.scheme not in ("https", "http")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+        ):
             raise ConfigError(
                 f"[mcp] origins: {origin!r} is not an origin such as https://app.example.com"
             )

@@ -34,12 +34,15 @@ from relayd.config import Mcp
 from relayd.mcp.results import error_result, running_result, tool_result
 from relayd.mcp.tools import Tool
 from relayd.operations import Invocation, Outcome, run_operation
-from relayd.state import KEY
+from relayd.state import KEY, METRICS
 from relayd.tasks import spawn
 
 __all__ = ["CallBook"]
 
 log = logging.getLogger("relayd.mcp")
+
+# Answered calls kept for repeats, at most (a few MiB each at worst: images inline).
+MAX_ANSWERED = 256
 
 
 @dataclass(slots=True)
@@ -54,6 +57,12 @@ def _fingerprint(request: web.Request, tool: Tool, arguments: Mapping[str, Any])
     canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
     text = f"{key.name if key else ''}\x00{tool.name}\x00{canonical}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _succeeded(task: asyncio.Task[Outcome]) -> bool:
+    """A failed call is not repeated to the caller: an upstream 429 or 5xx, or a
+    refusal, is worth trying again (a refusal costs nothing upstream)."""
+    return not task.cancelled() and task.exception() is None and task.result().ok
 
 
 def _log_failure(task: asyncio.Task[Outcome]) -> None:
@@ -89,10 +98,23 @@ class CallBook:
     async def call(
         self, request: web.Request, tool: Tool, arguments: dict[str, Any]
     ) -> dict[str, Any]:
-        """The ``CallToolResult`` of one call, within the budget."""
+        """The ``CallToolResult`` of one call, within the budget (counted in metrics)."""
+        result = await self._call(request, tool, arguments)
+        if result.get("isError"):
+            outcome = "error"
+        elif result.get("structuredContent", {}).get("status") in ("in_progress", "queued"):
+            outcome = "in_progress"
+        else:
+            outcome = "ok"
+        request.app[METRICS].tool_calls.labels(tool.name, outcome).inc()
+        return result
+
+    async def _call(
+        self, request: web.Request, tool: Tool, arguments: dict[str, Any]
+    ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         invocation = self._invocation(tool, arguments, loop.time())
-        if tool.read_only:
+        if tool.reads(arguments):
             try:
                 async with asyncio.timeout(self.budget_s):
                     outcome = await run_operation(request, invocation)
@@ -117,8 +139,8 @@ class CallBook:
         self._forget(now)
         fingerprint = _fingerprint(request, tool, arguments)
         entry = self._entries.get(fingerprint)
-        if entry is not None and (now - entry.started <= self.window_s or not entry.task.done()):
-            return entry
+        if entry is not None and (not entry.task.done() or _succeeded(entry.task)):
+            return entry  # in flight, or answered well within the window: join it
         task = spawn(run_operation(request, invocation), name=f"mcp tool {tool.name}")
         task.add_done_callback(_log_failure)
         entry = _Entry(task, now)
@@ -126,8 +148,23 @@ class CallBook:
             self._entries[fingerprint] = entry
         return entry
 
+    def close(self) -> None:
+        """Cancel the calls still running (the server is stopping; its requests drained)."""
+        for entry in self._entries.values():
+            entry.task.cancel()
+        self._entries.clear()
+
     def _forget(self, now: float) -> None:
-        """Drop answered calls older than the window (their results with them)."""
+        """Drop answered calls older than the window (their results with them), and
+        past :data:`MAX_ANSWERED` answered calls the oldest: the book holds answers in
+        memory, so it stays bounded however busy the relay is."""
+        answered = []
         for fingerprint, entry in list(self._entries.items()):
-            if entry.task.done() and now - entry.started > self.window_s:
+            if not entry.task.done():
+                continue
+            if now - entry.started > self.window_s:
                 del self._entries[fingerprint]
+            else:
+                answered.append((entry.started, fingerprint))
+        for _, fingerprint in sorted(answered)[: max(0, len(answered) - MAX_ANSWERED)]:
+            del self._entries[fingerprint]

@@ -60,7 +60,8 @@ _FILE_OUT: Final[Mapping[str, Any]] = {
 }
 # Fields through which a wrapper fetches a link the caller gives (actions/fetch.py).
 _LINK_FIELDS: Final = frozenset({FILE_PARAM, "image_url", "mask_url"})
-_GPT_ONLY: Final = re.compile(r"[^.]*openaiFile\w*[^.]*\.\s*")
+# A sentence that speaks of GPT Actions' file fields (the tools take files otherwise).
+_GPT_ONLY: Final = re.compile(r"\s*[^.]*openaiFile\w*[^.]*\.")
 _STATUS_CHARS: Final = 64  # openai/toolInvocation texts
 
 
@@ -79,10 +80,19 @@ class Tool:
     def read_only(self) -> bool:
         return self.route.method == "GET"
 
+    def reads(self, arguments: Mapping[str, Any]) -> bool:
+        """Whether this call only reads: a GET route, or the proxy envelope asking for
+        a GET. Reads are never joined to an earlier call (polling must see news)."""
+        if self.read_only:
+            return True
+        method = arguments.get("method")
+        return self.route.group == "proxy" and isinstance(method, str) and method.upper() == "GET"
+
     def arguments(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The call's arguments as the route's schema reads them: ChatGPT apps' file
-        objects become the ``openaiFileIdRefs`` items the Actions wrappers take."""
-        arguments = dict(given)
+        objects become the ``openaiFileIdRefs`` items the Actions wrappers take, and a
+        top-level null (a model's way of leaving a field out) is left out."""
+        arguments = {name: value for name, value in given.items() if value is not None}
         for name in self.file_params:
             files = arguments.get(name)
             if isinstance(files, list):

@@ -45,6 +45,7 @@ from relayd.mcp.protocol import (
     parse,
     result_message,
 )
+from relayd.mcp.tools import ToolSet
 from relayd.relay import parse_json, read_whole
 from relayd.state import KEYRING, MCP_CALLS, MCP_TOOLS, SETTINGS
 
@@ -52,10 +53,13 @@ __all__ = ["LEGACY", "refuse_method", "serve_mcp"]
 
 CHATGPT_ORIGINS: Final = ("https://chatgpt.com", "https://chat.openai.com")
 _INSTRUCTIONS: Final = (
-    "Tools of this team's relay to the OpenAI API: ask a model (createActionResponse; if "
-    "it is still working, call getActionResponse with its id), make and edit images, "
-    "store and fetch files, make videos. Files come back as links that expire within "
-    "minutes. A call still running after the time budget answers with what to call next."
+    "Tools of this team's relay to the OpenAI API. A call still running after the time "
+    "budget answers with what to call next. Files come back as links that expire within "
+    "minutes."
+)
+_ASKING: Final = (
+    " Ask a model with createActionResponse; while it is still working, call "
+    "getActionResponse with its id."
 )
 
 
@@ -78,8 +82,15 @@ async def _initialize(context: _Context, params: Mapping[str, Any]) -> Mapping[s
             "title": settings.meta.name,
             "version": __version__,
         },
-        "instructions": _INSTRUCTIONS,
+        "instructions": _instructions(context.request.app[MCP_TOOLS]),
     }
+
+
+def _instructions(tools: ToolSet) -> str:
+    """What the model should know first (ChatGPT reads the first 512 characters),
+    naming only tools this relay offers."""
+    asking = tools.get("createActionResponse") and tools.get("getActionResponse")
+    return _INSTRUCTIONS + (_ASKING if asking else "")
 
 
 async def _ping(context: _Context, params: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from relayd.actions.handout_store import HandoutStore, handout_store_ctx
 from relayd.auth import KeyRing, auth_middleware
+from relayd.client_documents import document_fetcher
 from relayd.clientaddr import TrustedProxies
 from relayd.config import ConfigError, Settings
 from relayd.error_shape import error_middleware
@@ -30,6 +31,7 @@ from relayd.mcp.calls import CallBook
 from relayd.mcp.tools import ToolSet
 from relayd.memory import BufferBudget, MemoryReturn
 from relayd.metrics import Metrics
+from relayd.oauth import Authority, Endpoints
 from relayd.openapi import actions_routes
 from relayd.paths import PathPolicy, path_middleware
 from relayd.routes import TABLE
@@ -43,6 +45,7 @@ from relayd.state import (
     MCP_CALLS,
     MCP_TOOLS,
     METRICS,
+    OAUTH,
     POLICY,
     PROXIES,
     REALTIME_BRIDGES,
@@ -55,6 +58,7 @@ from relayd.state import (
 )
 from relayd.state import TABLE as TABLE_KEY
 from relayd.store import state_dir
+from relayd.store.grants import GrantStore
 from relayd.store.ledger import LEDGER_FILE, LedgerUnavailableError, SqliteLedger
 from relayd.tasks import spawn
 from relayd.upstream import Upstream
@@ -139,6 +143,22 @@ async def _close_budget(app: web.Application) -> None:
     app[BUDGET].close()
 
 
+def _add_oauth(app: web.Application, settings: Settings, table: RouteTable) -> None:
+    """relayd's OAuth authorization server, when a public url gives it its URLs
+    (without one its routes answer that it is needed: relayd never guesses)."""
+    endpoints = Endpoints.build(settings, table)
+    if endpoints is None:
+        return
+    store = GrantStore.open(settings)
+    fetch = document_fetcher(app[UPSTREAM], settings)
+    app[OAUTH] = Authority(settings, endpoints, store, fetch)
+
+    async def close_store(app: web.Application) -> None:
+        store.close()
+
+    app.on_cleanup.append(close_store)
+
+
 def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application:
     scrub_aiohttp_logs()  # aiohttp quotes client bytes (relay keys too) in two log lines
     app = web.Application(
@@ -179,6 +199,7 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     actions_routes(table, settings)
     app[HANDOUTS] = HandoutStore(settings, app[KEYRING])
     app.cleanup_ctx.append(handout_store_ctx)
+    _add_oauth(app, settings, table)
     # The MCP face: its tools derived now (an unknown [mcp] tools name is a config
     # error at start), and the book of tool calls in flight.
     app[MCP_TOOLS] = ToolSet.build(table, settings)

@@ -17,8 +17,10 @@ from aiohttp import hdrs, web
 from relayd.config import RelayKey, Settings, hash_key
 from relayd.errors import AuthenticationError, PermissionDeniedError
 from relayd.loopback import is_loopback_host, is_loopback_origin
+from relayd.oauth.metadata import PROTECTED_GROUP
+from relayd.oauth.tokens import is_access_token
 from relayd.routing import Exposure, Handler, Route
-from relayd.state import KEY, KEYRING, ROUTE, ROUTE_MAP, SETTINGS
+from relayd.state import KEY, KEYRING, OAUTH, ROUTE, ROUTE_MAP, SETTINGS
 
 __all__ = [
     "EPHEMERAL_PREFIX",
@@ -119,6 +121,49 @@ def refuse_unless_loopback(request: web.Request) -> None:
             )
 
 
+def _identify(request: web.Request, keyring: KeyRing, secret: str) -> RelayKey | None:
+    """The relay key ``secret`` is, or acts as: a relay key itself, or an OAuth
+    access token relayd issued (docs/security.md#oauth), which acts as the key it
+    was granted with, its scopes narrowed to the token's."""
+    key = keyring.identify(secret)
+    if key is None and is_access_token(secret) and (authority := request.app.get(OAUTH)):
+        key = authority.key_for_token(secret, keyring.by_name)
+    return key
+
+
+def _unauthenticated(
+    request: web.Request, route: Route, message: str, *, code: str, sent: bool
+) -> AuthenticationError:
+    """A 401; on the route OAuth protects, with the challenge that tells a client
+    where to get a token (RFC 9728 §5.1; RFC 6750 §3.1 ``invalid_token`` when one
+    was sent and failed)."""
+    headers = {}
+    if route.group == PROTECTED_GROUP:
+        authority = request.app.get(OAUTH)
+        challenge = "Bearer"
+        if authority is not None:
+            challenge += f' resource_metadata="{authority.endpoints.resource_metadata}"'
+        if sent:
+            challenge += (", " if authority is not None else " ") + 'error="invalid_token"'
+        headers["WWW-Authenticate"] = challenge
+    return AuthenticationError(message, code=code, headers=headers)
+
+
+def _scope_challenge(request: web.Request, route: Route) -> dict[str, str]:
+    """On the route OAuth protects, a 403 says which scope would do (RFC 6750 §3.1,
+    ``insufficient_scope``), so a client can ask for it."""
+    authority = request.app.get(OAUTH)
+    if route.group != PROTECTED_GROUP or authority is None:
+        return {}
+    metadata = authority.endpoints.resource_metadata
+    return {
+        "WWW-Authenticate": (
+            f'Bearer error="insufficient_scope", scope="{route.group}", '
+            f'resource_metadata="{metadata}"'
+        )
+    }
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
@@ -140,22 +185,29 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if _is_public(route, settings):
         # Open to all, but a valid key is still identified (/health shows a key
         # holder more); a wrong one is no refusal here.
-        if secret is not None and (key := keyring.identify(secret)) is not None:
+        if secret is not None and (key := _identify(request, keyring, secret)) is not None:
             request[KEY] = key
         return await handler(request)
     if secret is None:
-        raise AuthenticationError(
+        raise _unauthenticated(
+            request,
+            route,
             "Missing relay key. Send it as 'Authorization: Bearer <key>' or in the "
             f"'{settings.auth.header}' header.",
             code="missing_api_key",
+            sent=False,
         )
-    key = keyring.identify(secret)
+    key = _identify(request, keyring, secret)
     if key is None:
-        raise AuthenticationError("Incorrect relay key provided.")
+        message = "Incorrect relay key provided."
+        if is_access_token(secret):
+            message = "The access token is unknown, expired or revoked, or its relay key changed."
+        raise _unauthenticated(request, route, message, code="invalid_api_key", sent=True)
     request[KEY] = key  # known from here on: a refusal below is logged under its name
     if not key.allows(route.group):
         raise PermissionDeniedError(
             f"The relay key '{key.name}' may not use the '{route.group}' routes.",
             code="key_scope",
+            headers=_scope_challenge(request, route),
         )
     return await handler(request)

@@ -151,6 +151,8 @@ def _operation(route: Route, *, actions: bool) -> dict[str, Any]:
         "summary": route.summary,
         "responses": {"200": ok, "default": _ERROR_REF},
     }
+    if route.responses is not None:
+        operation["responses"] = {**route.responses, "default": _ERROR_REF}
     if not actions:
         operation["tags"] = [route.group]
     if route.description:

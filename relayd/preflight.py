@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from relayd.config import Listen, Settings
+from relayd.store import state_path
 
 __all__ = ["StartupError", "bind_error", "check", "try_bind"]
 
@@ -46,6 +47,9 @@ def check(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
         _writable(Path(metrics), "PROMETHEUS_MULTIPROC_DIR")
     if settings.server.listen.path is not None and not _socket_activated(env):
         _unix_socket(settings.server.listen)
+    if settings.server.public_url:  # OAuth serves, and keeps its grants there
+        grants = "the state directory ([store] dir, RELAYD_STATE_DIR) for OAuth grants"
+        _creatable(state_path(settings), grants)
 
 
 def try_bind(settings: Settings, environ: Mapping[str, str] | None = None) -> None:

@@ -7,6 +7,7 @@ reader can look them up there.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from marshmallow import Schema
@@ -37,6 +38,15 @@ from relayd.handlers.passthrough import (
     forward_by_policy,
 )
 from relayd.mcp.transport import refuse_method, serve_mcp
+from relayd.oauth import endpoints as oauth
+from relayd.oauth.documented import (
+    AUTHORIZE_ANSWERS,
+    METADATA_ANSWERS,
+    REGISTER_ANSWERS,
+    REVOKE_ANSWERS,
+    TOKEN_ANSWERS,
+)
+from relayd.oauth.metadata import PROTECTED_GROUP, RESOURCE_METADATA, resource_metadata_path
 from relayd.routing import Body, Exposure, Handler, Route, RouteTable
 
 __all__ = ["TABLE", "build_table"]
@@ -60,6 +70,7 @@ def _route(
     request_schema: type[Schema] | None = None,
     response_schema: type[Schema] | None = None,
     forwards_to: str | None = None,
+    responses: Mapping[str, Any] | None = None,
 ) -> Route:
     if request_schema is not None:
         body = Body.JSON  # a wrapper's body is the JSON its schema validates
@@ -77,6 +88,7 @@ def _route(
         consequential=consequential,
         response_schema=response_schema,
         forwards_to=forwards_to,
+        responses=responses,
     )
 
 
@@ -440,6 +452,59 @@ _ACTIONS_SURFACE = (
             handler=meta.privacy, exposure=Exposure.PUBLIC, consequential=None),
 )
 
+# relayd as the OAuth 2.1 authorization server of its own relay keys, for ChatGPT
+# apps (docs/security.md#oauth). Public: these are how a client gets a token at all.
+_OAUTH = (
+    _route("oauth", "GET", RESOURCE_METADATA, "getProtectedResourceMetadata",
+           "OAuth protected resource metadata (RFC 9728)", handler=oauth.resource_metadata,
+           exposure=PUBLIC, responses=METADATA_ANSWERS),
+    _route("oauth", "GET", "/.well-known/oauth-authorization-server",
+           "getAuthorizationServerMetadata", "OAuth authorization server metadata (RFC 8414)",
+           handler=oauth.server_metadata, exposure=PUBLIC, responses=METADATA_ANSWERS),
+    _route("oauth", "GET", "/.well-known/openid-configuration", "getOpenIdConfiguration",
+           "The authorization server metadata, where OpenID clients look for it",
+           handler=oauth.server_metadata, exposure=PUBLIC, responses=METADATA_ANSWERS),
+    _route("oauth", "GET", "/oauth/authorize", "showOAuthAuthorize",
+           "The login page: link an app with your relay key", handler=oauth.authorize_page,
+           exposure=PUBLIC, responses=AUTHORIZE_ANSWERS),
+    _route("oauth", "POST", "/oauth/authorize", "submitOAuthAuthorize",
+           "The login form: a relay key for an authorization code",
+           handler=oauth.authorize_submit, body=Body.FORM, exposure=PUBLIC,
+           responses=AUTHORIZE_ANSWERS),
+    _route("oauth", "POST", "/oauth/token", "createOAuthToken",
+           "Exchange a code or refresh token for tokens", handler=oauth.token, body=Body.FORM,
+           exposure=PUBLIC, responses=TOKEN_ANSWERS),
+    _route("oauth", "POST", "/oauth/revoke", "revokeOAuthToken", "Revoke a token and its grant",
+           handler=oauth.revoke, body=Body.FORM, exposure=PUBLIC,
+           responses=REVOKE_ANSWERS),
+    _route("oauth", "POST", "/oauth/register", "registerOAuthClient",
+           "Register an OAuth client (RFC 7591)", handler=oauth.register, body=Body.JSON,
+           exposure=PUBLIC, responses=REGISTER_ANSWERS),
+)
+# fmt: on
+
+
+def _resource_metadata_routes(served: Sequence[Route]) -> tuple[Route, ...]:
+    """The protected resource metadata of each route OAuth protects, at its
+    path-inserted well-known URL (RFC 9728 §3.1): derived, never written twice."""
+    return tuple(
+        _route(
+            "oauth",
+            "GET",
+            resource_metadata_path(route.path),
+            f"getProtectedResourceMetadataFor{route.operation_id[:1].upper()}"
+            f"{route.operation_id[1:]}",
+            f"OAuth protected resource metadata of {route.path} (RFC 9728)",
+            handler=oauth.resource_metadata,
+            exposure=PUBLIC,
+            responses=METADATA_ANSWERS,
+        )
+        for route in served
+        if route.group == PROTECTED_GROUP and route.method == "POST"
+    )
+
+
+# fmt: off
 # ChatGPT apps and IDE agents (docs/chatgpt.md#chatgpt-apps): MCP over Streamable HTTP,
 # the Actions operations as tools. A JSON-RPC endpoint, not a REST operation: served,
 # not documented. GET and DELETE answer 405 (no server stream, no sessions), after auth.
@@ -462,25 +527,24 @@ _CATCH_ALL = (
 
 
 def build_table() -> RouteTable:
-    return RouteTable(
-        (
-            *_META,
-            *_RESPONSES,
-            *_CONVERSATIONS,
-            *_FILES,
-            *_UPLOADS,
-            *_BATCHES,
-            *_VECTOR_STORES,
-            *_CONTAINERS,
-            *_VIDEOS,
-            *_IMAGES,
-            *_MODELS_AND_MORE,
-            *_REALTIME,
-            *_ACTIONS_SURFACE,
-            *_MCP,
-            *_CATCH_ALL,
-        )
+    served = (
+        *_META,
+        *_RESPONSES,
+        *_CONVERSATIONS,
+        *_FILES,
+        *_UPLOADS,
+        *_BATCHES,
+        *_VECTOR_STORES,
+        *_CONTAINERS,
+        *_VIDEOS,
+        *_IMAGES,
+        *_MODELS_AND_MORE,
+        *_REALTIME,
+        *_ACTIONS_SURFACE,
+        *_OAUTH,
+        *_MCP,
     )
+    return RouteTable((*served, *_resource_metadata_routes(served), *_CATCH_ALL))
 
 
 TABLE = build_table()

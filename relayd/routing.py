@@ -9,10 +9,10 @@ same :class:`RouteTable`; no path is written down twice.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.web import AbstractRoute
@@ -42,6 +42,7 @@ class Body(StrEnum):
     MULTIPART = "multipart"
     JSON_OR_MULTIPART = "json_or_multipart"
     ANY = "any"
+    FORM = "form"  # application/x-www-form-urlencoded (OAuth's endpoints)
 
     @property
     def media_types(self) -> tuple[str, ...]:
@@ -54,6 +55,7 @@ _MEDIA_TYPES: Final = {
     Body.MULTIPART: ("multipart/form-data",),
     Body.JSON_OR_MULTIPART: ("application/json", "multipart/form-data"),
     Body.ANY: (),
+    Body.FORM: ("application/x-www-form-urlencoded",),
 }
 
 
@@ -76,6 +78,9 @@ class Route:
     # For a wrapper that only validates and forwards: the upstream path its JSON
     # body goes to, with the route's own path parameters.
     forwards_to: str | None = None
+    # OpenAPI responses of a route that answers in shapes of its own (OAuth's
+    # pages and RFC 6749 errors); the OpenAI error stays the default.
+    responses: Mapping[str, Any] | None = None
 
     @property
     def needs_key(self) -> bool:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from relayd.mcp.tools import ToolSet
     from relayd.memory import BufferBudget, Lease
     from relayd.metrics import Metrics
+    from relayd.oauth.authority import Authority
     from relayd.paths import PathPolicy
     from relayd.spend.control import SpendControl, Ticket
     from relayd.streams.websocket import WebSocketBridge
@@ -47,6 +48,7 @@ __all__ = [
     "MCP_TOOLS",
     "OPERATION",
     "METRICS",
+    "OAUTH",
     "POLICY",
     "REALTIME_BRIDGES",
     "REALTIME_USAGE",
@@ -92,6 +94,9 @@ HANDOUTS: Final[web.AppKey[HandoutStore]] = web.AppKey("relayd.handouts")
 REALTIME_BRIDGES: Final[web.AppKey[WeakKeyDictionary[WebSocketBridge, web.Request]]] = web.AppKey(
     "relayd.realtime_bridges"
 )
+
+# relayd's OAuth authorization server (relayd/oauth/); absent without a public url.
+OAUTH: Final[web.AppKey[Authority]] = web.AppKey("relayd.oauth")
 
 # Bytes held whole for clients (parsed bodies, unfinished WebSocket messages).
 BUDGET: Final[web.AppKey[BufferBudget]] = web.AppKey("relayd.budget")

@@ -22,6 +22,15 @@ SPEC_PUBLIC = {
     "/manifest",
     "/.well-known/ai-plugin.json",
     "/privacy",
+    # SPEC §8: how an OAuth client gets a token at all.
+    "/.well-known/oauth-protected-resource",
+    "/.well-known/oauth-protected-resource/mcp",
+    "/.well-known/oauth-authorization-server",
+    "/.well-known/openid-configuration",
+    "/oauth/authorize",
+    "/oauth/token",
+    "/oauth/revoke",
+    "/oauth/register",
 }
 
 
@@ -81,7 +90,11 @@ def test_only_the_public_list_and_signed_links_are_served_without_a_key() -> Non
     # ChatGPT fetches openaiFileResponse URLs without the action's credentials.
     keyless = {(r.method, r.path) for r in TABLE if not r.needs_key}
     signed = {("GET", "/v1/actions/downloads/{token}")}
-    assert keyless == {("GET", path) for path in SPEC_PUBLIC} | signed
+    # OAuth's forms are posted by browsers and clients that have no key yet.
+    posted = {"/oauth/authorize", "/oauth/token", "/oauth/revoke", "/oauth/register"}
+    gets = SPEC_PUBLIC - posted | {"/oauth/authorize"}
+    expected = {("GET", p) for p in gets} | {("POST", p) for p in posted} | signed
+    assert keyless == expected
     assert {(r.method, r.path) for r in TABLE if r.exposure is Exposure.SIGNED} == signed
 
 

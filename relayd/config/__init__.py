@@ -40,6 +40,7 @@ from relayd.config.settings import Limits as Limits
 from relayd.config.settings import Logging as Logging
 from relayd.config.settings import Mcp as Mcp
 from relayd.config.settings import Meta as Meta
+from relayd.config.settings import OAuth as OAuth
 from relayd.config.settings import Policy as Policy
 from relayd.config.settings import Realtime as Realtime
 from relayd.config.settings import Server as Server

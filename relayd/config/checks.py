@@ -158,6 +158,7 @@ def validate(
         )
     _check_proxy_loop(settings)
     _check_store(settings)
+    _check_oauth(settings)
     _check_mcp(settings)
     _check_spend(settings)
 
@@ -333,6 +334,36 @@ def _check_store(settings: Settings) -> None:
         raise ConfigError(f"[store] backend must be 'local', not {settings.store.backend!r}")
     if settings.store.busy_timeout_s <= 0:
         raise ConfigError("[store] busy_timeout must be a positive number of seconds")
+
+
+def _check_oauth(settings: Settings) -> None:
+    oauth = settings.oauth
+    for name in (
+        "client_document_timeout_s",
+        "code_ttl_s",
+        "access_token_ttl_s",
+        "refresh_token_ttl_s",
+        "login_window_s",
+    ):
+        if getattr(oauth, name) <= 0:
+            key = name.removesuffix("_s")
+            raise ConfigError(f"[oauth] {key} must be a positive number of seconds")
+    if oauth.code_ttl_s > 600:
+        # RFC 6749 §4.1.2: "A maximum authorization code lifetime of 10 minutes".
+        raise ConfigError("[oauth] code_ttl must be at most 600 seconds (RFC 6749 4.1.2)")
+    if oauth.client_document_max_bytes < 1024:
+        raise ConfigError("[oauth] client_document_max_bytes must be at least 1024")
+    if oauth.login_attempts < 1:
+        raise ConfigError("[oauth] login_attempts must be at least 1")
+    for pattern in oauth.client_documents:
+        url = urlsplit(pattern)
+        if url.scheme != "https" or not url.hostname or "*" in url.netloc:
+            raise ConfigError(
+                f"[oauth] client_documents: {pattern!r} must be an https URL with an exact "
+                "host name ('*' only in the path)"
+            )
+        if url.query or url.fragment:
+            raise ConfigError(f"[oauth] client_documents: {pattern!r} has a query or fragment")
 
 
 def _check_mcp(settings: Settings) -> None:

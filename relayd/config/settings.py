@@ -18,6 +18,7 @@ from relayd.config.spend_limits import KeyLimits
 
 __all__ = [
     "DEFAULT_DENY",
+    "DEFAULT_CLIENT_DOCUMENTS",
     "DEFAULT_FETCH_HOSTS",
     "SECTIONS",
     "Actions",
@@ -26,6 +27,7 @@ __all__ = [
     "Logging",
     "Mcp",
     "Meta",
+    "OAuth",
     "Policy",
     "Realtime",
     "Server",
@@ -236,6 +238,33 @@ class Store:
     busy_timeout_s: float = setting(2.0, key="busy_timeout")
 
 
+# Client ID metadata documents relayd fetches (docs/security.md#oauth): ChatGPT's
+# stable document and its per-connector ones. A "*" stands for one path segment of
+# letters, digits, "_" and "-", nothing more.
+DEFAULT_CLIENT_DOCUMENTS: Final = (
+    "https://chatgpt.com/oauth/client.json",
+    "https://chatgpt.com/oauth/*/client.json",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth:
+    """[oauth]: relayd as the OAuth 2.1 authorization server of its own relay keys."""
+
+    # Dynamic client registration (POST /oauth/register, RFC 7591).
+    registration: bool = setting(True, key="registration", env="RELAYD_OAUTH_REGISTRATION")
+    # Which client ID metadata document URLs are trusted; empty: none.
+    client_documents: tuple[str, ...] = setting(DEFAULT_CLIENT_DOCUMENTS, key="client_documents")
+    client_document_timeout_s: float = setting(3.0, key="client_document_timeout")
+    client_document_max_bytes: int = setting(64 * 1024, key="client_document_max_bytes")
+    code_ttl_s: float = setting(60.0, key="code_ttl")
+    access_token_ttl_s: float = setting(3600.0, key="access_token_ttl")
+    refresh_token_ttl_s: float = setting(30 * 86400.0, key="refresh_token_ttl")
+    # Wrong relay keys on the login page, per client address, within login_window.
+    login_attempts: int = setting(10, key="login_attempts")
+    login_window_s: float = setting(300.0, key="login_window")
+
+
 @dataclass(frozen=True, slots=True)
 class Mcp:
     """[mcp]: relayd as a remote MCP server, for ChatGPT apps and IDE agents."""
@@ -311,6 +340,7 @@ class Settings:
     realtime: Realtime = field(default_factory=Realtime)
     actions: Actions = field(default_factory=Actions)
     store: Store = field(default_factory=Store)
+    oauth: OAuth = field(default_factory=OAuth)
     mcp: Mcp = field(default_factory=Mcp)
     spend: Spend = field(default_factory=Spend)
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -17,22 +17,27 @@ from pathlib import Path
 
 from relayd.config import Settings
 
-__all__ = ["state_dir"]
+__all__ = ["state_dir", "state_path"]
 
 
 def state_dir(settings: Settings) -> Path:
-    """The directory relayd keeps its state in, created (mode 0700) if missing.
+    """The directory relayd keeps its state in (:func:`state_path`), created (mode
+    0700) if missing."""
+    path = state_path(settings)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def state_path(settings: Settings) -> Path:
+    """Where the state directory is, without creating it (start-up checks).
 
     ``[store] dir`` / ``RELAYD_STATE_DIR`` when set; else systemd's
     ``StateDirectory=`` (``$STATE_DIRECTORY``, its first entry); else
     ``$XDG_STATE_HOME/relayd``, else ``~/.local/state/relayd``.
     """
     if settings.store.dir:
-        path = Path(settings.store.dir)
-    elif os.environ.get("STATE_DIRECTORY"):
-        path = Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    else:
-        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        path = Path(base) / "relayd"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+        return Path(settings.store.dir)
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "relayd"

@@ -102,6 +102,8 @@ class _Relay:
         settings = make_settings(
             upstream={"url": upstream, "first_byte_timeout_s": 5, "idle_timeout_s": 5},
             actions={"answer_budget_s": 1, "poll_interval_s": 0.2},
+            # As deployed: the OAuth routes need the public origin to answer at all.
+            server={"public_url": "http://127.0.0.1:8999"},
         )
         self.url = await self._serve(create_app(settings), handler_cancellation=True)
 

@@ -2,8 +2,8 @@
 
 The table ships inside the package (``prices.toml`` here is ``conf/prices.toml``) and
 the operator's own file (``[spend] prices_file``) is read after it; relayd never
-fetches prices (docs/spend.md). A row of the operator's file replaces the shipped
-row of the same model whole, except its ``aliases``, which add up.
+fetches prices. A row of the operator's file replaces the shipped row of the same
+model whole, except its ``aliases``, which add up.
 
 Money is integer micro-dollars. A price of 1 USD per million tokens is 1 micro-dollar
 per token, so rates are kept as integer pico-dollars per token (USD per million × 10⁶,

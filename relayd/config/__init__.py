@@ -10,7 +10,8 @@ A floor below everything: this package imports nothing else of relayd.
 * :mod:`~relayd.config.certs`: relayd's own TLS pair, read and checked;
 * :mod:`~relayd.config.keys`: relay key formats and the one key hash;
 * :mod:`~relayd.config.checks`: what cannot work or would be unsafe;
-* :mod:`~relayd.config.report`: what ``check-config`` prints.
+* :mod:`~relayd.config.report`: what ``check-config`` prints;
+* :mod:`~relayd.config.spend_limits`: the per-key limits of ``[spend]``.
 """
 
 from __future__ import annotations
@@ -42,5 +43,7 @@ from relayd.config.settings import Policy as Policy
 from relayd.config.settings import Realtime as Realtime
 from relayd.config.settings import Server as Server
 from relayd.config.settings import Settings as Settings
+from relayd.config.settings import Spend as Spend
 from relayd.config.settings import Store as Store
+from relayd.config.spend_limits import KeyLimits as KeyLimits
 from relayd.config.settings import Upstream as Upstream

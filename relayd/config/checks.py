@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import zoneinfo
 from collections.abc import Collection
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -157,6 +158,7 @@ def validate(
         )
     _check_proxy_loop(settings)
     _check_store(settings)
+    _check_spend(settings)
 
 
 def _check_public_url(settings: Settings) -> None:
@@ -330,3 +332,24 @@ def _check_store(settings: Settings) -> None:
         raise ConfigError(f"[store] backend must be 'local', not {settings.store.backend!r}")
     if settings.store.busy_timeout_s <= 0:
         raise ConfigError("[store] busy_timeout must be a positive number of seconds")
+
+
+def _check_spend(settings: Settings) -> None:
+    spend = settings.spend
+    if spend.backend not in ("sqlite", "off"):
+        raise ConfigError(f"[spend] backend must be 'sqlite' or 'off', not {spend.backend!r}")
+    if spend.on_backend_error not in ("closed", "open"):
+        raise ConfigError(
+            f"[spend] on_backend_error must be 'closed' or 'open', not {spend.on_backend_error!r}"
+        )
+    try:
+        zoneinfo.ZoneInfo(spend.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"[spend] timezone {spend.timezone!r} is not a time zone name (such as "
+            "'UTC' or 'Europe/Paris')"
+        ) from None
+    if spend.reservation_ttl_s < 5:
+        raise ConfigError("[spend] reservation_ttl must be at least 5 seconds")
+    if spend.default_output_tokens < 1:
+        raise ConfigError("[spend] default_output_tokens must be at least 1")

@@ -23,6 +23,7 @@ from relayd.config.casts import ConfigError, cast_env, cast_toml
 from relayd.config.checks import validate, warnings_for
 from relayd.config.fields import Declared, declared
 from relayd.config.settings import SECTIONS, Settings
+from relayd.config.spend_limits import parse_key_limits, parse_keys_table
 
 __all__ = ["load_settings", "updated"]
 
@@ -109,10 +110,20 @@ def load_settings(
     ):
         warnings.append(too_open)
 
+    spend = tables["spend"]  # its nested tables, read deliberately (spend_limits.py)
+    for name, parse in (("default", _default_limits), ("keys", parse_keys_table)):
+        if name in spend:
+            values["spend"][name] = parse(spend[name])
+        sources[f"spend.{name}"] = "file" if name in spend else "default"
+
     settings = updated(Settings(), **values)
     validate(settings, require_upstream_key=require_upstream_key, route_groups=route_groups)
     warnings += warnings_for(settings)
     return dataclasses.replace(settings, warnings=tuple(warnings), sources=sources)
+
+
+def _default_limits(raw: Any) -> Any:
+    return parse_key_limits(raw, "[spend.default]")
 
 
 def updated(settings: Settings, **tables: Mapping[str, Any]) -> Settings:

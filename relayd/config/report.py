@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from relayd.config.casts import Listen
 from relayd.config.fields import declared
 from relayd.config.settings import SECTIONS, Settings
+from relayd.config.spend_limits import KeyLimits
 
 __all__ = ["redacted"]
 
@@ -15,6 +17,19 @@ _SECRETS = {
     ("upstream", "api_key"): ("<set>", "<missing>"),
     ("actions", "signing_secret"): ("<set>", "<random per process>"),
 }
+
+
+def _limits(limits: KeyLimits) -> dict[str, Any]:
+    """The limits set (dollars as USD), for check-config."""
+    shown: dict[str, Any] = {}
+    for item in dataclasses.fields(limits):
+        value = getattr(limits, item.name)
+        if value is None:
+            continue
+        if item.name.startswith("usd_"):
+            value = value / 1_000_000
+        shown[item.name] = list(value) if isinstance(value, tuple) else value
+    return shown
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
@@ -33,6 +48,10 @@ def redacted(settings: Settings) -> dict[str, Any]:
                     {"name": k.name, "scopes": "all" if k.scopes is None else sorted(k.scopes)}
                     for k in value
                 ]
+            elif isinstance(value, KeyLimits):
+                value = _limits(value)
+            elif table == "spend" and record.name == "keys":
+                value = {name: _limits(limits) for name, limits in value.items()}
             elif isinstance(value, Listen):
                 value = str(value)
             elif isinstance(value, tuple):

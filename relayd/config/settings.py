@@ -14,6 +14,7 @@ from typing import Any, Final
 from relayd.config.casts import Listen, parse_listen, parse_trusted_proxies, parse_workers
 from relayd.config.fields import setting
 from relayd.config.keys import RelayKey
+from relayd.config.spend_limits import KeyLimits
 
 __all__ = [
     "DEFAULT_DENY",
@@ -28,6 +29,7 @@ __all__ = [
     "Realtime",
     "Server",
     "Settings",
+    "Spend",
     "Store",
     "Upstream",
 ]
@@ -234,6 +236,40 @@ class Store:
 
 
 @dataclass(frozen=True, slots=True)
+class Spend:
+    """``[spend]``: per-key limits and budgets, reserve then settle (docs/spend.md).
+
+    ``default`` (``[spend.default]``) applies to every key without a table of its own
+    in ``keys`` (``[spend.keys.<key name>]``); both are read by
+    :mod:`relayd.config.spend_limits` and re-read on SIGHUP.
+    """
+
+    # "sqlite": the ledger under [store] dir; "off": nothing metered, nothing refused.
+    backend: str = setting("sqlite", key="backend", env="RELAYD_SPEND_BACKEND")
+    # When the ledger cannot be reached: "closed" refuses (503), "open" lets requests
+    # pass and spools their usage until it can.
+    on_backend_error: str = setting("closed", key="on_backend_error")
+    # Calendar days and months of the budgets are this zone's (IANA name).
+    timezone: str = setting("UTC", key="timezone")
+    # How long a reservation and its parallel slot outlive a process that died
+    # holding them; live ones are extended while their request runs.
+    reservation_ttl_s: float = setting(900.0, key="reservation_ttl")
+    # Output tokens reserved for a request that names no cap (max_output_tokens,
+    # max_completion_tokens, max_tokens) when its price row names no estimate.
+    default_output_tokens: int = setting(4096, key="default_output_tokens")
+    # A key with a dollar budget may call a model without a price (counted as $0).
+    allow_unpriced: bool = setting(False, key="allow_unpriced")
+    # The operator's price file, read over the shipped table (relayd/spend/prices.py).
+    prices_file: str | None = setting(None, key="prices_file", path=True)
+    default: KeyLimits = setting(factory=KeyLimits, key="default", special=True)
+    keys: Mapping[str, KeyLimits] = setting(factory=dict, key="keys", special=True)
+
+    def limits_for(self, key_name: str) -> KeyLimits:
+        found = self.keys.get(key_name)
+        return found if found is not None else self.default
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything relayd needs to run: one section per TOML table."""
 
@@ -247,6 +283,7 @@ class Settings:
     realtime: Realtime = field(default_factory=Realtime)
     actions: Actions = field(default_factory=Actions)
     store: Store = field(default_factory=Store)
+    spend: Spend = field(default_factory=Spend)
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # Where each setting came from, by "table.key" ("default", "file", "env NAME",
     # "credential NAME", "flag --NAME"), for check-config (issue 11).

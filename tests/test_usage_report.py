@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from relayd.config import Settings
+from relayd.config import Settings, updated
 from relayd.spend import report
 from relayd.spend.prices import PriceBook
 from relayd.spend.usage_page import PALETTE
@@ -96,12 +96,12 @@ def ledger() -> Path:
     return write_ledger(KNOWN)
 
 
-def run(*args: str) -> tuple[int, str]:
+def run(*args: str, settings: Settings | None = None) -> tuple[int, str]:
     out = io.StringIO()
     by = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--by"]
     options = dict(zip(args[::2], args[1::2], strict=False))
     code = report.usage(
-        Settings(),
+        settings or Settings(),
         since=options.get("--since"),
         until=options.get("--until"),
         by=by or ["key"],
@@ -205,6 +205,12 @@ def test_days_are_calendar_days_in_the_report_time_zone(ledger: Path) -> None:
     ]
     moment = report.parse_moment("2026-12-01", berlin, until=False, flag="--since")
     assert moment == at("2026-11-30T23:00")
+    in_berlin = updated(Settings(), spend={"timezone": "Europe/Berlin"})
+    code, text = run("--by", "day", "--since", "2026-12-01", "--format", "csv", settings=in_berlin)
+    assert code == 0
+    assert [line.split(",")[:3] for line in text.splitlines()[1:]] == [
+        ["2026-12-01", "5", "2"]
+    ]  # bob at 23:30 UTC included
 
 
 def test_a_missing_ledger_is_no_usage_yet_not_a_traceback(

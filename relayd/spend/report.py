@@ -124,12 +124,12 @@ class ReportRow:
 
 
 def zone_of(settings: Settings) -> tuple[tzinfo, str]:
-    """The ``[spend]`` time zone (UTC until the spend settings declare one)."""
-    name = getattr(getattr(settings, "spend", None), "timezone", None) or "UTC"
+    """The ``[spend]`` time zone, the one budgets' calendar days are counted in."""
+    name = settings.spend.timezone
     try:
         return ZoneInfo(name), name
     except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"[spend] timezone {name!r} is not a known time zone") from None
+        raise ConfigError(f"[spend] timezone {name!r} is not a time zone name") from None
 
 
 def parse_moment(text: str, zone: tzinfo, *, until: bool, flag: str) -> float:

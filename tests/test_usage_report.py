@@ -222,6 +222,17 @@ def test_a_missing_ledger_is_no_usage_yet_not_a_traceback(
     assert code == 0 and text.endswith("no usage in this window\n")
 
 
+def test_a_ledger_that_cannot_be_read_is_one_line_not_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = ledger_path(Settings())
+    path.write_bytes(b"not a database, " * 512)
+    assert run() == (1, "")
+    err = capsys.readouterr().err
+    assert err.startswith(f"relayd: cannot read the ledger {path}: ") and "Traceback" not in err
+    assert report.prices_check(Settings(), older_than_days=90, today=date.today()) == 1
+
+
 def test_a_bad_date_is_a_clear_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert run("--since", "last tuesday") == (2, "")
     assert "--since 'last tuesday' is neither a date" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from relayd.config import ConfigError, Settings
 from relayd.spend.prices import PriceBook
 from relayd.store.usage_rows import (
     DaySpan,
+    LedgerUnreadableError,
     UsageCell,
     ledger_path,
     model_usage,
@@ -362,6 +363,9 @@ def usage(
     except UsageArgumentError as exc:
         print(f"relayd: {exc}", file=sys.stderr)
         return 2
+    except LedgerUnreadableError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 1
     if cells is None:
         cells = []
         print(f"relayd: no usage yet ({path} has no events)", file=sys.stderr)
@@ -407,7 +411,11 @@ def prices_check(
     """``relayd prices check``: 1 when a model seen in the ledger has no price or a
     price row was checked more than ``older_than_days`` ago (for cron); else 0."""
     book = PriceBook.load(settings)
-    seen = model_usage(ledger_path(settings)) or []
+    try:
+        seen = model_usage(ledger_path(settings)) or []
+    except LedgerUnreadableError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 1
     unpriced = [model for model in seen if not book.knows(model.model)]
     cutoff = today - timedelta(days=older_than_days)
     stale = [row for row in book.rows if row.checked < cutoff]

@@ -26,6 +26,7 @@ from relayd.store import state_dir
 __all__ = [
     "LEDGER_FILE",
     "DaySpan",
+    "LedgerUnreadableError",
     "ModelSeen",
     "UsageCell",
     "ledger_path",
@@ -48,6 +49,10 @@ _SUMS: Final = """
     SUM(reasoning_tokens), SUM(audio_input_tokens), SUM(audio_output_tokens),
     SUM(micro_usd)
 """
+
+
+class LedgerUnreadableError(RuntimeError):
+    """The ledger exists but cannot be read (permissions, not a database)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +172,17 @@ def _window(
 @contextmanager
 def _reading(path: Path) -> Iterator[sqlite3.Connection | None]:
     """A read-only connection to the ledger, or None when it has no events yet."""
-    if not path.is_file():
-        yield None
-        return
-    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S)) as connection:
-        connection.execute("PRAGMA query_only=1")
-        known = connection.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
-        ).fetchone()
-        yield connection if known else None
+    try:
+        if not path.is_file():
+            yield None
+            return
+        uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+        with closing(sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S)) as connection:
+            connection.execute("PRAGMA query_only=1")
+            known = connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+            ).fetchone()
+            yield connection if known else None
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LedgerUnreadableError(f"cannot read the ledger {path}: {reason}") from None

@@ -15,8 +15,10 @@ import shutil
 import sqlite3
 import struct
 import sys
+import types
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -211,6 +213,62 @@ def test_days_are_calendar_days_in_the_report_time_zone(ledger: Path) -> None:
     assert [line.split(",")[:3] for line in text.splitlines()[1:]] == [
         ["2026-12-01", "5", "2"]
     ]  # bob at 23:30 UTC included
+
+
+@dataclass(frozen=True)
+class FakeBudgetLine:
+    limit: str
+    limit_micro_usd: int
+    spent_micro_usd: int
+    left_micro_usd: int
+    resets_at: float | None
+
+
+def test_each_key_shows_its_budget_left_and_reset(
+    ledger: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[tuple[Path, str, float]] = []
+
+    def budget_status(settings: Settings, path: Path, key: str, now: float) -> list[FakeBudgetLine]:
+        asked.append((path, key, now))
+        if key != "alice":
+            return []
+        return [
+            FakeBudgetLine("usd_per_day", 5_000_000, 7_500, 4_992_500, at("2026-12-03T00:00")),
+            FakeBudgetLine("usd_total", 100_000_000, 21_000, 99_979_000, None),
+        ]
+
+    module = types.ModuleType("relayd.spend.budget")
+    module.budget_status = budget_status  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "relayd.spend.budget", module)
+    code, text = run("--format", "json")
+    assert code == 0
+    alice, bob = json.loads(text)
+    assert alice["budgets"] == [
+        {
+            "limit": "usd_per_day",
+            "limit_micro_usd": 5_000_000,
+            "spent_micro_usd": 7_500,
+            "left_micro_usd": 4_992_500,
+            "resets_at": "2026-12-03T00:00:00+00:00",
+        },
+        {
+            "limit": "usd_total",
+            "limit_micro_usd": 100_000_000,
+            "spent_micro_usd": 21_000,
+            "left_micro_usd": 99_979_000,
+            "resets_at": None,
+        },
+    ]
+    assert bob["budgets"] == []
+    assert sorted(key for _, key, _ in asked) == ["alice", "bob"]
+    assert {path for path, _, _ in asked} == {ledger}
+    _, table = run()
+    assert table.splitlines()[-5:-2] == [
+        "budgets",
+        "  alice: usd_per_day $5.00, spent $0.0075, left $4.9925, resets 2026-12-03T00:00:00+00:00",
+        "  alice: usd_total $100.00, spent $0.0210, left $99.9790, resets never",
+    ]
 
 
 def test_a_missing_ledger_is_no_usage_yet_not_a_traceback(

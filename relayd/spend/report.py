@@ -321,14 +321,31 @@ def _table(rows: Sequence[ReportRow], by: Sequence[str], window: Window) -> str:
     return "\n".join(out) + "\n"
 
 
-def budget_lines(settings: Settings, key_names: Iterable[str], now: float) -> dict[str, list[Any]]:
-    """Each key's budgets (limit, spent, left, reset) from the spend part's
-    ``relayd.spend.budget_status``; {} while it does not exist. Hook: see the
-    report's note to the integrator."""
-    status = getattr(importlib.import_module("relayd.spend"), "budget_status", None)
-    if status is None:
+def budget_lines(
+    settings: Settings, key_names: Iterable[str], now: float, zone: tzinfo
+) -> dict[str, list[dict[str, Any]]]:
+    """Each key's budgets at ``now`` (limit, spent, left, reset in ``zone``), from the
+    spend part's ``relayd.spend.budget.budget_status``; {} where that is absent."""
+    try:
+        budget = importlib.import_module("relayd.spend.budget")
+    except ModuleNotFoundError:
         return {}
-    return {name: list(status(settings, None, name, now)) for name in key_names}
+    path = ledger_path(settings)
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for name in key_names:
+        lines[name] = [
+            {
+                "limit": line.limit,
+                "limit_micro_usd": line.limit_micro_usd,
+                "spent_micro_usd": line.spent_micro_usd,
+                "left_micro_usd": line.left_micro_usd,
+                "resets_at": None
+                if line.resets_at is None
+                else datetime.fromtimestamp(line.resets_at, zone).isoformat(timespec="seconds"),
+            }
+            for line in budget.budget_status(settings, path, name, now)
+        ]
+    return lines
 
 
 def usage(
@@ -373,36 +390,18 @@ def usage(
         from relayd.spend.usage_page import page
 
         keys = sorted({cell.key for cell in cells})
-        budgets = {
-            key: [_budget_dict(line) for line in lines]
-            for key, lines in budget_lines(settings, keys, now).items()
-        }
+        budgets = budget_lines(settings, keys, now, zone)
         text = page(cells, window, book, budgets, generated=now)
         Path(html).write_text(text, encoding="utf-8")
         print(f"relayd: wrote {html}", file=sys.stderr)
         return 0
     rows = group_rows(cells, by, book)
     if "key" in by:
-        budgets = budget_lines(settings, [row.group["key"] for row in rows], now)
+        budgets = budget_lines(settings, {row.group["key"] for row in rows}, now, zone)
         for row in rows:
-            row.budgets = [_budget_dict(line) for line in budgets.get(row.group["key"], [])]
+            row.budgets = budgets.get(row.group["key"], [])
     out.write(render(rows, by, fmt, window))
     return 0
-
-
-def _budget_dict(line: Any) -> dict[str, Any]:
-    resets = getattr(line, "resets_at", None)
-    if isinstance(resets, int | float):
-        resets = datetime.fromtimestamp(resets).astimezone().isoformat(timespec="seconds")
-    elif isinstance(resets, datetime):
-        resets = resets.isoformat(timespec="seconds")
-    return {
-        "limit": str(getattr(line, "limit", getattr(line, "name", ""))),
-        "limit_micro_usd": int(getattr(line, "limit_micro_usd", 0)),
-        "spent_micro_usd": int(getattr(line, "spent_micro_usd", getattr(line, "spent", 0))),
-        "left_micro_usd": int(getattr(line, "left_micro_usd", getattr(line, "left", 0))),
-        "resets_at": resets,
-    }
 
 
 def prices_check(

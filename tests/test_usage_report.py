@@ -116,7 +116,7 @@ def run(*args: str, settings: Settings | None = None) -> tuple[int, str]:
 
 
 TABLE_BY_KEY = """\
-relayd usage, the first event to now (UTC)
+relayd usage, all events (UTC)
 
 key    requests  refused   input  cached  output  reasoning  rate_limit_exceeded  insufficient_quota      usd  estimated  unpriced
 -----  --------  -------  ------  ------  ------  ---------  -------------------  ------------------  -------  ---------  --------
@@ -263,6 +263,9 @@ def test_each_key_shows_its_budget_left_and_reset(
     assert bob["budgets"] == []
     assert sorted(key for _, key, _ in asked) == ["alice", "bob"]
     assert {path for path, _, _ in asked} == {ledger}
+    page = ledger.parent / "budgets.html"
+    assert run("--html", str(page)) == (0, "")
+    assert "<td>$5.00</td><td>$0.0075</td><td>$4.9925</td>" in page.read_text(encoding="utf-8")
     _, table = run()
     assert table.splitlines()[-5:-2] == [
         "budgets",

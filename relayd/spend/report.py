@@ -92,12 +92,17 @@ class Window:
     zone_name: str
 
     def describe(self) -> str:
-        def moment(value: float | None, fallback: str) -> str:
-            if value is None:
-                return fallback
+        """ "all events", "from <since>", "before <until>" or both, in the zone."""
+
+        def moment(value: float) -> str:
             return datetime.fromtimestamp(value, self.zone).isoformat(timespec="seconds")
 
-        return f"{moment(self.since, 'the first event')} to {moment(self.until, 'now')}"
+        parts = []
+        if self.since is not None:
+            parts.append(f"from {moment(self.since)}")
+        if self.until is not None:
+            parts.append(f"before {moment(self.until)}")
+        return ", ".join(parts) or "all events"
 
 
 @dataclass(slots=True)

@@ -41,11 +41,17 @@ from relayd.state import (
     REALTIME_BRIDGES,
     ROUTE_MAP,
     SETTINGS,
+    SPEND,
     STARTED,
     TOOLS,
     UPSTREAM,
 )
 from relayd.state import TABLE as TABLE_KEY
+from relayd.spend.control import SpendControl, SpendHooks
+from relayd.spend.prices import PriceBook
+from relayd.store import state_dir
+from relayd.store.ledger import LEDGER_FILE, SqliteLedger
+from relayd.tasks import spawn
 from relayd.upstream import Upstream
 
 __all__ = ["create_app", "load_tools"]
@@ -79,6 +85,38 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await upstream.close()
+
+
+def _spend_control(settings: Settings, metrics: Metrics) -> SpendControl:
+    """The process's spend control; its ledger file opens on first use."""
+    ledger = None
+    if settings.spend.backend == "sqlite":
+        ledger = SqliteLedger(
+            state_dir(settings) / LEDGER_FILE,
+            busy_timeout_s=settings.store.busy_timeout_s,
+            observe=lambda name, seconds: metrics.ledger_seconds.labels(name).observe(seconds),
+        )
+    hooks = SpendHooks(
+        spent=metrics.count_spend,
+        refused=lambda reason: metrics.spend_refusals.labels(reason).inc(),
+        passed_open=metrics.spend_open_passes.inc,
+    )
+    return SpendControl(settings, ledger, PriceBook.load(settings), hooks=hooks)
+
+
+async def _spend_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keep live reservations extended and expire dead ones; at the end, write every
+    settlement still scheduled before the ledger closes."""
+    control = app[SPEND]
+    upkeep = spawn(control.run_upkeep(), name="relayd.spend.upkeep") if control.enabled else None
+    try:
+        yield
+    finally:
+        if upkeep is not None:
+            upkeep.cancel()
+        await control.drain()
+        if control.ledger is not None:
+            await control.ledger.close()
 
 
 async def _close_budget(app: web.Application) -> None:
@@ -118,6 +156,8 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[STARTED] = time.monotonic()
     app[ROUTE_MAP] = table.register(app.router)
     app.cleanup_ctx.append(_upstream_ctx)
+    app[SPEND] = _spend_control(settings, app[METRICS])
+    app.cleanup_ctx.append(_spend_ctx)
     # The Actions surface: its download store, and its operation list checked now
     # (an unknown operationId is a config error at start, not a 500 later).
     actions_routes(table, settings)

@@ -15,9 +15,12 @@ Hierarchy (whose fault is part of the type, as in h11's Local/RemoteProtocolErro
     │   ├── UpgradeRequiredError         426 (a WebSocket route asked without upgrade)
     │   ├── RateLimitError               429 (upstream's, where its body cannot cross)
     │   ├── RelayRateLimitError          429 (relayd's own: a key's share is used up)
+    │   ├── SpendLimitError              429 (a key's rpm, tpm or parallel limit)
+    │   ├── QuotaExceededError           429 (a key's dollar budget is spent)
     │   └── RequestHeaderTooLargeError   431
     ├── PublicUrlNotSetError             500: a link is needed, RELAYD_PUBLIC_URL is unset
     ├── OverloadedError                  503: relayd's own capacity is used up
+    ├── SpendUnavailableError            503: the spend ledger cannot be reached
     └── UpstreamError                    the upstream leg failed
         ├── UpstreamUnavailableError     502 (also a ConnectionError)
         └── UpstreamTimeoutError         504 (also a TimeoutError)
@@ -55,11 +58,16 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "ModelNotAllowedError",
+    "ModelNotPricedError",
     "PublicUrlNotSetError",
+    "QuotaExceededError",
     "RateLimitError",
     "RelayRateLimitError",
     "RelaydError",
     "RequestHeaderTooLargeError",
+    "SpendLimitError",
+    "SpendUnavailableError",
     "UnsupportedMediaTypeError",
     "UpgradeRequiredError",
     "UpstreamError",
@@ -167,6 +175,36 @@ class RelayRateLimitError(ClientRequestError):
     default_code = "relay_rate_limit_exceeded"
 
 
+class SpendLimitError(ClientRequestError):
+    """A relay key's own rpm, tpm or parallel limit ([spend], docs/spend.md). Its
+    headers are ``x-relay-ratelimit-*``, never upstream's ``x-ratelimit-*``, so an
+    upstream 429 (passed through unchanged) stays distinguishable."""
+
+    status = 429
+    type = "requests"
+    default_code = "rate_limit_exceeded"
+
+
+class QuotaExceededError(ClientRequestError):
+    """A relay key's dollar budget is spent until its window resets. OpenAI's type
+    and code for a spent quota, and ``x-should-retry: false``: the official SDKs
+    then raise at once instead of retrying."""
+
+    status = 429
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
+class ModelNotAllowedError(PermissionDeniedError):
+    default_code = "model_not_allowed"
+
+
+class ModelNotPricedError(PermissionDeniedError):
+    """A key with a dollar budget asked for a model relayd has no price for."""
+
+    default_code = "model_not_priced"
+
+
 class RequestHeaderTooLargeError(ClientRequestError):
     status = 431
     default_code = "request_header_too_large"
@@ -183,6 +221,14 @@ class OverloadedError(RelaydError):
     status = 503
     type = "server_error"
     default_code = "relay_overloaded"
+
+
+class SpendUnavailableError(RelaydError):
+    """The spend ledger cannot be read or written and ``on_backend_error`` is closed."""
+
+    status = 503
+    type = "server_error"
+    default_code = "store_unavailable"
 
 
 class UpstreamError(RelaydError):

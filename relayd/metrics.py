@@ -87,6 +87,33 @@ class Metrics:
             registry=registry,
         )
 
+        # Spend control (relayd/spend/): money by key and model, refusals by reason,
+        # and how long each ledger operation takes.
+        self.spend = Counter(
+            "relayd_spend_usd",
+            "US dollars settled, by relay key and model.",
+            ("key", "model"),
+            registry=registry,
+        )
+        self.spend_refusals = Counter(
+            "relayd_spend_refusals",
+            "Requests refused by spend control, by reason.",
+            ("reason",),
+            registry=registry,
+        )
+        self.spend_open_passes = Counter(
+            "relayd_spend_open_passes",
+            "Requests let through unchecked while the ledger was unavailable (open mode).",
+            registry=registry,
+        )
+        self.ledger_seconds = Histogram(
+            "relayd_ledger_operation_seconds",
+            "Time one spend-ledger operation took, by operation.",
+            ("operation",),
+            buckets=_OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+
     # Labelled children are cached: labels() takes a lock and builds a key on every
     # call, which showed in the request-rate profile.
     def observe_request(
@@ -114,6 +141,10 @@ class Metrics:
             )
         children[0].inc(input_tokens)
         children[1].inc(output_tokens)
+
+    def count_spend(self, key: str, model: str, micro_usd: int) -> None:
+        if micro_usd:
+            self.spend.labels(key, model or "unknown").inc(micro_usd / 1_000_000)
 
     def exposition(self) -> bytes:
         if self._multiprocess:

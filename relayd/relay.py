@@ -37,11 +37,14 @@ from relayd.headers import (
     response_headers,
 )
 from relayd.memory import buffer_lease, share_key
+from relayd.metering import open_meter, wants_whole_body
 from relayd.paths import upstream_path
 from relayd.state import (
     BROKEN,
+    CLIENT_LEFT,
     METRICS,
     SETTINGS,
+    SPEND_WATCH,
     STREAMED,
     UPSTREAM,
     UPSTREAM_REQUEST_ID,
@@ -150,7 +153,12 @@ async def relay(
     """
     upstream = request.app[UPSTREAM]
     settings = request.app[SETTINGS]
-    if data is _CLIENT_BODY:
+    if data is _CLIENT_BODY and wants_whole_body(request):
+        # A key with limits: its model and output cap are read from the JSON body,
+        # held whole under the memory budget and the JSON cap (docs/spend.md).
+        data = bytes(await read_whole(request, settings.limits.max_json_bytes))
+        headers = upstream.headers(request.headers, keep_length=False)
+    elif data is _CLIENT_BODY:
         data, keep_length = await _client_body(request, settings.limits.max_body_bytes)
         headers = upstream.headers(request.headers, keep_length=keep_length)
     elif headers is None:
@@ -171,15 +179,25 @@ async def exchange(
     """``Upstream.open()`` with the request's accounting: the wait for the head (added
     to any earlier upstream call's), the upstream status and ``x-request-id``. Every
     handler that talks to upstream goes through here, so logs and metrics agree."""
+    # Spend control: admitted (or refused) before anything leaves, settled when the
+    # exchange ends, however it ends (relayd/metering.py).
+    meter = await open_meter(request, method, path_qs, data)
     started = time.perf_counter()
-    async with request.app[UPSTREAM].open(
-        method, path_qs, headers=headers, data=data, key=share_key(request)
-    ) as answer:
-        waited_on_upstream(request, started)
-        request[UPSTREAM_STATUS] = answer.status
-        if (upstream_id := answer.headers.get("x-request-id")) is not None:
-            request[UPSTREAM_REQUEST_ID] = upstream_id
-        yield answer
+    try:
+        async with request.app[UPSTREAM].open(
+            method, path_qs, headers=headers, data=data, key=share_key(request)
+        ) as answer:
+            waited_on_upstream(request, started)
+            request[UPSTREAM_STATUS] = answer.status
+            if (upstream_id := answer.headers.get("x-request-id")) is not None:
+                request[UPSTREAM_REQUEST_ID] = upstream_id
+            yield answer
+    except BaseException as exc:
+        if meter is not None:
+            meter.close(exc)
+        raise
+    if meter is not None:
+        meter.close(None)
 
 
 async def downloadable_file(
@@ -296,6 +314,7 @@ async def stream_back(
         moved.sent = max(0, moved.sent - abort(request))
         return False
     except ConnectionResetError:
+        request[CLIENT_LEFT] = True
         return False
     return True
 
@@ -315,7 +334,7 @@ async def _small_back(
 
 def _usage_tap(request: web.Request, answer: ClientResponse, sse: bool) -> UsageTap | None:
     """Model answers (POST, JSON or SSE, status 200) are watched for token usage."""
-    if request.method != "POST" or answer.status != 200:
+    if (request.method != "POST" and SPEND_WATCH not in request) or answer.status != 200:
         return None
     if not sse and answer.content_type != "application/json":
         return None

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from relayd.metrics import Metrics
     from relayd.paths import PathPolicy
     from relayd.streams.websocket import WebSocketBridge
+    from relayd.spend.control import SpendControl, Ticket
     from relayd.upstream import Upstream
 
 __all__ = [
@@ -42,6 +43,11 @@ __all__ = [
     "REALTIME_USAGE",
     "REQUEST_ID",
     "CLIENT_ADDRESS",
+    "CLIENT_LEFT",
+    "SPEND",
+    "SPEND_DOCUMENT",
+    "SPEND_TICKET",
+    "SPEND_WATCH",
     "PROXIES",
     "ROUTE",
     "ROUTE_MAP",
@@ -103,3 +109,12 @@ ERROR_CODE: Final = web.RequestKey("relayd.error_code", str)
 USAGE_TAP: Final = web.RequestKey("relayd.usage_tap", UsageTap)
 # Token totals of a realtime session, summed from its response.done events.
 REALTIME_USAGE: Final = web.RequestKey("relayd.realtime_usage", dict[str, int])
+
+# Spend control (relayd/metering.py): the process's control, the request's admitted
+# ticket, a JSON answer relayd read whole, and a poll whose answer must be tapped.
+SPEND: Final[web.AppKey[SpendControl]] = web.AppKey("relayd.spend")
+SPEND_TICKET: Final[web.RequestKey[Ticket]] = web.RequestKey("relayd.spend_ticket")
+SPEND_DOCUMENT: Final = web.RequestKey("relayd.spend_document", object)
+SPEND_WATCH: Final = web.RequestKey("relayd.spend_watch", bool)
+# The client went away while its answer streamed (no upstream fault).
+CLIENT_LEFT: Final = web.RequestKey("relayd.client_left", bool)

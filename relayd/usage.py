@@ -21,7 +21,8 @@ import json
 import re
 import zlib
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from relayd.headers import decompress
@@ -44,12 +45,15 @@ class Usage:
     model: str
     input_tokens: int
     output_tokens: int
+    # The usage object as upstream sent it (cached, reasoning and audio details), for
+    # pricing (relayd.spend).
+    details: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 class UsageTap:
     """Keeps the last :data:`TAIL_BYTES` (or more, up to twice that) of a body."""
 
-    __slots__ = ("_chunks", "_encoding", "_event_stream", "_overflowed", "_size")
+    __slots__ = ("_chunks", "_encoding", "_event_stream", "_overflowed", "_read", "_size")
 
     def __init__(self, *, event_stream: bool, content_encoding: str = "") -> None:
         self._event_stream = event_stream
@@ -57,6 +61,7 @@ class UsageTap:
         self._chunks: deque[bytes] = deque()  # kept as they came: no copy per chunk
         self._size = 0
         self._overflowed = False
+        self._read: tuple[Usage | None] | None = None  # usage(), once read
 
     def __call__(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
@@ -66,6 +71,21 @@ class UsageTap:
             self._overflowed = True
 
     def usage(self) -> Usage | None:
+        """The answer's usage, read once (the access line and spend both ask)."""
+        if self._read is None:
+            self._read = (self._usage(),)
+        return self._read[0]
+
+    def document(self) -> bytes | None:
+        """A whole JSON answer, decoded; None for a stream or an answer too big to keep."""
+        if self._event_stream or self._overflowed or self._size > 2 * TAIL_BYTES:
+            return None
+        try:
+            return decompress(b"".join(self._chunks), self._encoding, 4 * TAIL_BYTES)
+        except (ValueError, zlib.error):
+            return None
+
+    def _usage(self) -> Usage | None:
         tail = b"".join(self._chunks)  # one chunk (a small answer) is not copied
         if self._size > 2 * TAIL_BYTES:  # one huge chunk: keep its end
             tail, self._overflowed = tail[-TAIL_BYTES:], True
@@ -126,7 +146,9 @@ def _counted(model: str, usage: Any) -> Usage | None:
         return None
     for input_key, output_key in _TOKEN_PAIRS:
         if input_key in usage or output_key in usage:
-            return Usage(model, int(usage.get(input_key) or 0), int(usage.get(output_key) or 0))
+            return Usage(
+                model, int(usage.get(input_key) or 0), int(usage.get(output_key) or 0), usage
+            )
     return None
 
 

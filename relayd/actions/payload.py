@@ -31,6 +31,7 @@ from relayd.actions.mime import EXTENSIONS, sniff
 from relayd.errors import BadRequestError, PayloadTooLargeError, UpstreamUnavailableError
 from relayd.headers import response_headers
 from relayd.memory import buffer_lease
+from relayd.metering import note_document
 from relayd.relay import (
     exchange,
     read_capped,
@@ -287,9 +288,11 @@ async def _read_json(request: web.Request, answer: ClientResponse) -> Any:
     raw = await read_capped(answer.content, cap)
     waited_on_upstream(request, started)
     try:
-        return json.loads(raw)
+        document = json.loads(raw)
     except ValueError as exc:
         raise UpstreamUnavailableError("The upstream API sent malformed JSON.") from exc
+    note_document(request, document)  # its usage, for spend control
+    return document
 
 
 def json_answer(

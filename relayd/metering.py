@@ -1,0 +1,206 @@
+"""Spend control at the floor every face passes on its way upstream.
+
+``relay.exchange`` (every HTTP call upstream: pass-through, Actions wrappers and
+polls, the ``/v1/proxy`` envelope, MCP tools, which run route handlers) opens a
+:class:`Meter` before the request leaves and closes it when the exchange ends; the
+realtime bridge does the same around its session. The call is judged by the
+*upstream* route it reaches (``relayd.spend.costs``), keyed by the relay key, so a
+face is metered without knowing it. ``relayd.spend`` holds the rules; this module
+only reads requests and answers for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from aiohttp import web
+
+from relayd.spend.control import SpendControl, Ticket
+from relayd.spend.costs import RELAYING_GROUPS, Cost, cost_of
+from relayd.state import (
+    BROKEN,
+    CLIENT_LEFT,
+    KEY,
+    ROUTE,
+    SPEND,
+    SPEND_DOCUMENT,
+    SPEND_TICKET,
+    SPEND_WATCH,
+    TABLE,
+    UPSTREAM_STATUS,
+    USAGE_TAP,
+)
+from relayd.streams.multipart import SlicedBytesPayload
+
+__all__ = ["Meter", "note_document", "open_meter", "wants_whole_body"]
+
+_FINISHED: Final = frozenset({"completed", "failed", "cancelled", "incomplete"})
+_PAID: Final = frozenset({Cost.TOKENS, Cost.IMAGES, Cost.VIDEOS, Cost.GATE})
+ANONYMOUS: Final = "-"  # the key name of requests on a keyless relay
+
+
+def _key_name(request: web.Request) -> str:
+    key = request.get(KEY)
+    return key.name if key is not None else ANONYMOUS
+
+
+def _operation(request: web.Request, method: str, path_qs: str) -> str | None:
+    """The route of the upstream call: the request's own on pass-through routes."""
+    route = request.get(ROUTE)
+    if route is not None and route.group not in RELAYING_GROUPS and route.method == method:
+        return route.operation_id
+    found = request.app[TABLE].match(method, path_qs.split("?", 1)[0])
+    return found.operation_id if found is not None else None
+
+
+def wants_whole_body(request: web.Request) -> bool:
+    """Whether a pass-through body should be read whole (under the memory budget)
+    to find its model and output cap: a JSON body, not content-encoded, on a paid
+    route, from a key with limits to check. Everything else streams untouched."""
+    control = request.app.get(SPEND)
+    route = request.get(ROUTE)
+    if control is None or not control.enabled or route is None:
+        return False
+    if cost_of(route.operation_id, route.method) not in _PAID:
+        return False
+    if request.content_type != "application/json" or "Content-Encoding" in request.headers:
+        return False
+    return not control.limits(_key_name(request)).unlimited
+
+
+def note_document(request: web.Request, document: Any) -> None:
+    """A JSON answer relayd read whole (Actions): the meter reads its usage."""
+    if SPEND_TICKET in request or SPEND_WATCH in request:
+        request[SPEND_DOCUMENT] = document
+
+
+class Meter:
+    """One upstream exchange under spend control."""
+
+    __slots__ = ("_control", "_key", "_request", "_tap_before", "cost", "ticket")
+
+    def __init__(
+        self, request: web.Request, control: SpendControl, cost: Cost, ticket: Ticket | None
+    ) -> None:
+        self._request = request
+        self._control = control
+        self._key = _key_name(request)
+        self._tap_before = request.get(USAGE_TAP)
+        self.cost = cost
+        self.ticket = ticket
+        request.pop(SPEND_DOCUMENT, None)
+
+    def close(self, failure: BaseException | None) -> None:
+        """The exchange ended (synchronous: it may run in a cancelled task's finally).
+        Reading the answer's usage waits for the loop's next turn, after the answer
+        has gone to the client."""
+        ticket = self.ticket
+        if failure is not None:
+            if ticket is not None:
+                cancelled = isinstance(failure, asyncio.CancelledError)
+                self._control.finish(ticket, "cancelled" if cancelled else "failed")
+            return
+        asyncio.get_running_loop().call_soon(self._settle)
+
+    def _settle(self) -> None:
+        request, ticket = self._request, self.ticket
+        status = request.get(UPSTREAM_STATUS, 0)
+        model, usage, document = self._answer()
+        if self.cost is Cost.POLL:
+            self._poll_saw(document, model, usage)
+            return
+        if ticket is None:
+            return
+        if status >= 400:
+            self._control.finish(ticket, "failed")
+            return
+        if request.get(BROKEN) is not None:
+            self._control.finish(ticket, "broken", model=model)
+            return
+        if request.get(CLIENT_LEFT):
+            self._control.finish(ticket, "cancelled", model=model)
+            return
+        if isinstance(document, Mapping) and document.get("status") in ("queued", "in_progress"):
+            ref = document.get("id")
+            if isinstance(ref, str) and ref:
+                self._control.carry(ticket, ref)
+                return
+        self._control.finish(ticket, "ok", model=model, usage=usage)
+
+    def _answer(self) -> tuple[str | None, Mapping[str, Any] | None, Any]:
+        """The answer's model, usage object and (JSON answers) document."""
+        request = self._request
+        document = request.get(SPEND_DOCUMENT)
+        tap = request.get(USAGE_TAP)
+        if document is None and tap is not None and tap is not self._tap_before:
+            wanted = self.cost is Cost.POLL or (
+                self.ticket is not None
+                and isinstance(self.ticket.request, Mapping)
+                and self.ticket.request.get("background") is True
+            )
+            if wanted and (raw := tap.document()) is not None:
+                try:
+                    document = json.loads(raw)
+                except ValueError:
+                    document = None
+            if document is None:
+                found = tap.usage()
+                if found is not None:
+                    return found.model, found.details, None
+                return None, None, None
+        if isinstance(document, Mapping):
+            usage = document.get("usage")
+            model = document.get("model")
+            return (
+                model if isinstance(model, str) else None,
+                usage if isinstance(usage, Mapping) else None,
+                document,
+            )
+        return None, None, document
+
+    def _poll_saw(self, document: Any, model: str | None, usage: Mapping[str, Any] | None) -> None:
+        if not isinstance(document, Mapping) or document.get("status") not in _FINISHED:
+            return
+        ref = document.get("id")
+        if isinstance(ref, str) and ref:
+            self._control.poll_saw_end(self._key, ref, model or "", usage)
+
+
+async def open_meter(request: web.Request, method: str, path_qs: str, data: Any) -> Meter | None:
+    """Admit one upstream call (or raise its refusal); None when it is not metered."""
+    control = request.app.get(SPEND)
+    if control is None or not control.enabled:
+        return None
+    cost = cost_of(_operation(request, method, path_qs), method)
+    if cost is Cost.FREE:
+        return None
+    if cost is Cost.POLL:
+        request[SPEND_WATCH] = True  # have the answer tapped even on a GET
+        return Meter(request, control, cost, None)
+    held = request.get(SPEND_TICKET)
+    if held is not None and not held.done:
+        return None  # one admission per request: a retry inside it is the same call
+    operation = _operation(request, method, path_qs) or f"{method} {path_qs.split('?', 1)[0]}"
+    key = _key_name(request)
+    body, size = _json_of(data) if not control.limits(key).unlimited else (None, 0)
+    ticket = await control.admit(key, operation, cost, body, size or request.content_length or 0)
+    request[SPEND_TICKET] = ticket
+    return Meter(request, control, cost, ticket)
+
+
+def _json_of(data: Any) -> tuple[Mapping[str, Any] | None, int]:
+    """The JSON object a request sends upstream, when relayd holds it whole."""
+    if isinstance(data, SlicedBytesPayload):
+        raw: bytes | bytearray = data._value
+    elif isinstance(data, bytes | bytearray):
+        raw = data
+    else:
+        return None, 0
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None, len(raw)
+    return (document if isinstance(document, dict) else None), len(raw)

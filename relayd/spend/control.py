@@ -1,0 +1,529 @@
+"""Admission and settlement: the rules of ``[spend]`` applied through a ledger.
+
+One :class:`SpendControl` per process. :meth:`~SpendControl.admit` runs before
+anything goes upstream: the key's model rule and the price check here (no I/O),
+then one atomic ledger operation for the parallel slot, the rpm/tpm window and the
+dollar reservation. It returns a :class:`Ticket` or raises the refusal.
+:meth:`~SpendControl.finish` is synchronous and idempotent: the first call fixes the
+outcome and schedules the settlement (a task, off the client's latency path); any
+later call is a no-op, so a ticket settles exactly once however its request ended.
+
+Overshoot bound (README "Spend control"): a request is admitted only if what the key
+has spent, plus every reservation in flight, plus this request's estimate fits the
+budget; settled spend can therefore exceed a budget only by what in-flight requests
+cost beyond their estimates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+from zoneinfo import ZoneInfo
+
+from relayd.config import KeyLimits, Settings
+from relayd.errors import (
+    ModelNotAllowedError,
+    ModelNotPricedError,
+    QuotaExceededError,
+    RelaydError,
+    SpendLimitError,
+    SpendUnavailableError,
+)
+from relayd.spend.costs import Cost
+from relayd.spend.estimate import Estimate, charge, estimate
+from relayd.spend.prices import PriceBook, Tokens
+from relayd.spend.windows import windows_at
+from relayd.store.ledger import Admission, Event, Ledger, LedgerUnavailableError, Refusal
+from relayd.tasks import spawn
+
+__all__ = ["SpendControl", "SpendHooks", "Ticket"]
+
+log = logging.getLogger("relayd.spend")
+
+# Usage kept while the ledger is away (on_backend_error = "open"); past it the
+# oldest events are dropped, and said so.
+SPOOL_MAX: Final = 100_000
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One admitted request: what it holds and what it was estimated to cost."""
+
+    key: str
+    operation: str
+    cost: Cost
+    estimate: Estimate
+    windows: tuple[str, ...]
+    reservation: str | None = None  # held in the ledger (a slot, a reservation)
+    hit: int | None = None  # its rpm/tpm window entry
+    request: Mapping[str, Any] | None = None  # the JSON body, for flat prices
+    done: bool = False
+    carried: str | None = None  # an upstream id a later poll settles it by
+
+
+@dataclass(slots=True)
+class SpendHooks:
+    """What the control reports to metrics (relayd/metrics.py fills these)."""
+
+    spent: Callable[[str, str, int], None] = lambda key, model, micro: None
+    refused: Callable[[str], None] = lambda reason: None
+    passed_open: Callable[[], None] = lambda: None
+
+
+_Pending = tuple[Event | None, str | None, int | None, int]
+
+
+@dataclass(slots=True)
+class _Live:
+    tickets: dict[str, Ticket] = field(default_factory=dict)
+
+
+class SpendControl:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger | None,
+        prices: PriceBook,
+        *,
+        hooks: SpendHooks | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.prices = prices
+        self.hooks = hooks or SpendHooks()
+        self.clock = clock
+        self._live = _Live()
+        # Settlements waiting for the ledger: (event, reservation, hit, tokens).
+        self._spool: list[_Pending] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self.ledger is not None and self.settings.spend.backend != "off"
+
+    def reload(self, settings: Settings, prices: PriceBook) -> None:
+        """SIGHUP: new limits and prices apply to the next admission."""
+        self.settings, self.prices = settings, prices
+
+    def limits(self, key: str) -> KeyLimits:
+        return self.settings.spend.limits_for(key)
+
+    # -------------------------------------------------------------- admission
+
+    async def admit(
+        self,
+        key: str,
+        operation: str,
+        cost: Cost,
+        body: Mapping[str, Any] | None,
+        body_bytes: int,
+        *,
+        model: str | None = None,
+    ) -> Ticket:
+        """Admit one request or raise its refusal (before any upstream byte)."""
+        spend = self.settings.spend
+        limits = spend.limits_for(key)
+        guess = estimate(self.prices, cost, body, body_bytes)
+        if model is not None and not guess.model:
+            guess = Estimate(model, guess.input_tokens, guess.output_tokens, guess.micro_usd)
+            if cost is Cost.REALTIME:
+                guess = Estimate(model, 0, 0, 0 if self.prices.knows(model) else None)
+        now = self.clock()
+        day, month, total = windows_at(now, spend.timezone)
+        windows = (day.name, month.name, total.name)
+        ticket = Ticket(key, operation, cost, guess, windows, request=body)
+        if not limits.allows(guess.model):
+            self._refuse_event(ticket, now, "model_not_allowed")
+            shown = guess.model or "(a request whose model relayd cannot read)"
+            raise ModelNotAllowedError(
+                f"Relay key '{key}' may not use model {shown}; allowed: "
+                f"{', '.join(limits.models or ())}.",
+                param="model",
+            )
+        budgets = {
+            period: limit
+            for period, limit in limits.budgets.items()
+            if period in ("day", "month", "total")
+        }
+        if budgets and guess.micro_usd is None and not spend.allow_unpriced:
+            self._refuse_event(ticket, now, "model_not_priced")
+            raise ModelNotPricedError(
+                f"Relay key '{key}' has a dollar budget and relayd has no price for model "
+                f"{guess.model or '(unnamed)'}; the operator can add one ([spend] prices_file) "
+                "or set [spend] allow_unpriced.",
+                param="model",
+            )
+        by_period = {"day": day.name, "month": month.name, "total": total.name}
+        hold = bool(budgets) or limits.max_parallel is not None
+        if not hold and limits.rpm is None and limits.tpm is None:
+            return ticket  # nothing to check: settlement alone records it
+        admission = Admission(
+            key=key,
+            reservation=os.urandom(9).hex(),
+            model=guess.model,
+            operation=operation,
+            now=now,
+            expires=now + spend.reservation_ttl_s,
+            rpm=limits.rpm,
+            tpm=limits.tpm,
+            max_parallel=limits.max_parallel,
+            budgets=tuple((by_period[p], limit) for p, limit in budgets.items()),
+            micro_usd=guess.micro_usd or 0,
+            input_tokens=guess.input_tokens,
+            output_tokens=guess.output_tokens,
+            windows=windows,
+        )
+        assert self.ledger is not None
+        try:
+            verdict = await self.ledger.admit(admission, hold=hold)
+        except LedgerUnavailableError as exc:
+            if spend.on_backend_error == "open":
+                log.warning("spend ledger unavailable, letting a request pass: %s", exc)
+                self.hooks.passed_open()
+                return ticket
+            self._refuse_event(ticket, now, "store_unavailable")
+            raise SpendUnavailableError(
+                "The relay cannot check this key's limits right now; retry shortly.",
+                headers={"retry-after": "1", "x-should-retry": "true"},
+            ) from exc
+        if isinstance(verdict, Refusal):
+            self._refuse_event(ticket, now, verdict.reason)
+            raise self._refusal(key, verdict, now)
+        ticket.hit = verdict
+        if hold:
+            ticket.reservation = admission.reservation
+            self._live.tickets[admission.reservation] = ticket
+        return ticket
+
+    def _refusal(self, key: str, refusal: Refusal, now: float) -> RelaydError:
+        retry = max(1, round(refusal.retry_after_s))
+        if refusal.limit_name in ("rpm", "tpm", "max_parallel"):
+            what = {
+                "rpm": "requests per minute (rpm)",
+                "tpm": "tokens per minute (tpm)",
+                "max_parallel": "requests in flight (max_parallel)",
+            }[refusal.limit_name]
+            kind = {"rpm": "requests", "tpm": "tokens", "max_parallel": "parallel"}
+            suffix = kind[refusal.limit_name]
+            return SpendLimitError(
+                f"Rate limit reached for relay key '{key}' on {what}: limit "
+                f"{refusal.limit}, used {refusal.used}. Retry in {retry}s.",
+                headers={
+                    "retry-after": str(retry),
+                    "retry-after-ms": str(retry * 1000),
+                    f"x-relay-ratelimit-limit-{suffix}": str(refusal.limit),
+                    f"x-relay-ratelimit-remaining-{suffix}": "0",
+                    f"x-relay-ratelimit-reset-{suffix}": f"{retry}s",
+                },
+            )
+        period = refusal.window.split(":")[0]
+        name = {"day": "usd_per_day", "month": "usd_per_month", "total": "usd_total"}[period]
+        resets = self._resets_at(period, now)
+        spent, limit = refusal.used / 1e6, refusal.limit / 1e6
+        headers = {
+            "x-relay-budget-limit-usd": f"{limit:.6f}",
+            "x-relay-budget-remaining-usd": f"{max(0.0, limit - spent):.6f}",
+        }
+        if resets is not None:
+            headers["x-relay-budget-reset"] = str(int(resets))
+        if refusal.reason == "rate_limit_exceeded":  # in-flight reservations fill it
+            return SpendLimitError(
+                f"Relay key '{key}' has ${spent:.6f} spent or reserved against its budget "
+                f"{name} of ${limit:.2f}; requests in flight may settle for less. Retry in "
+                f"{retry}s.",
+                headers={"retry-after": str(retry), **headers},
+            )
+        when = (
+            "It never resets; ask the operator to raise it."
+            if resets is None
+            else f"It resets at {self._local(resets)}."
+        )
+        if resets is not None:
+            headers["retry-after"] = str(max(1, int(resets - now)))
+        return QuotaExceededError(
+            f"Relay key '{key}' has spent ${spent:.6f} of its budget {name} of "
+            f"${limit:.2f} ({refusal.window}). {when}",
+            headers={"x-should-retry": "false", **headers},
+        )
+
+    def _resets_at(self, period: str, now: float) -> float | None:
+        day, month, _ = windows_at(now, self.settings.spend.timezone)
+        return {"day": day.resets_at, "month": month.resets_at}.get(period)
+
+    def _local(self, at: float) -> str:
+        zone = self.settings.spend.timezone
+        return f"{datetime.fromtimestamp(at, ZoneInfo(zone)).isoformat()} ({zone})"
+
+    def _refuse_event(self, ticket: Ticket, now: float, reason: str) -> None:
+        self.hooks.refused(reason)
+        self._write(
+            Event(
+                at=now,
+                key=ticket.key,
+                model=ticket.estimate.model,
+                operation=ticket.operation,
+                outcome="refused",
+                reason=reason,
+            )
+        )
+
+    # -------------------------------------------------------------- settlement
+
+    def finish(
+        self,
+        ticket: Ticket,
+        outcome: str,
+        *,
+        model: str | None = None,
+        usage: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Settle ``ticket`` once (synchronous; the ledger write is a task).
+
+        ``outcome``: ``ok`` (answer complete: its usage, else for images and videos
+        the flat price, else the estimate, flagged), ``failed`` before any output
+        (an upstream error status: nothing charged), ``cancelled`` or ``broken``
+        (the client left or the stream broke: the input estimate, flagged).
+        """
+        if ticket.done:
+            return
+        ticket.done = True
+        if ticket.reservation is not None:
+            self._live.tickets.pop(ticket.reservation, None)
+        event, tokens = self._event(ticket, outcome, model, usage)
+        self.hooks.spent(ticket.key, event.model, event.micro_usd)
+        self._track(
+            spawn(
+                self._settle(event, ticket.reservation, ticket.hit, tokens),
+                name="relayd.spend.settle",
+            )
+        )
+
+    def release(self, ticket: Ticket) -> None:
+        """End ``ticket`` recording nothing more (a realtime session whose responses
+        settled one by one): its slot and reservation are let go."""
+        if ticket.done:
+            return
+        ticket.done = True
+        if ticket.reservation is None:
+            return
+        self._live.tickets.pop(ticket.reservation, None)
+        self._track(
+            spawn(
+                self._settle(None, ticket.reservation, ticket.hit, 0), name="relayd.spend.release"
+            )
+        )
+
+    def record_usage(self, ticket: Ticket, model: str, usage: Mapping[str, Any]) -> None:
+        """One priced answer inside a longer session (realtime ``response.done``)."""
+        now = self.clock()
+        tokens, micro = charge(self.prices, Cost.TOKENS, model, usage, None)
+        event = _event_of(
+            now, ticket.key, model, ticket.operation, "ok", tokens, micro or 0, micro is None
+        )
+        event = Event(**{**_as_dict(event), "windows": ticket.windows})
+        self.hooks.spent(ticket.key, model, event.micro_usd)
+        self._write(event)
+
+    async def over_budget(self, key: str) -> bool:
+        """Whether ``key`` has spent a whole budget (a realtime session asks before
+        each ``response.create``)."""
+        budgets = self.limits(key).budgets
+        if not budgets or self.ledger is None:
+            return False
+        windows = {w.period: w.name for w in windows_at(self.clock(), self.settings.spend.timezone)}
+        try:
+            spent = await self.ledger.spent(key, [windows[p] for p in budgets])
+        except LedgerUnavailableError:
+            return self.settings.spend.on_backend_error == "closed"
+        return any(spent[windows[p]] >= limit for p, limit in budgets.items())
+
+    def carry(self, ticket: Ticket, ref: str) -> None:
+        """The answer is a background response still running: its reservation stays,
+        under the upstream id ``ref``, until a poll sees it end or it expires."""
+        if ticket.done:
+            return
+        ticket.done = True
+        ticket.carried = ref
+        if ticket.reservation is None:
+            return  # nothing held: the poll that sees it end records it
+        self._live.tickets.pop(ticket.reservation, None)
+        assert self.ledger is not None
+        expires = self.clock() + self.settings.spend.reservation_ttl_s
+        self._track(
+            spawn(
+                self._quietly(self.ledger.carry(ticket.reservation, ref, expires)),
+                name="relayd.spend.carry",
+            )
+        )
+
+    def poll_saw_end(
+        self, key: str, ref: str, model: str, usage: Mapping[str, Any] | None
+    ) -> None:
+        """A poll saw background response ``ref`` end: settle what it carried."""
+        if not self.enabled:
+            return
+        now = self.clock()
+        windows = tuple(w.name for w in windows_at(now, self.settings.spend.timezone))
+        tokens, micro = charge(self.prices, Cost.TOKENS, model, usage, None)
+        event = _event_of(now, key, model, "createResponse", "ok", tokens, micro or 0, False)
+        event = Event(**{**_as_dict(event), "windows": windows})
+        assert self.ledger is not None
+
+        async def settle() -> None:
+            if await self.ledger.settle_ref(ref, event, now):  # type: ignore[union-attr]
+                self.hooks.spent(key, model, event.micro_usd)
+
+        self._track(spawn(self._quietly(settle()), name="relayd.spend.poll"))
+
+    def _event(
+        self,
+        ticket: Ticket,
+        outcome: str,
+        model: str | None,
+        usage: Mapping[str, Any] | None,
+    ) -> tuple[Event, int]:
+        guess = ticket.estimate
+        model = model or guess.model
+        now = self.clock()
+        if outcome == "ok":
+            tokens, micro = charge(self.prices, ticket.cost, model, usage, ticket.request)
+            estimated = micro is None and usage is None
+            if estimated:
+                tokens = Tokens(input=guess.input_tokens, output=guess.output_tokens)
+                micro = guess.micro_usd
+        elif outcome == "failed":
+            tokens, micro, estimated = Tokens(), 0, False
+        else:  # cancelled, broken: the input was sent, what came back is unknown
+            tokens = Tokens(input=guess.input_tokens)
+            micro = self.prices.token_cost(model, tokens) if guess.micro_usd else 0
+            estimated = True
+        event = _event_of(
+            now, ticket.key, model, ticket.operation, outcome, tokens, micro or 0, estimated
+        )
+        return Event(**{**_as_dict(event), "windows": ticket.windows}), tokens.input + tokens.output
+
+    async def _settle(
+        self, event: Event | None, reservation: str | None, hit: int | None, tokens: int
+    ) -> None:
+        if self.ledger is None:
+            return
+        try:
+            settled = await self.ledger.settle(
+                event, reservation=reservation, hit=hit, tokens=tokens
+            )
+        except LedgerUnavailableError as exc:
+            log.warning("spend ledger unavailable, usage spooled until it returns: %s", exc)
+            self._spool_event((event, reservation, hit, tokens))
+            return
+        if not settled and event is not None:
+            log.warning(
+                "a reservation of relay key %s expired before its request settled; it was "
+                "charged at its estimate",
+                event.key,
+            )
+
+    def _write(self, event: Event) -> None:
+        if self.ledger is None:
+            return
+        ledger = self.ledger
+
+        async def write() -> None:
+            try:
+                await ledger.record((event,))
+            except LedgerUnavailableError:
+                self._spool_event((event, None, None, 0))
+
+        self._track(spawn(write(), name="relayd.spend.record"))
+
+    def _spool_event(self, pending: _Pending) -> None:
+        if len(self._spool) >= SPOOL_MAX:
+            del self._spool[0]
+            log.error("spend spool full: the oldest spooled event was dropped")
+        self._spool.append(pending)
+
+    async def _quietly(self, work: Any) -> None:
+        try:
+            await work
+        except LedgerUnavailableError as exc:
+            log.warning("spend ledger unavailable: %s", exc)
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for scheduled settlements (shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -------------------------------------------------------------- upkeep
+
+    async def upkeep(self) -> None:
+        """One round: extend live reservations, expire dead ones, replay the spool."""
+        if self.ledger is None:
+            return
+        now = self.clock()
+        ttl = self.settings.spend.reservation_ttl_s
+        live = list(self._live.tickets)
+        try:
+            if live:
+                await self.ledger.extend(live, now + ttl)
+            replayed = 0
+            while self._spool:
+                event, reservation, hit, tokens = self._spool[0]
+                await self.ledger.settle(event, reservation=reservation, hit=hit, tokens=tokens)
+                del self._spool[0]
+                replayed += 1
+            if replayed:
+                log.info("spend ledger back: %d spooled settlements recorded", replayed)
+            await self.ledger.expire(now)  # after the replay: settled beats expired
+        except LedgerUnavailableError as exc:
+            log.warning("spend ledger unavailable during upkeep: %s", exc)
+
+    async def run_upkeep(self) -> None:
+        interval = max(1.0, min(30.0, self.settings.spend.reservation_ttl_s / 3))
+        while True:
+            await self.upkeep()
+            await asyncio.sleep(interval)
+
+    @property
+    def spooled(self) -> int:
+        return len(self._spool)
+
+
+def _event_of(
+    at: float,
+    key: str,
+    model: str,
+    operation: str,
+    outcome: str,
+    tokens: Tokens,
+    micro: int,
+    estimated: bool,
+) -> Event:
+    return Event(
+        at=at,
+        key=key,
+        model=model,
+        operation=operation,
+        outcome=outcome,
+        input_tokens=tokens.input,
+        cached_input_tokens=tokens.cached_input,
+        output_tokens=tokens.output,
+        reasoning_tokens=tokens.reasoning,
+        audio_input_tokens=tokens.audio_input,
+        audio_output_tokens=tokens.audio_output,
+        micro_usd=micro,
+        estimated=estimated,
+    )
+
+
+def _as_dict(event: Event) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in Event.__dataclass_fields__}

@@ -1,7 +1,7 @@
 """``relayd usage`` and ``relayd prices check`` over a known ledger.
 
-The ledger is written by the SQL contract of the ``events`` table (migration 1 of
-the ledger);
+The ledger is written through the spend part's own ledger (``SqliteLedger.record``),
+each event counted in its UTC budget windows;
 each test keeps it in its own state directory (conftest's ``private_state_dir``).
 """
 
@@ -15,48 +15,23 @@ import shutil
 import sqlite3
 import struct
 import sys
-import types
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from relayd.config import Settings, updated
+from relayd.config.spend_limits import KeyLimits
 from relayd.spend import report
 from relayd.spend.prices import PriceBook
 from relayd.spend.usage_page import PALETTE
-from relayd.store.sqlite import open_database
+from relayd.spend.windows import windows_at
+from relayd.store.ledger import Event, SqliteLedger
 from relayd.store.usage_rows import ledger_path, usage_cells, usage_span
-
-# Migration 1 of the ledger, as SPEND.md fixes it (the columns the report reads).
-EVENTS = """
-CREATE TABLE events (
-  id INTEGER PRIMARY KEY,
-  at REAL NOT NULL,
-  key TEXT NOT NULL,
-  model TEXT NOT NULL DEFAULT '',
-  operation TEXT NOT NULL,
-  outcome TEXT NOT NULL,
-  reason TEXT NOT NULL DEFAULT '',
-  input_tokens INTEGER NOT NULL DEFAULT 0,
-  cached_input_tokens INTEGER NOT NULL DEFAULT 0,
-  output_tokens INTEGER NOT NULL DEFAULT 0,
-  reasoning_tokens INTEGER NOT NULL DEFAULT 0,
-  audio_input_tokens INTEGER NOT NULL DEFAULT 0,
-  audio_output_tokens INTEGER NOT NULL DEFAULT 0,
-  micro_usd INTEGER NOT NULL DEFAULT 0,
-  estimated INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX events_at ON events (at);
-"""
-COLUMNS = (
-    "at key model operation outcome reason input_tokens cached_input_tokens output_tokens "
-    "reasoning_tokens micro_usd estimated"
-).split()
 
 
 def at(text: str) -> float:
@@ -81,16 +56,50 @@ KNOWN = [
 ]  # fmt: skip
 
 
-def write_ledger(rows: Sequence[tuple[object, ...]]) -> Path:
+def write_ledger(rows: Sequence[tuple[Any, ...]]) -> Path:
+    """The rows (as KNOWN spells them) recorded by the spend part's ledger."""
     path = ledger_path(Settings())
-    connection = open_database(path, [EVENTS])
-    with connection:
-        connection.executemany(
-            f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})",
-            rows,
-        )
-    connection.close()
+
+    async def record() -> None:
+        ledger = SqliteLedger(path)
+        try:
+            await ledger.record([event(*row) for row in rows])
+        finally:
+            await ledger.close()
+
+    asyncio.run(record())
     return path
+
+
+def event(
+    when: float,
+    key: str,
+    model: str,
+    operation: str,
+    outcome: str,
+    reason: str,
+    input_tokens: int,
+    cached: int,
+    output_tokens: int,
+    reasoning: int,
+    micro_usd: int,
+    estimated: int,
+) -> Event:
+    return Event(
+        at=when,
+        key=key,
+        model=model,
+        operation=operation,
+        outcome=outcome,
+        reason=reason,
+        input_tokens=input_tokens,
+        cached_input_tokens=cached,
+        output_tokens=output_tokens,
+        reasoning_tokens=reasoning,
+        micro_usd=micro_usd,
+        estimated=bool(estimated),
+        windows=tuple(window.name for window in windows_at(when, "UTC")),
+    )
 
 
 @pytest.fixture
@@ -215,41 +224,19 @@ def test_days_are_calendar_days_in_the_report_time_zone(ledger: Path) -> None:
     ]  # bob at 23:30 UTC included
 
 
-@dataclass(frozen=True)
-class FakeBudgetLine:
-    limit: str
-    limit_micro_usd: int
-    spent_micro_usd: int
-    left_micro_usd: int
-    resets_at: float | None
-
-
-def test_each_key_shows_its_budget_left_and_reset(
-    ledger: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    asked: list[tuple[Path, str, float]] = []
-
-    def budget_status(settings: Settings, path: Path, key: str, now: float) -> list[FakeBudgetLine]:
-        asked.append((path, key, now))
-        if key != "alice":
-            return []
-        return [
-            FakeBudgetLine("usd_per_day", 5_000_000, 7_500, 4_992_500, at("2026-12-03T00:00")),
-            FakeBudgetLine("usd_total", 100_000_000, 21_000, 99_979_000, None),
-        ]
-
-    module = types.ModuleType("relayd.spend.budget")
-    module.budget_status = budget_status  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "relayd.spend.budget", module)
-    code, text = run("--format", "json")
+def test_each_key_shows_its_budget_left_and_reset(ledger: Path) -> None:
+    limits = KeyLimits(usd_per_day=5_000_000, usd_total=100_000_000)
+    settings = updated(Settings(), spend={"keys": {"alice": limits}})
+    # The report runs at 2026-12-02T08:00 (run's now): alice spent nothing that day.
+    code, text = run("--format", "json", settings=settings)
     assert code == 0
     alice, bob = json.loads(text)
     assert alice["budgets"] == [
         {
             "limit": "usd_per_day",
             "limit_micro_usd": 5_000_000,
-            "spent_micro_usd": 7_500,
-            "left_micro_usd": 4_992_500,
+            "spent_micro_usd": 0,
+            "left_micro_usd": 5_000_000,
             "resets_at": "2026-12-03T00:00:00+00:00",
         },
         {
@@ -261,15 +248,13 @@ def test_each_key_shows_its_budget_left_and_reset(
         },
     ]
     assert bob["budgets"] == []
-    assert sorted(key for _, key, _ in asked) == ["alice", "bob"]
-    assert {path for path, _, _ in asked} == {ledger}
     page = ledger.parent / "budgets.html"
-    assert run("--html", str(page)) == (0, "")
-    assert "<td>$5.00</td><td>$0.0075</td><td>$4.9925</td>" in page.read_text(encoding="utf-8")
-    _, table = run()
+    assert run("--html", str(page), settings=settings) == (0, "")
+    assert "<td>$5.00</td><td>$0.0000</td><td>$5.0000</td>" in page.read_text(encoding="utf-8")
+    _, table = run(settings=settings)
     assert table.splitlines()[-5:-2] == [
         "budgets",
-        "  alice: usd_per_day $5.00, spent $0.0075, left $4.9925, resets 2026-12-03T00:00:00+00:00",
+        "  alice: usd_per_day $5.00, spent $0.0000, left $5.0000, resets 2026-12-03T00:00:00+00:00",
         "  alice: usd_total $100.00, spent $0.0210, left $99.9790, resets never",
     ]
 

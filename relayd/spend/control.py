@@ -363,9 +363,7 @@ class SpendControl:
             )
         )
 
-    def poll_saw_end(
-        self, key: str, ref: str, model: str, usage: Mapping[str, Any] | None
-    ) -> None:
+    def poll_saw_end(self, key: str, ref: str, model: str, usage: Mapping[str, Any] | None) -> None:
         """A poll saw background response ``ref`` end: settle what it carried."""
         if not self.enabled:
             return

@@ -14,7 +14,6 @@ an ISO date and time means that instant (in the time zone unless it names an off
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import re
@@ -27,6 +26,7 @@ from typing import Any, Final, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from relayd.config import ConfigError, Settings
+from relayd.spend.budget import budget_status
 from relayd.spend.prices import PriceBook
 from relayd.store.usage_rows import (
     DaySpan,
@@ -329,12 +329,7 @@ def _table(rows: Sequence[ReportRow], by: Sequence[str], window: Window) -> str:
 def budget_lines(
     settings: Settings, key_names: Iterable[str], now: float, zone: tzinfo
 ) -> dict[str, list[dict[str, Any]]]:
-    """Each key's budgets at ``now`` (limit, spent, left, reset in ``zone``), from the
-    spend part's ``relayd.spend.budget.budget_status``; {} where that is absent."""
-    try:
-        budget = importlib.import_module("relayd.spend.budget")
-    except ModuleNotFoundError:
-        return {}
+    """Each key's budgets at ``now``: limit, spent, left and reset (in ``zone``)."""
     path = ledger_path(settings)
     lines: dict[str, list[dict[str, Any]]] = {}
     for name in key_names:
@@ -348,7 +343,7 @@ def budget_lines(
                 if line.resets_at is None
                 else datetime.fromtimestamp(line.resets_at, zone).isoformat(timespec="seconds"),
             }
-            for line in budget.budget_status(settings, path, name, now)
+            for line in budget_status(settings, path, name, now)
         ]
     return lines
 

@@ -22,9 +22,9 @@ from urllib.parse import quote
 
 from relayd.config import Settings
 from relayd.store import state_dir
+from relayd.store.ledger import LEDGER_FILE
 
 __all__ = [
-    "LEDGER_FILE",
     "DaySpan",
     "LedgerUnreadableError",
     "ModelSeen",
@@ -34,10 +34,6 @@ __all__ = [
     "usage_cells",
     "usage_span",
 ]
-
-# The ledger's file in the state directory (the spend part's relayd/store/ledger.py
-# writes it; the name is part of their contract).
-LEDGER_FILE: Final = "ledger.sqlite3"
 
 # How long a read waits on a lock: only a checkpoint or a migration ever holds one
 # that a reader must wait for, and both are short.

@@ -32,6 +32,7 @@ from relayd.spend.usage_page import PALETTE
 from relayd.spend.windows import windows_at
 from relayd.store.ledger import Event, SqliteLedger
 from relayd.store.usage_rows import ledger_path, usage_cells, usage_span
+from tests.conftest import OTHER_KEY, RELAY_KEY, RelayFactory
 
 
 def at(text: str) -> float:
@@ -321,6 +322,50 @@ async def test_relayd_usage_reads_while_a_writer_holds_the_ledger(ledger: Path) 
         writer.close()
     code, out, _ = await relayd("usage", "--format", "json")
     assert [row["key"] for row in json.loads(out)] == ["alice", "bob", "carol"]
+
+
+async def test_relayd_usage_reports_what_went_through_the_relay(
+    relay_factory: RelayFactory, tmp_path: Path
+) -> None:
+    """Known requests through relayd (in-process, the fake upstream), then the real
+    ``relayd usage`` command over the ledger they left."""
+    keys = {
+        "team": KeyLimits(usd_per_day=5_000_000),
+        "other": KeyLimits(models=("gpt-5*",)),
+    }
+    client = await relay_factory(spend={"keys": keys})
+    team = {"Authorization": f"Bearer {RELAY_KEY}"}
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    async with asyncio.timeout(30):
+        chat = {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}
+        async with client.post("/v1/chat/completions", json=chat, headers=team) as answer:
+            assert answer.status == 200
+        response = {"model": "gpt-5-mini", "input": "hi"}
+        async with client.post("/v1/responses", json=response, headers=team) as answer:
+            assert answer.status == 200
+        refused = {**chat, "model": "gpt-4o"}
+        async with client.post("/v1/chat/completions", json=refused, headers=other) as answer:
+            assert answer.status == 403
+        await client.close()  # the app's cleanup settles what is still in flight
+    config = tmp_path / "relayd.toml"
+    config.write_text("[spend.keys.team]\nusd_per_day = 5.0\n", encoding="utf-8")
+    code, out, err = await relayd(
+        "usage", "--config", str(config), "--by", "key", "--by", "model", "--format", "json"
+    )
+    assert (code, err) == (0, "")
+    rows = {(row["key"], row["model"]): row for row in json.loads(out)}
+    assert sorted(rows) == [("other", "gpt-4o"), ("team", "gpt-5"), ("team", "gpt-5-mini")]
+    fields = ("requests", "refused", "input_tokens", "output_tokens", "micro_usd", "estimated")
+    # gpt-5: 5 × $1.25 + 3 × $10 per million; gpt-5-mini: 11 × $0.25 + 3 × $2 (rounded up).
+    assert [rows["team", "gpt-5"][name] for name in fields] == [1, 0, 5, 3, 37, 0]
+    assert [rows["team", "gpt-5-mini"][name] for name in fields] == [1, 0, 11, 3, 9, 0]
+    assert rows["other", "gpt-4o"]["refusals"] == {"model_not_allowed": 1}
+    (day,) = rows["team", "gpt-5"]["budgets"]
+    assert (day["limit"], day["spent_micro_usd"], day["left_micro_usd"]) == (
+        "usd_per_day",
+        46,
+        5_000_000 - 46,
+    )
 
 
 async def test_relayd_prices_check_flags_unpriced_models_for_cron(ledger: Path) -> None:

@@ -233,7 +233,13 @@ def _spend_report_commands(
         choices=GROUPINGS,
         help="group by key (default), model or day; repeat for two groupings",
     )
-    usage.add_argument("--format", choices=FORMATS, default="table", dest="fmt")
+    usage.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        dest="fmt",
+        help="table (default), json (a list of rows) or csv",
+    )
     usage.add_argument(
         "--html", metavar="FILE", help="write one self-contained page with charts to FILE"
     )

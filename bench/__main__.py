@@ -168,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.tls import main as tls_main
 
         return tls_main(argv[1:])
+    if argv[:1] == ["spend"]:
+        from bench.spend import main as spend_main
+
+        return spend_main(argv[1:])
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {"workers": args.workers, "paced": not args.no_paced}
     if args.rounds:

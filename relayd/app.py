@@ -31,6 +31,8 @@ from relayd.openapi import actions_routes
 from relayd.paths import PathPolicy, path_middleware
 from relayd.routes import TABLE
 from relayd.routing import RouteTable
+from relayd.spend.control import SpendControl, SpendHooks
+from relayd.spend.prices import PriceBook
 from relayd.state import (
     BUDGET,
     HANDOUTS,
@@ -47,8 +49,6 @@ from relayd.state import (
     UPSTREAM,
 )
 from relayd.state import TABLE as TABLE_KEY
-from relayd.spend.control import SpendControl, SpendHooks
-from relayd.spend.prices import PriceBook
 from relayd.store import state_dir
 from relayd.store.ledger import LEDGER_FILE, SqliteLedger
 from relayd.tasks import spawn

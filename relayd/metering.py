@@ -35,7 +35,14 @@ from relayd.state import (
 )
 from relayd.streams.multipart import SlicedBytesPayload
 
-__all__ = ["Meter", "note_document", "open_meter", "wants_whole_body"]
+__all__ = [
+    "Meter",
+    "SessionMeter",
+    "note_document",
+    "open_meter",
+    "open_session",
+    "wants_whole_body",
+]
 
 _FINISHED: Final = frozenset({"completed", "failed", "cancelled", "incomplete"})
 _PAID: Final = frozenset({Cost.TOKENS, Cost.IMAGES, Cost.VIDEOS, Cost.GATE})
@@ -51,7 +58,7 @@ def _operation(request: web.Request, method: str, path_qs: str) -> str | None:
     """The route of the upstream call: the request's own on pass-through routes."""
     route = request.get(ROUTE)
     if route is not None and route.group not in RELAYING_GROUPS and route.method == method:
-        return route.operation_id
+        return str(route.operation_id)
     found = request.app[TABLE].match(method, path_qs.split("?", 1)[0])
     return found.operation_id if found is not None else None
 
@@ -61,10 +68,9 @@ def wants_whole_body(request: web.Request) -> bool:
     to find its model and output cap: a JSON body, not content-encoded, on a paid
     route, from a key with limits to check. Everything else streams untouched."""
     control = request.app.get(SPEND)
-    route = request.get(ROUTE)
-    if control is None or not control.enabled or route is None:
+    if control is None or not control.enabled:
         return False
-    if cost_of(route.operation_id, route.method) not in _PAID:
+    if cost_of(_operation(request, request.method, request.path), request.method) not in _PAID:
         return False
     if request.content_type != "application/json" or "Content-Encoding" in request.headers:
         return False
@@ -204,3 +210,39 @@ def _json_of(data: Any) -> tuple[Mapping[str, Any] | None, int]:
     except (ValueError, RecursionError):
         return None, len(raw)
     return (document if isinstance(document, dict) else None), len(raw)
+
+
+class SessionMeter:
+    """A realtime session under spend control: its slot is held while it lasts and
+    each ``response.done`` is priced as it passes."""
+
+    __slots__ = ("_control", "_model", "ticket")
+
+    def __init__(self, control: SpendControl, ticket: Ticket, model: str) -> None:
+        self._control = control
+        self._model = model
+        self.ticket = ticket
+
+    def response_done(self, response: Mapping[str, Any]) -> None:
+        usage = response.get("usage")
+        if isinstance(usage, Mapping):
+            model = response.get("model")
+            self._control.record_usage(
+                self.ticket, model if isinstance(model, str) else self._model, usage
+            )
+
+    def close(self) -> None:
+        self._control.release(self.ticket)
+
+
+async def open_session(request: web.Request, model: str) -> SessionMeter | None:
+    """Admit a realtime session before the upgrade (or raise its refusal, which the
+    client gets as an HTTP answer, never a 101)."""
+    control = request.app.get(SPEND)
+    if control is None or not control.enabled:
+        return None
+    route = request.get(ROUTE)
+    operation = route.operation_id if route is not None else "connectRealtime"
+    ticket = await control.admit(_key_name(request), operation, Cost.REALTIME, None, 0, model=model)
+    request[SPEND_TICKET] = ticket
+    return SessionMeter(control, ticket, model)

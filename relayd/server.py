@@ -26,7 +26,9 @@ from relayd.config import ConfigError, Settings, keyless_warning, load_settings
 from relayd.handlers.realtime import end_revoked_sessions
 from relayd.loopback import is_loopback_address, socket_label
 from relayd.preflight import bind_error
-from relayd.state import KEYRING, METRICS, POLICY, TABLE
+from relayd.spend.control import SpendControl
+from relayd.spend.prices import PriceBook, PriceTableError
+from relayd.state import KEYRING, METRICS, POLICY, SPEND, TABLE
 from relayd.systemd import Notifier, listen_sockets, watchdog_interval
 from relayd.tasks import spawn
 from relayd.tls import ServedCertificate, TLSSockSite, TLSTCPSite
@@ -205,6 +207,18 @@ def _report_ready(notifier: Notifier, status: str) -> None:
     notifier.ready(status)
 
 
+def reload_spend(control: SpendControl, fresh: Settings) -> None:
+    """SIGHUP, spend control: new limits and prices for the next admission. A price
+    file that cannot be read keeps the current prices (and says so); the backend
+    itself changes only with a restart."""
+    prices = control.prices
+    try:
+        prices = PriceBook.load(fresh)
+    except PriceTableError as exc:
+        log.error("reload: keeping the current prices: %s", exc)
+    control.reload(fresh, prices)
+
+
 def reload(
     app: web.Application, config: str | None, notifier: Notifier, tls: ServedCertificate | None
 ) -> None:
@@ -245,6 +259,7 @@ def reload(
         tuple(p.lower() for p in fresh.policy.deny),
     )
     policy.replace(fresh.policy.allow, fresh.policy.deny)
+    reload_spend(app[SPEND], fresh)
     log.info(
         "reloaded: %d relay keys (added: %s; removed: %s; changed: %s); path policy %s",
         len(after),

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from relayd.memory import BufferBudget, Lease
     from relayd.metrics import Metrics
     from relayd.paths import PathPolicy
-    from relayd.streams.websocket import WebSocketBridge
     from relayd.spend.control import SpendControl, Ticket
+    from relayd.streams.websocket import WebSocketBridge
     from relayd.upstream import Upstream
 
 __all__ = [

@@ -45,5 +45,5 @@ from relayd.config.settings import Server as Server
 from relayd.config.settings import Settings as Settings
 from relayd.config.settings import Spend as Spend
 from relayd.config.settings import Store as Store
-from relayd.config.spend_limits import KeyLimits as KeyLimits
 from relayd.config.settings import Upstream as Upstream
+from relayd.config.spend_limits import KeyLimits as KeyLimits

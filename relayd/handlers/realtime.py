@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -49,6 +50,7 @@ from relayd.handlers.realtime_policy import (
 )
 from relayd.headers import redact_secrets
 from relayd.memory import Lease, buffer_lease, share_key
+from relayd.metering import SessionMeter, open_session
 from relayd.relay import checked_path, json_body, read_json_object, relay
 from relayd.state import (
     KEY,
@@ -119,6 +121,26 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
     # aiohttp refuses a message of max_msg_size bytes or more; the setting is the
     # largest message allowed.
     limit = settings.realtime.max_message_bytes + 1
+    # Spend control: refused here, before the upgrade; the slot is held until the end.
+    session = await open_session(request, model or settings.realtime.default_model)
+    try:
+        return await _bridge(request, name, value, model, offered, limit, session)
+    finally:
+        if session is not None:
+            session.close()
+
+
+async def _bridge(
+    request: web.Request,
+    name: str,
+    value: str,
+    model: str | None,
+    offered: list[str],
+    limit: int,
+    session: SessionMeter | None,
+) -> web.StreamResponse:
+    """The bridge itself, once the session is admitted."""
+    settings = request.app[SETTINGS]
     async with request.app[UPSTREAM].ws_connect(
         f"/v1/realtime?{urlencode({name: value})}",
         headers=_upstream_headers(request, _ephemeral_secret(request, offered)),
@@ -142,7 +164,7 @@ async def bridge_realtime(request: web.Request) -> web.StreamResponse:
             timeout=CLOSE_TIMEOUT_S,
         )
         await downstream.prepare(request)
-        usage = _UsageTap()
+        usage = _UsageTap(session.response_done if session is not None else None)
         upstream_key = settings.upstream.api_key
         bridge = WebSocketBridge(
             downstream,
@@ -284,9 +306,10 @@ class _UsageTap:
     only a frame containing ``response.done`` is parsed, and none is ever re-encoded.
     """
 
-    __slots__ = ("input_tokens", "output_tokens", "responses", "total_tokens")
+    __slots__ = ("input_tokens", "on_response", "output_tokens", "responses", "total_tokens")
 
-    def __init__(self) -> None:
+    def __init__(self, on_response: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.on_response = on_response  # spend control prices each response
         self.responses = 0
         self.input_tokens = 0
         self.output_tokens = 0
@@ -309,6 +332,8 @@ class _UsageTap:
         self.input_tokens += _count(usage, "input_tokens")
         self.output_tokens += _count(usage, "output_tokens")
         self.total_tokens += _count(usage, "total_tokens")
+        if self.on_response is not None:
+            self.on_response(response)  # type: ignore[arg-type]
 
     def totals(self) -> dict[str, int]:
         return {

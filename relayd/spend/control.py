@@ -17,6 +17,7 @@ cost beyond their estimates.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -249,7 +250,7 @@ class SpendControl:
             headers["retry-after"] = str(max(1, int(resets - now)))
         return QuotaExceededError(
             f"Relay key '{key}' has spent ${spent:.6f} of its budget {name} of "
-            f"${limit:.2f} ({refusal.window}). {when}",
+            f"${limit:.6g} ({refusal.window}). {when}",
             headers={"x-should-retry": "false", **headers},
         )
 
@@ -297,6 +298,7 @@ class SpendControl:
         if ticket.reservation is not None:
             self._live.tickets.pop(ticket.reservation, None)
         event, tokens = self._event(ticket, outcome, model, usage)
+        tokens -= ticket.estimate.input_tokens + ticket.estimate.output_tokens  # tpm's correction
         self.hooks.spent(ticket.key, event.model, event.micro_usd)
         self._track(
             spawn(
@@ -327,7 +329,7 @@ class SpendControl:
         event = _event_of(
             now, ticket.key, model, ticket.operation, "ok", tokens, micro or 0, micro is None
         )
-        event = Event(**{**_as_dict(event), "windows": ticket.windows})
+        event = dataclasses.replace(event, windows=ticket.windows)
         self.hooks.spent(ticket.key, model, event.micro_usd)
         self._write(event)
 
@@ -371,7 +373,7 @@ class SpendControl:
         windows = tuple(w.name for w in windows_at(now, self.settings.spend.timezone))
         tokens, micro = charge(self.prices, Cost.TOKENS, model, usage, None)
         event = _event_of(now, key, model, "createResponse", "ok", tokens, micro or 0, False)
-        event = Event(**{**_as_dict(event), "windows": windows})
+        event = dataclasses.replace(event, windows=windows)
         assert self.ledger is not None
 
         async def settle() -> None:
@@ -405,7 +407,7 @@ class SpendControl:
         event = _event_of(
             now, ticket.key, model, ticket.operation, outcome, tokens, micro or 0, estimated
         )
-        return Event(**{**_as_dict(event), "windows": ticket.windows}), tokens.input + tokens.output
+        return dataclasses.replace(event, windows=ticket.windows), tokens.input + tokens.output
 
     async def _settle(
         self, event: Event | None, reservation: str | None, hit: int | None, tokens: int
@@ -521,7 +523,3 @@ def _event_of(
         micro_usd=micro,
         estimated=estimated,
     )
-
-
-def _as_dict(event: Event) -> dict[str, Any]:
-    return {name: getattr(event, name) for name in Event.__dataclass_fields__}

@@ -1,0 +1,228 @@
+"""``python -m bench spend``: what spend control costs (issue 15).
+
+One run, loopback, two relayd processes in front of the same fake upstream:
+
+- ``limits off``: ``[spend] backend = "off"`` (nothing metered, nothing written);
+- ``limits on``: the SQLite ledger, and the bench key with ``rpm``, ``tpm`` and a
+  dollar budget (``usd_per_day``) set high enough never to refuse, so every request
+  pays for the body read, one admission and one settlement.
+
+Scenarios, interleaved round by round: 2,000 sequential small JSON requests on one
+connection (latency p50/p99, and the difference on minus off), and 64 connections
+posting for 5 s (req/s). Then the ledger alone: admit+settle pairs per second from
+one process, and from two processes at once on the same file (as two workers do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.procs import Server, free_port, start_server
+from bench.scenarios import Plan, latency, throughput
+from bench.stack import FAKE_COMMON, REPO, Target, _relayd_env
+from bench.workers import LoadPool, raise_fd_limit
+from relayd.store.ledger import Admission, Event, SqliteLedger
+
+__all__ = ["main"]
+
+TARGETS = ("limits off", "limits on")
+RELAY_KEY = "bench-spend-" + "0" * 20
+LIMITS = """
+[spend.keys.bench]
+rpm = 100000000
+tpm = 100000000000
+usd_per_day = 100000.0
+"""
+
+
+def _start(tmp: Path) -> tuple[list[Server], dict[str, Target]]:
+    servers: list[Server] = []
+
+    def spawn(name: str, argv: list[str], port: int, env: dict[str, str] | None = None) -> Server:
+        server = start_server(name, argv, port=port, log=tmp / f"{name}.log", env=env, cwd=REPO)
+        servers.append(server)
+        return server
+
+    fake_port = free_port()
+    spawn(
+        "fake",
+        [sys.executable, "-m", "tests.fakes.openai", "--port", str(fake_port), *FAKE_COMMON],
+        fake_port,
+    )
+    auth = {"Authorization": f"Bearer {RELAY_KEY}"}
+    targets: dict[str, Target] = {}
+    config = tmp / "relayd.toml"
+    config.write_text(LIMITS)
+    for name, extra in (
+        ("limits off", {"RELAYD_SPEND_BACKEND": "off"}),
+        ("limits on", {"RELAYD_CONFIG": str(config)}),
+    ):
+        port = free_port()
+        env = _relayd_env(fake_port, port, RELAY_KEY, "info")
+        state = tmp / name.replace(" ", "-")
+        state.mkdir()
+        env.update(RELAYD_STATE_DIR=str(state), **extra)
+        server = spawn(name, [sys.executable, "-m", "relayd", "serve"], port, env)
+        targets[name] = Target(name, f"http://127.0.0.1:{port}", auth, server)
+    for server in servers:
+        server.wait_ready()
+    return servers, targets
+
+
+async def _pairs(path: str, count: int, worker: int) -> float:
+    """``count`` admit+settle pairs, one after the other; seconds taken."""
+    ledger = SqliteLedger(Path(path))
+    started = time.perf_counter()
+    for n in range(count):
+        now = time.time()
+        admission = Admission(
+            key=f"bench{worker}",
+            reservation=f"r{worker}-{n}",
+            model="gpt-5",
+            operation="createResponse",
+            now=now,
+            expires=now + 900,
+            rpm=10**9,
+            tpm=10**12,
+            max_parallel=64,
+            budgets=(("day:bench", 10**12), ("total", 10**12)),
+            micro_usd=49,
+            input_tokens=15,
+            output_tokens=3,
+            windows=("day:bench", "total"),
+        )
+        hit = await ledger.admit(admission, hold=True)
+        assert isinstance(hit, int), hit
+        event = Event(
+            at=now,
+            key=admission.key,
+            model="gpt-5",
+            operation="createResponse",
+            outcome="ok",
+            input_tokens=11,
+            output_tokens=3,
+            micro_usd=44,
+            windows=admission.windows,
+        )
+        await ledger.settle(event, reservation=admission.reservation, hit=hit, tokens=-4)
+    elapsed = time.perf_counter() - started
+    await ledger.close()
+    return elapsed
+
+
+def _pairs_in_process(args: tuple[str, int, int]) -> float:
+    return asyncio.run(_pairs(*args))
+
+
+def ledger_rate(tmp: Path, count: int, processes: int) -> float:
+    """Admit+settle pairs per second over ``processes`` processes on one file."""
+    path = tmp / f"ledger-{processes}.sqlite3"
+    SqliteLedger.migrate(path)
+    jobs = [(str(path), count, worker) for worker in range(processes)]
+    if processes == 1:
+        return count / _pairs_in_process(jobs[0])
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        started = time.perf_counter()
+        pool.map(_pairs_in_process, jobs)
+        elapsed = time.perf_counter() - started
+    return count * processes / elapsed
+
+
+def _median(values: list[Any]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _cell(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench spend", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 round, small sizes")
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    plan = (
+        Plan(rounds=1, latency_n=300, throughput_s=1.5)
+        if args.quick
+        else Plan(rounds=args.rounds)
+    )
+    pairs = 500 if args.quick else 5000
+    figures: dict[str, list[dict[str, Any]]] = {name: [] for name in TARGETS}
+    added: list[tuple[float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="relayd-bench-spend-") as name:
+        tmp = Path(name)
+        servers, targets = _start(tmp)
+        pool = LoadPool(1)
+        try:
+            for round_ in range(plan.rounds):
+                order = TARGETS if round_ % 2 == 0 else TARGETS[::-1]
+                this: dict[str, dict[str, Any]] = {}
+                for target in order:
+                    print(f"round {round_ + 1}: {target}", file=sys.stderr, flush=True)
+                    this[target] = {
+                        **latency(pool, targets[target], plan),
+                        **throughput(pool, targets[target], plan),
+                    }
+                    figures[target].append(this[target])
+                on, off = this["limits on"], this["limits off"]
+                added.append(
+                    (on["lat_p50_ms"] - off["lat_p50_ms"], on["lat_p99_ms"] - off["lat_p99_ms"])
+                )
+        finally:
+            pool.close()
+            for server in reversed(servers):
+                server.stop()
+        print("ledger: admit+settle pairs", file=sys.stderr, flush=True)
+        one = ledger_rate(tmp, pairs, 1)
+        two = ledger_rate(tmp, pairs, 2)
+    print(_table(figures, added, plan, one, two))
+    return 0
+
+
+def _table(
+    figures: dict[str, list[dict[str, Any]]],
+    added: list[tuple[float, float]],
+    plan: Plan,
+    one: float,
+    two: float,
+) -> str:
+    rows = [
+        ("1 conn: latency p50 ms", "lat_p50_ms", 3),
+        ("1 conn: latency p99 ms", "lat_p99_ms", 3),
+        ("64 conns: small JSON req/s", "rps", 0),
+        ("64 conns: p99 ms", "rps_p99_ms", 1),
+    ]
+    lines = [
+        f"medians of {plan.rounds} round(s); limits on: rpm, tpm and usd_per_day on the key",
+        "",
+        "| | " + " | ".join(TARGETS) + " | on / off |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, key, digits in rows:
+        values = {t: _median([f[key] for f in figures[t]]) for t in TARGETS}
+        off, on = values["limits off"], values["limits on"]
+        ratio = on / off if on is not None and off else None
+        lines.append(f"| {label} | {_cell(off, digits)} | {_cell(on, digits)} | {_cell(ratio)} |")
+    p50 = _median([a for a, _ in added])
+    p99 = _median([b for _, b in added])
+    lines += [
+        "",
+        f"added latency at 1 connection (on − off, same round): p50 {_cell(p50, 3)} ms, "
+        f"p99 {_cell(p99, 3)} ms (goal: p50 ≤ +0.15 ms)",
+        f"ledger alone: {one:,.0f} admit+settle pairs/s from one process, "
+        f"{two:,.0f} from two processes on one file",
+    ]
+    errors = {t: [f["errors"] for f in figures[t] if f["errors"]] for t in TARGETS}
+    lines.append(f"errors: {errors if any(errors.values()) else 'none'}")
+    return "\n".join(lines)

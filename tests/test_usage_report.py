@@ -28,10 +28,10 @@ from relayd.config import Settings, updated
 from relayd.config.spend_limits import KeyLimits
 from relayd.spend import report
 from relayd.spend.prices import PriceBook
-from relayd.spend.usage_page import PALETTE
+from relayd.spend.usage_page import PALETTE, page
 from relayd.spend.windows import windows_at
 from relayd.store.ledger import Event, SqliteLedger
-from relayd.store.usage_rows import ledger_path, usage_cells, usage_span
+from relayd.store.usage_rows import UsageCell, ledger_path, usage_cells, usage_span
 from tests.conftest import OTHER_KEY, RELAY_KEY, RelayFactory
 
 
@@ -422,6 +422,20 @@ def test_the_page_is_self_contained_and_escapes_every_name(page_file: Path) -> N
         assert fetch not in text.replace("&lt;img src=", ""), fetch
     assert text.count("<svg") == 2
     assert ">alice (" in text and ">bob (" in text  # the legend names the keys
+
+
+def test_keys_beyond_the_palette_share_one_band_named_in_the_legend() -> None:
+    cells = [
+        UsageCell("2026-12-01", f"key{n:02d}", "gpt-5", "ok", "", 1, 0, 0, 0, 0, 0, 0, 0, 1000 * n)
+        for n in range(1, 13)
+    ]
+    window = report.Window(None, None, ZoneInfo("UTC"), "UTC")
+    text = page(cells, window, PriceBook([]), {}, generated=at("2026-12-02T00:00"))
+    legend = text[text.index('<ul class="legend">') : text.index("</ul>")]
+    named = [f"key{n:02d}" for n in range(12, 4, -1)]  # the eight biggest spenders
+    assert [name for name in named if f"</span>{name} (" in legend] == named
+    assert "key04 (" not in legend
+    assert "</span>other keys ($0.0100)" in legend  # keys 1 to 4: 1+2+3+4 thousand
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -9,6 +9,7 @@ that its refusals share the shape.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -50,11 +51,13 @@ from relayd.state import (
 )
 from relayd.state import TABLE as TABLE_KEY
 from relayd.store import state_dir
-from relayd.store.ledger import LEDGER_FILE, SqliteLedger
+from relayd.store.ledger import LEDGER_FILE, LedgerUnavailableError, SqliteLedger
 from relayd.tasks import spawn
 from relayd.upstream import Upstream
 
 __all__ = ["create_app", "load_tools"]
+
+log = logging.getLogger("relayd.spend")
 
 
 def load_tools(path: str | None) -> dict[str, dict[str, Any]]:
@@ -108,6 +111,11 @@ async def _spend_ctx(app: web.Application) -> AsyncIterator[None]:
     """Keep live reservations extended and expire dead ones; at the end, write every
     settlement still scheduled before the ledger closes."""
     control = app[SPEND]
+    if control.ledger is not None:
+        try:
+            await control.ledger.open()
+        except LedgerUnavailableError as exc:
+            log.error("spend ledger unavailable at start (retried on first use): %s", exc)
     upkeep = spawn(control.run_upkeep(), name="relayd.spend.upkeep") if control.enabled else None
     try:
         yield

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Mapping
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from relayd.spend.control import SpendControl, Ticket
 from relayd.spend.costs import RELAYING_GROUPS, Cost, cost_of
@@ -34,6 +35,7 @@ from relayd.state import (
     USAGE_TAP,
 )
 from relayd.streams.multipart import SlicedBytesPayload
+from relayd.tasks import spawn
 
 __all__ = [
     "Meter",
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 _FINISHED: Final = frozenset({"completed", "failed", "cancelled", "incomplete"})
+_CREATE: Final = b"response.create"
 _PAID: Final = frozenset({Cost.TOKENS, Cost.IMAGES, Cost.VIDEOS, Cost.GATE})
 ANONYMOUS: Final = "-"  # the key name of requests on a keyless relay
 
@@ -213,15 +216,19 @@ def _json_of(data: Any) -> tuple[Mapping[str, Any] | None, int]:
 
 
 class SessionMeter:
-    """A realtime session under spend control: its slot is held while it lasts and
-    each ``response.done`` is priced as it passes."""
+    """A realtime session under spend control: its slot is held while it lasts,
+    each ``response.done`` is priced as it passes, and once the key's budget is
+    spent the session's gate is armed: a client ``response.create`` is then answered
+    with an ``error`` event and not forwarded (the bridge's FrameGate)."""
 
-    __slots__ = ("_control", "_model", "ticket")
+    __slots__ = ("_checking", "_control", "_model", "armed", "ticket")
 
     def __init__(self, control: SpendControl, ticket: Ticket, model: str) -> None:
         self._control = control
         self._model = model
         self.ticket = ticket
+        self.armed = False
+        self._checking: asyncio.Task[None] | None = None
 
     def response_done(self, response: Mapping[str, Any]) -> None:
         usage = response.get("usage")
@@ -230,6 +237,36 @@ class SessionMeter:
             self._control.record_usage(
                 self.ticket, model if isinstance(model, str) else self._model, usage
             )
+            if self._control.limits(self.ticket.key).budgets and self._checking is None:
+                self._checking = spawn(self._check(), name="relayd.spend.realtime_budget")
+
+    async def _check(self) -> None:
+        try:
+            await self._control.flushed()
+            self.armed = await self._control.over_budget(self.ticket.key)
+        finally:
+            self._checking = None
+
+    def __call__(self, kind: WSMsgType, data: bytes) -> bytes | None:
+        """The gate, armed once the budget is spent: a ``response.create`` is refused."""
+        if kind is not WSMsgType.TEXT or _CREATE not in data:
+            return None
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(event, dict) or event.get("type") != "response.create":
+            return None
+        error = {
+            "type": "insufficient_quota",
+            "code": "insufficient_quota",
+            "message": f"Relay key '{self.ticket.key}' has spent its budget; this response "
+            "was not started. See the relay's usage report for when the budget resets.",
+            "param": None,
+            "event_id": event.get("event_id"),
+        }
+        answer = {"type": "error", "event_id": "event_relay_" + os.urandom(8).hex(), "error": error}
+        return json.dumps(answer).encode()
 
     def close(self) -> None:
         self._control.release(self.ticket)

@@ -263,6 +263,7 @@ async def test_day_budget_resets_at_midnight_in_the_configured_zone(
     control: SpendControl = relay.app[SPEND]
     control.clock = lambda: now[0]
     assert (await relay.post("/v1/responses", json=ask(), headers=AUTH)).status == 200
+    await control.drain()
     refused = await relay.post("/v1/responses", json=ask(), headers=AUTH)
     assert refused.status == 429
     message = (await refused.json())["error"]["message"]
@@ -430,3 +431,88 @@ async def test_realtime_over_budget_is_refused_before_the_upgrade(
     body = await response.json()
     assert body["error"]["code"] == "insufficient_quota"
     assert response.headers["x-should-retry"] == "false"
+
+
+async def test_chat_streams_settle_their_usage_when_asked_else_the_estimate_flagged(
+    relay_factory: RelayFactory,
+) -> None:
+    # relayd never changes a client's stream_options (docs/spend.md#chat-streams).
+    relay = await relay_factory(spend=spend(usd_total=1_000_000))
+    chat = {"model": "gpt-5", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    asked = {**chat, "stream_options": {"include_usage": True}, "max_completion_tokens": 9}
+    for body in (asked, {**chat, "max_completion_tokens": 9}):
+        answer = await relay.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert answer.status == 200
+        text = (await answer.read()).decode()
+        assert ('"usage"' in text) is (body is asked)  # the client's bytes, unchanged
+    rows = await ledger_rows(
+        relay, "SELECT input_tokens, output_tokens, estimated FROM events ORDER BY id"
+    )
+    assert rows[0] == (5, 3, 0)  # priced from the usage chunk
+    assert rows[1][1:] == (9, 1)  # its own output cap, flagged as an estimate
+
+
+async def test_tpm_counts_estimates_then_actual_tokens(relay_factory: RelayFactory) -> None:
+    # Estimated 18 tokens (15 in, 3 out) fit 20; it used 14; 14 + 18 does not fit.
+    relay = await relay_factory(spend=spend(tpm=20))
+    assert (await relay.post("/v1/responses", json=ask(), headers=AUTH)).status == 200
+    await relay.app[SPEND].drain()
+    refused = await relay.post("/v1/responses", json=ask(), headers=AUTH)
+    assert refused.status == 429
+    assert refused.headers["x-relay-ratelimit-limit-tokens"] == "20"
+    assert "tpm" in (await refused.json())["error"]["message"]
+
+
+async def test_a_background_answer_of_a_key_without_limits_is_recorded_when_polled(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(actions={"poll_interval_s": 0.05})
+    answer = await relay.post(
+        "/v1/actions/responses", json={"input": "hi", "model": "gpt-5"}, headers=AUTH
+    )
+    assert (await answer.json())["status"] == "completed"
+    await wait_no_reservations(relay)
+    rows = await ledger_rows(relay, "SELECT key, operation, micro_usd FROM events")
+    assert rows == [("team", "createResponse", FAKE_ANSWER_MICRO)]
+
+
+async def test_images_without_usage_are_charged_their_flat_price(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(spend=spend(usd_total=1_000_000))
+    body = {"model": "dall-e-3", "prompt": "a cat", "n": 2, "size": "1024x1024"}
+    answer = await relay.post("/v1/images/generations", json=body, headers=AUTH)
+    assert answer.status == 200
+    rows = await ledger_rows(relay, "SELECT operation, micro_usd, estimated FROM events")
+    assert rows == [("createImage", 2 * 40_000, 0)]  # dall-e-3, 1024x1024: $0.04 each
+
+
+async def test_realtime_response_create_is_refused_mid_session_once_over_budget(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(spend=spend(usd_total=REALTIME_MICRO))
+    async with relay.ws_connect(REALTIME, headers=AUTH) as ws:
+        await _one_response(ws)  # spends the whole budget
+        refused = None
+        async with asyncio.timeout(5):
+            while refused is None:  # the gate arms once the spend is written
+                await ws.send_str(json.dumps({"type": "response.create", "event_id": "e9"}))
+                while True:
+                    event = json.loads((await ws.receive()).data)
+                    if event["type"] == "error":
+                        refused = event
+                        break
+                    if event["type"] == "response.done":
+                        break
+        # Audio and other events still pass both ways; only response.create is held.
+        await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA"}))
+    assert refused["error"]["code"] == "insufficient_quota"
+    assert refused["error"]["event_id"] == "e9"
+    sent = [json.loads(data) for _, data in fake.realtime.last().frames]
+    creates = [e for e in sent if e.get("type") == "response.create"]
+    done = await ledger_rows(relay, "SELECT count(*) FROM events WHERE outcome = 'ok'")
+    assert len(creates) == done[0][0]  # the refused one never reached upstream
+    async with asyncio.timeout(3):
+        while not any(e.get("type") == "input_audio_buffer.append" for e in sent):
+            await asyncio.sleep(0.02)
+            sent = [json.loads(data) for _, data in fake.realtime.last().frames]

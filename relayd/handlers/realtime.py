@@ -176,6 +176,7 @@ async def _bridge(
             reason_filter=lambda reason: _redacted(reason, upstream_key),
             max_message_bytes=limit,
             hold=_memory_hold(buffer_lease(request)),
+            gate=session,  # spend control: response.create refused once over budget
         )
         bridges = request.app[REALTIME_BRIDGES]
         metrics = request.app[METRICS]

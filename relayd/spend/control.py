@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -39,7 +40,7 @@ from relayd.errors import (
 from relayd.spend.costs import Cost
 from relayd.spend.estimate import Estimate, charge, estimate
 from relayd.spend.prices import PriceBook, Tokens
-from relayd.spend.windows import windows_at
+from relayd.spend.windows import Window, windows_at
 from relayd.store.ledger import Admission, Event, Ledger, LedgerUnavailableError, Refusal
 from relayd.tasks import spawn
 
@@ -50,6 +51,8 @@ log = logging.getLogger("relayd.spend")
 # Usage kept while the ledger is away (on_backend_error = "open"); past it the
 # oldest events are dropped, and said so.
 SPOOL_MAX: Final = 100_000
+# The request fields settlement reads (flat prices, background responses).
+_KEPT: Final = ("model", "n", "size", "quality", "seconds", "background")
 
 
 @dataclass(slots=True)
@@ -103,7 +106,8 @@ class SpendControl:
         self._live = _Live()
         # Settlements waiting for the ledger: (event, reservation, hit, tokens).
         self._spool: list[_Pending] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._windows: tuple[float, str, tuple[Window, Window, Window]] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -112,6 +116,18 @@ class SpendControl:
     def reload(self, settings: Settings, prices: PriceBook) -> None:
         """SIGHUP: new limits and prices apply to the next admission."""
         self.settings, self.prices = settings, prices
+
+    def windows(self, now: float) -> tuple[Window, Window, Window]:
+        """The budget windows ``now`` falls in, worked out once per day."""
+        zone = self.settings.spend.timezone
+        cached = self._windows
+        if cached is not None and cached[1] == zone:
+            day = cached[2][0]
+            if day.resets_at is not None and now < day.resets_at and now >= cached[0]:
+                return cached[2]
+        found = windows_at(now, zone)
+        self._windows = (now, zone, found)
+        return found
 
     def limits(self, key: str) -> KeyLimits:
         return self.settings.spend.limits_for(key)
@@ -137,9 +153,11 @@ class SpendControl:
             if cost is Cost.REALTIME:
                 guess = Estimate(model, 0, 0, 0 if self.prices.knows(model) else None)
         now = self.clock()
-        day, month, total = windows_at(now, spend.timezone)
+        day, month, total = self.windows(now)
         windows = (day.name, month.name, total.name)
-        ticket = Ticket(key, operation, cost, guess, windows, request=body)
+        # Only what settlement reads is kept, not the whole (possibly large) body.
+        kept = {name: body[name] for name in _KEPT if name in body} if body else None
+        ticket = Ticket(key, operation, cost, guess, windows, request=kept)
         if not limits.allows(guess.model):
             self._refuse_event(ticket, now, "model_not_allowed")
             shown = guess.model or "(a request whose model relayd cannot read)"
@@ -300,12 +318,7 @@ class SpendControl:
         event, tokens = self._event(ticket, outcome, model, usage)
         tokens -= ticket.estimate.input_tokens + ticket.estimate.output_tokens  # tpm's correction
         self.hooks.spent(ticket.key, event.model, event.micro_usd)
-        self._track(
-            spawn(
-                self._settle(event, ticket.reservation, ticket.hit, tokens),
-                name="relayd.spend.settle",
-            )
-        )
+        self._settle((event, ticket.reservation, ticket.hit, tokens))
 
     def release(self, ticket: Ticket) -> None:
         """End ``ticket`` recording nothing more (a realtime session whose responses
@@ -316,11 +329,7 @@ class SpendControl:
         if ticket.reservation is None:
             return
         self._live.tickets.pop(ticket.reservation, None)
-        self._track(
-            spawn(
-                self._settle(None, ticket.reservation, ticket.hit, 0), name="relayd.spend.release"
-            )
-        )
+        self._settle((None, ticket.reservation, ticket.hit, 0))
 
     def record_usage(self, ticket: Ticket, model: str, usage: Mapping[str, Any]) -> None:
         """One priced answer inside a longer session (realtime ``response.done``)."""
@@ -332,6 +341,12 @@ class SpendControl:
         event = dataclasses.replace(event, windows=ticket.windows)
         self.hooks.spent(ticket.key, model, event.micro_usd)
         self._write(event)
+
+    async def flushed(self) -> None:
+        """Wait until every ledger write this process scheduled so far is done."""
+        pending = list(self._tasks)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def over_budget(self, key: str) -> bool:
         """Whether ``key`` has spent a whole budget (a realtime session asks before
@@ -353,14 +368,24 @@ class SpendControl:
             return
         ticket.done = True
         ticket.carried = ref
-        if ticket.reservation is None:
-            return  # nothing held: the poll that sees it end records it
-        self._live.tickets.pop(ticket.reservation, None)
-        assert self.ledger is not None
-        expires = self.clock() + self.settings.spend.reservation_ttl_s
+        if ticket.reservation is not None:
+            self._live.tickets.pop(ticket.reservation, None)
+        if self.ledger is None:
+            return
+        now = self.clock()
+        expires = now + self.settings.spend.reservation_ttl_s
+        held = Admission(
+            key=ticket.key,
+            reservation=ticket.reservation or os.urandom(9).hex(),
+            model=ticket.estimate.model,
+            operation=ticket.operation,
+            now=now,
+            expires=expires,
+            windows=ticket.windows,
+        )
         self._track(
             spawn(
-                self._quietly(self.ledger.carry(ticket.reservation, ref, expires)),
+                self._quietly(self.ledger.carry(held.reservation, ref, expires, held)),
                 name="relayd.spend.carry",
             )
         )
@@ -409,20 +434,25 @@ class SpendControl:
         )
         return dataclasses.replace(event, windows=ticket.windows), tokens.input + tokens.output
 
-    async def _settle(
-        self, event: Event | None, reservation: str | None, hit: int | None, tokens: int
-    ) -> None:
+    def _settle(self, pending: _Pending) -> None:
+        """Hand one settlement to the ledger (no task: the ledger's future says how it
+        went), spooling it if the ledger is away."""
         if self.ledger is None:
             return
-        try:
-            settled = await self.ledger.settle(
-                event, reservation=reservation, hit=hit, tokens=tokens
-            )
-        except LedgerUnavailableError as exc:
-            log.warning("spend ledger unavailable, usage spooled until it returns: %s", exc)
-            self._spool_event((event, reservation, hit, tokens))
+        event, reservation, hit, tokens = pending
+        written = self.ledger.settle(event, reservation=reservation, hit=hit, tokens=tokens)
+        self._tasks.add(written)
+        written.add_done_callback(functools.partial(self._settled, pending))
+
+    def _settled(self, pending: _Pending, written: asyncio.Future[bool]) -> None:
+        self._tasks.discard(written)
+        event = pending[0]
+        if written.cancelled():
             return
-        if not settled and event is not None:
+        if (exc := written.exception()) is not None:
+            log.warning("spend ledger unavailable, usage spooled until it returns: %s", exc)
+            self._spool_event(pending)
+        elif not written.result() and event is not None:
             log.warning(
                 "a reservation of relay key %s expired before its request settled; it was "
                 "charged at its estimate",
@@ -454,7 +484,7 @@ class SpendControl:
         except LedgerUnavailableError as exc:
             log.warning("spend ledger unavailable: %s", exc)
 
-    def _track(self, task: asyncio.Task[Any]) -> None:
+    def _track(self, task: asyncio.Future[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,9 @@ WINDOW_S: Final = 60  # the rpm/tpm window, seconds
 # How long an admission on the event loop waits for another writer before it moves
 # to the ledger's thread (which waits up to [store] busy_timeout).
 QUICK_BUSY_S: Final = 0.005
+# Commits on the loop between two checkpoints (in the thread): about 1,000 WAL
+# pages, SQLite's own default.
+CHECKPOINT_EVERY: Final = 200
 
 MIGRATIONS: Final = (
     """
@@ -94,7 +98,6 @@ MIGRATIONS: Final = (
       ref TEXT
     );
     CREATE INDEX reservations_key ON reservations (key, expires);
-    CREATE INDEX reservations_expires ON reservations (expires);
     CREATE INDEX reservations_ref ON reservations (ref) WHERE ref IS NOT NULL;
     -- Admissions per key and second of the last minute, for rpm and tpm (tokens:
     -- estimated at admission, corrected at settlement). At most 60 rows per key.
@@ -109,6 +112,7 @@ MIGRATIONS: Final = (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("relayd.spend")
 _Settlement = tuple["Event | None", str | None, int | None, int]
 
 
@@ -176,6 +180,7 @@ class _Queued:
 
     admission: Admission | None = None
     hold: bool = False
+    prune: bool = True
     settlement: _Settlement | None = None
     done: asyncio.Future[object] | None = None
 
@@ -183,15 +188,15 @@ class _Queued:
 class Ledger(Protocol):
     """The operations spend control needs from a backend; each is atomic."""
 
-    async def admit(self, admission: Admission, *, hold: bool) -> Refusal | int | None:
+    def admit(self, admission: Admission, *, hold: bool) -> Awaitable[Refusal | int | None]:
         """Check and hold, or refuse: a :class:`Refusal`, else the second its rpm/tpm
         hit was counted in (None when the key has no rpm/tpm). ``hold=False`` checks nothing and
         holds nothing beyond the rpm/tpm hit."""
         ...
 
-    async def settle(
+    def settle(
         self, event: Event | None, *, reservation: str | None, hit: int | None, tokens: int
-    ) -> bool:
+    ) -> asyncio.Future[bool]:
         """Record ``event`` (None: nothing to record, only release), add its money to
         its windows, correct its rpm/tpm ``hit`` by ``tokens`` (actual minus
         estimate) and drop the reservation; False (and nothing recorded) if the
@@ -204,8 +209,10 @@ class Ledger(Protocol):
 
     async def extend(self, reservations: Sequence[str], expires: float) -> None: ...
 
-    async def carry(self, reservation: str, ref: str, expires: float) -> None:
-        """Keep a reservation past its request under ``ref`` (an upstream id)."""
+    async def carry(self, reservation: str, ref: str, expires: float, held: Admission) -> None:
+        """Keep a reservation past its request under ``ref`` (an upstream id); one
+        that was never held (a key without limits) is made now, holding nothing,
+        from ``held``, so the poll that sees the end still records it."""
         ...
 
     async def settle_ref(self, ref: str, event: Event, tokens_now: float) -> bool:
@@ -217,6 +224,11 @@ class Ledger(Protocol):
         ...
 
     async def spent(self, key: str, windows: Sequence[str]) -> dict[str, int]: ...
+
+    async def open(self) -> None:
+        """Create or migrate the ledger and connect (at start; an error is logged
+        and the ledger is tried again on first use)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -239,6 +251,9 @@ class SqliteLedger:
         self._observe = observe
         self._queue: list[_Queued] = []  # waiting for the commit at the end of this turn
         self._commit_scheduled = False
+        self._commits = 0
+        self._pruned: dict[str, int] = {}  # key -> the second its old hits were pruned
+        self._checkpointing: asyncio.Task[None] | None = None
         self._threaded: set[asyncio.Task[None]] = set()  # batches the thread commits
 
     @classmethod
@@ -285,44 +300,56 @@ class SqliteLedger:
                 self._quick = None
 
     async def close(self) -> None:
-        while self._queue or self._threaded:
-            await asyncio.gather(*self._threaded, return_exceptions=True)
+        while self._queue or self._threaded or self._checkpointing:
+            await asyncio.gather(
+                *self._threaded, *filter(None, [self._checkpointing]), return_exceptions=True
+            )
             await asyncio.sleep(0)  # the commit scheduled for this turn
         self._drop_quick()
         await asyncio.get_running_loop().run_in_executor(self._pool, self._drop)
         self._pool.shutdown(wait=True)
 
-    async def admit(self, admission: Admission, *, hold: bool) -> Refusal | int | None:
-        verdict = await self._queued(_Queued(admission=admission, hold=hold))
-        assert verdict is None or isinstance(verdict, Refusal | int)
-        return verdict
+    def admit(self, admission: Admission, *, hold: bool) -> asyncio.Future[Refusal | int | None]:
+        # Hits older than the window are pruned once a second per key, not per request.
+        second = int(admission.now)
+        prune = self._pruned.get(admission.key) != second
+        if prune:
+            self._pruned[admission.key] = second
+        queued = _Queued(admission=admission, hold=hold, prune=prune)
+        return self._queued(queued)  # type: ignore[return-value]
 
-    async def settle(
+    def settle(
         self, event: Event | None, *, reservation: str | None, hit: int | None, tokens: int
-    ) -> bool:
-        return bool(await self._queued(_Queued(settlement=(event, reservation, hit, tokens))))
+    ) -> asyncio.Future[bool]:
+        return self._queued(_Queued(settlement=(event, reservation, hit, tokens)))  # type: ignore[return-value]
 
     # Group commit: admissions and settlements queued during one turn of the event
     # loop are written in one transaction at the end of it, on the loop's own
-    # connection with a busy timeout of a few milliseconds (a thread hop costs more
-    # than the transaction, about 0.1 ms). Under load many requests share one
-    # commit; alone, a request pays for one. If another writer holds the lock
-    # longer, the batch moves to the ledger's thread, which waits up to [store]
-    # busy_timeout; either way the batch stays in order.
+    # connection with a busy timeout of a few milliseconds (a thread hop
+    # costs more than the transaction, about 0.1 ms). Under load many requests
+    # share one commit; alone, a request pays for one. If another writer holds the
+    # lock longer, the batch moves to the ledger's thread, which waits up to
+    # [store] busy_timeout; either way the batch stays in order.
 
-    async def _queued(self, operation: _Queued) -> object:
+    def _queued(self, operation: _Queued) -> asyncio.Future[object]:
+        """Queue ``operation`` for the commit at the end of this turn of the loop;
+        its future has the result. A settlement is queued once its answer has gone
+        to the client, so its commit runs while the client reads."""
         loop = asyncio.get_running_loop()
-        operation.done = loop.create_future()
+        operation.done = done = loop.create_future()
         self._queue.append(operation)
         if not self._commit_scheduled:
             self._commit_scheduled = True
             loop.call_soon(self._commit)
-        return await operation.done
+        return done
 
     def _commit(self) -> None:
         self._commit_scheduled = False
         batch, self._queue = self._queue, []
         if not batch:
+            return
+        if self._threaded:  # an earlier batch is still in the thread: stay in order
+            self._track(spawn(self._commit_in_thread(batch), name="relayd.ledger.commit"))
             return
         started = time.perf_counter()
         try:
@@ -334,6 +361,11 @@ class SqliteLedger:
         if self._observe is not None:
             self._observe("commit", time.perf_counter() - started)
         _resolve(batch, results)
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY == 0 and self._checkpointing is None:
+            # Not a batch: loop commits go on meanwhile (a passive checkpoint never
+            # takes the write lock).
+            self._checkpointing = spawn(self._checkpoint(), name="relayd.ledger.checkpoint")
 
     async def _commit_in_thread(self, batch: list[_Queued]) -> None:
         try:
@@ -353,13 +385,48 @@ class SqliteLedger:
                 self.path, timeout=QUICK_BUSY_S, isolation_level=None, check_same_thread=False
             )
             self._quick.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints copy the log into the database and sync it: the thread
+            # does them (_checkpoint), never the loop.
+            self._quick.execute("PRAGMA wal_autocheckpoint=0")
         return self._quick
+
+    async def _checkpoint(self) -> None:
+        try:
+            await self._run_bare("checkpoint", "PRAGMA wal_checkpoint(PASSIVE)")
+        except LedgerUnavailableError as exc:
+            log.warning("spend ledger checkpoint failed: %s", exc)
+        finally:
+            self._checkpointing = None
+
+    async def _run_bare(self, name: str, sql: str) -> None:
+        """One statement outside any transaction, in the ledger's thread."""
+
+        def call() -> None:
+            started = time.perf_counter()
+            try:
+                self._connection().execute(sql)
+            except sqlite3.Error as exc:
+                self._drop()
+                raise LedgerUnavailableError(f"the spend ledger {self.path}: {exc}") from exc
+            finally:
+                if self._observe is not None:
+                    self._observe(name, time.perf_counter() - started)
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._threaded.add(task)
         task.add_done_callback(self._threaded.discard)
 
     # -------------------------------------------------------------- operations
+
+    async def open(self) -> None:
+        await self._run("open", lambda db: None)  # migrates, in the thread
+        try:
+            self._quick_connection()
+        except sqlite3.Error as exc:
+            self._drop_quick()
+            raise LedgerUnavailableError(f"the spend ledger {self.path}: {exc}") from exc
 
     async def record(self, events: Sequence[Event]) -> None:
         def work(db: sqlite3.Connection) -> None:
@@ -377,12 +444,22 @@ class SqliteLedger:
 
         await self._run("extend", work)
 
-    async def carry(self, reservation: str, ref: str, expires: float) -> None:
+    async def carry(self, reservation: str, ref: str, expires: float, held: Admission) -> None:
         await self._run(
             "carry",
             lambda db: db.execute(
-                "UPDATE reservations SET ref = ?, expires = ? WHERE id = ?",
-                (ref, expires, reservation),
+                "INSERT INTO reservations (id, key, model, operation, windows, expires, ref)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET ref = excluded.ref, expires = excluded.expires",
+                (
+                    reservation,
+                    held.key,
+                    held.model,
+                    held.operation,
+                    " ".join(held.windows),
+                    expires,
+                    ref,
+                ),
             ),
         )
 
@@ -435,7 +512,7 @@ def _apply(db: sqlite3.Connection, batch: Sequence[_Queued]) -> list[object]:
     results: list[object] = []
     for operation in batch:
         if operation.admission is not None:
-            results.append(_admit(db, operation.admission, operation.hold))
+            results.append(_admit(db, operation.admission, operation.hold, operation.prune))
         elif operation.settlement is not None:
             results.append(_settle(db, *operation.settlement))
     return results
@@ -447,7 +524,9 @@ def _resolve(batch: Sequence[_Queued], results: Sequence[object]) -> None:
             operation.done.set_result(result)
 
 
-def _admit(db: sqlite3.Connection, a: Admission, hold: bool) -> Refusal | int | None:
+def _admit(
+    db: sqlite3.Connection, a: Admission, hold: bool, prune: bool = True
+) -> Refusal | int | None:
     if hold and a.max_parallel is not None:
         (running,) = db.execute(
             "SELECT count(*) FROM reservations WHERE key = ? AND expires > ? AND ref IS NULL",
@@ -458,11 +537,13 @@ def _admit(db: sqlite3.Connection, a: Admission, hold: bool) -> Refusal | int | 
     hit: int | None = None
     if a.rpm is not None or a.tpm is not None:
         second = int(a.now)
-        db.execute("DELETE FROM hits WHERE key = ? AND second <= ?", (a.key, second - WINDOW_S))
+        since = second - WINDOW_S
+        if prune:
+            db.execute("DELETE FROM hits WHERE key = ? AND second <= ?", (a.key, since))
         count, tokens, oldest = db.execute(
             "SELECT coalesce(sum(requests), 0), coalesce(sum(tokens), 0), min(second)"
-            " FROM hits WHERE key = ?",
-            (a.key,),
+            " FROM hits WHERE key = ? AND second > ?",
+            (a.key, since),
         ).fetchone()
         retry = max(1.0, (oldest or second) + WINDOW_S - a.now)
         if a.rpm is not None and count >= a.rpm:

@@ -46,12 +46,13 @@ Who does what, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
 
@@ -60,6 +61,7 @@ from relayd.tasks import spawn
 
 __all__ = [
     "BridgeStats",
+    "FrameGate",
     "FrameObserver",
     "MemoryHold",
     "Leg",
@@ -81,6 +83,17 @@ FrameObserver: TypeAlias = Callable[[Leg, WSMsgType, bytes], None]
 forwarded; must be cheap and must not raise (that ends the session with 1011)."""
 
 _Socket: TypeAlias = "web.WebSocketResponse[bool] | ClientWebSocketResponse[bool]"
+
+
+class FrameGate(Protocol):
+    """Judges the downstream peer's data frames while ``armed``: None forwards the
+    frame; bytes drop it and are sent back to that peer as a TEXT frame instead.
+    Unarmed, it costs nothing (frames keep the fast lane)."""
+
+    armed: bool
+
+    def __call__(self, kind: WSMsgType, data: bytes) -> bytes | None: ...
+
 
 MemoryHold: TypeAlias = Callable[[int], "str | None"]
 """Reserves the bytes a session holds (the new total); None if granted, else the
@@ -159,6 +172,7 @@ class WebSocketBridge:
         "_down",
         "_down_close",
         "_failure",
+        "_gate",
         "_held",
         "_hold",
         "_refused",
@@ -187,8 +201,10 @@ class WebSocketBridge:
         reason_filter: Callable[[str], str] | None = None,
         max_message_bytes: int | None = None,
         hold: MemoryHold | None = None,
+        gate: FrameGate | None = None,
     ) -> None:
         self._down = downstream
+        self._gate = gate
         self._up = upstream
         self._idle_timeout = idle_timeout
         self._max_session = max_session
@@ -282,9 +298,13 @@ class WebSocketBridge:
                 on_frames=functools.partial(self._count, stats),
                 observer=None if observer is None else functools.partial(observer, leg),
                 hold=None if self._hold is None else functools.partial(self._hold_for, leg),
+                divert=self._gate_armed if leg is Leg.DOWNSTREAM and self._gate else None,
             )
             if lane is not None:
                 self._lanes.append(lane)
+
+    def _gate_armed(self) -> bool:
+        return self._gate is not None and self._gate.armed
 
     def _hold_for(self, leg: Leg, size: int) -> bool:
         """A lane asks to hold ``size`` bytes for ``leg``; refused, the session ends."""
@@ -388,6 +408,7 @@ class WebSocketBridge:
     ) -> tuple[WSMsgType, int, str] | None:
         """Forward data frames; return how ``source`` ended, or None if ``sink`` failed."""
         observer = self._observer if leg in self._observed else None
+        gate = self._gate if leg is Leg.DOWNSTREAM else None
         clock = self._clock
         while True:
             msg = await source.receive()
@@ -399,6 +420,12 @@ class WebSocketBridge:
                 self._last_frame = clock()
                 if observer is not None:
                     observer(leg, kind, data)
+                if gate is not None and gate.armed:
+                    answer = gate(kind, data)
+                    if answer is not None:  # dropped: the sender hears why instead
+                        with contextlib.suppress(ConnectionError):  # its reader sees it
+                            await source.send_frame(answer, WSMsgType.TEXT)
+                        continue
                 try:
                     await sink.send_frame(data, kind)
                 except ConnectionError:

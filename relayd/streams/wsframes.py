@@ -130,6 +130,7 @@ class FrameLane:
 
     __slots__ = (
         "_at_boundary",
+        "_divert",
         "_drain",
         "_fast",
         "_frame",
@@ -163,8 +164,11 @@ class FrameLane:
         on_frames: Callable[[int, int], None],
         observer: MessageSink | None,
         hold: Callable[[int], bool] | None = None,
+        divert: Callable[[], bool] | None = None,
     ) -> None:
         self._parser = parser
+        # While it says so, frames go the message path (where a gate may drop them).
+        self._divert = divert
         self._queue = queue
         self._source_protocol = source_protocol
         self._sink_protocol = sink_protocol
@@ -230,6 +234,8 @@ class FrameLane:
     def _may_take_over(self) -> bool:
         # An empty queue: the pump has forwarded (written) every message aiohttp
         # parsed, since it takes a message and writes it in one step.
+        if self._divert is not None and self._divert():
+            return False
         return self._at_boundary and not self._queue._buffer and self._is_open()
 
     def _feed_aiohttp(self, data: bytes) -> tuple[bool, bytes]:
@@ -264,8 +270,8 @@ class FrameLane:
             data = bytes(self._pending)
             self._pending.clear()
             self._frame = 0
-        if not self._is_open():
-            return data
+        if not self._is_open() or (self._divert is not None and self._divert()):
+            return data  # at a frame boundary: aiohttp parses from here on
         end, frames, payload, size = 0, 0, 0, len(data)
         handed_back = b""
         while end < size:
@@ -374,6 +380,7 @@ def attach(
     on_frames: Callable[[int, int], None],
     observer: MessageSink | None,
     hold: Callable[[int], bool] | None = None,
+    divert: Callable[[], bool] | None = None,
 ) -> FrameLane | None:
     """Put a lane in front of ``source``'s parser, forwarding to ``sink``; None if unsafe."""
     src: Any = source  # the private attributes named above
@@ -401,6 +408,7 @@ def attach(
         on_frames=on_frames,
         observer=observer,
         hold=hold,
+        divert=divert,
     )
     source_protocol._payload_parser = lane
     return lane

@@ -192,7 +192,8 @@ class FakeOpenAI:
             return web.json_response(_response_object({"id": path.rsplit("/", 1)[-1]}))
         if path == "/v1/chat/completions" and method == "POST":
             if body.get("stream"):
-                return await self._chat_sse(request)
+                usage = (body.get("stream_options") or {}).get("include_usage") is True
+                return await self._chat_sse(request, usage=usage)
             return web.json_response(_chat_object(body))
         if path == "/v1/embeddings":
             inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
@@ -367,7 +368,7 @@ class FakeOpenAI:
         await response.write_eof()
         return response
 
-    async def _chat_sse(self, request: web.Request) -> web.StreamResponse:
+    async def _chat_sse(self, request: web.Request, *, usage: bool = False) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for word in ("Hello", " there", "!"):
@@ -379,6 +380,16 @@ class FakeOpenAI:
                 "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
             }
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if usage:  # stream_options.include_usage: one last chunk, no choices
+            last = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "gpt-5",
+                "choices": [],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+            }
+            await response.write(f"data: {json.dumps(last)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

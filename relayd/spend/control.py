@@ -24,22 +24,18 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Final
-from zoneinfo import ZoneInfo
 
 from relayd.config import KeyLimits, Settings
 from relayd.errors import (
     ModelNotAllowedError,
     ModelNotPricedError,
-    QuotaExceededError,
-    RelaydError,
-    SpendLimitError,
     SpendUnavailableError,
 )
 from relayd.spend.costs import Cost
 from relayd.spend.estimate import Estimate, charge, estimate
 from relayd.spend.prices import PriceBook, Tokens
+from relayd.spend.refusals import refusal_error
 from relayd.spend.windows import Window, windows_at
 from relayd.store.ledger import Admission, Event, Ledger, LedgerUnavailableError, Refusal
 from relayd.tasks import spawn
@@ -214,71 +210,12 @@ class SpendControl:
             ) from exc
         if isinstance(verdict, Refusal):
             self._refuse_event(ticket, now, verdict.reason)
-            raise self._refusal(key, verdict, now)
+            raise refusal_error(key, verdict, now, spend.timezone)
         ticket.hit = verdict
         if hold:
             ticket.reservation = admission.reservation
             self._live.tickets[admission.reservation] = ticket
         return ticket
-
-    def _refusal(self, key: str, refusal: Refusal, now: float) -> RelaydError:
-        retry = max(1, round(refusal.retry_after_s))
-        if refusal.limit_name in ("rpm", "tpm", "max_parallel"):
-            what = {
-                "rpm": "requests per minute (rpm)",
-                "tpm": "tokens per minute (tpm)",
-                "max_parallel": "requests in flight (max_parallel)",
-            }[refusal.limit_name]
-            kind = {"rpm": "requests", "tpm": "tokens", "max_parallel": "parallel"}
-            suffix = kind[refusal.limit_name]
-            return SpendLimitError(
-                f"Rate limit reached for relay key '{key}' on {what}: limit "
-                f"{refusal.limit}, used {refusal.used}. Retry in {retry}s.",
-                headers={
-                    "retry-after": str(retry),
-                    "retry-after-ms": str(retry * 1000),
-                    f"x-relay-ratelimit-limit-{suffix}": str(refusal.limit),
-                    f"x-relay-ratelimit-remaining-{suffix}": "0",
-                    f"x-relay-ratelimit-reset-{suffix}": f"{retry}s",
-                },
-            )
-        period = refusal.window.split(":")[0]
-        name = {"day": "usd_per_day", "month": "usd_per_month", "total": "usd_total"}[period]
-        resets = self._resets_at(period, now)
-        spent, limit = refusal.used / 1e6, refusal.limit / 1e6
-        headers = {
-            "x-relay-budget-limit-usd": f"{limit:.6f}",
-            "x-relay-budget-remaining-usd": f"{max(0.0, limit - spent):.6f}",
-        }
-        if resets is not None:
-            headers["x-relay-budget-reset"] = str(int(resets))
-        if refusal.reason == "rate_limit_exceeded":  # in-flight reservations fill it
-            return SpendLimitError(
-                f"Relay key '{key}' has ${spent:.6f} spent or reserved against its budget "
-                f"{name} of ${limit:.2f}; requests in flight may settle for less. Retry in "
-                f"{retry}s.",
-                headers={"retry-after": str(retry), **headers},
-            )
-        when = (
-            "It never resets; ask the operator to raise it."
-            if resets is None
-            else f"It resets at {self._local(resets)}."
-        )
-        if resets is not None:
-            headers["retry-after"] = str(max(1, int(resets - now)))
-        return QuotaExceededError(
-            f"Relay key '{key}' has spent ${spent:.6f} of its budget {name} of "
-            f"${limit:.6g} ({refusal.window}). {when}",
-            headers={"x-should-retry": "false", **headers},
-        )
-
-    def _resets_at(self, period: str, now: float) -> float | None:
-        day, month, _ = windows_at(now, self.settings.spend.timezone)
-        return {"day": day.resets_at, "month": month.resets_at}.get(period)
-
-    def _local(self, at: float) -> str:
-        zone = self.settings.spend.timezone
-        return f"{datetime.fromtimestamp(at, ZoneInfo(zone)).isoformat()} ({zone})"
 
     def _refuse_event(self, ticket: Ticket, now: float, reason: str) -> None:
         self.hooks.refused(reason)

@@ -1,37 +1,38 @@
 """The spend ledger: limit counters, reservations and the append-only event log.
 
-Four operations, each one small transaction, make up the whole interface
-(:class:`Ledger`), so a second backend (Redis, issue 16) implements the same four as
-atomic scripts: **admit** (parallel slot, rpm/tpm window, dollar reservation: all or
-nothing), **settle** (the reservation becomes an event and is added to the spent
-aggregates), **extend** (live reservations outlive the TTL) and **expire**
-(reservations of a dead process are charged at their estimate). Everything the
-rules decide (which limits, which windows, what to estimate) comes in as numbers
-from :mod:`relayd.spend`; this module only counts, atomically.
+A handful of operations, each atomic, make up the whole interface (:class:`Ledger`),
+so a second backend (Redis, issue 16) implements the same ones as scripts: **admit**
+(parallel slot, rpm/tpm window, dollar reservation: all or nothing), **settle** (the
+reservation becomes an event added to the spent aggregates), **extend** (live
+reservations outlive their TTL), **carry** (a background response keeps its
+reservation under its upstream id) and **expire** (reservations of a dead process
+are charged at their estimate). Everything the rules decide (which limits, which
+windows, what to estimate) comes in as numbers from :mod:`relayd.spend`; this
+module only counts, atomically. Its SQL is in :mod:`relayd.store.ledger_sql`.
 
-The SQLite backend: one file (``ledger.sqlite3`` in the state directory), WAL, one
-connection per process used from one thread (SQLite calls block: the loop never
-waits on another worker's write lock), ``BEGIN IMMEDIATE`` for every
-read-modify-write (a deferred transaction that upgrades to a write fails with
-SQLITE_BUSY regardless of the busy timeout). Windows are part of a counter's key
-(``day:2026-12-03``), so nothing is ever reset and nothing goes stale; the rpm/tpm
-window slides over the last 60 whole seconds (one counter row per key and second),
-exact across workers to the second.
+The SQLite backend: one file (``ledger.sqlite3`` in the state directory) in WAL
+mode, shared by every worker. Admissions and settlements are group-committed on
+the event loop's own connection (below, and docs/spend.md#group-commit); everything
+else, and any batch that finds the write lock held, runs in the ledger's one thread,
+whose connection also migrates the schema and checkpoints the log. Every
+read-modify-write is ``BEGIN IMMEDIATE`` (a deferred transaction that upgrades to a
+write fails with SQLITE_BUSY regardless of the busy timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
+from relayd.store import ledger_sql as sql
+from relayd.store.ledger_sql import MIGRATIONS, Admission, Event, Refusal, Settlement, read_spent
 from relayd.store.sqlite import open_database
 from relayd.tasks import spawn
 
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 LEDGER_FILE: Final = "ledger.sqlite3"
-WINDOW_S: Final = 60  # the rpm/tpm window, seconds
 # How long an admission on the event loop waits for another writer before it moves
 # to the ledger's thread (which waits up to [store] busy_timeout).
 QUICK_BUSY_S: Final = 0.005
@@ -56,122 +56,14 @@ QUICK_BUSY_S: Final = 0.005
 # pages, SQLite's own default.
 CHECKPOINT_EVERY: Final = 200
 
-MIGRATIONS: Final = (
-    """
-    CREATE TABLE events (
-      id INTEGER PRIMARY KEY,
-      at REAL NOT NULL,
-      key TEXT NOT NULL,
-      model TEXT NOT NULL DEFAULT '',
-      operation TEXT NOT NULL,
-      outcome TEXT NOT NULL,
-      reason TEXT NOT NULL DEFAULT '',
-      input_tokens INTEGER NOT NULL DEFAULT 0,
-      cached_input_tokens INTEGER NOT NULL DEFAULT 0,
-      output_tokens INTEGER NOT NULL DEFAULT 0,
-      reasoning_tokens INTEGER NOT NULL DEFAULT 0,
-      audio_input_tokens INTEGER NOT NULL DEFAULT 0,
-      audio_output_tokens INTEGER NOT NULL DEFAULT 0,
-      micro_usd INTEGER NOT NULL DEFAULT 0,
-      estimated INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX events_at ON events (at);
-    -- Money settled per key and budget window ('day:2026-12-03', 'month:2026-12', 'total').
-    CREATE TABLE spent (
-      key TEXT NOT NULL,
-      window TEXT NOT NULL,
-      micro_usd INTEGER NOT NULL DEFAULT 0,
-      PRIMARY KEY (key, window)
-    ) WITHOUT ROWID;
-    -- Requests in flight: each holds a parallel slot and its estimated cost until
-    -- settled, or until it expires (its process died).
-    CREATE TABLE reservations (
-      id TEXT PRIMARY KEY,
-      key TEXT NOT NULL,
-      model TEXT NOT NULL DEFAULT '',
-      operation TEXT NOT NULL,
-      micro_usd INTEGER NOT NULL DEFAULT 0,
-      input_tokens INTEGER NOT NULL DEFAULT 0,
-      output_tokens INTEGER NOT NULL DEFAULT 0,
-      windows TEXT NOT NULL DEFAULT '',
-      expires REAL NOT NULL,
-      ref TEXT
-    );
-    CREATE INDEX reservations_key ON reservations (key, expires);
-    CREATE INDEX reservations_ref ON reservations (ref) WHERE ref IS NOT NULL;
-    -- Admissions per key and second of the last minute, for rpm and tpm (tokens:
-    -- estimated at admission, corrected at settlement). At most 60 rows per key.
-    CREATE TABLE hits (
-      key TEXT NOT NULL,
-      second INTEGER NOT NULL,
-      requests INTEGER NOT NULL DEFAULT 0,
-      tokens INTEGER NOT NULL DEFAULT 0,
-      PRIMARY KEY (key, second)
-    ) WITHOUT ROWID;
-    """,
-)
 
 T = TypeVar("T")
 log = logging.getLogger("relayd.spend")
-_Settlement = tuple["Event | None", str | None, int | None, int]
 
 
 class LedgerUnavailableError(RuntimeError):
     """The ledger cannot be read or written now (locked past its timeout, read-only,
     gone); ``[spend] on_backend_error`` decides what the request gets."""
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """One admission, all numbers: what to check and what to hold if it passes."""
-
-    key: str
-    reservation: str  # its id; settle and extend name it
-    model: str
-    operation: str
-    now: float
-    expires: float
-    rpm: int | None = None
-    tpm: int | None = None
-    max_parallel: int | None = None
-    budgets: tuple[tuple[str, int], ...] = ()  # (window, limit micro-dollars)
-    micro_usd: int = 0  # the estimate reserved against every budget window
-    input_tokens: int = 0
-    output_tokens: int = 0
-    windows: tuple[str, ...] = ()  # the budget windows the request counts in
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why an admission failed, with the numbers the error message names."""
-
-    reason: str  # "rate_limit_exceeded" or "insufficient_quota"
-    limit_name: str  # rpm, tpm, max_parallel, usd_per_day, ...
-    limit: int
-    used: int
-    retry_after_s: float
-    window: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One row of ``events``, and the budget windows its money counts in."""
-
-    at: float
-    key: str
-    model: str
-    operation: str
-    outcome: str
-    reason: str = ""
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    audio_input_tokens: int = 0
-    audio_output_tokens: int = 0
-    micro_usd: int = 0
-    estimated: bool = False
-    windows: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(slots=True)
@@ -181,7 +73,7 @@ class _Queued:
     admission: Admission | None = None
     hold: bool = False
     prune: bool = True
-    settlement: _Settlement | None = None
+    settlement: Settlement | None = None
     done: asyncio.Future[object] | None = None
 
 
@@ -273,7 +165,7 @@ class SqliteLedger:
             started = time.perf_counter()
             try:
                 db = self._connection()
-                return _in_transaction(db, work)
+                return sql.in_transaction(db, work)
             except sqlite3.Error as exc:
                 # A broken connection (file replaced, made read-only) is reopened on
                 # the next call, so the ledger recovers without a restart.
@@ -353,7 +245,7 @@ class SqliteLedger:
             return
         started = time.perf_counter()
         try:
-            results = _in_transaction(self._quick_connection(), lambda db: _apply(db, batch))
+            results = sql.in_transaction(self._quick_connection(), lambda db: _apply(db, batch))
         except sqlite3.Error:
             self._drop_quick()  # busy past a few ms, or no ledger yet: the thread waits
             self._track(spawn(self._commit_in_thread(batch), name="relayd.ledger.commit"))
@@ -431,80 +323,24 @@ class SqliteLedger:
     async def record(self, events: Sequence[Event]) -> None:
         def work(db: sqlite3.Connection) -> None:
             for event in events:
-                _append(db, event)
+                sql.append(db, event)
 
         await self._run("record", work)
 
     async def extend(self, reservations: Sequence[str], expires: float) -> None:
-        def work(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "UPDATE reservations SET expires = ? WHERE id = ? AND expires < ?",
-                [(expires, rid, expires) for rid in reservations],
-            )
-
-        await self._run("extend", work)
+        await self._run("extend", lambda db: sql.extend(db, reservations, expires))
 
     async def carry(self, reservation: str, ref: str, expires: float, held: Admission) -> None:
-        await self._run(
-            "carry",
-            lambda db: db.execute(
-                "INSERT INTO reservations (id, key, model, operation, windows, expires, ref)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (id) DO UPDATE SET ref = excluded.ref, expires = excluded.expires",
-                (
-                    reservation,
-                    held.key,
-                    held.model,
-                    held.operation,
-                    " ".join(held.windows),
-                    expires,
-                    ref,
-                ),
-            ),
-        )
+        await self._run("carry", lambda db: sql.carry(db, reservation, ref, expires, held))
 
     async def settle_ref(self, ref: str, event: Event, tokens_now: float) -> bool:
-        def work(db: sqlite3.Connection) -> bool:
-            row = db.execute(
-                "SELECT id, key, windows FROM reservations WHERE ref = ?", (ref,)
-            ).fetchone()
-            if row is None or row[1] != event.key:
-                return False
-            windows = tuple(row[2].split())
-            carried = dataclasses.replace(event, windows=windows)
-            return _settle(db, carried, row[0], None, 0)
-
-        return await self._run("settle", work)
+        return await self._run("settle", lambda db: sql.settle_carried(db, ref, event))
 
     async def expire(self, now: float) -> int:
-        return await self._run("expire", lambda db: _expire(db, now))
+        return await self._run("expire", lambda db: sql.expire(db, now))
 
     async def spent(self, key: str, windows: Sequence[str]) -> dict[str, int]:
-        def work(db: sqlite3.Connection) -> dict[str, int]:
-            found = dict.fromkeys(windows, 0)
-            for window in windows:
-                row = db.execute(
-                    "SELECT micro_usd FROM spent WHERE key = ? AND window = ?", (key, window)
-                ).fetchone()
-                if row is not None:
-                    found[window] = row[0]
-            return found
-
-        return await self._run("read", work)
-
-
-# ------------------------------------------------------------------ transactions
-
-
-def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        result = work(db)
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-    return result
+        return await self._run("read", lambda db: sql.spent_in(db, key, windows))
 
 
 def _apply(db: sqlite3.Connection, batch: Sequence[_Queued]) -> list[object]:
@@ -512,9 +348,9 @@ def _apply(db: sqlite3.Connection, batch: Sequence[_Queued]) -> list[object]:
     results: list[object] = []
     for operation in batch:
         if operation.admission is not None:
-            results.append(_admit(db, operation.admission, operation.hold, operation.prune))
+            results.append(sql.admit(db, operation.admission, operation.hold, operation.prune))
         elif operation.settlement is not None:
-            results.append(_settle(db, *operation.settlement))
+            results.append(sql.settle(db, *operation.settlement))
     return results
 
 
@@ -522,171 +358,3 @@ def _resolve(batch: Sequence[_Queued], results: Sequence[object]) -> None:
     for operation, result in zip(batch, results, strict=True):
         if operation.done is not None and not operation.done.done():
             operation.done.set_result(result)
-
-
-def _admit(
-    db: sqlite3.Connection, a: Admission, hold: bool, prune: bool = True
-) -> Refusal | int | None:
-    if hold and a.max_parallel is not None:
-        (running,) = db.execute(
-            "SELECT count(*) FROM reservations WHERE key = ? AND expires > ? AND ref IS NULL",
-            (a.key, a.now),
-        ).fetchone()
-        if running >= a.max_parallel:
-            return Refusal("rate_limit_exceeded", "max_parallel", a.max_parallel, running, 1.0)
-    hit: int | None = None
-    if a.rpm is not None or a.tpm is not None:
-        second = int(a.now)
-        since = second - WINDOW_S
-        if prune:
-            db.execute("DELETE FROM hits WHERE key = ? AND second <= ?", (a.key, since))
-        count, tokens, oldest = db.execute(
-            "SELECT coalesce(sum(requests), 0), coalesce(sum(tokens), 0), min(second)"
-            " FROM hits WHERE key = ? AND second > ?",
-            (a.key, since),
-        ).fetchone()
-        retry = max(1.0, (oldest or second) + WINDOW_S - a.now)
-        if a.rpm is not None and count >= a.rpm:
-            return Refusal("rate_limit_exceeded", "rpm", a.rpm, count, retry)
-        wanted = a.input_tokens + a.output_tokens
-        # An empty window admits even an estimate above tpm: else it could never pass.
-        if a.tpm is not None and tokens and tokens + wanted > a.tpm:
-            return Refusal("rate_limit_exceeded", "tpm", a.tpm, tokens, retry)
-    if hold and a.budgets:
-        (held,) = db.execute(
-            "SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE key = ? AND expires > ?",
-            (a.key, a.now),
-        ).fetchone()
-        for window, limit in a.budgets:
-            row = db.execute(
-                "SELECT micro_usd FROM spent WHERE key = ? AND window = ?", (a.key, window)
-            ).fetchone()
-            spent = row[0] if row is not None else 0
-            if spent >= limit or spent + a.micro_usd > limit:
-                return Refusal("insufficient_quota", window, limit, spent, 0.0, window)
-            if spent + held + a.micro_usd > limit:
-                # What is in flight may settle for less: worth a retry soon.
-                return Refusal("rate_limit_exceeded", window, limit, spent + held, 1.0, window)
-    if a.rpm is not None or a.tpm is not None:
-        hit = int(a.now)
-        db.execute(
-            "INSERT INTO hits (key, second, requests, tokens) VALUES (?, ?, 1, ?)"
-            " ON CONFLICT (key, second) DO UPDATE SET requests = requests + 1,"
-            " tokens = tokens + excluded.tokens",
-            (a.key, hit, a.input_tokens + a.output_tokens),
-        )
-    if hold:
-        db.execute(
-            "INSERT INTO reservations (id, key, model, operation, micro_usd, input_tokens,"
-            " output_tokens, windows, expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                a.reservation,
-                a.key,
-                a.model,
-                a.operation,
-                a.micro_usd,
-                a.input_tokens,
-                a.output_tokens,
-                " ".join(a.windows),
-                a.expires,
-            ),
-        )
-    return hit
-
-
-def _settle(
-    db: sqlite3.Connection,
-    event: Event | None,
-    reservation: str | None,
-    hit: int | None,
-    tokens: int,
-) -> bool:
-    if reservation is not None:
-        gone = db.execute("DELETE FROM reservations WHERE id = ?", (reservation,)).rowcount
-        if not gone:
-            return False  # expired and charged already: never count twice
-    if hit is not None and event is not None:
-        db.execute(
-            "UPDATE hits SET tokens = max(0, tokens + ?) WHERE key = ? AND second = ?",
-            (tokens, event.key, hit),
-        )
-    if event is not None:
-        _append(db, event)
-    return True
-
-
-def _append(db: sqlite3.Connection, event: Event) -> None:
-    db.execute(
-        "INSERT INTO events (at, key, model, operation, outcome, reason, input_tokens,"
-        " cached_input_tokens, output_tokens, reasoning_tokens, audio_input_tokens,"
-        " audio_output_tokens, micro_usd, estimated) VALUES"
-        " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            event.at,
-            event.key,
-            event.model,
-            event.operation,
-            event.outcome,
-            event.reason,
-            event.input_tokens,
-            event.cached_input_tokens,
-            event.output_tokens,
-            event.reasoning_tokens,
-            event.audio_input_tokens,
-            event.audio_output_tokens,
-            event.micro_usd,
-            int(event.estimated),
-        ),
-    )
-    if event.micro_usd:
-        db.executemany(
-            "INSERT INTO spent (key, window, micro_usd) VALUES (?, ?, ?)"
-            " ON CONFLICT (key, window) DO UPDATE SET micro_usd = micro_usd + excluded.micro_usd",
-            [(event.key, window, event.micro_usd) for window in event.windows],
-        )
-
-
-def _expire(db: sqlite3.Connection, now: float) -> int:
-    rows = db.execute(
-        "DELETE FROM reservations WHERE expires <= ? RETURNING key, model, operation,"
-        " micro_usd, input_tokens, output_tokens, windows",
-        (now,),
-    ).fetchall()
-    for key, model, operation, micro_usd, input_tokens, output_tokens, windows in rows:
-        _append(
-            db,
-            Event(
-                at=now,
-                key=key,
-                model=model,
-                operation=operation,
-                outcome="expired",
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                micro_usd=micro_usd,
-                estimated=True,
-                windows=tuple(windows.split()),
-            ),
-        )
-    return len(rows)
-
-
-def read_spent(path: Path, key: str, windows: Sequence[str]) -> dict[str, int]:
-    """Money settled per window for ``key``, read without writing (``relayd usage``
-    reads while relayd runs: WAL lets it). A missing ledger has spent nothing."""
-    found = dict.fromkeys(windows, 0)
-    if not path.exists():
-        return found
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
-    try:
-        for window in windows:
-            row = db.execute(
-                "SELECT micro_usd FROM spent WHERE key = ? AND window = ?", (key, window)
-            ).fetchone()
-            if row is not None:
-                found[window] = row[0]
-    except sqlite3.OperationalError:
-        return found  # no schema yet: nothing spent
-    finally:
-        db.close()
-    return found

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -28,6 +29,7 @@ from relayd.state import (
     ROUTE,
     SPEND,
     SPEND_DOCUMENT,
+    SPEND_MODEL,
     SPEND_TICKET,
     SPEND_WATCH,
     TABLE,
@@ -43,11 +45,16 @@ __all__ = [
     "note_document",
     "open_meter",
     "open_session",
+    "peek_model",
+    "wants_model_peek",
     "wants_whole_body",
 ]
 
 _FINISHED: Final = frozenset({"completed", "failed", "cancelled", "incomplete"})
 _CREATE: Final = b"response.create"
+PEEK_BYTES: Final = 64 * 1024
+# A form field named model: its part's headers, a blank line, a short value.
+_MODEL_FIELD: Final = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,256})\r\n')
 _PAID: Final = frozenset({Cost.TOKENS, Cost.IMAGES, Cost.VIDEOS, Cost.GATE})
 ANONYMOUS: Final = "-"  # the key name of requests on a keyless relay
 
@@ -78,6 +85,39 @@ def wants_whole_body(request: web.Request) -> bool:
     if request.content_type != "application/json" or "Content-Encoding" in request.headers:
         return False
     return not control.limits(_key_name(request)).unlimited
+
+
+def wants_model_peek(request: web.Request) -> bool:
+    """Whether a multipart body's first bytes should be read ahead for its ``model``
+    field: a paid route, a key with limits to check, no content coding."""
+    control = request.app.get(SPEND)
+    if control is None or not control.enabled:
+        return False
+    if not request.content_type.startswith("multipart/form-data"):
+        return False
+    if cost_of(_operation(request, request.method, request.path), request.method) not in _PAID:
+        return False
+    if "Content-Encoding" in request.headers:
+        return False
+    return not control.limits(_key_name(request)).unlimited
+
+
+async def peek_model(request: web.Request) -> bytes:
+    """Read the start of a multipart body (at most :data:`PEEK_BYTES`, and no more
+    once its ``model`` field is seen), note the model, and return what was read: the
+    caller sends it upstream first, then the rest as it streams. The SDKs put form
+    fields before files, so the model comes within the first few hundred bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    found = None
+    while size < PEEK_BYTES and (chunk := await request.content.readany()):
+        chunks.append(chunk)
+        size += len(chunk)
+        found = _MODEL_FIELD.search(b"".join(chunks) if len(chunks) > 1 else chunk)
+        if found is not None:
+            break
+    request[SPEND_MODEL] = found.group(1).decode("utf-8", "replace") if found else ""
+    return b"".join(chunks)
 
 
 def note_document(request: web.Request, document: Any) -> None:
@@ -195,7 +235,14 @@ async def open_meter(request: web.Request, method: str, path_qs: str, data: Any)
     operation = _operation(request, method, path_qs) or f"{method} {path_qs.split('?', 1)[0]}"
     key = _key_name(request)
     body, size = _json_of(data) if not control.limits(key).unlimited else (None, 0)
-    ticket = await control.admit(key, operation, cost, body, size or request.content_length or 0)
+    ticket = await control.admit(
+        key,
+        operation,
+        cost,
+        body,
+        size or request.content_length or 0,
+        model=request.get(SPEND_MODEL) if body is None else None,
+    )
     request[SPEND_TICKET] = ticket
     return Meter(request, control, cost, ticket)
 

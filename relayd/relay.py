@@ -37,7 +37,7 @@ from relayd.headers import (
     response_headers,
 )
 from relayd.memory import buffer_lease, share_key
-from relayd.metering import open_meter, wants_whole_body
+from relayd.metering import open_meter, peek_model, wants_model_peek, wants_whole_body
 from relayd.paths import upstream_path
 from relayd.state import (
     BROKEN,
@@ -136,6 +136,14 @@ async def _client_body(request: web.Request, limit: int) -> tuple[Any, bool]:
     return pump_request_body(request.content, limit), True
 
 
+async def _chained(prefix: bytes, rest: StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """A body read ahead in part: ``prefix``, then the rest as it arrives."""
+    if prefix:
+        yield prefix
+    async for chunk in pump_request_body(rest, limit - len(prefix)):
+        yield chunk
+
+
 async def relay(
     request: web.Request,
     method: str,
@@ -158,6 +166,12 @@ async def relay(
         # held whole under the memory budget and the JSON cap (docs/spend.md).
         data = bytes(await read_whole(request, settings.limits.max_json_bytes))
         headers = upstream.headers(request.headers, keep_length=False)
+    elif data is _CLIENT_BODY and wants_model_peek(request):
+        # A multipart form: its model field is read ahead, the rest streams (the
+        # bytes and their length are unchanged).
+        prefix = await peek_model(request)
+        data = _chained(prefix, request.content, settings.limits.max_body_bytes)
+        headers = upstream.headers(request.headers, keep_length=True)
     elif data is _CLIENT_BODY:
         data, keep_length = await _client_body(request, settings.limits.max_body_bytes)
         headers = upstream.headers(request.headers, keep_length=keep_length)

@@ -46,6 +46,7 @@ __all__ = [
     "CLIENT_LEFT",
     "SPEND",
     "SPEND_DOCUMENT",
+    "SPEND_MODEL",
     "SPEND_TICKET",
     "SPEND_WATCH",
     "PROXIES",
@@ -116,5 +117,7 @@ SPEND: Final[web.AppKey[SpendControl]] = web.AppKey("relayd.spend")
 SPEND_TICKET: Final[web.RequestKey[Ticket]] = web.RequestKey("relayd.spend_ticket")
 SPEND_DOCUMENT: Final = web.RequestKey("relayd.spend_document", object)
 SPEND_WATCH: Final = web.RequestKey("relayd.spend_watch", bool)
+# The model field of a multipart body, read ahead of the file (relayd/metering.py).
+SPEND_MODEL: Final = web.RequestKey("relayd.spend_model", str)
 # The client went away while its answer streamed (no upstream fault).
 CLIENT_LEFT: Final = web.RequestKey("relayd.client_left", bool)

@@ -257,7 +257,9 @@ async def test_day_budget_resets_at_midnight_in_the_configured_zone(
     relay_factory: RelayFactory,
 ) -> None:
     zone = ZoneInfo("America/New_York")
-    now = [datetime(2026, 3, 7, 23, 59, 50, tzinfo=zone).timestamp()]
+    # Ahead of the real clock, so the upkeep's first round (on the real clock) never
+    # takes these reservations for expired ones.
+    now = [datetime(2027, 3, 7, 23, 59, 50, tzinfo=zone).timestamp()]
     section = {**spend(usd_per_day=50), "timezone": "America/New_York"}
     relay = await relay_factory(spend=section)
     control: SpendControl = relay.app[SPEND]
@@ -267,14 +269,14 @@ async def test_day_budget_resets_at_midnight_in_the_configured_zone(
     refused = await relay.post("/v1/responses", json=ask(), headers=AUTH)
     assert refused.status == 429
     message = (await refused.json())["error"]["message"]
-    assert "usd_per_day" in message and "2026-03-08T00:00:00-05:00" in message
+    assert "usd_per_day" in message and "2027-03-08T00:00:00-05:00" in message
     assert int(refused.headers["retry-after"]) <= 10
-    now[0] = datetime(2026, 3, 8, 0, 0, 1, tzinfo=zone).timestamp()  # a new day there
+    now[0] = datetime(2027, 3, 8, 0, 0, 1, tzinfo=zone).timestamp()  # a new day there
     assert (await relay.post("/v1/responses", json=ask(), headers=AUTH)).status == 200
     windows = await ledger_rows(relay, "SELECT window, micro_usd FROM spent ORDER BY window")
-    assert ("day:2026-03-07", FAKE_ANSWER_MICRO) in windows
-    assert ("day:2026-03-08", FAKE_ANSWER_MICRO) in windows
-    assert ("month:2026-03", 2 * FAKE_ANSWER_MICRO) in windows
+    assert ("day:2027-03-07", FAKE_ANSWER_MICRO) in windows
+    assert ("day:2027-03-08", FAKE_ANSWER_MICRO) in windows
+    assert ("month:2027-03", 2 * FAKE_ANSWER_MICRO) in windows
 
 
 # ----------------------------------------------------------------- surfaces
@@ -516,3 +518,27 @@ async def test_realtime_response_create_is_refused_mid_session_once_over_budget(
         while not any(e.get("type") == "input_audio_buffer.append" for e in sent):
             await asyncio.sleep(0.02)
             sent = [json.loads(data) for _, data in fake.realtime.last().frames]
+
+
+async def test_a_multipart_model_is_read_ahead_and_the_body_passes_unchanged(
+    relay_factory: RelayFactory, fake: FakeOpenAI
+) -> None:
+    relay = await relay_factory(spend=spend(models=("gpt-4o-transcribe",), usd_total=1_000_000))
+    audio = bytes(range(256)) * 1024  # 256 KiB: past the read-ahead
+    sdk = openai.AsyncOpenAI(
+        base_url=str(relay.make_url("/v1")), api_key=RELAY_KEY, max_retries=0, timeout=10
+    )
+    async with sdk:
+        await sdk.audio.transcriptions.create(
+            model="gpt-4o-transcribe", file=("a.wav", audio, "audio/wav")
+        )
+        seen = fake.last("/v1/audio/transcriptions")
+        assert [p["name"] for p in seen.parts] == ["model", "file"]
+        assert next(p for p in seen.parts if p["name"] == "file")["size"] == len(audio)
+        calls = len(fake.seen)
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            await sdk.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio))
+    assert denied.value.code == "model_not_allowed"
+    assert len(fake.seen) == calls
+    rows = await ledger_rows(relay, "SELECT model, outcome FROM events ORDER BY id")
+    assert rows == [("gpt-4o-transcribe", "ok"), ("whisper-1", "refused")]

@@ -8,7 +8,15 @@ ledger's SQL lives in :mod:`relayd.store`.
   package, merged with the operator's file) and token counts read from any OpenAI
   ``usage`` object;
 * :mod:`~relayd.spend.report`: ``relayd usage`` and ``relayd prices check``: grouping,
-  table, JSON, CSV and the HTML page.
+  table, JSON, CSV and the HTML page;
+* :mod:`~relayd.spend.costs`: how each OpenAI route is metered;
+* :mod:`~relayd.spend.estimate`: the reservation before a request, the charge after;
+* :mod:`~relayd.spend.windows`: calendar budget windows in the configured zone;
+* :mod:`~relayd.spend.control`: admission, settlement exactly once, the spool;
+* :mod:`~relayd.spend.refusals`: the errors a refused admission answers with;
+* :mod:`~relayd.spend.budget`: each key's budgets for the usage report.
+
+Where it hooks in, and the ledger's design: docs/spend.md.
 """
 
 from __future__ import annotations

@@ -140,14 +140,18 @@ class SpendControl:
         *,
         model: str | None = None,
     ) -> Ticket:
-        """Admit one request or raise its refusal (before any upstream byte)."""
+        """Admit one request or raise its refusal (before any upstream byte).
+
+        ``model`` names the model when ``body`` cannot (a realtime session, a
+        multipart form whose model field was read ahead)."""
         spend = self.settings.spend
         limits = spend.limits_for(key)
         guess = estimate(self.prices, cost, body, body_bytes)
-        if model is not None and not guess.model:
-            guess = Estimate(model, guess.input_tokens, guess.output_tokens, guess.micro_usd)
+        if model and not guess.model:
             if cost is Cost.REALTIME:
                 guess = Estimate(model, 0, 0, 0 if self.prices.knows(model) else None)
+            else:  # a body relayd did not parse (multipart): its output, or flat price
+                guess = estimate(self.prices, cost, {"model": model}, 0)
         now = self.clock()
         day, month, total = self.windows(now)
         windows = (day.name, month.name, total.name)

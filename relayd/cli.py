@@ -1,4 +1,4 @@
-"""The ``relayd`` command: ``serve``, ``check-config``, ``openapi``.
+"""The ``relayd`` command: ``serve``, ``check-config``, ``openapi``, ``usage``, ``prices``.
 
 Exit codes: 0 success, 2 a configuration problem (the message says which), 1 any
 other failure.
@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         help="lint an Actions document (FILE, JSON or YAML; default: relayd's own) against "
         "the GPT builder's rules; exit 1 with each violation",
     )
+    _spend_report_commands(commands, common)
     return parser
 
 
@@ -92,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = getattr(args, "config", None)
     overrides = {"server.workers": getattr(args, "workers", None)}
     try:
+        if args.command in ("usage", "prices"):
+            return _spend_report(args, load_settings(config, require_upstream_key=False))
         if args.command == "openapi":
             settings = load_settings(config, require_upstream_key=False)
             if args.check is not None:
@@ -202,3 +205,74 @@ def serve(settings: Settings, config: str | None, argv: Sequence[str]) -> int:
         return workers.supervise(settings, list(argv))
     server.run(settings, config)
     return 0
+
+
+# relayd usage / relayd prices check (issue 15): read the ledger and the price table.
+
+
+def _spend_report_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    from relayd.spend.report import FORMATS, GROUPINGS
+
+    usage = commands.add_parser(
+        "usage",
+        parents=[common],
+        help="who spent what on which model: requests, tokens and dollars from the ledger",
+    )
+    usage.add_argument(
+        "--since", metavar="D", help="from this date (YYYY-MM-DD) or ISO date and time"
+    )
+    usage.add_argument(
+        "--until", metavar="D", help="to this date (included) or ISO date and time (excluded)"
+    )
+    usage.add_argument(
+        "--by",
+        action="append",
+        choices=GROUPINGS,
+        help="group by key (default), model or day; repeat for two groupings",
+    )
+    usage.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        dest="fmt",
+        help="table (default), json (a list of rows) or csv",
+    )
+    usage.add_argument(
+        "--html", metavar="FILE", help="write one self-contained page with charts to FILE"
+    )
+    prices = commands.add_parser("prices", parents=[common], help="the price table")
+    actions = prices.add_subparsers(dest="prices_command", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check",
+        parents=[common],
+        help="models seen without a price and rows not checked lately; exit 1 if any",
+    )
+    check.add_argument(
+        "--older-than",
+        metavar="N",
+        type=int,
+        default=90,
+        help="flag price rows checked more than N days ago (default 90)",
+    )
+
+
+def _spend_report(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+    from datetime import date
+
+    from relayd.spend import report
+
+    if args.command == "usage":
+        return report.usage(
+            settings,
+            since=args.since,
+            until=args.until,
+            by=args.by or ["key"],
+            fmt=args.fmt,
+            html=args.html,
+            now=time.time(),
+        )
+    return report.prices_check(settings, older_than_days=args.older_than, today=date.today())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.config import ConfigError, Settings
+from relayd.config import ConfigError, Settings, updated
 from relayd.spend.prices import (
     RATE_KEYS,
     PriceBook,
@@ -276,14 +276,21 @@ def test_a_missing_operator_file_is_a_configuration_error(tmp_path: Path) -> Non
         PriceBook.load(Settings(), tmp_path / "absent.toml")
 
 
-def test_spend_settings_are_read_when_declared() -> None:
-    class Spend:
-        prices_file = None
-        allow_unpriced = True
-        default_output_tokens = 1000
-
-    class WithSpend:
-        spend = Spend()
-
-    book = PriceBook.load(WithSpend())  # type: ignore[arg-type]
+def test_spend_settings_choose_the_file_the_estimate_and_unpriced_policy(
+    tmp_path: Path,
+) -> None:
+    overrides = write(
+        tmp_path,
+        '[models."team-model"]\ninput = 1\nsource = "ours"\nchecked = 2026-11-30\n',
+    )
+    settings = updated(
+        Settings(),
+        spend={
+            "prices_file": str(overrides),
+            "allow_unpriced": True,
+            "default_output_tokens": 1000,
+        },
+    )
+    book = PriceBook.load(settings)
+    assert book.knows("team-model") and book.knows("gpt-5")
     assert book.allow_unpriced and book.estimate_output("gpt-5") == 1000

@@ -2,8 +2,8 @@
 
 The table ships inside the package (``prices.toml`` here is ``conf/prices.toml``) and
 the operator's own file (``[spend] prices_file``) is read after it; relayd never
-fetches prices (docs/spend.md). A row of the operator's file replaces the shipped
-row of the same model whole, except its ``aliases``, which add up.
+fetches prices. A row of the operator's file replaces the shipped row of the same
+model whole, except its ``aliases``, which add up.
 
 Money is integer micro-dollars. A price of 1 USD per million tokens is 1 micro-dollar
 per token, so rates are kept as integer pico-dollars per token (USD per million × 10⁶,
@@ -185,9 +185,9 @@ class PriceBook:
         else ``[spend] prices_file``. Reads two small files and touches nothing else,
         so a reload (SIGHUP) may call it again; a bad file raises
         :class:`PriceTableError` and the caller keeps its current book."""
-        spend = getattr(settings, "spend", None)  # declared by the spend part
+        spend = settings.spend
         if overrides is None:
-            overrides = getattr(spend, "prices_file", None)
+            overrides = spend.prices_file
         rows, sources = _shipped()
         merged = {row.model: row for row in rows}
         all_sources = dict(sources)
@@ -202,12 +202,11 @@ class PriceBook:
             extra, extra_sources = parse_table(text, origin=str(path))
             all_sources.update(extra_sources)
             _merge(merged, extra, str(path))
-        estimate = getattr(spend, "default_output_tokens", None) or DEFAULT_OUTPUT_ESTIMATE
         return cls(
             merged.values(),
             sources=all_sources,
-            allow_unpriced=bool(getattr(spend, "allow_unpriced", False)),
-            default_output_estimate=int(estimate),
+            allow_unpriced=spend.allow_unpriced,
+            default_output_estimate=spend.default_output_tokens,
         )
 
     def price(self, model: str) -> ModelPrice | None:

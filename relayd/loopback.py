@@ -23,7 +23,13 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["is_loopback_address", "is_loopback_host", "is_loopback_origin", "socket_label"]
+__all__ = [
+    "is_loopback_address",
+    "is_loopback_host",
+    "is_loopback_name",
+    "is_loopback_origin",
+    "socket_label",
+]
 
 
 def _is_loopback_ip(text: str) -> bool:
@@ -36,7 +42,8 @@ def _is_loopback_ip(text: str) -> bool:
     return address.is_loopback
 
 
-def _is_loopback_name(host: str) -> bool:
+def is_loopback_name(host: str) -> bool:
+    """A host name or address (no port, no brackets) naming this machine."""
     return host.lower() == "localhost" or _is_loopback_ip(host)
 
 
@@ -52,7 +59,7 @@ def is_loopback_host(value: str) -> bool:
     host, _, port = value.partition(":")
     if not _is_port(port):
         return False  # also a bare IPv6 address without brackets
-    return _is_loopback_name(host)
+    return is_loopback_name(host)
 
 
 def _is_port(text: str) -> bool:
@@ -75,7 +82,7 @@ def is_loopback_origin(value: str) -> bool:
         return False
     if parts.path or parts.query or parts.fragment or not parts.hostname:
         return False
-    return _is_loopback_name(parts.hostname)
+    return is_loopback_name(parts.hostname)
 
 
 def is_loopback_address(family: int, address: Any) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,11 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from relayd.app import create_app
+from tests.browser import CHROMEDRIVER, CHROMIUM, headless_args
 from tests.conftest import CANARY, RELAY_KEY, make_settings
 from tests.oauthflow import pkce_pair, request_params
 from tests.test_oauth import PUBLIC_URL
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # W3C WebDriver's element reference key
 
 
@@ -100,16 +98,7 @@ async def browser(tmp_path: Path, unused_tcp_port: int) -> AsyncIterator[Browser
                     await asyncio.sleep(0.05)  # polling chromedriver's readiness, bounded
             options = {
                 "binary": CHROMIUM,
-                "args": [
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--no-first-run",
-                    f"--user-data-dir={tmp_path / 'profile'}",
-                ],
+                "args": headless_args(tmp_path / "profile"),
             }
             capabilities = {"alwaysMatch": {"goog:chromeOptions": options}}
             async with asyncio.timeout(30):

@@ -11,7 +11,6 @@ import asyncio
 import io
 import json
 import os
-import shutil
 import sqlite3
 import struct
 import sys
@@ -32,6 +31,7 @@ from relayd.spend.usage_page import PALETTE, page
 from relayd.spend.windows import windows_at
 from relayd.store.ledger import Event, SqliteLedger
 from relayd.store.usage_rows import UsageCell, ledger_path, usage_cells, usage_span
+from tests.browser import CHROMIUM, headless_args
 from tests.conftest import OTHER_KEY, RELAY_KEY, RelayFactory
 
 
@@ -438,9 +438,6 @@ def test_keys_beyond_the_palette_share_one_band_named_in_the_legend() -> None:
     assert "</span>other keys ($0.0100)" in legend  # keys 1 to 4: 1+2+3+4 thousand
 
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
 async def test_the_page_renders_in_headless_chromium(page_file: Path, tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists():
         pytest.skip(
@@ -450,14 +447,7 @@ async def test_the_page_renders_in_headless_chromium(page_file: Path, tmp_path: 
     shot = tmp_path / "usage.png"
     process = await asyncio.create_subprocess_exec(
         CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
+        *headless_args(tmp_path / "profile"),
         f"--screenshot={shot}",
         "--window-size=1200,900",
         page_file.as_uri(),

@@ -14,7 +14,6 @@ the code's owner):
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import secrets
@@ -23,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from relayd.loopback import is_loopback_name
 from relayd.oauth.errors import LoginPageError, OAuthError
 from relayd.store.grants import ClientRecord
 
@@ -169,20 +169,11 @@ def _redirect_problem(uri: str, *, allow_loopback_http: bool) -> str | None:
         return "a redirect URI must not carry credentials"
     if parts.scheme == "https":
         return None
-    if parts.scheme == "http" and allow_loopback_http and _is_loopback(parts.hostname):
+    if parts.scheme == "http" and allow_loopback_http and is_loopback_name(parts.hostname):
         return None
     if allow_loopback_http:
         return "must be https, or http on a loopback address"
     return "must be https"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def redirect_host(uri: str) -> str:

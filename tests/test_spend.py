@@ -98,6 +98,8 @@ async def test_budget_refusal_is_insufficient_quota_and_the_sdk_raises_once(
     assert raised.value.response.headers["x-should-retry"] == "false"
     message = raised.value.message
     assert "'team'" in message and "usd_total" in message and "never resets" in message
+    # 88 of 100 spent: it is this request's estimate (49) that does not fit.
+    assert "estimated cost does not fit in the $0.000012 left" in message
     assert RELAY_KEY not in message
     assert len(fake.seen) == calls  # nothing went upstream
     refused = await ledger_rows(

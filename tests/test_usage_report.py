@@ -255,8 +255,9 @@ def test_each_key_shows_its_budget_left_and_reset(ledger: Path) -> None:
     _, table = run(settings=settings)
     assert table.splitlines()[-5:-2] == [
         "budgets",
-        "  alice: usd_per_day $5.00, spent $0.0000, left $5.0000, resets 2026-12-03T00:00:00+00:00",
-        "  alice: usd_total $100.00, spent $0.0210, left $99.9790, resets never",
+        "  alice: usd_per_day $5.0000, spent $0.0000, left $5.0000, "
+        "resets 2026-12-03T00:00:00+00:00",
+        "  alice: usd_total $100.0000, spent $0.0210, left $99.9790, resets never",
     ]
 
 

@@ -29,9 +29,12 @@ class Cost(StrEnum):
     REALTIME = "realtime"  # the WebSocket bridge: each response.done is priced
 
 
-# Groups whose routes relay to other paths (wrappers, envelopes, tools, the
-# catch-all): metered through the upstream calls they make, never by themselves.
-RELAYING_GROUPS: Final = frozenset({"meta", "metrics", "actions", "proxy", "policy", "mcp"})
+# Groups whose routes answer by themselves (meta, metrics, the OAuth server) or relay
+# to other paths (wrappers, envelopes, tools, the catch-all): metered through the
+# upstream calls they make, if any, never by themselves.
+RELAYING_GROUPS: Final = frozenset(
+    {"meta", "metrics", "actions", "proxy", "policy", "mcp", "oauth"}
+)
 
 _T, _F, _G = Cost.TOKENS, Cost.FREE, Cost.GATE
 

@@ -66,9 +66,15 @@ def refusal_error(key: str, refusal: Refusal, now: float, timezone: str) -> Rela
     )
     if resets is not None:
         headers["retry-after"] = str(max(1, int(resets - now)))
+    short = (
+        ""
+        if refusal.used >= refusal.limit
+        else f" This request's estimated cost does not fit in the ${limit - spent:.6f} left: "
+        "ask for fewer output tokens (max_output_tokens, max_tokens) or wait."
+    )
     return QuotaExceededError(
         f"Relay key '{key}' has spent ${spent:.6f} of its budget {name} of "
-        f"${limit:.6g} ({refusal.window}). {when}",
+        f"${limit:.6g} ({refusal.window}).{short} {when}",
         headers={"x-should-retry": "false", **headers},
     )
 

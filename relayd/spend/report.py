@@ -314,7 +314,7 @@ def _table(rows: Sequence[ReportRow], by: Sequence[str], window: Window) -> str:
         for key, line in budgets:
             resets = line["resets_at"] or "never"
             out.append(
-                f"  {key}: {line['limit']} ${usd(line['limit_micro_usd'], 2)}, "
+                f"  {key}: {line['limit']} ${usd(line['limit_micro_usd'], 4)}, "
                 f"spent ${usd(line['spent_micro_usd'], 4)}, "
                 f"left ${usd(line['left_micro_usd'], 4)}, resets {resets}"
             )

@@ -167,13 +167,17 @@ def in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], 
 def admit(
     db: sqlite3.Connection, a: Admission, hold: bool, prune: bool = True
 ) -> Refusal | int | None:
-    if hold and a.max_parallel is not None:
-        (running,) = db.execute(
-            "SELECT count(*) FROM reservations WHERE key = ? AND expires > ? AND ref IS NULL",
+    # One read of what the key holds in flight (its slots and its money together)
+    # and one of its budget windows (all of them at once): fewer statements per request.
+    running = held = 0
+    if hold and (a.max_parallel is not None or a.budgets):
+        running, held = db.execute(
+            "SELECT count(*) FILTER (WHERE ref IS NULL), coalesce(sum(micro_usd), 0)"
+            " FROM reservations WHERE key = ? AND expires > ?",
             (a.key, a.now),
         ).fetchone()
-        if running >= a.max_parallel:
-            return Refusal("rate_limit_exceeded", "max_parallel", a.max_parallel, running, 1.0)
+    if hold and a.max_parallel is not None and running >= a.max_parallel:
+        return Refusal("rate_limit_exceeded", "max_parallel", a.max_parallel, running, 1.0)
     hit: int | None = None
     if a.rpm is not None or a.tpm is not None:
         second = int(a.now)
@@ -193,15 +197,9 @@ def admit(
         if a.tpm is not None and tokens and tokens + wanted > a.tpm:
             return Refusal("rate_limit_exceeded", "tpm", a.tpm, tokens, retry)
     if hold and a.budgets:
-        (held,) = db.execute(
-            "SELECT coalesce(sum(micro_usd), 0) FROM reservations WHERE key = ? AND expires > ?",
-            (a.key, a.now),
-        ).fetchone()
+        spent_by_window = spent_in(db, a.key, [window for window, _ in a.budgets])
         for window, limit in a.budgets:
-            row = db.execute(
-                "SELECT micro_usd FROM spent WHERE key = ? AND window = ?", (a.key, window)
-            ).fetchone()
-            spent = row[0] if row is not None else 0
+            spent = spent_by_window[window]
             if spent >= limit or spent + a.micro_usd > limit:
                 return Refusal("insufficient_quota", window, limit, spent, 0.0, window)
             if spent + held + a.micro_usd > limit:
@@ -353,10 +351,13 @@ def settle_carried(db: sqlite3.Connection, ref: str, event: Event) -> bool:
 
 def spent_in(db: sqlite3.Connection, key: str, windows: Sequence[str]) -> dict[str, int]:
     found = dict.fromkeys(windows, 0)
-    for window in windows:
-        row = db.execute(
-            "SELECT micro_usd FROM spent WHERE key = ? AND window = ?", (key, window)
-        ).fetchone()
-        if row is not None:
-            found[window] = row[0]
+    if not found:
+        return found
+    marks = ", ".join("?" * len(found))
+    rows = db.execute(
+        f"SELECT window, micro_usd FROM spent WHERE key = ? AND window IN ({marks})",
+        (key, *found),
+    )
+    for window, micro_usd in rows:
+        found[window] = micro_usd
     return found

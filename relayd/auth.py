@@ -3,8 +3,8 @@
 A key is accepted as ``Authorization: Bearer <key>``, in the configured header
 (``X-Relay-Key`` by default), or for browser WebSockets as the subprotocol
 ``openai-insecure-api-key.<key>``. The middleware runs before any handler, so no
-request body is read before the caller is known (peer-failures: "uploads allocate
-before authentication").
+request body is read before the caller is known: an unauthenticated client must
+not make relayd allocate for its upload.
 """
 
 from __future__ import annotations

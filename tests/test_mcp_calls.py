@@ -86,9 +86,10 @@ async def test_a_slow_model_answers_within_the_budget_with_the_tool_that_checks_
     handle = result["structuredContent"]
     assert handle["status"] == "in_progress" and handle["id"].startswith("resp_")
     assert "getActionResponse" in result["content"][0]["text"]
-    await asyncio.sleep(1.2)  # the model finishes upstream meanwhile
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(5):  # each check waits up to the budget for the model
         done = await call(quick, "getActionResponse", {"response_id": handle["id"]})
+        while done["structuredContent"].get("status") == "in_progress":
+            done = await call(quick, "getActionResponse", {"response_id": handle["id"]})
     assert done["content"][0]["text"] == "answer to: think"
     assert posts(fake, "/v1/responses") == 1
 

@@ -21,6 +21,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from relayd.app import create_app
 from relayd.config import Settings, parse_keys_env, updated
 from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
+from tests.redisserver import RedisServer
 
 RELAY_KEY = "rk-canary-relay-0123456789abcdef"
 OTHER_KEY = "rk-canary-other-fedcba9876543210"
@@ -127,6 +128,24 @@ def canary_per_test(request: pytest.FixtureRequest, canary_watch: CanaryWatch) -
     canary_watch.test = "(between tests)"
     escaped = canary_watch.hits[before:]
     assert not escaped, "canary secrets escaped:\n" + "\n".join(escaped)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real ``redis-server`` for the run (tests/redisserver.py); tests that stop
+    it make their own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The shared server's URL, emptied for this test."""
+    redis_server.start()  # a test may have stopped it
+    redis_server.flush()
+    return redis_server.url
 
 
 @pytest.fixture

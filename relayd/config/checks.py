@@ -330,8 +330,15 @@ def _check_proxy_loop(settings: Settings) -> None:
 
 
 def _check_store(settings: Settings) -> None:
-    if settings.store.backend != "local":
-        raise ConfigError(f"[store] backend must be 'local', not {settings.store.backend!r}")
+    store = settings.store
+    if store.backend not in ("local", "redis"):
+        raise ConfigError(f"[store] backend must be 'local' or 'redis', not {store.backend!r}")
+    if store.backend == "redis" and not store.redis_url:
+        raise ConfigError("[store] backend = 'redis' needs redis_url (or RELAYD_REDIS_URL)")
+    if store.redis_url and not store.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("[store] redis_url must start with redis://, rediss:// or unix://")
+    if store.timeout_s <= 0:
+        raise ConfigError("[store] timeout must be a positive number of seconds")
     if settings.store.busy_timeout_s <= 0:
         raise ConfigError("[store] busy_timeout must be a positive number of seconds")
 

@@ -236,6 +236,14 @@ class Store:
     dir: str | None = setting(None, key="dir", env="RELAYD_STATE_DIR", path=True)
     # How long a write waits for another worker's transaction before giving up.
     busy_timeout_s: float = setting(2.0, key="busy_timeout")
+    # backend = "redis": the server every instance shares (redis:// or rediss://;
+    # Redis >= 7 or Valkey). It may carry a password, so it is never printed whole.
+    redis_url: str | None = setting(None, key="redis_url", env="RELAYD_REDIS_URL", repr=False)
+    # The first part of every key relayd writes, so several relays can share a server.
+    redis_prefix: str = setting("relayd", key="redis_prefix", env="RELAYD_REDIS_PREFIX")
+    # The deadline of every call to the shared store: past it the call fails
+    # (and [spend] on_backend_error decides what the request gets).
+    timeout_s: float = setting(0.5, key="timeout", env="RELAYD_STORE_TIMEOUT")
 
 
 # Client ID metadata documents relayd fetches (docs/security.md#oauth): ChatGPT's

@@ -1,0 +1,62 @@
+"""The connection to a shared Redis or Valkey server (``[store] backend = "redis"``).
+
+One client per process (:func:`connect`), every call bounded by ``[store] timeout``:
+a server that stops answering fails the call in that time instead of hanging a
+request. Keys are named by :func:`key`, always under ``[store] redis_prefix`` and,
+for anything that belongs to one relay key, hash-tagged by that key's name so every
+key a script touches at once lives in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from relayd.config import Settings
+
+__all__ = ["StoreUnavailableError", "connect", "key", "tagged", "unavailable"]
+
+# The longest a new connection may take, whatever [store] timeout says: a
+# server that is down refuses at once, one that is unreachable should not hold a
+# request for longer than a call would.
+CONNECT_TIMEOUT_S: Final = 2.0
+
+
+class StoreUnavailableError(RuntimeError):
+    """The shared store did not answer in time, or refused; the caller decides what the
+    request gets (never a hang, never a 500 with the server's words in it)."""
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    """A client for ``[store] redis_url``; it connects on first use."""
+    store = settings.store
+    if not store.redis_url:
+        raise ValueError("[store] redis_url is not set")
+    return aioredis.Redis.from_url(
+        store.redis_url,
+        socket_timeout=store.timeout_s,
+        socket_connect_timeout=min(CONNECT_TIMEOUT_S, store.timeout_s * 4),
+        retry_on_timeout=False,
+        health_check_interval=30,
+        decode_responses=False,
+    )
+
+
+def key(settings: Settings, *parts: str) -> str:
+    """``<prefix>:<part>:<part>…``: a key of relayd's own, in any slot."""
+    return ":".join((settings.store.redis_prefix, *parts))
+
+
+def tagged(settings: Settings, tag: str, *parts: str) -> str:
+    """``<prefix>:{<tag>}:<part>…``: keys with the same ``tag`` (a relay key's name)
+    share one Redis Cluster slot, so one script may touch them all."""
+    return ":".join((settings.store.redis_prefix, "{" + tag + "}", *parts))
+
+
+def unavailable(exc: RedisError | OSError, what: str) -> StoreUnavailableError:
+    """The error to raise for a failed call: says what failed, not the server's words
+    (which may name keys)."""
+    kind = type(exc).__name__
+    return StoreUnavailableError(f"the shared store did not answer ({what}: {kind})")

@@ -36,6 +36,7 @@ from tests.test_oauth import (  # noqa: F401
     test_a_reused_code_fails_and_revokes_what_it_issued,
     test_a_reused_refresh_token_revokes_the_family,
     test_an_expired_code_is_refused,
+    test_failed_logins_are_limited_per_address,
     test_revoke_ends_the_grant,
     test_token_requests_are_checked_exactly,
 )

@@ -20,10 +20,20 @@ from redis.asyncio import Redis
 
 from relayd.app import create_app
 from relayd.config import ConfigError
+from relayd.oauth.endpoints import COOKIE
 from tests.conftest import CANARY, RELAY_KEY, RelayFactory, make_settings
 from tests.fakes.openai import FakeOpenAI
 from tests.filehost import PNG
-from tests.oauthflow import bearer, login, refresh, register, tokens
+from tests.oauthflow import (
+    bearer,
+    hidden_fields,
+    login,
+    pkce_pair,
+    refresh,
+    register,
+    request_params,
+    tokens,
+)
 from tests.redisserver import RedisServer
 
 # The tests of tests/test_oauth.py this module runs again over Redis (pytest collects
@@ -204,3 +214,16 @@ async def test_the_redis_grant_store_holds_no_code_or_token(start: Start, redis_
     issued = [done.code, *granted.values(), *renewed.values(), RELAY_KEY]
     found = [str(i)[:6] for i in issued if len(str(i)) > 20 and str(i).encode() in stored]
     assert not found, f"stored in the clear: {found}"
+
+
+async def test_a_login_page_shown_by_one_instance_is_posted_to_the_other(start: Start) -> None:
+    first, second = await start(), await start()
+    client_id = await register(first)
+    _, challenge = pkce_pair()
+    page = await first.get("/oauth/authorize", params=request_params(client_id, challenge))
+    assert page.status == 200
+    form = hidden_fields(await page.text()) | {"relay_key": RELAY_KEY, "action": "allow"}
+    cookie = {"Cookie": f"{COOKIE}={page.cookies[COOKIE].value}"}
+    posted = await second.post("/oauth/authorize", data=form, headers=cookie, allow_redirects=False)
+    assert posted.status == 303  # the form's CSRF key is the shared store's
+    assert "code=" in posted.headers["Location"]

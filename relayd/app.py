@@ -59,7 +59,9 @@ from relayd.state import (
 from relayd.state import TABLE as TABLE_KEY
 from relayd.store import state_dir
 from relayd.store.grants import GrantStore
-from relayd.store.ledger import LEDGER_FILE, LedgerUnavailableError, SqliteLedger
+from relayd.store.ledger import LEDGER_FILE, Ledger, LedgerUnavailableError, SqliteLedger
+from relayd.store.ledger_redis import RedisLedger
+from relayd.store.redis import connect
 from relayd.tasks import spawn
 from relayd.upstream import Upstream
 
@@ -104,12 +106,20 @@ async def _close_calls(app: web.Application) -> None:
 
 def _spend_control(settings: Settings, metrics: Metrics) -> SpendControl:
     """The process's spend control; its ledger file opens on first use."""
-    ledger = None
-    if settings.spend.backend == "sqlite":
+    ledger: Ledger | None = None
+
+    def observe(name: str, seconds: float) -> None:
+        metrics.ledger_seconds.labels(name).observe(seconds)
+
+    if settings.spend.backend != "off" and settings.store.backend == "redis":
+        # Until the process's one client exists (STORE_CLIENT), the ledger makes and
+        # owns its own: swap this line for RedisLedger(client, settings, observe=observe).
+        ledger = RedisLedger(connect(settings), settings, observe=observe, own_client=True)
+    elif settings.spend.backend != "off":
         ledger = SqliteLedger(
             state_dir(settings) / LEDGER_FILE,
             busy_timeout_s=settings.store.busy_timeout_s,
-            observe=lambda name, seconds: metrics.ledger_seconds.labels(name).observe(seconds),
+            observe=observe,
         )
     hooks = SpendHooks(
         spent=metrics.count_spend,

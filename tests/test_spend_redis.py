@@ -25,7 +25,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis import asyncio as aioredis
 
-from relayd.config import KeyLimits, Settings, load_settings, updated
+from relayd.app import create_app
+from relayd.config import ConfigError, KeyLimits, Settings, load_settings, updated
 from relayd.spend import report
 from relayd.spend.windows import windows_at
 from relayd.state import SPEND
@@ -39,6 +40,11 @@ from tests.conftest import RELAY_KEY, RelayFactory
 from tests.redisserver import RedisServer
 
 ESTIMATE = 100  # micro-dollars each admission reserves
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def settings_for(url: str, state: Path, **spend: Any) -> Settings:
@@ -310,3 +316,39 @@ async def test_redis_stopped_then_back(
         assert spent[windows[0]] == (2 if on_error == "open" else 1) * 44
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("spend_backend", "store_backend", "ledger"),
+    [
+        (None, "local", "SqliteLedger"),
+        (None, "redis", "RedisLedger"),
+        ("sqlite", "local", "SqliteLedger"),  # the old name of "store"
+        ("store", "redis", "RedisLedger"),
+        ("off", "redis", None),
+    ],
+)
+async def test_the_ledger_lives_where_the_store_is(
+    spend_backend: str | None, store_backend: str, ledger: str | None, tmp_path: Path
+) -> None:
+    environ = {
+        "OPENAI_API_KEY": "sk-test",
+        "RELAYD_REDIS_URL": "redis://127.0.0.1:1/0",
+        **({"RELAYD_SPEND_BACKEND": spend_backend} if spend_backend else {}),
+    }
+    text = f'[store]\nbackend = "{store_backend}"\ndir = "{tmp_path}"\n'
+    settings = load_settings(write(tmp_path / "relayd.toml", text), environ)
+    control = create_app(settings)[SPEND]
+    assert type(control.ledger).__name__ == (ledger or "NoneType")
+    if control.ledger is not None:
+        await control.ledger.close()
+
+
+def test_a_machine_ledger_under_a_shared_store_is_refused(tmp_path: Path) -> None:
+    environ = {
+        "OPENAI_API_KEY": "sk-test",
+        "RELAYD_REDIS_URL": "redis://127.0.0.1:1/0",
+        "RELAYD_SPEND_BACKEND": "sqlite",
+    }
+    with pytest.raises(ConfigError, match="set \\[spend\\] backend = 'store'"):
+        load_settings(write(tmp_path / "relayd.toml", '[store]\nbackend = "redis"\n'), environ)

@@ -171,6 +171,23 @@ async def test_rpm_is_exact_across_two_instances(pair: tuple[RedisLedger, RedisL
     assert len(refused) == 30 and {r.limit_name for r in refused} == {"rpm"}
 
 
+async def test_scripts_the_server_lost_are_loaded_again(
+    pair: tuple[RedisLedger, RedisLedger], redis_url: str, tmp_path: Path
+) -> None:
+    client = connect(settings_for(redis_url, tmp_path))
+    try:
+        await client.script_flush()  # as a restarted or failed-over server has none
+    finally:
+        await client.aclose()
+    now = time.time()
+    # Concurrent calls go out together, in one pipeline: each is retried once loaded.
+    verdicts = await asyncio.gather(
+        *(pair[0].admit(admission(n, now, rpm=100), hold=False) for n in range(10))
+    )
+    assert all(isinstance(v, int) for v in verdicts)
+    assert await pair[1].settle(event("alice", 7, now), reservation=None, hit=None, tokens=0)
+
+
 async def test_a_dead_instances_reservation_is_charged_once_by_the_first_upkeep(
     pair: tuple[RedisLedger, RedisLedger], redis_url: str, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ that its refusals share the shape.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from redis.asyncio import Redis
 
 from relayd.actions.handout_store import HandoutStore, handout_store_ctx
 from relayd.auth import KeyRing, auth_middleware
@@ -53,15 +55,19 @@ from relayd.state import (
     SETTINGS,
     SPEND,
     STARTED,
+    STORE_CLIENT,
     TOOLS,
     UPSTREAM,
 )
 from relayd.state import TABLE as TABLE_KEY
 from relayd.store import state_dir
-from relayd.store.grants import GrantStore
+from relayd.store.attempts import attempt_limit
+from relayd.store.blobs import open_blob_store
+from relayd.store.grants import open_grant_store
 from relayd.store.ledger import LEDGER_FILE, Ledger, LedgerUnavailableError, SqliteLedger
 from relayd.store.ledger_redis import RedisLedger
 from relayd.store.redis import connect
+from relayd.store.signing import signing_key
 from relayd.tasks import spawn
 from relayd.upstream import Upstream
 
@@ -104,17 +110,16 @@ async def _close_calls(app: web.Application) -> None:
     app[MCP_CALLS].close()
 
 
-def _spend_control(settings: Settings, metrics: Metrics) -> SpendControl:
-    """The process's spend control; its ledger file opens on first use."""
+def _spend_control(settings: Settings, metrics: Metrics, client: Redis | None) -> SpendControl:
+    """The process's spend control; its ledger opens on first use. ``client``: the
+    shared store's (STORE_CLIENT), for the ledger on Redis."""
     ledger: Ledger | None = None
 
     def observe(name: str, seconds: float) -> None:
         metrics.ledger_seconds.labels(name).observe(seconds)
 
-    if settings.spend.backend != "off" and settings.store.backend == "redis":
-        # Until the process's one client exists (STORE_CLIENT), the ledger makes and
-        # owns its own: swap this line for RedisLedger(client, settings, observe=observe).
-        ledger = RedisLedger(connect(settings), settings, observe=observe, own_client=True)
+    if settings.spend.backend != "off" and client is not None:
+        ledger = RedisLedger(client, settings, observe=observe)
     elif settings.spend.backend != "off":
         ledger = SqliteLedger(
             state_dir(settings) / LEDGER_FILE,
@@ -159,14 +164,23 @@ def _add_oauth(app: web.Application, settings: Settings, table: RouteTable) -> N
     endpoints = Endpoints.build(settings, table)
     if endpoints is None:
         return
-    store = GrantStore.open(settings)
+    store = open_grant_store(settings, app[STORE_CLIENT])
     fetch = document_fetcher(app[UPSTREAM], settings)
-    app[OAUTH] = Authority(settings, endpoints, store, fetch)
+    limits = functools.partial(attempt_limit, settings, app[STORE_CLIENT])
+    app[OAUTH] = Authority(settings, endpoints, store, fetch, limits)
 
     async def close_store(app: web.Application) -> None:
-        store.close()
+        await store.close()
 
     app.on_cleanup.append(close_store)
+
+
+async def _close_store_client(app: web.Application) -> None:
+    """The shared store's client closes after everything that uses it: aiohttp runs
+    every ``cleanup_ctx`` exit first, then ``on_cleanup`` in order, and this is the
+    last one added."""
+    if (client := app[STORE_CLIENT]) is not None:
+        await client.aclose()
 
 
 def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application:
@@ -202,12 +216,20 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[STARTED] = time.monotonic()
     app[ROUTE_MAP] = table.register(app.router)
     app.cleanup_ctx.append(_upstream_ctx)
-    app[SPEND] = _spend_control(settings, app[METRICS])
+    # The one client of the shared store (backend redis), before anything uses it;
+    # it connects on first use.
+    app[STORE_CLIENT] = connect(settings) if settings.store.backend == "redis" else None
+    app[SPEND] = _spend_control(settings, app[METRICS], app[STORE_CLIENT])
     app.cleanup_ctx.append(_spend_ctx)
     # The Actions surface: its download store, and its operation list checked now
     # (an unknown operationId is a config error at start, not a 500 later).
     actions_routes(table, settings)
-    app[HANDOUTS] = HandoutStore(settings, app[KEYRING])
+    app[HANDOUTS] = HandoutStore(
+        settings,
+        app[KEYRING],
+        open_blob_store(settings, app[STORE_CLIENT]),
+        signing_key(settings),
+    )
     app.cleanup_ctx.append(handout_store_ctx)
     _add_oauth(app, settings, table)
     # The MCP face: its tools derived now (an unknown [mcp] tools name is a config
@@ -218,4 +240,5 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app.on_shutdown.append(close_bridges)
     app.on_cleanup.append(_close_budget)
     app.on_response_prepare.append(add_request_id)
+    app.on_cleanup.append(_close_store_client)  # keep last (see its docstring)
     return app

@@ -29,7 +29,7 @@ from relayd.app import create_app
 from relayd.config import ConfigError, KeyLimits, Settings, load_settings, updated
 from relayd.spend import report
 from relayd.spend.windows import windows_at
-from relayd.state import SPEND
+from relayd.state import SPEND, STORE_CLIENT
 from relayd.store.ledger import Admission, Event, Refusal
 from relayd.store.ledger_lua import SEP
 from relayd.store.ledger_redis import RedisLedger
@@ -40,6 +40,7 @@ from tests.conftest import RELAY_KEY, RelayFactory
 from tests.redisserver import RedisServer
 
 ESTIMATE = 100  # micro-dollars each admission reserves
+SIGNING_SECRET = "s" * 40  # every instance on one store signs links alike
 
 
 def write(path: Path, text: str) -> Path:
@@ -284,6 +285,7 @@ async def test_relayd_usage_on_any_instance_reports_every_instance(
 def _relay_sections(url: str, on_error: str) -> dict[str, Any]:
     return {
         "store": {"backend": "redis", "redis_url": url, "timeout_s": 0.3},
+        "actions": {"signing_secret": SIGNING_SECRET},
         "spend": {
             "on_backend_error": on_error,
             "keys": {"team": KeyLimits(usd_per_day=10**6)},
@@ -348,17 +350,22 @@ async def test_redis_stopped_then_back(
 async def test_the_ledger_lives_where_the_store_is(
     spend_backend: str | None, store_backend: str, ledger: str | None, tmp_path: Path
 ) -> None:
+    secret = write(tmp_path / "secret", SIGNING_SECRET)
     environ = {
         "OPENAI_API_KEY": "sk-test",
         "RELAYD_REDIS_URL": "redis://127.0.0.1:1/0",
+        "RELAYD_SIGNING_SECRET_FILE": str(secret),
         **({"RELAYD_SPEND_BACKEND": spend_backend} if spend_backend else {}),
     }
     text = f'[store]\nbackend = "{store_backend}"\ndir = "{tmp_path}"\n'
     settings = load_settings(write(tmp_path / "relayd.toml", text), environ)
-    control = create_app(settings)[SPEND]
+    app = create_app(settings)
+    control = app[SPEND]
     assert type(control.ledger).__name__ == (ledger or "NoneType")
     if control.ledger is not None:
         await control.ledger.close()
+    if (client := app[STORE_CLIENT]) is not None:
+        await client.aclose()
 
 
 def test_a_machine_ledger_under_a_shared_store_is_refused(tmp_path: Path) -> None:

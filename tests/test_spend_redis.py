@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,15 @@ async def test_relayd_usage_on_any_instance_reports_every_instance(
     assert await asyncio.to_thread(by_day, fmt="json", html=None, now=now, out=out) == 0
     [day] = json.loads(out.getvalue())
     assert (day["day"], day["micro_usd"]) == (windows_at(now, "UTC")[0].name[4:], 3_500)
+    # relayd prices check sees the models every instance used.
+    out = io.StringIO()
+    check = functools.partial(report.prices_check, shared, older_than_days=10**5)
+    assert await asyncio.to_thread(check, today=date.today(), out=out) == 0
+    out = io.StringIO()
+    unknown = dataclasses.replace(event("bob", 0, now), model="gpt-unknown-test")
+    await pair[0].record([unknown])
+    assert await asyncio.to_thread(check, today=date.today(), out=out) == 1
+    assert "unpriced  gpt-unknown-test  (1 events" in out.getvalue()
 
 
 def _relay_sections(url: str, on_error: str) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from typing import Final
 
 __all__ = [
     "ADMIT",
-    "ARG_SEP",
     "CARRY",
     "COUNTERS",
     "DAY_TTL_S",
@@ -45,9 +44,6 @@ __all__ = [
 ]
 
 SEP: Final = "\x1f"
-# The hot scripts (ADMIT, SETTLE) take their arguments as one, joined by this:
-# one argument to encode instead of twenty is most of the client's cost per call.
-ARG_SEP: Final = "\x1e"
 # Counters of a usage aggregate, in the order SETTLE takes them (after requests,
 # estimated and micro_usd, which it always knows).
 COUNTERS: Final = (
@@ -68,7 +64,6 @@ GRACE_S: Final = 86400
 
 _PRELUDE: Final = f"""
 local SEP = '\\31'
-local ARG_SEP = '\\30'
 local COUNTERS = {{{", ".join(f"'{name}'" for name in COUNTERS)}}}
 local function now_at(offset)
   local t = redis.call('TIME')
@@ -126,20 +121,19 @@ end
 """
 
 # KEYS: slots, held, res, refs, hits, then the spent key of each budget.
-# ARGV[1], its fields joined by ARG_SEP: now offset, expires offset, hold
-# ('1'/'0'), id, rpm, tpm, max_parallel ('' when none), micro-dollars, tokens
-# (input + output), record, then each budget's limit. Returns {0, hit second or
-# -1} or {1, kind, limit, used, retry ms, budget index}; kinds: 1 max_parallel,
-# 2 rpm, 3 tpm, 4 a spent budget, 5 a budget full of what is in flight.
+# ARGV: now offset, expires offset, hold ('1'/'0'), id, rpm, tpm, max_parallel
+# ('' when none), micro-dollars, tokens (input + output), record, then each
+# budget's limit. Returns {0, hit second or -1} or {1, kind, limit, used,
+# retry ms, budget index}; kinds: 1 max_parallel, 2 rpm, 3 tpm, 4 a spent budget,
+# 5 a budget full of what is in flight.
 ADMIT: Final = (
     _PRELUDE
     + f"""
-local A = split(ARGV[1], ARG_SEP)
-local now, raw = now_at(A[1])
-local hold = A[3] == '1'
-local rpm, tpm, most = tonumber(A[5]), tonumber(A[6]), tonumber(A[7])
-local micro, wanted = tonumber(A[8]), tonumber(A[9])
-local budgets = #A - 10
+local now, raw = now_at(ARGV[1])
+local hold = ARGV[3] == '1'
+local rpm, tpm, most = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local micro, wanted = tonumber(ARGV[8]), tonumber(ARGV[9])
+local budgets = #ARGV - 10
 local running, held = 0, 0
 if hold and most then
   running = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
@@ -180,7 +174,7 @@ if rpm or tpm then
 end
 if hold then
   for b = 1, budgets do
-    local limit = tonumber(A[10 + b])
+    local limit = tonumber(ARGV[10 + b])
     local spent = tonumber(redis.call('GET', KEYS[5 + b]) or '0')
     if spent >= limit or spent + micro > limit then return {{1, 4, limit, spent, 0, b}} end
     -- What is in flight may settle for less: worth a retry soon.
@@ -191,14 +185,14 @@ local hit = -1
 if rpm or tpm then
   hit = second
   redis.call('HINCRBY', KEYS[5], string.format('%d', second), 1)
-  redis.call('HINCRBY', KEYS[5], string.format('%dt', second), A[9])
+  redis.call('HINCRBY', KEYS[5], string.format('%dt', second), ARGV[9])
   redis.call('EXPIRE', KEYS[5], {HITS_TTL_S})
 end
 if hold then
-  local expires = raw + tonumber(A[2])
-  redis.call('ZADD', KEYS[1], expires, A[4])
-  redis.call('ZADD', KEYS[2], expires, A[4])
-  redis.call('HSET', KEYS[3], A[4], A[10])
+  local expires = raw + tonumber(ARGV[2])
+  redis.call('ZADD', KEYS[1], expires, ARGV[4])
+  redis.call('ZADD', KEYS[2], expires, ARGV[4])
+  redis.call('HSET', KEYS[3], ARGV[4], ARGV[10])
   local ttl = expires - raw + {GRACE_S}
   keep(KEYS[1], ttl)
   keep(KEYS[2], ttl)
@@ -209,37 +203,36 @@ return {{0, hit}}
 )
 
 # KEYS: slots, held, res, refs, hits, usage (the event's day).
-# ARGV[1], its fields joined by ARG_SEP: reservation id or '', upstream id or ''
-# (settle what it carries), hit second or '', tokens (actual minus estimate), has
-# an event ('1'/'0'), group (model, operation, outcome, reason), micro-dollars,
-# estimated ('1'/'0'), the six token counters, budget windows (space separated; a
-# carried reservation's own are used instead). Returns 1, or 0 if the reservation was already gone.
+# ARGV: reservation id or '', upstream id or '' (settle what it carries), hit
+# second or '', tokens (actual minus estimate), has an event ('1'/'0'), group
+# (model, operation, outcome, reason), micro-dollars, estimated ('1'/'0'), the six
+# token counters, budget windows (space separated; a carried reservation's own
+# are used instead). Returns 1, or 0 if the reservation was already gone.
 SETTLE: Final = (
     _PRELUDE
     + """
-local A = split(ARGV[1], ARG_SEP)
 local base = string.sub(KEYS[3], 1, -4)
-local id, windows = A[1], A[15]
-if A[2] ~= '' then
-  id = redis.call('HGET', KEYS[4], A[2])
+local id, windows = ARGV[1], ARGV[15]
+if ARGV[2] ~= '' then
+  id = redis.call('HGET', KEYS[4], ARGV[2])
   if not id then return 0 end
 end
 if id ~= '' then
   local rec = redis.call('HGET', KEYS[3], id)
   if not rec then return 0 end  -- expired and charged already: never count twice
   drop(id, rec)
-  if A[2] ~= '' then windows = split(rec, SEP)[6] end
+  if ARGV[2] ~= '' then windows = split(rec, SEP)[6] end
 end
-if A[5] == '1' then
-  if A[3] ~= '' then
-    local field = A[3] .. 't'
+if ARGV[5] == '1' then
+  if ARGV[3] ~= '' then
+    local field = ARGV[3] .. 't'
     local tokens = redis.call('HGET', KEYS[5], field)
     if tokens then
-      redis.call('HSET', KEYS[5], field, math.max(0, tonumber(tokens) + tonumber(A[4])))
+      redis.call('HSET', KEYS[5], field, math.max(0, tonumber(tokens) + tonumber(ARGV[4])))
     end
   end
-  local counts = {A[9], A[10], A[11], A[12], A[13], A[14]}
-  add_event(base, KEYS[6], A[6], A[7], A[8] == '1', counts, words(windows))
+  local counts = {ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]}
+  add_event(base, KEYS[6], ARGV[6], ARGV[7], ARGV[8] == '1', counts, words(windows))
 end
 return 1
 """

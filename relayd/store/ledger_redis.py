@@ -64,8 +64,8 @@ def usage_group(model: str, operation: str, outcome: str, reason: str) -> str:
 @dataclass(slots=True)
 class _Call:
     script: AsyncScript
-    keys: Sequence[str | bytes]
-    args: Sequence[str | int | float | bytes]
+    keys: list[str]
+    args: list[str | int | float]
     done: asyncio.Future[Any]
 
 
@@ -80,12 +80,7 @@ class _Batches:
         self._timeout_s = timeout_s
         self._queue: list[_Call] = []
 
-    def run(
-        self,
-        script: AsyncScript,
-        keys: Sequence[str | bytes],
-        args: Sequence[str | int | float | bytes],
-    ) -> Any:
+    def run(self, script: AsyncScript, keys: list[str], args: list[str | int | float]) -> Any:
         loop = asyncio.get_running_loop()
         call = _Call(script, keys, args, loop.create_future())
         self._queue.append(call)
@@ -166,7 +161,6 @@ class RedisLedger:
         self._carry = client.register_script(lua.CARRY)
         self._index = global_key(settings, "ledger", "keys")
         self._batches = _Batches(client, self._timeout_s)
-        self._encoded: dict[str, list[bytes]] = {}
         self._holders: dict[str, str] = {}  # reservation id -> relay key, while held here
         self._indexed: dict[str, float] = {}  # relay key -> expiry last written to the index
         self._day: tuple[float, float, str] = (0.0, 0.0, "")
@@ -195,16 +189,6 @@ class RedisLedger:
 
     def _keys(self, key: str, *names: str) -> list[str]:
         return [tagged(self._settings, key, name) for name in names]
-
-    def _own_keys(self, key: str) -> list[bytes]:
-        """slots, held, res, refs and hits of ``key``, encoded once per key."""
-        found = self._encoded.get(key)
-        if found is None:
-            if len(self._encoded) > 10_000:
-                self._encoded.clear()
-            names = self._keys(key, "slots", "held", "res", "refs", "hits")
-            found = self._encoded[key] = [name.encode() for name in names]
-        return found
 
     def _usage_key(self, key: str, at: float) -> str:
         return tagged(self._settings, key, "usage", self._day_of(at))
@@ -261,8 +245,9 @@ class RedisLedger:
         a = admission
         clock = time.time()
         budgets = a.budgets if hold else ()
-        keys: list[str | bytes] = [*self._own_keys(a.key)]
-        keys += self._keys(a.key, *(f"spent:{w}" for w, _ in budgets))
+        keys = self._keys(
+            a.key, "slots", "held", "res", "refs", "hits", *(f"spent:{w}" for w, _ in budgets)
+        )
         record = lua.SEP.join(
             (
                 str(a.micro_usd),
@@ -291,7 +276,7 @@ class RedisLedger:
         async def work() -> list[Any]:
             if hold:
                 await self._register(a.key, a.expires)
-            return await self._batches.run(self._admit, keys, [_packed(args)])  # type: ignore[no-any-return]
+            return await self._batches.run(self._admit, keys, args)  # type: ignore[no-any-return]
 
         answer = await self._call("admit", work)
         if int(answer[0]) == 0:
@@ -333,7 +318,7 @@ class RedisLedger:
         tokens: int,
     ) -> bool:
         at = event.at if event is not None else time.time()
-        keys = [*self._own_keys(key), self._usage_key(key, at).encode()]
+        keys = [*self._keys(key, "slots", "held", "res", "refs", "hits"), self._usage_key(key, at)]
         args: list[str | int | float] = [reservation, ref, "" if hit is None else hit, tokens]
         if event is None:
             args += ["0", "", 0, "0", 0, 0, 0, 0, 0, 0, ""]
@@ -351,8 +336,7 @@ class RedisLedger:
                 event.audio_output_tokens,
                 " ".join(event.windows),
             ]
-        packed = [_packed(args)]
-        done = await self._call("settle", lambda: self._batches.run(self._settle, keys, packed))
+        done = await self._call("settle", lambda: self._batches.run(self._settle, keys, args))
         if done and event is not None:
             self._keep_detail([event])
         return bool(done)
@@ -457,11 +441,6 @@ class RedisLedger:
                     log.warning("%d detail events not written locally: %s", len(batch), exc)
         finally:
             self._detail_task = None
-
-
-def _packed(args: Sequence[str | int | float]) -> bytes:
-    """The arguments of a hot script as its one argument (ledger_lua.ARG_SEP)."""
-    return lua.ARG_SEP.join(map(str, args)).encode()
 
 
 def _expired_event(key: str, record: str, now: float) -> Event:

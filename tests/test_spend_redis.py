@@ -215,6 +215,32 @@ async def test_a_dead_instances_reservation_is_charged_once_by_the_first_upkeep(
     assert [(c.outcome, c.estimated, c.micro_usd) for c in cells] == [("expired", 1, ESTIMATE)]
 
 
+async def test_a_live_reservation_extended_by_its_holder_outlives_its_ttl_everywhere(
+    pair: tuple[RedisLedger, RedisLedger],
+) -> None:
+    now = time.time()
+    holder, other = pair
+    assert await holder.admit(admission(1, now, max_parallel=1), hold=True) is None
+    await holder.extend(["r1"], now + 600)  # the holder's upkeep: its request still runs
+    assert await other.expire(now + 61) == 0  # past the first expiry: not charged
+    refused = await other.admit(admission(2, now + 61, max_parallel=1), hold=True)
+    assert isinstance(refused, Refusal) and refused.limit_name == "max_parallel"
+    assert await holder.settle(event("alice", 30, now), reservation="r1", hit=None, tokens=0)
+    assert await other.admit(admission(3, now + 61, max_parallel=1), hold=True) is None
+
+
+async def test_a_background_response_carried_on_one_instance_settles_on_another(
+    pair: tuple[RedisLedger, RedisLedger],
+) -> None:
+    now = time.time()
+    first = admission(1, now, budgets=(("total", 10**6),))
+    assert await pair[0].admit(first, hold=True) is None
+    await pair[0].carry("r1", "resp_1", now + 600, first)
+    assert await pair[1].settle_ref("resp_1", event("alice", 30, now), now)  # a poll on B
+    assert not await pair[0].settle_ref("resp_1", event("alice", 30, now), now)
+    assert await pair[0].spent("alice", ["total"]) == {"total": 30}
+
+
 async def test_every_key_the_ledger_writes_is_tagged_and_temporary_keys_expire(
     pair: tuple[RedisLedger, RedisLedger], redis_url: str, tmp_path: Path
 ) -> None:

@@ -293,6 +293,10 @@ async def test_relayd_usage_on_any_instance_reports_every_instance(
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
+    # Each instance keeps its own detail events, locally.
+    await asyncio.gather(*(ledger.close() for ledger in pair))
+    local = [usage_cells(tmp_path / name / "ledger.sqlite3", None, None) for name in "ab"]
+    assert [{c.key for c in cells or ()} for cells in local] == [{"alice"}, {"bob"}]
     by_key = {row["key"]: row for row in usage()}
     assert by_key["alice"]["micro_usd"] == 1_000 and by_key["alice"]["requests"] == 1
     assert by_key["bob"]["micro_usd"] == 2_500 and by_key["bob"]["requests"] == 2
@@ -313,7 +317,10 @@ async def test_relayd_usage_on_any_instance_reports_every_instance(
     assert await asyncio.to_thread(check, today=date.today(), out=out) == 0
     out = io.StringIO()
     unknown = dataclasses.replace(event("bob", 0, now), model="gpt-unknown-test")
-    await pair[0].record([unknown])
+    settings = settings_for(redis_url, tmp_path / "c")
+    third = RedisLedger(connect(settings), settings, own_client=True)
+    await third.record([unknown])
+    await third.close()
     assert await asyncio.to_thread(check, today=date.today(), out=out) == 1
     assert "unpriced  gpt-unknown-test  (1 events" in out.getvalue()
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +268,10 @@ async def test_every_key_the_ledger_writes_is_tagged_and_temporary_keys_expire(
 
 
 async def test_relayd_usage_on_any_instance_reports_every_instance(
-    pair: tuple[RedisLedger, RedisLedger], redis_url: str, tmp_path: Path
+    pair: tuple[RedisLedger, RedisLedger],
+    redis_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     now = time.time()
     assert await pair[0].settle(event("alice", 1_000, now), reservation=None, hit=None, tokens=0)
@@ -311,6 +314,13 @@ async def test_relayd_usage_on_any_instance_reports_every_instance(
     assert await asyncio.to_thread(by_day, fmt="json", html=None, now=now, out=out) == 0
     [day] = json.loads(out.getvalue())
     assert (day["day"], day["micro_usd"]) == (windows_at(now, "UTC")[0].name[4:], 3_500)
+    # An instant selects its whole day there, and the report says so.
+    out = io.StringIO()
+    later = datetime.fromtimestamp(now, UTC).replace(hour=23, minute=59).isoformat()
+    in_day = functools.partial(report.usage, shared, since=later, until=None, by=["key"])
+    assert await asyncio.to_thread(in_day, fmt="json", html=None, now=now, out=out) == 0
+    assert len(json.loads(out.getvalue())) == 2
+    assert "select whole days" in capsys.readouterr().err
     # relayd prices check sees the models every instance used.
     out = io.StringIO()
     check = functools.partial(report.prices_check, shared, older_than_days=10**5)

@@ -31,7 +31,7 @@ from relayd.config import ConfigError, KeyLimits, Settings, load_settings, updat
 from relayd.spend import report
 from relayd.spend.windows import windows_at
 from relayd.state import SPEND, STORE_CLIENT
-from relayd.store.ledger import Admission, Event, Refusal
+from relayd.store.ledger import Admission, Event, LedgerUnavailableError, Refusal
 from relayd.store.ledger_lua import SEP
 from relayd.store.ledger_redis import RedisLedger
 from relayd.store.redis import connect, tagged
@@ -42,6 +42,14 @@ from tests.redisserver import RedisServer
 
 ESTIMATE = 100  # micro-dollars each admission reserves
 SIGNING_SECRET = "s" * 40  # every instance on one store signs links alike
+# Keeps the server busy for 0.6 s, so that calls queue behind it.
+BUSY_LUA = """
+local t = redis.call('TIME')
+repeat
+  local n = redis.call('TIME')
+until (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 600000
+return 1
+"""
 
 
 def write(path: Path, text: str) -> Path:
@@ -188,6 +196,36 @@ async def test_scripts_the_server_lost_are_loaded_again(
     )
     assert all(isinstance(v, int) for v in verdicts)
     assert await pair[1].settle(event("alice", 7, now), reservation=None, hit=None, tokens=0)
+
+
+async def test_an_admission_whose_answer_was_lost_is_let_go_not_charged(
+    redis_url: str, tmp_path: Path
+) -> None:
+    settings = updated(settings_for(redis_url, tmp_path / "a"), store={"timeout_s": 0.2})
+    ledger = RedisLedger(connect(settings), settings, own_client=True)
+    other = aioredis.Redis.from_url(redis_url)  # no deadline: it runs the busy script
+    try:
+        await ledger.open()
+        now = time.time()
+        budget = (("total", 10**6),)
+        assert await ledger.admit(admission(0, now, budgets=budget), hold=True) is None
+        assert await ledger.settle(None, reservation="r0", hit=None, tokens=0)
+        # The server takes the call but runs it after the deadline (busy with another
+        # script): the caller is told the ledger is unavailable, yet it is held.
+        busy = spawn(other.eval(BUSY_LUA, 0), name="test.busy")
+        await asyncio.sleep(0.1)
+        with pytest.raises(LedgerUnavailableError):
+            await ledger.admit(admission(1, now, budgets=budget, max_parallel=1), hold=True)
+        await busy
+        async with asyncio.timeout(5):
+            while not await other.hexists(tagged(settings, "alice", "res"), "r1"):
+                await asyncio.sleep(0.05)
+        await ledger.expire(time.time())  # the upkeep lets it go: no charge, slot free
+        assert await ledger.spent("alice", ["total"]) == {"total": 0}
+        assert await ledger.admit(admission(2, now, max_parallel=1), hold=True) is None
+    finally:
+        await other.aclose()
+        await ledger.close()
 
 
 async def test_a_dead_instances_reservation_is_charged_once_by_the_first_upkeep(

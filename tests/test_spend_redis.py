@@ -352,6 +352,11 @@ async def test_relayd_usage_on_any_instance_reports_every_instance(
     assert await asyncio.to_thread(by_day, fmt="json", html=None, now=now, out=out) == 0
     [day] = json.loads(out.getvalue())
     assert (day["day"], day["micro_usd"]) == (windows_at(now, "UTC")[0].name[4:], 3_500)
+    # The HTML page from the same aggregates.
+    page = tmp_path / "usage.html"
+    html = functools.partial(report.usage, shared, since=None, until=None, by=["key"])
+    assert await asyncio.to_thread(html, fmt="table", html=str(page), now=now) == 0
+    assert "alice" in page.read_text() and "bob" in page.read_text()
     # An instant selects its whole day there, and the report says so.
     out = io.StringIO()
     later = datetime.fromtimestamp(now, UTC).replace(hour=23, minute=59).isoformat()

@@ -32,7 +32,7 @@ from relayd.spend import report
 from relayd.spend.windows import windows_at
 from relayd.state import SPEND, STORE_CLIENT
 from relayd.store.ledger import Admission, Event, LedgerUnavailableError, Refusal
-from relayd.store.ledger_lua import SEP
+from relayd.store.ledger_lua import HELD_FIELD, SEP
 from relayd.store.ledger_redis import RedisLedger
 from relayd.store.redis import connect, tagged
 from relayd.store.usage_rows import usage_cells
@@ -115,9 +115,10 @@ async def in_flight(client: aioredis.Redis, settings: Settings, window: str) -> 
     """Spent plus held of alice, read in one atomic step (MULTI/EXEC)."""
     pipe = client.pipeline(transaction=True)
     pipe.get(tagged(settings, "alice", f"spent:{window}"))
-    pipe.hvals(tagged(settings, "alice", "res"))
-    spent, records = await pipe.execute()
-    return int(spent or 0) + sum(int(r.decode().split(SEP)[0]) for r in records)
+    pipe.zrange(tagged(settings, "alice", "held"), 0, -1)
+    pipe.hgetall(tagged(settings, "alice", "res"))
+    spent, ids, records = await pipe.execute()
+    return int(spent or 0) + sum(int(records[i].decode().split(SEP)[0]) for i in ids)
 
 
 async def test_fifty_admissions_on_two_instances_never_overfill_a_budget(
@@ -265,6 +266,31 @@ async def test_a_live_reservation_extended_by_its_holder_outlives_its_ttl_everyw
     assert isinstance(refused, Refusal) and refused.limit_name == "max_parallel"
     assert await holder.settle(event("alice", 30, now), reservation="r1", hit=None, tokens=0)
     assert await other.admit(admission(3, now + 61, max_parallel=1), hold=True) is None
+
+
+async def test_money_in_flight_counts_live_reservations_only(
+    pair: tuple[RedisLedger, RedisLedger], redis_url: str, tmp_path: Path
+) -> None:
+    now = time.time()
+    budget = (("total", 2 * ESTIMATE),)
+    assert await pair[0].admit(admission(1, now, budgets=budget), hold=True) is None
+    assert await pair[1].admit(admission(2, now, budgets=budget), hold=True) is None
+    full = await pair[0].admit(admission(3, now, budgets=budget), hold=True)
+    assert isinstance(full, Refusal) and full.reason == "rate_limit_exceeded"
+    # r1 and r2 expired (their holders died) but are not charged yet: not in flight.
+    later = now + 61
+    assert await pair[0].admit(admission(4, later, budgets=budget), hold=True) is None
+    assert await pair[1].expire(later) == 2  # now they are spent
+    spent = await pair[1].admit(admission(5, later, budgets=budget), hold=True)
+    assert isinstance(spent, Refusal) and spent.reason == "insufficient_quota"
+    assert await pair[0].settle(event("alice", 0, now), reservation="r4", hit=None, tokens=0)
+    settings = settings_for(redis_url, tmp_path)
+    client = connect(settings)
+    try:  # nothing held any more: the running sum is back to zero
+        held = await client.hget(tagged(settings, "alice", "res"), HELD_FIELD)
+        assert int(held or 0) == 0
+    finally:
+        await client.aclose()
 
 
 async def test_a_background_response_carried_on_one_instance_settles_on_another(

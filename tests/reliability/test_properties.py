@@ -113,9 +113,15 @@ class _Relay:
 
 
 @pytest.fixture(scope="module")
-def live_relay() -> Iterator[_Relay]:
-    with _Relay() as relay:
-        yield relay
+def live_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Relay]:
+    # Module-scoped, so the per-test private state directory is not set yet: the
+    # relay's state goes to a directory of its own, never the user's.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("STATE_DIRECTORY", raising=False)
+        patch.delenv("RELAYD_STATE_DIR", raising=False)
+        patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("live-state")))
+        with _Relay() as relay:
+            yield relay
 
 
 def test_relayd_keeps_to_its_own_openapi_document(live_relay: _Relay) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from redis.asyncio import Redis
 
 from relayd.actions.handout_store import HandoutStore, handout_store_ctx
 from relayd.auth import KeyRing, auth_middleware
@@ -53,13 +54,17 @@ from relayd.state import (
     SETTINGS,
     SPEND,
     STARTED,
+    STORE_CLIENT,
     TOOLS,
     UPSTREAM,
 )
 from relayd.state import TABLE as TABLE_KEY
 from relayd.store import state_dir
-from relayd.store.grants import GrantStore
+from relayd.store.blobs import open_blob_store
+from relayd.store.grants import open_grant_store
 from relayd.store.ledger import LEDGER_FILE, LedgerUnavailableError, SqliteLedger
+from relayd.store.redis import connect
+from relayd.store.signing import signing_key
 from relayd.tasks import spawn
 from relayd.upstream import Upstream
 
@@ -102,8 +107,9 @@ async def _close_calls(app: web.Application) -> None:
     app[MCP_CALLS].close()
 
 
-def _spend_control(settings: Settings, metrics: Metrics) -> SpendControl:
-    """The process's spend control; its ledger file opens on first use."""
+def _spend_control(settings: Settings, metrics: Metrics, client: Redis | None) -> SpendControl:
+    """The process's spend control; its ledger file opens on first use. ``client``:
+    the shared store's (STORE_CLIENT), for a ledger on Redis."""
     ledger = None
     if settings.spend.backend == "sqlite":
         ledger = SqliteLedger(
@@ -149,14 +155,22 @@ def _add_oauth(app: web.Application, settings: Settings, table: RouteTable) -> N
     endpoints = Endpoints.build(settings, table)
     if endpoints is None:
         return
-    store = GrantStore.open(settings)
+    store = open_grant_store(settings, app[STORE_CLIENT])
     fetch = document_fetcher(app[UPSTREAM], settings)
     app[OAUTH] = Authority(settings, endpoints, store, fetch)
 
     async def close_store(app: web.Application) -> None:
-        store.close()
+        await store.close()
 
     app.on_cleanup.append(close_store)
+
+
+async def _close_store_client(app: web.Application) -> None:
+    """The shared store's client closes after everything that uses it: aiohttp runs
+    every ``cleanup_ctx`` exit first, then ``on_cleanup`` in order, and this is the
+    last one added."""
+    if (client := app[STORE_CLIENT]) is not None:
+        await client.aclose()
 
 
 def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application:
@@ -192,12 +206,20 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app[STARTED] = time.monotonic()
     app[ROUTE_MAP] = table.register(app.router)
     app.cleanup_ctx.append(_upstream_ctx)
-    app[SPEND] = _spend_control(settings, app[METRICS])
+    # The one client of the shared store (backend redis), before anything uses it;
+    # it connects on first use.
+    app[STORE_CLIENT] = connect(settings) if settings.store.backend == "redis" else None
+    app[SPEND] = _spend_control(settings, app[METRICS], app[STORE_CLIENT])
     app.cleanup_ctx.append(_spend_ctx)
     # The Actions surface: its download store, and its operation list checked now
     # (an unknown operationId is a config error at start, not a 500 later).
     actions_routes(table, settings)
-    app[HANDOUTS] = HandoutStore(settings, app[KEYRING])
+    app[HANDOUTS] = HandoutStore(
+        settings,
+        app[KEYRING],
+        open_blob_store(settings, app[STORE_CLIENT]),
+        signing_key(settings),
+    )
     app.cleanup_ctx.append(handout_store_ctx)
     _add_oauth(app, settings, table)
     # The MCP face: its tools derived now (an unknown [mcp] tools name is a config
@@ -208,4 +230,5 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app.on_shutdown.append(close_bridges)
     app.on_cleanup.append(_close_budget)
     app.on_response_prepare.append(add_request_id)
+    app.on_cleanup.append(_close_store_client)  # keep last (see its docstring)
     return app

@@ -21,6 +21,7 @@ from relayd.oauth.metadata import PROTECTED_GROUP
 from relayd.oauth.tokens import is_access_token
 from relayd.routing import Exposure, Handler, Route
 from relayd.state import KEY, KEYRING, OAUTH, ROUTE, ROUTE_MAP, SETTINGS
+from relayd.store.redis import StoreUnavailableError
 
 __all__ = [
     "EPHEMERAL_PREFIX",
@@ -121,13 +122,15 @@ def refuse_unless_loopback(request: web.Request) -> None:
             )
 
 
-def _identify(request: web.Request, keyring: KeyRing, secret: str) -> RelayKey | None:
+async def _identify(request: web.Request, keyring: KeyRing, secret: str) -> RelayKey | None:
     """The relay key ``secret`` is, or acts as: a relay key itself, or an OAuth
     access token relayd issued (docs/security.md#oauth), which acts as the key it
-    was granted with, its scopes narrowed to the token's."""
+    was granted with, its scopes narrowed to the token's. A grant store that does
+    not answer raises StoreUnavailableError: a 503 the client retries, never a 401
+    that would make it throw the token away."""
     key = keyring.identify(secret)
     if key is None and is_access_token(secret) and (authority := request.app.get(OAUTH)):
-        key = authority.key_for_token(secret, keyring.by_name)
+        key = await authority.key_for_token(secret, keyring.by_name)
     return key
 
 
@@ -185,8 +188,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if _is_public(route, settings):
         # Open to all, but a valid key is still identified (/health shows a key
         # holder more); a wrong one is no refusal here.
-        if secret is not None and (key := _identify(request, keyring, secret)) is not None:
-            request[KEY] = key
+        if secret is not None:
+            try:
+                key = await _identify(request, keyring, secret)
+            except StoreUnavailableError:
+                key = None  # a public route answers whatever the store does
+            if key is not None:
+                request[KEY] = key
         return await handler(request)
     if secret is None:
         raise _unauthenticated(
@@ -197,7 +205,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             code="missing_api_key",
             sent=False,
         )
-    key = _identify(request, keyring, secret)
+    key = await _identify(request, keyring, secret)
     if key is None:
         message = "Incorrect relay key provided."
         if is_access_token(secret):

@@ -21,6 +21,7 @@ Hierarchy (whose fault is part of the type, as in h11's Local/RemoteProtocolErro
     ├── PublicUrlNotSetError             500: a link is needed, RELAYD_PUBLIC_URL is unset
     ├── OverloadedError                  503: relayd's own capacity is used up
     ├── SpendUnavailableError            503: the spend ledger cannot be reached
+    ├── (store.redis) StoreUnavailableError  503: the shared store did not answer
     └── UpstreamError                    the upstream leg failed
         ├── UpstreamUnavailableError     502 (also a ConnectionError)
         └── UpstreamTimeoutError         504 (also a TimeoutError)

@@ -7,26 +7,34 @@ will meet. A failure is one line naming the path or port and what to change,
 never a traceback (issue 11).
 
 Only what the operator can act on is checked: the directories relayd writes (the
-download store, the temporary directory it uses instead, the directory of a Unix
-socket) and the listen address. Run as another user (``check-config`` as root, the
-service as its own user) the answers can differ; they are this process's.
+download store, the state directory, the directory of a Unix socket), the listen
+address, and with ``[store] backend = "redis"`` the shared store itself. Run as
+another user (``check-config`` as root, the service as its own user) the answers
+can differ; they are this process's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
 import socket
 import stat
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from relayd.config import Listen, Settings
+from redis.exceptions import RedisError
+
+from relayd.config import Listen, Settings, masked_url
 from relayd.store import state_path
+from relayd.store.blobs import blob_directory
+from relayd.store.deadlines import call_deadline
+from relayd.store.redis import connect
+from relayd.store.signing import MISSING_FOR_REDIS
 
-__all__ = ["StartupError", "bind_error", "check", "try_bind"]
+__all__ = ["StartupError", "bind_error", "check", "check_shared_store", "try_bind"]
 
 
 class StartupError(Exception):
@@ -36,20 +44,60 @@ class StartupError(Exception):
 def check(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
     """Raise StartupError for a directory relayd needs and cannot use."""
     env = os.environ if environ is None else environ
-    if settings.actions.store_dir is not None:
+    local = settings.store.backend == "local"
+    state = "the state directory ([store] dir, RELAYD_STATE_DIR)"
+    if settings.server.public_url:  # OAuth serves, and keeps its grants there
+        _creatable(state_path(settings), f"{state} for OAuth grants")
+    if local and not settings.actions.signing_secret:
+        _creatable(state_path(settings), f"{state} for the link-signing secret")
+    if settings.actions.store_dir is not None and local:
         _creatable(Path(settings.actions.store_dir), "the download store ([actions] store_dir)")
-    else:
-        runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
-        where = Path(runtime) if runtime else Path(tempfile.gettempdir())
-        _writable(where, "the temporary directory for the download store")
+    elif local:
+        _creatable(blob_directory(settings), "the download store (in the state directory)")
+    if not local:
+        check_shared_store(settings)
     metrics = env.get("PROMETHEUS_MULTIPROC_DIR")
     if settings.server.workers > 1 and metrics:
         _writable(Path(metrics), "PROMETHEUS_MULTIPROC_DIR")
     if settings.server.listen.path is not None and not _socket_activated(env):
         _unix_socket(settings.server.listen)
-    if settings.server.public_url:  # OAuth serves, and keeps its grants there
-        grants = "the state directory ([store] dir, RELAYD_STATE_DIR) for OAuth grants"
-        _creatable(state_path(settings), grants)
+
+
+def check_shared_store(settings: Settings) -> None:
+    """``[store] backend = "redis"``: the signing secret is given, and the server
+    answers (a PING, authenticated, over TLS for ``rediss://``) within the store's
+    deadline. Otherwise relayd does not start: a relay without its shared state
+    would hand out links and tokens the other instances cannot honour, and
+    systemd's ``Restart=on-failure`` tries again until the server is back."""
+    if not settings.actions.signing_secret:
+        raise StartupError(MISSING_FOR_REDIS)
+    failure = asyncio.run(_ping(settings))
+    if failure is not None:
+        where = masked_url(settings.store.redis_url)
+        raise StartupError(f"the shared store {where} does not answer: {failure}")
+
+
+async def _ping(settings: Settings) -> str | None:
+    """What went wrong reaching the shared store, in a few words, or None."""
+    client = connect(settings)
+    try:
+        async with asyncio.timeout(call_deadline(settings)):
+            await client.ping()
+    except TimeoutError:
+        return f"no answer within {call_deadline(settings):g} s"
+    except (RedisError, OSError) as exc:
+        text = str(exc) or type(exc).__name__
+        for secret in (settings.store.redis_password, _url_password(settings)):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+    finally:
+        await client.aclose()
+    return None
+
+
+def _url_password(settings: Settings) -> str | None:
+    return urlsplit(settings.store.redis_url or "").password
 
 
 def try_bind(settings: Settings, environ: Mapping[str, str] | None = None) -> None:

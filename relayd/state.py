@@ -19,6 +19,8 @@ from relayd.usage import UsageTap
 if TYPE_CHECKING:
     from weakref import WeakKeyDictionary
 
+    from redis.asyncio import Redis
+
     from relayd.actions.handout_store import HandoutStore
     from relayd.auth import KeyRing
     from relayd.clientaddr import TrustedProxies
@@ -65,6 +67,7 @@ __all__ = [
     "ROUTE_MAP",
     "SETTINGS",
     "STARTED",
+    "STORE_CLIENT",
     "STREAMED",
     "TABLE",
     "TOOLS",
@@ -151,3 +154,7 @@ SPEND_WATCH: Final = web.RequestKey("relayd.spend_watch", bool)
 SPEND_MODEL: Final = web.RequestKey("relayd.spend_model", str)
 # The client went away while its answer streamed (no upstream fault).
 CLIENT_LEFT: Final = web.RequestKey("relayd.client_left", bool)
+
+# The one client of the shared store ([store] backend = "redis"; None: local), made
+# first and closed last by app.py; every shared store of the process uses it.
+STORE_CLIENT: Final[web.AppKey[Redis | None]] = web.AppKey("relayd.store_client")

@@ -1019,6 +1019,9 @@ def test_every_optional_setting_in_the_example_config_is_valid(tmp_path: Path) -
     cert, key = write_pair(trustme.CA(), tmp_path)
     env = {"RELAYD_KEYS_FILE": str(keys_file), "RELAYD_SIGNING_SECRET_FILE": str(secret)}
     env |= {"RELAYD_TLS_CERT_FILE": str(cert), "RELAYD_TLS_KEY_FILE": str(key)}
+    password = write(tmp_path / "redis_password", "pw-" + "r" * 20)
+    env |= {"RELAYD_REDIS_PASSWORD_FILE": str(password), "RELAYD_REDIS_CA_FILE": str(cert)}
+    env |= {"RELAYD_REDIS_URL": "rediss://redis.example:6380/0"}  # redis_ca_file needs TLS
     settings = load(env, path)
     assert settings.server.public_url == "https://relay.example.com"
     assert settings.upstream.organization and settings.upstream.project

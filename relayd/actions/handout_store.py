@@ -8,13 +8,12 @@ credential: an HMAC-SHA256-signed token with an expiry.
 
 - Upstream files and videos need no storage: the token names the upstream object
   (stateless), and the download handler streams it from upstream when asked.
-- Bytes relayd made itself (images decoded from ``b64_json``) go to a bounded
-  on-disk store: files older than the link lifetime are removed, and the oldest go
-  first when the store is over its byte budget.
+- Bytes relayd made itself (images decoded from ``b64_json``) go to the blob store
+  (relayd/store/blobs.py): files under the state directory, or the shared Redis,
+  kept as long as their link lives.
 
-The signing key comes from config, else it is random per process: links then work
-only on the worker that made them, so several workers need a configured key (and a
-shared ``store_dir``).
+The signing key is the same for every worker and instance (relayd/store/signing.py):
+from the operator, or made once and kept in the state directory; never per process.
 
 A link lives no longer than the relay key that asked for it (issue 11, item 7): the
 token names that key and a fingerprint of it (an HMAC of its digest, so the token
@@ -25,34 +24,25 @@ working once keys are required.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
-import logging
-import os
-import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from aiohttp import web
 
 from relayd.auth import KeyRing
 from relayd.config import RelayKey, Settings
-from relayd.errors import NotFoundError
+from relayd.errors import NotFoundError, PayloadTooLargeError
 from relayd.state import HANDOUTS
+from relayd.store.blobs import BlobStore, BlobTooLargeError
 
 __all__ = ["Claims", "HandoutStore", "handout_store_ctx"]
-
-log = logging.getLogger("relayd.actions.handout_store")
-
-_BLOB_NAME: Final = 32  # hex characters of a blob id
 
 
 def _b64(data: bytes) -> str:
@@ -120,91 +110,25 @@ class _Signer:
         return _b64(hmac.new(self._secret, payload.encode(), hashlib.sha256).digest())
 
 
-class _BlobStore:
-    """Files named by random ids in one directory; every method blocks (run in a thread)."""
-
-    def __init__(self, directory: Path, max_bytes: int, ttl_s: float) -> None:
-        self.directory = directory
-        self._max_bytes = max_bytes
-        self._ttl_s = ttl_s
-
-    def put(self, data: bytes | bytearray) -> str:
-        blob_id = secrets.token_hex(_BLOB_NAME // 2)
-        temporary = self.directory / f".{blob_id}.tmp"
-        temporary.write_bytes(data)
-        temporary.rename(self.directory / blob_id)  # readers never see half a file
-        self.sweep(keep=blob_id)
-        return blob_id
-
-    def path(self, blob_id: str) -> Path | None:
-        if len(blob_id) != _BLOB_NAME or not all(c in "0123456789abcdef" for c in blob_id):
-            return None
-        path = self.directory / blob_id
-        try:
-            fresh = time.time() - path.stat().st_mtime <= self._ttl_s
-        except OSError:
-            return None
-        return path if fresh else None
-
-    def sweep(self, keep: str | None = None) -> None:
-        """Remove expired blobs, then the oldest while the store is over budget."""
-        now = time.time()
-        entries: list[tuple[float, int, Path]] = []
-        for path in self.directory.iterdir():
-            try:
-                stat = path.stat()
-            except OSError:
-                continue  # another worker removed it
-            if now - stat.st_mtime > self._ttl_s + 60:  # stale, or a torn .tmp
-                path.unlink(missing_ok=True)
-            else:
-                entries.append((stat.st_mtime, stat.st_size, path))
-        total = sum(size for _, size, _ in entries)
-        for _, size, path in sorted(entries):
-            if total <= self._max_bytes:
-                break
-            if path.name != keep:
-                path.unlink(missing_ok=True)
-                total -= size
-
-
 class HandoutStore:
-    """Signs download links and keeps the bytes that need keeping.
+    """Signs download links and keeps the bytes that need keeping (in the shared
+    :class:`~relayd.store.blobs.BlobStore`, so any worker or instance serves them).
 
-    Built with the app; ``start()``/``close()`` (the app's ``cleanup_ctx``) make
-    and remove the store's directory when relayd chose it.
+    Built with the app; its ``cleanup_ctx`` (:func:`handout_store_ctx`) closes the
+    blob store when the app stops.
     """
 
-    def __init__(self, settings: Settings, keyring: KeyRing) -> None:
-        secret = settings.actions.signing_secret
-        self._signer = _Signer(secret.encode() if secret else secrets.token_bytes(32))
+    def __init__(
+        self, settings: Settings, keyring: KeyRing, blobs: BlobStore, secret: bytes
+    ) -> None:
+        self._signer = _Signer(secret)
         self._settings = settings
         self._keyring = keyring
         self._ttl_s = settings.actions.link_ttl_s
-        self._store: _BlobStore | None = None
-        self._owned: Path | None = None
+        self.blobs = blobs
 
-    def start(self) -> None:
-        s = self._settings
-        if s.actions.store_dir is not None:
-            directory = Path(s.actions.store_dir)
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        else:
-            # systemd's RuntimeDirectory= (private to the unit) when there is one.
-            parent = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
-            directory = self._owned = Path(tempfile.mkdtemp(prefix="relayd-files-", dir=parent))
-        self._store = _BlobStore(directory, s.actions.store_max_bytes, self._ttl_s)
-        if s.server.workers > 1 and not s.actions.signing_secret:
-            log.warning(
-                "several workers and no [actions] signing secret: a download link works "
-                "only on the worker that made it; set signing_secret_file and store_dir"
-            )
-
-    def close(self) -> None:
-        if self._owned is not None:
-            shutil.rmtree(self._owned, ignore_errors=True)
-            self._owned = None
-        self._store = None
+    async def close(self) -> None:
+        await self.blobs.close()
 
     def token(self, claims: Claims, holder: RelayKey | None) -> str:
         """A signed token naming ``claims``, valid for ``[actions] link_ttl`` seconds
@@ -230,26 +154,27 @@ class HandoutStore:
         return claims
 
     async def keep(self, data: bytes | bytearray) -> str:
-        """Store ``data``; the blob id to put in a link's claims."""
-        return await asyncio.to_thread(self._running().put, data)
+        """Store ``data`` for as long as its link lives; the blob id to put in the
+        link's claims. A file too large for a link is a 413; a store that does not
+        answer, a 503 (StoreUnavailableError)."""
+        try:
+            return await self.blobs.put(data, self._ttl_s)
+        except BlobTooLargeError as exc:
+            raise PayloadTooLargeError(
+                f"The file is too large for a download link: {exc}.", code="file_too_large"
+            ) from None
 
-    async def blob_path(self, blob_id: str) -> Path:
-        path = await asyncio.to_thread(self._running().path, blob_id)
-        if path is None:
+    async def blob(self, blob_id: str) -> bytes | Path:
+        """A stored blob's bytes (or its file); a 404 once it expired."""
+        found = await self.blobs.get(blob_id)
+        if found is None:
             raise NotFoundError("This download link has expired.", code="link_expired")
-        return path
-
-    def _running(self) -> _BlobStore:
-        if self._store is None:
-            raise RuntimeError("HandoutStore.start() was not called")
-        return self._store
+        return found
 
 
 async def handout_store_ctx(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: the download store lives as long as the app."""
-    store = app[HANDOUTS]
-    store.start()
     try:
         yield
     finally:
-        store.close()
+        await app[HANDOUTS].close()

@@ -279,7 +279,8 @@ async def download(request: web.Request) -> web.StreamResponse:
     """``GET /v1/actions/downloads/{token}``: what a signed link names, with its labels.
 
     No relay key: the token is the credential (HMAC-signed, expiring). Upstream
-    objects stream through chunk by chunk; stored blobs are served from disk.
+    objects stream through chunk by chunk; stored blobs come from the blob store
+    (a file on this machine, or bytes from the shared store).
     """
     claims = request.app[HANDOUTS].claims(request.match_info["token"])
     labels = {
@@ -289,8 +290,10 @@ async def download(request: web.Request) -> web.StreamResponse:
         "X-Content-Type-Options": "nosniff",
     }
     if claims.kind == "blob":
-        path = await request.app[HANDOUTS].blob_path(claims.ref)
-        return web.FileResponse(path, headers=labels)
+        blob = await request.app[HANDOUTS].blob(claims.ref)
+        if isinstance(blob, bytes):  # from the shared store: at most 10 MB, held whole
+            return web.Response(body=blob, headers=labels)
+        return web.FileResponse(blob, headers=labels)
     if claims.kind == "file":
         path_qs = f"/v1/files/{quote(claims.ref, safe='')}/content"
     elif claims.kind == "video":

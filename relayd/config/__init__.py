@@ -30,6 +30,7 @@ from relayd.config.keys import parse_keys_env as parse_keys_env
 from relayd.config.keys import parse_keys_file as parse_keys_file
 from relayd.config.load import load_settings as load_settings
 from relayd.config.load import updated as updated
+from relayd.config.report import masked_url as masked_url
 from relayd.config.report import redacted as redacted
 from relayd.config.settings import DEFAULT_DENY as DEFAULT_DENY
 from relayd.config.settings import DEFAULT_FETCH_HOSTS as DEFAULT_FETCH_HOSTS

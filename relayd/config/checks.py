@@ -339,6 +339,13 @@ def _check_store(settings: Settings) -> None:
         raise ConfigError("[store] redis_url must start with redis://, rediss:// or unix://")
     if store.timeout_s <= 0:
         raise ConfigError("[store] timeout must be a positive number of seconds")
+    if store.redis_ca_file is not None:
+        if not (store.redis_url or "").startswith("rediss://"):
+            raise ConfigError(
+                "[store] redis_ca_file is set but redis_url is not a rediss:// (TLS) URL"
+            )
+        if not Path(store.redis_ca_file).is_file():
+            raise ConfigError(f"[store] redis_ca_file {store.redis_ca_file!r} is not a file")
     if settings.store.busy_timeout_s <= 0:
         raise ConfigError("[store] busy_timeout must be a positive number of seconds")
 

@@ -77,6 +77,10 @@ def load_settings(
     if secret:
         values["actions"]["signing_secret"] = secret
     sources["actions.signing_secret_file"] = origin or "default"
+    password, origin = secrets.redis_password(env, tables["store"], base, warnings)
+    if password:
+        values["store"]["redis_password"] = password
+    sources["store.redis_password_file"] = origin or "default"
 
     for name, path in secrets.tls_credentials(env).items():
         if name not in values["server"]:  # the env and the file win, as for keys_file

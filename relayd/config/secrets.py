@@ -23,6 +23,7 @@ __all__ = [
     "CREDENTIAL_UPSTREAM_KEY",
     "collect_keys",
     "holds_secrets",
+    "redis_password",
     "signing_secret",
     "too_open",
     "upstream_key",
@@ -31,6 +32,7 @@ __all__ = [
 CREDENTIAL_UPSTREAM_KEY: Final = "openai_api_key"
 CREDENTIAL_RELAY_KEYS: Final = "relay_keys"
 CREDENTIAL_SIGNING_SECRET: Final = "actions_signing_secret"
+CREDENTIAL_REDIS_PASSWORD: Final = "redis_password"
 # relayd's own TLS pair, by [server] field (docs/security.md#own-tls).
 CREDENTIALS_TLS: Final = {"tls_cert": "tls_cert", "tls_key": "tls_key"}
 
@@ -75,6 +77,22 @@ def signing_secret(
     if (path := credential(env, CREDENTIAL_SIGNING_SECRET)) is not None:
         secret = _read_secret(path, "systemd credential", warnings)
         return secret, f"credential {CREDENTIAL_SIGNING_SECRET}"
+    return None, None
+
+
+def redis_password(
+    env: Mapping[str, str], store: Mapping[str, Any], base: Path, warnings: list[str]
+) -> tuple[str | None, str | None]:
+    """The shared store's password and where it came from, in the signing secret's
+    order: the env's file, the TOML's file, the systemd credential."""
+    from_env = env.get("RELAYD_REDIS_PASSWORD_FILE")
+    password_file = from_env or _toml_path(store, "redis_password_file", "store", base)
+    if password_file:
+        password = _read_secret(Path(password_file), "redis password file", warnings)
+        return password, ("env RELAYD_REDIS_PASSWORD_FILE" if from_env else "file")
+    if (path := credential(env, CREDENTIAL_REDIS_PASSWORD)) is not None:
+        password = _read_secret(path, "systemd credential", warnings)
+        return password, f"credential {CREDENTIAL_REDIS_PASSWORD}"
     return None, None
 
 

@@ -213,9 +213,10 @@ class Actions:
     # Files handed back as openaiFileResponse: inline when small, else signed URLs.
     inline_max_bytes: int = setting(32 * 1024, key="inline_max_bytes")  # 43,692 base64 chars
     link_ttl_s: float = setting(300.0, key="link_ttl")
-    # HMAC key for those URLs; None: a random one per process (workers > 1 need one).
+    # HMAC key for those URLs; None: with [store] backend "local", one made once and
+    # kept in the state directory (relayd.store.signing); "redis" refuses to start.
     signing_secret: str | None = setting(None, key="signing_secret_file", special=True, repr=False)
-    store_dir: str | None = setting(None, key="store_dir", path=True)  # None: a private tmp dir
+    store_dir: str | None = setting(None, key="store_dir", path=True)  # None: <state dir>/files
     store_max_bytes: int = setting(256 * MiB, key="store_max_bytes")
     # /v1/actions/videos/generations: the allowed sets and the reference image's cap.
     video_models: tuple[str, ...] = setting(("sora-2", "sora-2-pro"), key="video_models")
@@ -244,6 +245,15 @@ class Store:
     # The deadline of every call to the shared store: past it the call fails
     # (and [spend] on_backend_error decides what the request gets).
     timeout_s: float = setting(0.5, key="timeout", env="RELAYD_STORE_TIMEOUT")
+    # The server's password (AUTH), from [store] redis_password_file,
+    # RELAYD_REDIS_PASSWORD_FILE or the systemd credential redis_password (secrets.py);
+    # it wins over a password written in redis_url.
+    redis_password: str | None = setting(None, key="redis_password_file", special=True, repr=False)
+    # rediss://: the CA that signed the server's certificate, when it is a private one
+    # (None: the system's trusted CAs).
+    redis_ca_file: str | None = setting(
+        None, key="redis_ca_file", env="RELAYD_REDIS_CA_FILE", path=True
+    )
 
 
 # Client ID metadata documents relayd fetches (docs/security.md#oauth): ChatGPT's

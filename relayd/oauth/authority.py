@@ -106,7 +106,7 @@ class Authority:
         self.endpoints = endpoints
         self.store = store
         self._fetch = fetch
-        self._csrf_key = store.secret("login-csrf")
+        self._csrf_key: bytes | None = None  # the store's, read on first use
         self.failed_logins = PerAddressLimit(
             settings.oauth.login_attempts, settings.oauth.login_window_s
         )
@@ -161,7 +161,7 @@ class Authority:
         return (tuple(sorted(asked)) if asked else None), offline
 
     async def _client(self, client_id: str) -> ClientRecord:
-        known = self.store.client(client_id)
+        known = await self.store.client(client_id)
         if known is not None and (
             known.origin == "registered" or time.time() - known.saved_at < _DOCUMENT_TTL_S
         ):
@@ -171,26 +171,30 @@ class Authority:
                 client_id, self.settings.oauth.client_documents, self._fetch
             )
             client = dataclasses.replace(client, saved_at=time.time())
-            self.store.save_client(client)
+            await self.store.save_client(client)
             return client
         raise LoginPageError("This client is not registered with the relay.")
 
-    def csrf_token(self, request: AuthorizeRequest, browser: str, issued: int) -> str:
+    async def csrf_token(self, request: AuthorizeRequest, browser: str, issued: int) -> str:
         """The login form's token: bound to this browser (its cookie), to every
-        parameter of the request, and to when the page was shown."""
+        parameter of the request, and to when the page was shown. Its key is the
+        store's, the same for every worker and instance (a page shown by one may be
+        posted to another)."""
+        if self._csrf_key is None:
+            self._csrf_key = await self.store.secret("login-csrf")
         # JSON: no value can pass for a field boundary.
         message = json.dumps([browser, issued, *(request.params.get(f) for f in AUTHORIZE_FIELDS)])
         mac = hmac.new(self._csrf_key, message.encode(), hashlib.sha256).hexdigest()
         return f"{issued}.{mac}"
 
-    def csrf_valid(self, request: AuthorizeRequest, browser: str, token: str) -> bool:
+    async def csrf_valid(self, request: AuthorizeRequest, browser: str, token: str) -> bool:
         issued_text, _, _ = token.partition(".")
         if not issued_text.isdigit() or not browser:
             return False
         issued = int(issued_text)
         if not 0 <= time.time() - issued <= LOGIN_FORM_TTL_S:
             return False
-        return hmac.compare_digest(self.csrf_token(request, browser, issued), token)
+        return hmac.compare_digest(await self.csrf_token(request, browser, issued), token)
 
     def grant_scopes(self, request: AuthorizeRequest, key: RelayKey) -> tuple[str, ...] | None:
         """What a token may do: the scopes asked for that the key has (none asked
@@ -210,7 +214,7 @@ class Authority:
             )
         return scopes
 
-    def issue_code(self, request: AuthorizeRequest, key: RelayKey) -> str:
+    async def issue_code(self, request: AuthorizeRequest, key: RelayKey) -> str:
         """The redirect URL carrying a fresh code (RFC 6749 §4.1.2, RFC 9207 iss)."""
         grant = Grant(
             client_id=request.client.client_id,
@@ -222,7 +226,9 @@ class Authority:
         )
         code = new_secret(CODE_PREFIX)
         expires = time.time() + self.settings.oauth.code_ttl_s
-        self.store.add_code(digest(code), grant, request.redirect_uri, request.challenge, expires)
+        await self.store.add_code(
+            digest(code), grant, request.redirect_uri, request.challenge, expires
+        )
         log.info(
             "relay key %s linked app %r (client %s), scopes %s%s",
             key.name,
@@ -252,20 +258,20 @@ class Authority:
 
     # ------------------------------------------------------------------ token
 
-    def exchange(self, form: Mapping[str, str], lookup: KeyLookup) -> dict[str, Any]:
+    async def exchange(self, form: Mapping[str, str], lookup: KeyLookup) -> dict[str, Any]:
         """``POST /oauth/token``: the token response, or an OAuthError."""
         grant_type = form.get("grant_type")
-        client = self._token_client(form)
+        client = await self._token_client(form)
         if grant_type == "authorization_code":
-            return self._redeem_code(form, client, lookup)
+            return await self._redeem_code(form, client, lookup)
         if grant_type == "refresh_token":
-            return self._refresh(form, client, lookup)
+            return await self._refresh(form, client, lookup)
         raise OAuthError(
             "unsupported_grant_type",
             "Only authorization_code and refresh_token grants are supported.",
         )
 
-    def _token_client(self, form: Mapping[str, str]) -> ClientRecord:
+    async def _token_client(self, form: Mapping[str, str]) -> ClientRecord:
         client_id = form.get("client_id")
         if not client_id:
             raise OAuthError("invalid_client", "client_id is required.", status=401)
@@ -273,12 +279,12 @@ class Authority:
             raise OAuthError(
                 "invalid_client", "This client is public: it has no secret to send.", status=401
             )
-        client = self.store.client(client_id)
+        client = await self.store.client(client_id)
         if client is None:
             raise OAuthError("invalid_client", "Unknown client.", status=401)
         return client
 
-    def _redeem_code(
+    async def _redeem_code(
         self, form: Mapping[str, str], client: ClientRecord, lookup: KeyLookup
     ) -> dict[str, Any]:
         code, verifier = form.get("code"), form.get("code_verifier")
@@ -289,7 +295,7 @@ class Authority:
             )
         # Taking the code uses it up, whatever follows: a code is tried once.
         try:
-            record = self.store.take_code(digest(code))
+            record = await self.store.take_code(digest(code))
         except ReplayError as exc:
             _log_replay("an authorization code", exc.grant)
             record = None
@@ -303,16 +309,16 @@ class Authority:
             raise OAuthError("invalid_grant", "The code_verifier does not match the challenge.")
         self._check_resource(form, record.grant)
         key = self._live_key(record.grant, lookup)
-        return self._issue(record.family, record.grant, key)
+        return await self._issue(record.family, record.grant, key)
 
-    def _refresh(
+    async def _refresh(
         self, form: Mapping[str, str], client: ClientRecord, lookup: KeyLookup
     ) -> dict[str, Any]:
         token = form.get("refresh_token")
         if not token:
             raise OAuthError("invalid_request", "refresh_token is required.")
         try:
-            used = self.store.use_refresh(digest(token))
+            used = await self.store.use_refresh(digest(token))
         except ReplayError as exc:
             _log_replay("a refresh token", exc.grant)
             used = None
@@ -326,7 +332,7 @@ class Authority:
             raise OAuthError("invalid_scope", "A refresh cannot widen the granted scopes.")
         self._check_resource(form, grant)
         key = self._live_key(grant, lookup)
-        return self._issue(family, grant, key)
+        return await self._issue(family, grant, key)
 
     def _parse_refresh_scope(self, text: str | None) -> tuple[tuple[str, ...] | None, bool]:
         try:
@@ -348,7 +354,7 @@ class Authority:
             )
         return key
 
-    def _issue(self, family: str, grant: Grant, key: RelayKey) -> dict[str, Any]:
+    async def _issue(self, family: str, grant: Grant, key: RelayKey) -> dict[str, Any]:
         oauth = self.settings.oauth
         now = time.time()
         access = new_secret(ACCESS_PREFIX)
@@ -362,7 +368,7 @@ class Authority:
             refresh = new_secret(REFRESH_PREFIX)
             rows.append((digest(refresh), "refresh", now + oauth.refresh_token_ttl_s))
             answer["refresh_token"] = refresh
-        self.store.add_tokens(family, rows)
+        await self.store.add_tokens(family, rows)
         scopes = narrowed(grant.scopes, key.scopes)
         granted = list(scopes if scopes is not None else self.endpoints.scopes)
         answer["scope"] = " ".join(granted + ([OFFLINE_ACCESS] if grant.offline else []))
@@ -370,15 +376,15 @@ class Authority:
 
     # ------------------------------------------------------- revoke, register
 
-    def revoke(self, form: Mapping[str, str]) -> None:
+    async def revoke(self, form: Mapping[str, str]) -> None:
         """RFC 7009: the token's whole grant ends; an unknown token is no error
         (§2.2), so a revocation tells nobody whether a token existed."""
         token = form.get("token")
         if not token:
             raise OAuthError("invalid_request", "token is required.")
-        self.store.revoke(digest(token))
+        await self.store.revoke(digest(token))
 
-    def register(self, document: Any, address: str) -> dict[str, Any]:
+    async def register(self, document: Any, address: str) -> dict[str, Any]:
         if not self.settings.oauth.registration:
             raise OAuthError(
                 "access_denied", "Dynamic client registration is turned off on this relay."
@@ -391,16 +397,18 @@ class Authority:
             )
         client = register_client(document)
         self.registrations.record(address)
-        self.store.save_client(client)
+        await self.store.save_client(client)
         return registration_answer(client)
 
     # ---------------------------------------------------------------- tokens
 
-    def key_for_token(self, token: str, lookup: KeyLookup) -> RelayKey | None:
+    async def key_for_token(self, token: str, lookup: KeyLookup) -> RelayKey | None:
         """The relay key an access token acts as, its scopes narrowed to the
         token's; None for a token that is unknown, expired, revoked, or whose key
-        was removed or given a new secret since."""
-        grant = self.store.access(digest(token))
+        was removed or given a new secret since. One store read; a store that does
+        not answer raises StoreUnavailableError (a 503, never a 401: a client told
+        its token is bad drops it)."""
+        grant = await self.store.access(digest(token))
         if grant is None:
             return None
         key = lookup(grant.key_name)

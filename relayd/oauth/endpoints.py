@@ -23,6 +23,7 @@ from relayd.oauth.errors import NO_STORE, LoginPageError, OAuthError, RedirectEr
 from relayd.oauth.metadata import require
 from relayd.oauth.page import HEADERS, error_page, login_page
 from relayd.state import CLIENT_ADDRESS, KEYRING, OAUTH, SETTINGS
+from relayd.store.redis import StoreUnavailableError
 
 __all__ = [
     "COOKIE",
@@ -64,6 +65,26 @@ async def resource_metadata(request: web.Request) -> web.Response:
 
 async def authorize_page(request: web.Request) -> web.StreamResponse:
     """``GET /oauth/authorize``: check the request, then show the login page."""
+    try:
+        return await _authorize_page(request)
+    except StoreUnavailableError:
+        return _refused(request, _STORE_DOWN_PAGE, 503)
+
+
+async def authorize_submit(request: web.Request) -> web.StreamResponse:
+    """``POST /oauth/authorize``: the login form, checked again from scratch."""
+    try:
+        return await _authorize_submit(request)
+    except StoreUnavailableError:
+        return _refused(request, _STORE_DOWN_PAGE, 503)
+
+
+_STORE_DOWN_PAGE: Final = (
+    "The relay cannot reach its grant store just now. Wait a moment, then start again from the app."
+)
+
+
+async def _authorize_page(request: web.Request) -> web.StreamResponse:
     authority = _authority(request)
     try:
         params = _single(request.query.items())
@@ -73,7 +94,7 @@ async def authorize_page(request: web.Request) -> web.StreamResponse:
     if isinstance(checked, web.StreamResponse):
         return checked
     browser = request.cookies.get(COOKIE) or secrets.token_urlsafe(24)
-    response = _login(request, authority, checked, browser)
+    response = await _login(request, authority, checked, browser)
     response.set_cookie(
         COOKIE,
         browser,
@@ -86,8 +107,7 @@ async def authorize_page(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def authorize_submit(request: web.Request) -> web.StreamResponse:
-    """``POST /oauth/authorize``: the login form, checked again from scratch."""
+async def _authorize_submit(request: web.Request) -> web.StreamResponse:
     try:
         form = await _form(request)  # first: a body too large is the client's 413
     except OAuthError as exc:
@@ -98,7 +118,7 @@ async def authorize_submit(request: web.Request) -> web.StreamResponse:
     if isinstance(checked, web.StreamResponse):
         return checked
     browser = request.cookies.get(COOKIE, "")
-    if not authority.csrf_valid(checked, browser, form.get("csrf", "")):
+    if not await authority.csrf_valid(checked, browser, form.get("csrf", "")):
         return _refused(
             request,
             "This form expired or was not sent from relayd's own page (cookies must be on). "
@@ -111,18 +131,18 @@ async def authorize_submit(request: web.Request) -> web.StreamResponse:
     wait = authority.failed_logins.retry_after(address)
     if wait is not None:
         message = f"Too many wrong relay keys from here. Try again in {int(wait) + 1} seconds."
-        response = _login(request, authority, checked, browser, error=message, status=429)
+        response = await _login(request, authority, checked, browser, error=message, status=429)
         response.headers["Retry-After"] = str(int(wait) + 1)
         return response
     key = request.app[KEYRING].identify(form.get("relay_key", ""))
     if key is None:
         authority.failed_logins.record(address)
         message = "That is not a valid relay key. Check it and try again."
-        return _login(request, authority, checked, browser, error=message, status=401)
+        return await _login(request, authority, checked, browser, error=message, status=401)
     try:
-        location = authority.issue_code(checked, key)
+        location = await authority.issue_code(checked, key)
     except LoginPageError as exc:
-        return _login(request, authority, checked, browser, error=exc.description, status=403)
+        return await _login(request, authority, checked, browser, error=exc.description, status=403)
     return _see_other(location)
 
 
@@ -137,7 +157,7 @@ async def _checked(
         return _see_other(authority.error_redirect(params, exc))
 
 
-def _login(
+async def _login(
     request: web.Request,
     authority: Authority,
     checked: AuthorizeRequest,
@@ -147,7 +167,7 @@ def _login(
     status: int = 200,
 ) -> web.Response:
     hidden = {name: checked.params[name] for name in AUTHORIZE_FIELDS if name in checked.params}
-    hidden["csrf"] = authority.csrf_token(checked, browser, int(time.time()))
+    hidden["csrf"] = await authority.csrf_token(checked, browser, int(time.time()))
     page = login_page(
         relay_name=request.app[SETTINGS].meta.name,
         client_name=checked.client.name,
@@ -180,18 +200,22 @@ def _see_other(location: str) -> web.Response:
 async def token(request: web.Request) -> web.Response:
     try:
         form = await _form(request)  # first: a body too large is the client's 413
-        answer = _authority(request).exchange(form, request.app[KEYRING].by_name)
+        answer = await _authority(request).exchange(form, request.app[KEYRING].by_name)
     except OAuthError as exc:
         return exc.response()
+    except StoreUnavailableError:
+        return _store_down().response()
     return web.json_response(answer, headers=NO_STORE)
 
 
 async def revoke(request: web.Request) -> web.Response:
     try:
         form = await _form(request)  # first: a body too large is the client's 413
-        _authority(request).revoke(form)
+        await _authority(request).revoke(form)
     except OAuthError as exc:
         return exc.response()
+    except StoreUnavailableError:
+        return _store_down().response()
     return web.Response(status=200, headers=NO_STORE)
 
 
@@ -203,10 +227,22 @@ async def register(request: web.Request) -> web.Response:
             document: Any = json.loads(body)
         except ValueError:
             raise OAuthError("invalid_client_metadata", "The body is not JSON.") from None
-        answer = authority.register(document, request[CLIENT_ADDRESS])
+        answer = await authority.register(document, request[CLIENT_ADDRESS])
     except OAuthError as exc:
         return exc.response()
+    except StoreUnavailableError:
+        return _store_down().response()
     return web.json_response(answer, status=201, headers=NO_STORE)
+
+
+def _store_down() -> OAuthError:
+    """The grant store did not answer: a 503 the client may retry; its code, token
+    or registration was not touched (or, for a code, is gone: a new login)."""
+    return OAuthError(
+        "temporarily_unavailable",
+        "The relay's grant store did not answer; try again in a moment.",
+        status=503,
+    )
 
 
 # ----------------------------------------------------------------- parsing

@@ -1,34 +1,58 @@
 """The OAuth grant store: clients, authorization codes, access and refresh tokens.
 
-One SQLite database (``oauth.sqlite3`` under the state directory), so every worker
-and every restart sees the same grants. Codes and tokens are stored only as their
-SHA-256 digests: a copy of the database lets nobody act as anyone. A *family* is
-everything one authorization code led to (the code, each access token, each
-refresh token it rotated into); revoking a family ends all of it at once (a code
-used twice, an old refresh token used again, ``/oauth/revoke``).
+:class:`GrantStore` is the contract, with two backends chosen by ``[store] backend``
+(:func:`open_grant_store`): :class:`SqliteGrantStore` here, and
+:class:`~relayd.store.grants_redis.RedisGrantStore` for several machines. Codes
+and tokens are stored only as their SHA-256 digests: a copy of the store lets
+nobody act as anyone. A *family* is everything one authorization code led to (the
+code, each access token, each refresh token it rotated into); revoking a family
+ends all of it at once (a code used twice, an old refresh token used again,
+``/oauth/revoke``). Codes and tokens are kept a day past their expiry, so a late
+replay still finds, and revokes, its family.
 
-Every call is one short transaction on the event loop's thread: each touches a
-handful of rows by primary key, which costs microseconds, far below what handing
-it to a thread would.
+Every method may raise :class:`~relayd.store.redis.StoreUnavailableError` when the
+store cannot answer (a 503 for the request, never a 401 or a 500).
+
+The SQLite backend is one database (``oauth.sqlite3`` under the state directory), so
+every worker and every restart sees the same grants. Every call is one short
+transaction on the event loop's thread: each touches a handful of rows by primary
+key, which costs microseconds, far below what handing it to a thread would.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar
 
 from relayd.config import Settings
 from relayd.store import state_dir
+from relayd.store.redis import StoreUnavailableError
 from relayd.store.sqlite import open_database
 
-__all__ = ["ClientRecord", "CodeRecord", "Grant", "GrantStore", "ReplayError"]
+if TYPE_CHECKING:
+    from redis import asyncio as aioredis
+
+__all__ = [
+    "ClientRecord",
+    "CodeRecord",
+    "Grant",
+    "GrantStore",
+    "ReplayError",
+    "SqliteGrantStore",
+    "open_grant_store",
+]
 
 FILENAME: Final = "oauth.sqlite3"
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 _MIGRATIONS: Final = (
     """
@@ -113,7 +137,85 @@ class CodeRecord:
     challenge: str
 
 
-class GrantStore:
+# A token's row outlives its expiry by this much: a replay a day late is still caught.
+REPLAY_MEMORY_S: Final = 86400.0
+
+
+class GrantStore(Protocol):
+    """Where OAuth grants live; every method is one atomic step."""
+
+    async def secret(self, name: str) -> bytes:
+        """A random 32-byte secret made once and shared by every worker and instance
+        (the login form's CSRF key)."""
+        ...
+
+    async def save_client(self, client: ClientRecord) -> None: ...
+
+    async def client(self, client_id: str) -> ClientRecord | None: ...
+
+    async def add_code(
+        self, code_hash: bytes, grant: Grant, redirect_uri: str, challenge: str, expires: float
+    ) -> None:
+        """A new family, and the authorization code that opens it."""
+        ...
+
+    async def take_code(self, code_hash: bytes) -> CodeRecord | None:
+        """The code's grant, marking the code used. A code already used revokes its
+        family (RFC 6749 §4.1.2: the tokens it issued must not outlive a replay)
+        and raises ReplayError; an unknown, expired or revoked code is None."""
+        ...
+
+    async def add_tokens(self, family: str, tokens: list[tuple[bytes, str, float]]) -> None:
+        """``(digest, kind, expires)`` rows for ``family``."""
+        ...
+
+    async def access(self, token_hash: bytes) -> Grant | None:
+        """The grant behind a live access token (one read: every bearer request)."""
+        ...
+
+    async def use_refresh(self, token_hash: bytes) -> tuple[str, Grant] | None:
+        """The family and grant of a live refresh token, which is used up by this.
+        One used before revokes its whole family and raises ReplayError (OAuth 2.1
+        §4.3.1: a replayed refresh token means it leaked)."""
+        ...
+
+    async def revoke(self, token_hash: bytes) -> bool:
+        """Revoke the family of an access or refresh token; False if none is known."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_grant_store(settings: Settings, client: aioredis.Redis | None) -> GrantStore:
+    """The grant store ``[store] backend`` names (``client``: the shared one, for redis)."""
+    if settings.store.backend == "redis":
+        from relayd.store.grants_redis import RedisGrantStore
+
+        assert client is not None, "backend redis: the app makes the client first"
+        return RedisGrantStore(client, settings)
+    return SqliteGrantStore.open(settings)
+
+
+def _answered(
+    method: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """A database that cannot be written (locked past busy_timeout, read-only, full)
+    fails the call as an unavailable store, as Redis would."""
+
+    @functools.wraps(method)
+    async def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            what = method.__name__
+            raise StoreUnavailableError(
+                f"the grant store did not answer ({what}: {type(exc).__name__})"
+            ) from None
+
+    return call
+
+
+class SqliteGrantStore:
     """The grants of one state directory. Not thread-safe: use it from the loop."""
 
     def __init__(self, path: Path, *, busy_timeout_s: float = 2.0) -> None:
@@ -121,10 +223,10 @@ class GrantStore:
         self._db = open_database(path, _MIGRATIONS, busy_timeout_s=busy_timeout_s)
 
     @classmethod
-    def open(cls, settings: Settings) -> GrantStore:
+    def open(cls, settings: Settings) -> SqliteGrantStore:
         return cls(state_dir(settings) / FILENAME, busy_timeout_s=settings.store.busy_timeout_s)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._db.close()
 
     def _write(self) -> _Transaction:
@@ -132,7 +234,8 @@ class GrantStore:
 
     # ----------------------------------------------------------------- secrets
 
-    def secret(self, name: str) -> bytes:
+    @_answered
+    async def secret(self, name: str) -> bytes:
         """A random 32-byte secret made once and shared by every worker (the login
         form's CSRF key)."""
         with self._write() as db:
@@ -145,7 +248,8 @@ class GrantStore:
 
     # ----------------------------------------------------------------- clients
 
-    def save_client(self, client: ClientRecord) -> None:
+    @_answered
+    async def save_client(self, client: ClientRecord) -> None:
         with self._write() as db:
             db.execute(
                 "INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, ?, ?)",
@@ -159,7 +263,8 @@ class GrantStore:
                 ),
             )
 
-    def client(self, client_id: str) -> ClientRecord | None:
+    @_answered
+    async def client(self, client_id: str) -> ClientRecord | None:
         row = self._db.execute(
             "SELECT client_id, origin, name, redirect_uris, auth_method, saved_at "
             "FROM clients WHERE client_id = ?",
@@ -171,7 +276,7 @@ class GrantStore:
 
     # ------------------------------------------------------------------- codes
 
-    def add_code(
+    async def add_code(
         self, code_hash: bytes, grant: Grant, redirect_uri: str, challenge: str, expires: float
     ) -> None:
         """A new family, and the authorization code that opens it."""
@@ -199,7 +304,8 @@ class GrantStore:
                 (code_hash, family, redirect_uri, challenge, expires),
             )
 
-    def take_code(self, code_hash: bytes) -> CodeRecord | None:
+    @_answered
+    async def take_code(self, code_hash: bytes) -> CodeRecord | None:
         """The code's grant, marking the code used. A code already used revokes its
         family (RFC 6749 §4.1.2: the tokens it issued must not outlive a replay)
         and raises ReplayError; an unknown, expired or revoked code is None."""
@@ -227,7 +333,8 @@ class GrantStore:
 
     # ------------------------------------------------------------------ tokens
 
-    def add_tokens(self, family: str, tokens: list[tuple[bytes, str, float]]) -> None:
+    @_answered
+    async def add_tokens(self, family: str, tokens: list[tuple[bytes, str, float]]) -> None:
         """``(digest, kind, expires)`` rows for ``family``."""
         with self._write() as db:
             db.executemany(
@@ -235,7 +342,8 @@ class GrantStore:
                 [(digest, family, kind, expires) for digest, kind, expires in tokens],
             )
 
-    def access(self, token_hash: bytes) -> Grant | None:
+    @_answered
+    async def access(self, token_hash: bytes) -> Grant | None:
         """The grant behind a live access token."""
         row = self._db.execute(
             f"SELECT {_GRANT_COLUMNS} FROM tokens t JOIN families f ON f.family = t.family "
@@ -244,7 +352,8 @@ class GrantStore:
         ).fetchone()
         return None if row is None else _grant(row)
 
-    def use_refresh(self, token_hash: bytes) -> tuple[str, Grant] | None:
+    @_answered
+    async def use_refresh(self, token_hash: bytes) -> tuple[str, Grant] | None:
         """The family and grant of a live refresh token, which is used up by this.
         One used before revokes its whole family and raises ReplayError (OAuth 2.1
         §4.3.1: a replayed refresh token means it leaked)."""
@@ -270,7 +379,8 @@ class GrantStore:
                 return family, _grant(row[4:])
         raise ReplayError(replayed)
 
-    def revoke(self, token_hash: bytes) -> bool:
+    @_answered
+    async def revoke(self, token_hash: bytes) -> bool:
         """Revoke the family of an access or refresh token; False if none is known."""
         with self._write() as db:
             row = db.execute(
@@ -289,12 +399,12 @@ class GrantStore:
     def _purge(db: sqlite3.Connection, now: float) -> None:
         """Forget what can no longer be used: expired codes and tokens, and families
         left with neither (kept a day, so a late replay still finds its family)."""
-        db.execute("DELETE FROM codes WHERE expires < ?", (now - 86400,))
-        db.execute("DELETE FROM tokens WHERE expires < ?", (now - 86400,))
+        db.execute("DELETE FROM codes WHERE expires < ?", (now - REPLAY_MEMORY_S,))
+        db.execute("DELETE FROM tokens WHERE expires < ?", (now - REPLAY_MEMORY_S,))
         db.execute(
             "DELETE FROM families WHERE created < ? AND family NOT IN "
             "(SELECT family FROM tokens) AND family NOT IN (SELECT family FROM codes)",
-            (now - 86400,),
+            (now - REPLAY_MEMORY_S,),
         )
 
 

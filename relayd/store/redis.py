@@ -9,12 +9,13 @@ key a script touches at once lives in one Redis Cluster slot.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from relayd.config import Settings
+from relayd.errors import RelaydError
 
 __all__ = ["StoreUnavailableError", "connect", "key", "tagged", "unavailable"]
 
@@ -24,16 +25,31 @@ __all__ = ["StoreUnavailableError", "connect", "key", "tagged", "unavailable"]
 CONNECT_TIMEOUT_S: Final = 2.0
 
 
-class StoreUnavailableError(RuntimeError):
+class StoreUnavailableError(RelaydError):
     """The shared store did not answer in time, or refused; the caller decides what the
-    request gets (never a hang, never a 500 with the server's words in it)."""
+    request gets (never a hang, never a 500 with the server's words in it). Left to
+    the error middleware it is a 503 ``store_unavailable`` that says to retry."""
+
+    status = 503
+    type = "server_error"
+    default_code = "store_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
 def connect(settings: Settings) -> aioredis.Redis:
-    """A client for ``[store] redis_url``; it connects on first use."""
+    """A client for ``[store] redis_url``; it connects on first use. The password of
+    ``[store] redis_password_file`` (or its credential) and, for ``rediss://``, the CA
+    of ``[store] redis_ca_file`` go with it."""
     store = settings.store
     if not store.redis_url:
         raise ValueError("[store] redis_url is not set")
+    options: dict[str, Any] = {}
+    if store.redis_password:  # from a credential: wins over one in the URL
+        options["password"] = store.redis_password
+    if store.redis_url.startswith("rediss://") and store.redis_ca_file:
+        options["ssl_ca_certs"] = store.redis_ca_file
     return aioredis.Redis.from_url(
         store.redis_url,
         socket_timeout=store.timeout_s,
@@ -41,6 +57,7 @@ def connect(settings: Settings) -> aioredis.Redis:
         retry_on_timeout=False,
         health_check_interval=30,
         decode_responses=False,
+        **options,
     )
 
 

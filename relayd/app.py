@@ -62,7 +62,8 @@ from relayd.state import TABLE as TABLE_KEY
 from relayd.store import state_dir
 from relayd.store.blobs import open_blob_store
 from relayd.store.grants import open_grant_store
-from relayd.store.ledger import LEDGER_FILE, LedgerUnavailableError, SqliteLedger
+from relayd.store.ledger import LEDGER_FILE, Ledger, LedgerUnavailableError, SqliteLedger
+from relayd.store.ledger_redis import RedisLedger
 from relayd.store.redis import connect
 from relayd.store.signing import signing_key
 from relayd.tasks import spawn
@@ -110,12 +111,18 @@ async def _close_calls(app: web.Application) -> None:
 def _spend_control(settings: Settings, metrics: Metrics, client: Redis | None) -> SpendControl:
     """The process's spend control; its ledger file opens on first use. ``client``:
     the shared store's (STORE_CLIENT), for a ledger on Redis."""
-    ledger = None
-    if settings.spend.backend == "sqlite":
+    ledger: Ledger | None = None
+
+    def observe(name: str, seconds: float) -> None:
+        metrics.ledger_seconds.labels(name).observe(seconds)
+
+    if settings.spend.backend != "off" and client is not None:
+        ledger = RedisLedger(client, settings, observe=observe)
+    elif settings.spend.backend != "off":
         ledger = SqliteLedger(
             state_dir(settings) / LEDGER_FILE,
             busy_timeout_s=settings.store.busy_timeout_s,
-            observe=lambda name, seconds: metrics.ledger_seconds.labels(name).observe(seconds),
+            observe=observe,
         )
     hooks = SpendHooks(
         spent=metrics.count_spend,

@@ -9,18 +9,33 @@ from typing import Any
 
 import pytest
 
-from relayd.store.ledger import Admission, Event, Refusal, SqliteLedger
+from relayd.config import Settings, updated
+from relayd.store.ledger import Admission, Event, Ledger, Refusal, SqliteLedger
+from relayd.store.ledger_redis import RedisLedger
+from relayd.store.redis import connect
 
 NOW = 1_800_000_000.0
 WINDOWS = ("day:2027-01-15", "month:2027-01", "total")
 
 
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
-    store = SqliteLedger(tmp_path / "ledger.sqlite3", busy_timeout_s=0.2)
+@pytest.fixture(params=["sqlite", "redis"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    """Each backend in turn: the SQLite file, and a real redis-server."""
+    store: SqliteLedger | RedisLedger
+    if request.param == "sqlite":
+        store = SqliteLedger(tmp_path / "ledger.sqlite3", busy_timeout_s=0.2)
+    else:
+        settings = redis_settings(request.getfixturevalue("redis_url"), tmp_path)
+        store = RedisLedger(connect(settings), settings, own_client=True)
     await store.open()
     yield store
     await store.close()
+
+
+def redis_settings(url: str, tmp_path: Path) -> Settings:
+    return updated(
+        Settings(), store={"backend": "redis", "redis_url": url, "dir": str(tmp_path / "state")}
+    )
 
 
 def admission(n: int, *, now: float = NOW, **limits: Any) -> Admission:
@@ -51,7 +66,7 @@ def event(micro: int, *, now: float = NOW) -> Event:
     )
 
 
-async def test_a_budget_admits_what_fits_with_what_is_in_flight(ledger: SqliteLedger) -> None:
+async def test_a_budget_admits_what_fits_with_what_is_in_flight(ledger: Ledger) -> None:
     budget = (("total", 140),)
     assert await ledger.admit(admission(1, budgets=budget), hold=True) is None
     assert await ledger.admit(admission(2, budgets=budget), hold=True) is None
@@ -64,7 +79,7 @@ async def test_a_budget_admits_what_fits_with_what_is_in_flight(ledger: SqliteLe
     assert spent == {"total": 40}
 
 
-async def test_a_spent_budget_is_insufficient_quota(ledger: SqliteLedger) -> None:
+async def test_a_spent_budget_is_insufficient_quota(ledger: Ledger) -> None:
     budget = (("day:2027-01-15", 100),)
     assert await ledger.admit(admission(1, budgets=budget), hold=True) is None
     assert await ledger.settle(event(100), reservation="r1", hit=None, tokens=0)
@@ -73,7 +88,7 @@ async def test_a_spent_budget_is_insufficient_quota(ledger: SqliteLedger) -> Non
     assert (refused.reason, refused.used, refused.limit) == ("insufficient_quota", 100, 100)
 
 
-async def test_parallel_slots_count_live_reservations_only(ledger: SqliteLedger) -> None:
+async def test_parallel_slots_count_live_reservations_only(ledger: Ledger) -> None:
     assert await ledger.admit(admission(1, max_parallel=1), hold=True) is None
     refused = await ledger.admit(admission(2, max_parallel=1), hold=True)
     assert isinstance(refused, Refusal) and refused.limit_name == "max_parallel"
@@ -81,7 +96,7 @@ async def test_parallel_slots_count_live_reservations_only(ledger: SqliteLedger)
     assert await ledger.admit(admission(2, now=later, max_parallel=1), hold=True) is None
 
 
-async def test_rpm_slides_over_sixty_seconds(ledger: SqliteLedger) -> None:
+async def test_rpm_slides_over_sixty_seconds(ledger: Ledger) -> None:
     for n in range(3):
         assert isinstance(await ledger.admit(admission(n, rpm=3), hold=False), int)
     refused = await ledger.admit(admission(9, now=NOW + 59, rpm=3), hold=False)
@@ -91,7 +106,7 @@ async def test_rpm_slides_over_sixty_seconds(ledger: SqliteLedger) -> None:
 
 
 async def test_an_expired_reservation_is_charged_once_at_its_estimate(
-    ledger: SqliteLedger,
+    ledger: Ledger,
 ) -> None:
     assert await ledger.admit(admission(1, budgets=(("total", 10**6),)), hold=True) is None
     assert await ledger.expire(NOW + 61) == 1
@@ -102,7 +117,7 @@ async def test_an_expired_reservation_is_charged_once_at_its_estimate(
 
 
 async def test_a_carried_reservation_settles_once_by_its_upstream_id(
-    ledger: SqliteLedger,
+    ledger: Ledger,
 ) -> None:
     first = admission(1, budgets=(("total", 10**6),))
     assert await ledger.admit(first, hold=True) is None

@@ -406,8 +406,18 @@ def _check_mcp(settings: Settings) -> None:
 
 def _check_spend(settings: Settings) -> None:
     spend = settings.spend
-    if spend.backend not in ("sqlite", "off"):
-        raise ConfigError(f"[spend] backend must be 'sqlite' or 'off', not {spend.backend!r}")
+    if spend.backend not in ("store", "sqlite", "off"):
+        raise ConfigError(
+            f"[spend] backend must be 'store', 'off' or 'sqlite', not {spend.backend!r}"
+        )
+    if spend.backend == "sqlite" and settings.store.backend != "local":
+        # A ledger per machine under a shared store would multiply every limit by
+        # the number of instances: refuse rather than guess which one is meant.
+        raise ConfigError(
+            "[spend] backend = 'sqlite' keeps the ledger on this machine, but [store] "
+            "backend = 'redis' shares state between instances; set [spend] backend = "
+            "'store' (the ledger follows [store]) or 'off'"
+        )
     if spend.on_backend_error not in ("closed", "open"):
         raise ConfigError(
             f"[spend] on_backend_error must be 'closed' or 'open', not {spend.on_backend_error!r}"

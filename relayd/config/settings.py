@@ -319,8 +319,10 @@ class Spend:
     :mod:`relayd.config.spend_limits` and re-read on SIGHUP.
     """
 
-    # "sqlite": the ledger under [store] dir; "off": nothing metered, nothing refused.
-    backend: str = setting("sqlite", key="backend", env="RELAYD_SPEND_BACKEND")
+    # "store": the ledger lives where [store] backend says (local: SQLite under
+    # [store] dir; redis: the shared server); "off": nothing metered, nothing
+    # refused. "sqlite" is the old name of "store" with [store] backend = "local".
+    backend: str = setting("store", key="backend", env="RELAYD_SPEND_BACKEND")
     # When the ledger cannot be reached: "closed" refuses (503), "open" lets requests
     # pass and spools their usage until it can.
     on_backend_error: str = setting("closed", key="on_backend_error")

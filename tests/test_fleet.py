@@ -55,10 +55,12 @@ async def _post(http: aiohttp.ClientSession, url: str, key: str = RELAY_KEY) -> 
         return answer.status, (body.get("error") or {}).get("code", "")
 
 
-async def _link(http: aiohttp.ClientSession, instance: Instance, public: str) -> str:
+async def _link(
+    http: aiohttp.ClientSession, instance: Instance, public: str, key: str = RELAY_KEY
+) -> str:
     """A signed download link for an image made through ``instance``: its path."""
     url = instance.url("/v1/actions/images/generations")
-    async with http.post(url, json={"prompt": "p"}, headers=_auth(RELAY_KEY)) as made:
+    async with http.post(url, json={"prompt": "p"}, headers=_auth(key)) as made:
         assert made.status == 200, await made.text()
         (link,) = (await made.json())["openaiFileResponse"]
     assert link.startswith(public + "/v1/actions/downloads/")
@@ -148,7 +150,7 @@ rpm = 10
 
 async def _usage_of(instance: Instance, key: str) -> dict[str, Any]:
     rows = [row for row in await instance.usage() if row.get("key") == key]
-    return rows[0] if rows else {"requests": 0, "micro_usd": 0}
+    return rows[0] if rows else {"requests": 0, "refused": 0, "micro_usd": 0}
 
 
 @NEEDS_LEDGER
@@ -183,30 +185,34 @@ async def test_a_budget_and_an_rpm_limit_hold_across_both_and_usage_reports_both
 
         # Settlements are written off the answer's path: wait (bounded) for them.
         async with asyncio.timeout(BOUND):
-            while (await _usage_of(fleet.a, "team"))["requests"] < admitted:
+            while (await _usage_of(fleet.a, "team"))["requests"] < 50:
                 await asyncio.sleep(0.2)
         for instance in fleet.instances:  # either machine's `relayd usage` sees both
             team = await _usage_of(instance, "team")
-            assert team["requests"] == admitted
+            assert (team["requests"], team["refused"]) == (50, 50 - admitted)
             # docs/spend.md, the overshoot bound: spent <= limit + sum(max(0, actual -
             # estimate)); every answer here costs less than its estimate, so no overshoot.
             assert team["micro_usd"] == admitted * ANSWER_MICRO <= budget
-            assert (await _usage_of(instance, "other"))["requests"] == 10
+            other = await _usage_of(instance, "other")
+            assert (other["requests"], other["refused"]) == (40, 30)
 
 
 OUTAGE = """
-[store]
-timeout = 0.5
-
 [spend]
 backend = "store"
 on_backend_error = "{mode}"
-reservation_ttl = 3
+reservation_ttl = 5
 
 [spend.keys.team]
 rpm = 100000
 usd_total = 100.0
 """
+
+
+async def _answered(instance: Instance) -> int:
+    """The requests of ``team`` that `relayd usage` on ``instance`` says passed."""
+    team = await _usage_of(instance, "team")
+    return int(team["requests"] - team["refused"])
 
 
 async def _timed(http: aiohttp.ClientSession, method: str, url: str, key: str | None) -> int:
@@ -249,7 +255,7 @@ async def test_redis_lost_mid_run_closed_refuses_fast_open_passes_and_both_recov
             asyncio.timeout(BOUND * 2),
         ):
             a, b = fleet.a, fleet.b
-            link = await _link(on_a, a, fleet.public)
+            link = await _link(on_a, a, fleet.public, OTHER_KEY)  # a key without limits
             client_id = await register(on_a)  # type: ignore[arg-type]
             done = await login(on_a, client_id, RELAY_KEY)
             status, granted = await tokens(on_a, done)
@@ -271,9 +277,9 @@ async def test_redis_lost_mid_run_closed_refuses_fast_open_passes_and_both_recov
                 assert await _timed(on_a, "GET", instance.url(link), None) == 200
                 assert await _timed(on_a, "GET", instance.url("/v1/actions/ping"), token) == 200
             await b.relayd.wait_line("spooled settlements recorded")
-            while (await _usage_of(a, "team"))["requests"] < served_ok:
+            while await _answered(a) < served_ok:
                 await asyncio.sleep(0.2)  # B's spool replayed: every answer counted
-            assert (await _usage_of(b, "team"))["requests"] == served_ok
+            assert await _answered(a) == await _answered(b) == served_ok
 
             redis.stop()  # Redis dies: now it refuses connections
             await _outage(on_a, fleet, link, token)

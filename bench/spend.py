@@ -30,7 +30,10 @@ from bench.procs import Server, free_port, start_server
 from bench.scenarios import Plan, latency, throughput
 from bench.stack import FAKE_COMMON, REPO, Target, _relayd_env
 from bench.workers import LoadPool, raise_fd_limit
-from relayd.store.ledger import Admission, Event, SqliteLedger
+from relayd.config import Settings, updated
+from relayd.store.ledger import Admission, Event, Ledger, SqliteLedger
+from relayd.store.ledger_redis import RedisLedger
+from relayd.store.redis import connect
 
 __all__ = ["main"]
 
@@ -78,9 +81,20 @@ def _start(tmp: Path) -> tuple[list[Server], dict[str, Target]]:
     return servers, targets
 
 
+def _ledger(where: str) -> Ledger:
+    """``where``: a ledger file's path, or ``redis://…|<state dir>`` (the Redis ledger,
+    its detail events in that directory)."""
+    if not where.startswith("redis://"):
+        return SqliteLedger(Path(where))
+    url, state = where.split("|")
+    settings = updated(Settings(), store={"backend": "redis", "redis_url": url, "dir": state})
+    return RedisLedger(connect(settings), settings, own_client=True)
+
+
 async def _pairs(path: str, count: int, worker: int) -> float:
     """``count`` admit+settle pairs, one after the other; seconds taken."""
-    ledger = SqliteLedger(Path(path))
+    ledger = _ledger(path)
+    await ledger.open()
     settled: list[asyncio.Future[bool]] = []
     started = time.perf_counter()
     for n in range(count):
@@ -126,11 +140,13 @@ def _pairs_in_process(args: tuple[str, int, int]) -> float:
     return asyncio.run(_pairs(*args))
 
 
-def ledger_rate(tmp: Path, count: int, processes: int) -> float:
-    """Admit+settle pairs per second over ``processes`` processes on one file."""
+def ledger_rate(tmp: Path, count: int, processes: int, redis_url: str | None = None) -> float:
+    """Admit+settle pairs per second over ``processes`` processes on one file, or on
+    one Redis server (each process its own client, as instances are)."""
     path = tmp / f"ledger-{processes}.sqlite3"
     SqliteLedger.migrate(path)
-    jobs = [(str(path), count, worker) for worker in range(processes)]
+    where = str(path) if redis_url is None else f"{redis_url}|{tmp / f'state-{processes}'}"
+    jobs = [(where, count, worker) for worker in range(processes)]
     if processes == 1:
         return count / _pairs_in_process(jobs[0])
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
@@ -153,7 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench spend", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 round, small sizes")
+    parser.add_argument(
+        "--store",
+        choices=("local", "redis"),
+        default="local",
+        help="redis: the ledger alone, local (SQLite) against redis (its own redis-server "
+        "on loopback), instead of the relay runs",
+    )
     args = parser.parse_args(argv)
+    if args.store == "redis":
+        return _store_comparison(500 if args.quick else 5000, 1 if args.quick else args.rounds)
     raise_fd_limit()
     plan = (
         Plan(rounds=1, latency_n=300, throughput_s=1.5) if args.quick else Plan(rounds=args.rounds)
@@ -227,3 +252,57 @@ def _table(
     errors = {t: [f["errors"] for f in figures[t] if f["errors"]] for t in TARGETS}
     lines.append(f"errors: {errors if any(errors.values()) else 'none'}")
     return "\n".join(lines)
+
+
+def _store_comparison(pairs: int, rounds: int) -> int:
+    """``--store redis``: admit+settle pairs through the SQLite ledger and through
+    the Redis ledger, interleaved round by round, from one process and from two."""
+    from tests.redisserver import RedisServer
+
+    rates: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="relayd-bench-ledger-") as name:
+        tmp = Path(name)
+        server = RedisServer(tmp / "redis")
+        server.start()
+        try:
+            for round_ in range(rounds):
+                stores = ("local", "redis") if round_ % 2 == 0 else ("redis", "local")
+                for store in stores:
+                    for processes in (1, 2):
+                        print(
+                            f"round {round_ + 1}: {store}, {processes} process(es)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        where = tmp / f"{store}-{round_}"
+                        where.mkdir(exist_ok=True)
+                        url = server.url if store == "redis" else None
+                        rate = ledger_rate(where, pairs, processes, url)
+                        rates.setdefault((store, processes), []).append(rate)
+        finally:
+            server.stop()
+    lines = [
+        f"the ledger alone, medians of {rounds} round(s) of {pairs:,} sequential admit+settle "
+        "pairs per process (rpm, tpm, max_parallel and two budgets on the key; redis-server "
+        "on loopback)",
+        "",
+        "| | local (SQLite) | redis |",
+        "|---|---:|---:|",
+    ]
+    one = {store: statistics.median(rates[(store, 1)]) for store in ("local", "redis")}
+    two = {store: statistics.median(rates[(store, 2)]) for store in ("local", "redis")}
+    lines.append(
+        "| 1 process: µs per admit+settle | "
+        + " | ".join(f"{1e6 / one[store]:,.0f}" for store in ("local", "redis"))
+        + " |"
+    )
+    lines.append(
+        "| 1 process: pairs/s | " + " | ".join(f"{one[s]:,.0f}" for s in ("local", "redis")) + " |"
+    )
+    lines.append(
+        "| 2 processes: pairs/s | "
+        + " | ".join(f"{two[s]:,.0f}" for s in ("local", "redis"))
+        + " |"
+    )
+    print("\n".join(lines))
+    return 0

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 from relayd.config import Settings
 from relayd.spend.windows import windows_at
-from relayd.store.ledger import read_spent
+from relayd.store.usage_source import UsageSource
 
 __all__ = ["BudgetLine", "budget_status"]
 
@@ -25,14 +24,17 @@ class BudgetLine:
     window: str  # day:2026-12-03, month:2026-12, total
 
 
-def budget_status(settings: Settings, ledger: Path, key_name: str, now: float) -> list[BudgetLine]:
-    """The budgets of ``key_name`` at ``now``, read from the ledger file ``ledger``
-    (``state_dir(settings) / LEDGER_FILE``) without writing to it."""
+def budget_status(
+    settings: Settings, source: UsageSource, key_name: str, now: float
+) -> list[BudgetLine]:
+    """The budgets of ``key_name`` at ``now``, read from ``source`` (the local ledger
+    or the shared store, :func:`relayd.store.usage_source.usage_source`) without
+    writing to it."""
     budgets = settings.spend.limits_for(key_name).budgets
     if not budgets:
         return []
     windows = {w.period: w for w in windows_at(now, settings.spend.timezone)}
-    spent = read_spent(ledger, key_name, [windows[p].name for p in budgets])
+    spent = source.spent(key_name, [windows[p].name for p in budgets])
     lines = []
     for period, limit in budgets.items():
         window = windows[period]

@@ -29,15 +29,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from relayd.config import ConfigError, Settings
 from relayd.spend.budget import budget_status
 from relayd.spend.prices import PriceBook
-from relayd.store.usage_rows import (
-    DaySpan,
-    LedgerUnreadableError,
-    UsageCell,
-    ledger_path,
-    model_usage,
-    usage_cells,
-    usage_span,
-)
+from relayd.store.usage_rows import DaySpan, LedgerUnreadableError, UsageCell
+from relayd.store.usage_source import UsageSource, usage_source
 
 __all__ = [
     "FORMATS",
@@ -328,10 +321,14 @@ def _table(rows: Sequence[ReportRow], by: Sequence[str], window: Window) -> str:
 
 
 def budget_lines(
-    settings: Settings, key_names: Iterable[str], now: float, zone: tzinfo
+    settings: Settings,
+    key_names: Iterable[str],
+    now: float,
+    zone: tzinfo,
+    source: UsageSource | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Each key's budgets at ``now``: limit, spent, left and reset (in ``zone``)."""
-    path = ledger_path(settings)
+    source = source or usage_source(settings)
     lines: dict[str, list[dict[str, Any]]] = {}
     for name in key_names:
         lines[name] = [
@@ -344,7 +341,7 @@ def budget_lines(
                 if line.resets_at is None
                 else datetime.fromtimestamp(line.resets_at, zone).isoformat(timespec="seconds"),
             }
-            for line in budget_status(settings, path, name, now)
+            for line in budget_status(settings, source, name, now)
         ]
     return lines
 
@@ -371,13 +368,13 @@ def usage(
             zone_name,
         )
         book = PriceBook.load(settings)
-        path = ledger_path(settings)
+        source = usage_source(settings)
         by_day = "day" in by or html is not None
         days = None
         if by_day:
-            span = usage_span(path, window.since, window.until)
+            span = source.span(window.since, window.until)
             days = day_spans(*span, zone) if span else []
-        cells = usage_cells(path, window.since, window.until, days)
+        cells = source.cells(window.since, window.until, days)
     except UsageArgumentError as exc:
         print(f"relayd: {exc}", file=sys.stderr)
         return 2
@@ -386,19 +383,27 @@ def usage(
         return 1
     if cells is None:
         cells = []
-        print(f"relayd: no usage yet ({path} has no events)", file=sys.stderr)
+        print(f"relayd: no usage yet ({source.where} has no events)", file=sys.stderr)
     if html is not None:
         from relayd.spend.usage_page import page
 
         keys = sorted({cell.key for cell in cells})
-        budgets = budget_lines(settings, keys, now, zone)
+        try:
+            budgets = budget_lines(settings, keys, now, zone, source)
+        except LedgerUnreadableError as exc:
+            print(f"relayd: {exc}", file=sys.stderr)
+            return 1
         text = page(cells, window, book, budgets, generated=now)
         Path(html).write_text(text, encoding="utf-8")
         print(f"relayd: wrote {html}", file=sys.stderr)
         return 0
     rows = group_rows(cells, by, book)
     if "key" in by:
-        budgets = budget_lines(settings, {row.group["key"] for row in rows}, now, zone)
+        try:
+            budgets = budget_lines(settings, {row.group["key"] for row in rows}, now, zone, source)
+        except LedgerUnreadableError as exc:
+            print(f"relayd: {exc}", file=sys.stderr)
+            return 1
         for row in rows:
             row.budgets = budgets.get(row.group["key"], [])
     out.write(render(rows, by, fmt, window))
@@ -412,7 +417,7 @@ def prices_check(
     price row was checked more than ``older_than_days`` ago (for cron); else 0."""
     book = PriceBook.load(settings)
     try:
-        seen = model_usage(ledger_path(settings)) or []
+        seen = usage_source(settings).models() or []
     except LedgerUnreadableError as exc:
         print(f"relayd: {exc}", file=sys.stderr)
         return 1

@@ -94,6 +94,7 @@ class RedisLedger:
         self._detail: list[Event] = []
         self._detail_task: asyncio.Task[None] | None = None
         self._detail_now = asyncio.Event()
+        self._closed = False
 
     # -------------------------------------------------------------- plumbing
 
@@ -149,6 +150,9 @@ class RedisLedger:
         await self._call("open", load)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._detail_now.set()
         while self._detail_task is not None:
             await asyncio.gather(self._detail_task, return_exceptions=True)

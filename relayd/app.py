@@ -8,6 +8,7 @@ that its refusals share the shape.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -60,6 +61,7 @@ from relayd.state import (
 )
 from relayd.state import TABLE as TABLE_KEY
 from relayd.store import state_dir
+from relayd.store.attempts import attempt_limit
 from relayd.store.blobs import open_blob_store
 from relayd.store.grants import open_grant_store
 from relayd.store.ledger import LEDGER_FILE, Ledger, LedgerUnavailableError, SqliteLedger
@@ -164,7 +166,8 @@ def _add_oauth(app: web.Application, settings: Settings, table: RouteTable) -> N
         return
     store = open_grant_store(settings, app[STORE_CLIENT])
     fetch = document_fetcher(app[UPSTREAM], settings)
-    app[OAUTH] = Authority(settings, endpoints, store, fetch)
+    limits = functools.partial(attempt_limit, settings, app[STORE_CLIENT])
+    app[OAUTH] = Authority(settings, endpoints, store, fetch, limits)
 
     async def close_store(app: web.Application) -> None:
         await store.close()

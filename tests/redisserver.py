@@ -44,11 +44,26 @@ def _free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1:``port``."""
 
-    def __init__(self, directory: Path, *, password: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.directory = directory
         self.port = _free_port()
         self.password = password
+        # (certificate, key, CA): also serve TLS on tls_port (tls_url); the plain
+        # port stays for start-up probes and flush().
+        self.tls = tls
+        self.tls_port = _free_port() if tls is not None else None
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def tls_url(self) -> str:
+        assert self.tls_port is not None, "started without tls"
+        return f"rediss://127.0.0.1:{self.tls_port}/0"
 
     @property
     def url(self) -> str:
@@ -71,6 +86,15 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            args += [
+                "--tls-port", str(self.tls_port),
+                "--tls-cert-file", str(cert),
+                "--tls-key-file", str(key),
+                "--tls-ca-cert-file", str(ca),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._answers():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from relayd.config import Settings, updated
+from relayd.config import ConfigError, Settings, updated
 from relayd.store import state_dir
+from relayd.store.signing import signing_key
 from relayd.store.sqlite import StoreSchemaError, open_database
 
 MIGRATIONS = (
@@ -58,3 +60,27 @@ def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path: Path) -> Non
     again = open_database(path, MIGRATIONS[:1])
     assert again.execute("PRAGMA user_version").fetchone() == (1,)
     again.close()
+
+
+def test_the_signing_secret_is_made_once_and_kept_private_in_the_state_directory(
+    tmp_path: Path,
+) -> None:
+    settings = updated(Settings(), store={"dir": str(tmp_path / "state")})
+    with ThreadPoolExecutor(4) as pool:  # workers starting at once
+        made = set(pool.map(lambda _: signing_key(settings), range(8)))
+    assert len(made) == 1
+    kept = tmp_path / "state" / "signing_secret"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert signing_key(settings) in made  # a restart signs as before
+    assert [p.name for p in kept.parent.iterdir()] == ["signing_secret"]
+
+
+def test_a_configured_signing_secret_wins_and_redis_without_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    given = updated(Settings(), store={"dir": str(tmp_path)}, actions={"signing_secret": "s" * 40})
+    assert signing_key(given) == b"s" * 40
+    assert not (tmp_path / "signing_secret").exists()
+    shared = updated(Settings(), store={"backend": "redis", "redis_url": "redis://h:6379/0"})
+    with pytest.raises(ConfigError, match="LoadCredential"):
+        signing_key(shared)

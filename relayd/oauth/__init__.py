@@ -10,7 +10,7 @@ is removed or replaced, the token expires, or the grant is revoked.
 - :mod:`~relayd.oauth.authority`: every decision of the flow;
 - :mod:`~relayd.oauth.clients`: client ID metadata documents, dynamic registration;
 - :mod:`~relayd.oauth.tokens`: secrets, digests, PKCE;
-- :mod:`~relayd.oauth.page`: the login page; :mod:`~relayd.oauth.throttle`: its limit;
+- :mod:`~relayd.oauth.page`: the login page (its limit: :mod:`relayd.store.attempts`);
 - :mod:`~relayd.oauth.endpoints`: the thin route handlers.
 
 This package opens no connection and holds no SQL: grants live in

@@ -42,7 +42,6 @@ from relayd.oauth.clients import (
 )
 from relayd.oauth.errors import LoginPageError, OAuthError, RedirectError
 from relayd.oauth.metadata import OFFLINE_ACCESS, PROTECTED_GROUP, Endpoints
-from relayd.oauth.throttle import PerAddressLimit
 from relayd.oauth.tokens import (
     ACCESS_PREFIX,
     CODE_PREFIX,
@@ -53,6 +52,7 @@ from relayd.oauth.tokens import (
     pkce_matches,
     valid_challenge,
 )
+from relayd.store.attempts import AttemptLimit, MemoryAttemptLimit
 from relayd.store.grants import ClientRecord, Grant, GrantStore, ReplayError
 
 __all__ = ["Authority", "AuthorizeRequest", "KeyLookup"]
@@ -61,6 +61,8 @@ __all__ = ["Authority", "AuthorizeRequest", "KeyLookup"]
 log = logging.getLogger("relayd.oauth")
 
 KeyLookup = Callable[[str], RelayKey | None]  # a relay key by name (KeyRing.by_name)
+# An attempt limit by name, attempts and window (relayd.store.attempts.attempt_limit).
+LimitFactory = Callable[[str, int, float], AttemptLimit]
 
 # A fetched client document is trusted this long before it is fetched again.
 _DOCUMENT_TTL_S: Final = 300.0
@@ -101,17 +103,19 @@ class Authority:
         endpoints: Endpoints,
         store: GrantStore,
         fetch: FetchDocument,
+        limits: LimitFactory | None = None,
     ) -> None:
         self.settings = settings
         self.endpoints = endpoints
         self.store = store
         self._fetch = fetch
         self._csrf_key: bytes | None = None  # the store's, read on first use
-        self.failed_logins = PerAddressLimit(
-            settings.oauth.login_attempts, settings.oauth.login_window_s
+        limit = limits or (lambda _name, attempts, window: MemoryAttemptLimit(attempts, window))
+        self.failed_logins = limit(
+            "login", settings.oauth.login_attempts, settings.oauth.login_window_s
         )
         # Registration is open to anyone: bound how fast one address fills the store.
-        self.registrations = PerAddressLimit(_REGISTRATIONS_PER_HOUR, 3600.0)
+        self.registrations = limit("register", _REGISTRATIONS_PER_HOUR, 3600.0)
 
     # -------------------------------------------------------------- authorize
 
@@ -389,14 +393,14 @@ class Authority:
             raise OAuthError(
                 "access_denied", "Dynamic client registration is turned off on this relay."
             )
-        if self.registrations.retry_after(address) is not None:
+        if await self.registrations.retry_after(address) is not None:
             raise OAuthError(
                 "temporarily_unavailable",
                 "Too many client registrations from this address; try again later.",
                 status=429,
             )
         client = register_client(document)
-        self.registrations.record(address)
+        await self.registrations.record(address)
         await self.store.save_client(client)
         return registration_answer(client)
 

@@ -128,7 +128,7 @@ async def _authorize_submit(request: web.Request) -> web.StreamResponse:
         refusal = RedirectError("access_denied", "The user declined to link the app.")
         return _see_other(authority.error_redirect(params, refusal))
     address = request[CLIENT_ADDRESS]
-    wait = authority.failed_logins.retry_after(address)
+    wait = await authority.failed_logins.retry_after(address)
     if wait is not None:
         message = f"Too many wrong relay keys from here. Try again in {int(wait) + 1} seconds."
         response = await _login(request, authority, checked, browser, error=message, status=429)
@@ -136,7 +136,7 @@ async def _authorize_submit(request: web.Request) -> web.StreamResponse:
         return response
     key = request.app[KEYRING].identify(form.get("relay_key", ""))
     if key is None:
-        authority.failed_logins.record(address)
+        await authority.failed_logins.record(address)
         message = "That is not a valid relay key. Check it and try again."
         return await _login(request, authority, checked, browser, error=message, status=401)
     try:

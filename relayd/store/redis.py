@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any, Final
 
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from relayd.config import Settings
@@ -55,6 +58,10 @@ def connect(settings: Settings) -> aioredis.Redis:
         socket_timeout=store.timeout_s,
         socket_connect_timeout=min(CONNECT_TIMEOUT_S, store.timeout_s * 4),
         retry_on_timeout=False,
+        # Once more, at once, on a fresh connection when a pooled one turns out dead
+        # (Redis restarted or failed over): else each stale connection fails one call
+        # after recovery. Never after a timeout: that would double the deadline.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=30,
         decode_responses=False,
         **options,

@@ -281,12 +281,20 @@ async def test_redis_lost_mid_run_closed_refuses_fast_open_passes_and_both_recov
             assert served_ok * ANSWER_MICRO <= spent <= served_ok * ANSWER_MICRO + 5 * 49
 
             redis.stop()  # Redis dies: now it refuses connections
-            await _outage(on_a, fleet, link, token)
+            served_ok = await _outage(on_a, fleet, link, token)
             redis.start()  # empty: without persistence everything it held is gone
             for instance in (a, b):
                 await _until_ok(on_a, "POST", instance.url("/v1/responses"), RELAY_KEY)
+                served_ok += 1
+                # The link's bytes and the OAuth grant were in Redis only.
                 assert await _timed(on_a, "GET", instance.url(link), None) == 404
                 assert await _timed(on_a, "GET", instance.url("/v1/actions/ping"), token) == 401
+            # What was spent before is forgotten (a budget starts again from zero); what
+            # B spooled while Redis was down is recorded in the new one.
+            while await _answered(a) < served_ok:
+                await asyncio.sleep(0.2)
+            assert await _answered(b) == served_ok
+            assert (await _usage_of(b, "team"))["micro_usd"] == served_ok * ANSWER_MICRO
     finally:
         if redis.process is not None:
             os.kill(redis.process.pid, signal.SIGCONT)
@@ -333,3 +341,18 @@ async def test_after_redis_restarts_every_pooled_connection_works_at_once(tmp_pa
     finally:
         await client.aclose()
         redis.stop()
+
+
+async def test_more_calls_at_once_than_a_default_pool_holds_all_succeed(redis_url: str) -> None:
+    """64 connections through relayd put well over 100 store calls in flight at once
+    (admissions, settlements): past redis-py's default pool size (100) each extra
+    call failed at once, and the request got a 503."""
+    client = connect(updated(Settings(), store={"backend": "redis", "redis_url": redis_url}))
+    try:
+        async with asyncio.timeout(BOUND):
+            answers = await asyncio.gather(
+                *(client.get("relayd:probe") for _ in range(300)), return_exceptions=True
+            )
+        assert [a for a in answers if a is not None] == []
+    finally:
+        await client.aclose()

@@ -267,6 +267,7 @@ async def test_relayd_usage_on_any_instance_reports_every_instance(
 def _relay_sections(url: str, on_error: str) -> dict[str, Any]:
     return {
         "store": {"backend": "redis", "redis_url": url, "timeout_s": 0.3},
+        "actions": {"signing_secret": "s" * 40},  # required with redis (docs/store.md)
         "spend": {
             "on_backend_error": on_error,
             "keys": {"team": KeyLimits(usd_per_day=10**6)},
@@ -334,6 +335,7 @@ async def test_the_ledger_lives_where_the_store_is(
     environ = {
         "OPENAI_API_KEY": "sk-test",
         "RELAYD_REDIS_URL": "redis://127.0.0.1:1/0",
+        "RELAYD_SIGNING_SECRET_FILE": str(write(tmp_path / "signing_secret", "s" * 40)),
         **({"RELAYD_SPEND_BACKEND": spend_backend} if spend_backend else {}),
     }
     text = f'[store]\nbackend = "{store_backend}"\ndir = "{tmp_path}"\n'

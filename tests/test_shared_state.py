@@ -16,13 +16,24 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
+from redis.asyncio import Redis
 
 from relayd.app import create_app
 from relayd.config import ConfigError
+from relayd.oauth.endpoints import COOKIE
 from tests.conftest import CANARY, RELAY_KEY, RelayFactory, make_settings
 from tests.fakes.openai import FakeOpenAI
 from tests.filehost import PNG
-from tests.oauthflow import bearer, login, refresh, register, tokens
+from tests.oauthflow import (
+    bearer,
+    hidden_fields,
+    login,
+    pkce_pair,
+    refresh,
+    register,
+    request_params,
+    tokens,
+)
 from tests.redisserver import RedisServer
 
 # The tests of tests/test_oauth.py this module runs again over Redis (pytest collects
@@ -180,3 +191,39 @@ def test_without_a_signing_secret_a_redis_relay_is_not_built(redis_url: str) -> 
     settings = make_settings(store={"backend": "redis", "redis_url": redis_url})
     with pytest.raises(ConfigError, match="actions_signing_secret"):
         create_app(settings)
+
+
+async def test_the_redis_grant_store_holds_no_code_or_token(start: Start, redis_url: str) -> None:
+    relay = await start()
+    client_id = await register(relay)
+    done = await login(relay, client_id, RELAY_KEY, scope="mcp offline_access")
+    _, granted = await tokens(relay, done)
+    _, renewed = await refresh(relay, client_id, granted["refresh_token"])
+    server = Redis.from_url(redis_url)
+    try:
+        stored = b""
+        for name in await server.keys("*"):
+            kind = await server.type(name)
+            stored += name
+            if kind == b"hash":
+                stored += b"".join(k + v for k, v in (await server.hgetall(name)).items())
+            elif kind == b"string":
+                stored += await server.get(name) or b""
+    finally:
+        await server.aclose()
+    issued = [done.code, *granted.values(), *renewed.values(), RELAY_KEY]
+    found = [str(i)[:6] for i in issued if len(str(i)) > 20 and str(i).encode() in stored]
+    assert not found, f"stored in the clear: {found}"
+
+
+async def test_a_login_page_shown_by_one_instance_is_posted_to_the_other(start: Start) -> None:
+    first, second = await start(), await start()
+    client_id = await register(first)
+    _, challenge = pkce_pair()
+    page = await first.get("/oauth/authorize", params=request_params(client_id, challenge))
+    assert page.status == 200
+    form = hidden_fields(await page.text()) | {"relay_key": RELAY_KEY, "action": "allow"}
+    cookie = {"Cookie": f"{COOKIE}={page.cookies[COOKIE].value}"}
+    posted = await second.post("/oauth/authorize", data=form, headers=cookie, allow_redirects=False)
+    assert posted.status == 303  # the form's CSRF key is the shared store's
+    assert "code=" in posted.headers["Location"]

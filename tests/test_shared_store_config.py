@@ -144,7 +144,12 @@ async def test_serve_refuses_a_shared_store_that_does_not_answer(
         sys.executable, "-m", "relayd", "serve", env=env, stderr=asyncio.subprocess.PIPE
     )
     relayd = Relayd(process)
-    assert await _exits(relayd) == 2
+    try:
+        assert await _exits(relayd) == 2
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
     refusal = _one_line_refusal(relayd)
     expected = f"relayd: the shared store redis://:***@127.0.0.1:{gone.port}/0 does not answer: "
     assert refusal.startswith(expected)

@@ -109,7 +109,6 @@ class Authority:
         self.endpoints = endpoints
         self.store = store
         self._fetch = fetch
-        self._csrf_key: bytes | None = None  # the store's, read on first use
         limit = limits or (lambda _name, attempts, window: MemoryAttemptLimit(attempts, window))
         self.failed_logins = limit(
             "login", settings.oauth.login_attempts, settings.oauth.login_window_s
@@ -183,12 +182,12 @@ class Authority:
         """The login form's token: bound to this browser (its cookie), to every
         parameter of the request, and to when the page was shown. Its key is the
         store's, the same for every worker and instance (a page shown by one may be
-        posted to another)."""
-        if self._csrf_key is None:
-            self._csrf_key = await self.store.secret("login-csrf")
+        posted to another). Read each time, not kept: a store that lost it makes a new
+        one, and every instance must then sign with that one."""
+        key = await self.store.secret("login-csrf")
         # JSON: no value can pass for a field boundary.
         message = json.dumps([browser, issued, *(request.params.get(f) for f in AUTHORIZE_FIELDS)])
-        mac = hmac.new(self._csrf_key, message.encode(), hashlib.sha256).hexdigest()
+        mac = hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
         return f"{issued}.{mac}"
 
     async def csrf_valid(self, request: AuthorizeRequest, browser: str, token: str) -> bool:

@@ -7,7 +7,10 @@ backend) changes this package only.
 
 The local backend keeps one SQLite database per concept under the state directory
 (:func:`state_dir`), each in WAL mode so every worker of one machine reads and writes
-it at once (:mod:`relayd.store.sqlite`).
+it at once (:mod:`relayd.store.sqlite`), plus the files behind download links and the
+link-signing secret. The redis backend (``[store] backend = "redis"``) keeps the same
+state on one server every instance shares (:mod:`relayd.store.redis`); each kind of
+state has one interface with a backend of each kind (docs/store.md).
 """
 
 from __future__ import annotations

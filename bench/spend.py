@@ -38,6 +38,7 @@ from relayd.store.redis import connect
 __all__ = ["main"]
 
 TARGETS = ("limits off", "limits on")
+LANES = 64  # --store redis: admissions in flight at once in one process
 RELAY_KEY = "bench-spend-" + "0" * 20
 LIMITS = """
 [spend.keys.bench]
@@ -91,45 +92,55 @@ def _ledger(where: str) -> Ledger:
     return RedisLedger(connect(settings), settings, own_client=True)
 
 
-async def _pairs(path: str, count: int, worker: int) -> float:
-    """``count`` admit+settle pairs, one after the other; seconds taken."""
+async def _pair(ledger: Ledger, worker: int, n: int) -> asyncio.Future[bool]:
+    """One admission, awaited, and its settlement, not awaited (as relayd does: it
+    rides the next commit)."""
+    now = time.time()
+    admission = Admission(
+        key=f"bench{worker}",
+        reservation=f"r{worker}-{n}",
+        model="gpt-5",
+        operation="createResponse",
+        now=now,
+        expires=now + 900,
+        rpm=10**9,
+        tpm=10**12,
+        max_parallel=10**6,  # checked, never reached (settlements are not awaited)
+        budgets=(("day:bench", 10**12), ("total", 10**12)),
+        micro_usd=49,
+        input_tokens=15,
+        output_tokens=3,
+        windows=("day:bench", "total"),
+    )
+    hit = await ledger.admit(admission, hold=True)
+    assert isinstance(hit, int), hit
+    event = Event(
+        at=now,
+        key=admission.key,
+        model="gpt-5",
+        operation="createResponse",
+        outcome="ok",
+        input_tokens=11,
+        output_tokens=3,
+        micro_usd=44,
+        windows=admission.windows,
+    )
+    return ledger.settle(event, reservation=admission.reservation, hit=hit, tokens=-4)
+
+
+async def _pairs(path: str, count: int, worker: int, lanes: int = 1) -> float:
+    """``count`` admit+settle pairs, one after the other in each of ``lanes``
+    concurrent lanes (as that many requests at once); seconds taken."""
     ledger = _ledger(path)
     await ledger.open()
     settled: list[asyncio.Future[bool]] = []
+
+    async def lane(first: int) -> None:
+        for n in range(first, count, lanes):
+            settled.append(await _pair(ledger, worker, n))
+
     started = time.perf_counter()
-    for n in range(count):
-        now = time.time()
-        admission = Admission(
-            key=f"bench{worker}",
-            reservation=f"r{worker}-{n}",
-            model="gpt-5",
-            operation="createResponse",
-            now=now,
-            expires=now + 900,
-            rpm=10**9,
-            tpm=10**12,
-            max_parallel=64,
-            budgets=(("day:bench", 10**12), ("total", 10**12)),
-            micro_usd=49,
-            input_tokens=15,
-            output_tokens=3,
-            windows=("day:bench", "total"),
-        )
-        hit = await ledger.admit(admission, hold=True)
-        assert isinstance(hit, int), hit
-        event = Event(
-            at=now,
-            key=admission.key,
-            model="gpt-5",
-            operation="createResponse",
-            outcome="ok",
-            input_tokens=11,
-            output_tokens=3,
-            micro_usd=44,
-            windows=admission.windows,
-        )
-        # As relayd does: the settlement is not awaited (it rides the next commit).
-        settled.append(ledger.settle(event, reservation=admission.reservation, hit=hit, tokens=-4))
+    await asyncio.gather(*(lane(first) for first in range(lanes)))
     await asyncio.gather(*settled)
     elapsed = time.perf_counter() - started
     await ledger.close()
@@ -279,6 +290,14 @@ def _store_comparison(pairs: int, rounds: int) -> int:
                         url = server.url if store == "redis" else None
                         rate = ledger_rate(where, pairs, processes, url)
                         rates.setdefault((store, processes), []).append(rate)
+                    print(
+                        f"round {round_ + 1}: {store}, {LANES} lanes", file=sys.stderr, flush=True
+                    )
+                    path = where / "ledger-lanes.sqlite3"
+                    SqliteLedger.migrate(path)
+                    spec = str(path) if store == "local" else f"{server.url}|{where / 'lanes'}"
+                    seconds = asyncio.run(_pairs(spec, pairs, 0, LANES))
+                    rates.setdefault((store, LANES), []).append(pairs / seconds)
         finally:
             server.stop()
     lines = [
@@ -302,6 +321,12 @@ def _store_comparison(pairs: int, rounds: int) -> int:
     lines.append(
         "| 2 processes: pairs/s | "
         + " | ".join(f"{two[s]:,.0f}" for s in ("local", "redis"))
+        + " |"
+    )
+    lanes = {store: statistics.median(rates[(store, LANES)]) for store in ("local", "redis")}
+    lines.append(
+        f"| 1 process, {LANES} at once: pairs/s | "
+        + " | ".join(f"{lanes[s]:,.0f}" for s in ("local", "redis"))
         + " |"
     )
     print("\n".join(lines))

@@ -111,8 +111,8 @@ async def _close_calls(app: web.Application) -> None:
 
 
 def _spend_control(settings: Settings, metrics: Metrics, client: Redis | None) -> SpendControl:
-    """The process's spend control; its ledger file opens on first use. ``client``:
-    the shared store's (STORE_CLIENT), for a ledger on Redis."""
+    """The process's spend control; its ledger opens on first use. ``client``: the
+    shared store's (STORE_CLIENT), for the ledger on Redis."""
     ledger: Ledger | None = None
 
     def observe(name: str, seconds: float) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from relayd.app import create_app
 from relayd.config import ConfigError, KeyLimits, Settings, load_settings, updated
 from relayd.spend import report
 from relayd.spend.windows import windows_at
-from relayd.state import SPEND
+from relayd.state import SPEND, STORE_CLIENT
 from relayd.store.ledger import Admission, Event, Refusal
 from relayd.store.ledger_lua import SEP
 from relayd.store.ledger_redis import RedisLedger
@@ -40,6 +41,7 @@ from tests.conftest import RELAY_KEY, RelayFactory
 from tests.redisserver import RedisServer
 
 ESTIMATE = 100  # micro-dollars each admission reserves
+SIGNING_SECRET = "s" * 40  # every instance on one store signs links alike
 
 
 def write(path: Path, text: str) -> Path:
@@ -171,6 +173,23 @@ async def test_rpm_is_exact_across_two_instances(pair: tuple[RedisLedger, RedisL
     assert len(refused) == 30 and {r.limit_name for r in refused} == {"rpm"}
 
 
+async def test_scripts_the_server_lost_are_loaded_again(
+    pair: tuple[RedisLedger, RedisLedger], redis_url: str, tmp_path: Path
+) -> None:
+    client = connect(settings_for(redis_url, tmp_path))
+    try:
+        await client.script_flush()  # as a restarted or failed-over server has none
+    finally:
+        await client.aclose()
+    now = time.time()
+    # Concurrent calls go out together, in one pipeline: each is retried once loaded.
+    verdicts = await asyncio.gather(
+        *(pair[0].admit(admission(n, now, rpm=100), hold=False) for n in range(10))
+    )
+    assert all(isinstance(v, int) for v in verdicts)
+    assert await pair[1].settle(event("alice", 7, now), reservation=None, hit=None, tokens=0)
+
+
 async def test_a_dead_instances_reservation_is_charged_once_by_the_first_upkeep(
     pair: tuple[RedisLedger, RedisLedger], redis_url: str, tmp_path: Path
 ) -> None:
@@ -262,12 +281,21 @@ async def test_relayd_usage_on_any_instance_reports_every_instance(
     assert await asyncio.to_thread(by_day, fmt="json", html=None, now=now, out=out) == 0
     [day] = json.loads(out.getvalue())
     assert (day["day"], day["micro_usd"]) == (windows_at(now, "UTC")[0].name[4:], 3_500)
+    # relayd prices check sees the models every instance used.
+    out = io.StringIO()
+    check = functools.partial(report.prices_check, shared, older_than_days=10**5)
+    assert await asyncio.to_thread(check, today=date.today(), out=out) == 0
+    out = io.StringIO()
+    unknown = dataclasses.replace(event("bob", 0, now), model="gpt-unknown-test")
+    await pair[0].record([unknown])
+    assert await asyncio.to_thread(check, today=date.today(), out=out) == 1
+    assert "unpriced  gpt-unknown-test  (1 events" in out.getvalue()
 
 
 def _relay_sections(url: str, on_error: str) -> dict[str, Any]:
     return {
         "store": {"backend": "redis", "redis_url": url, "timeout_s": 0.3},
-        "actions": {"signing_secret": "s" * 40},  # required with redis (docs/store.md)
+        "actions": {"signing_secret": SIGNING_SECRET},
         "spend": {
             "on_backend_error": on_error,
             "keys": {"team": KeyLimits(usd_per_day=10**6)},
@@ -332,18 +360,22 @@ async def test_redis_stopped_then_back(
 async def test_the_ledger_lives_where_the_store_is(
     spend_backend: str | None, store_backend: str, ledger: str | None, tmp_path: Path
 ) -> None:
+    secret = write(tmp_path / "secret", SIGNING_SECRET)
     environ = {
         "OPENAI_API_KEY": "sk-test",
         "RELAYD_REDIS_URL": "redis://127.0.0.1:1/0",
-        "RELAYD_SIGNING_SECRET_FILE": str(write(tmp_path / "signing_secret", "s" * 40)),
+        "RELAYD_SIGNING_SECRET_FILE": str(secret),
         **({"RELAYD_SPEND_BACKEND": spend_backend} if spend_backend else {}),
     }
     text = f'[store]\nbackend = "{store_backend}"\ndir = "{tmp_path}"\n'
     settings = load_settings(write(tmp_path / "relayd.toml", text), environ)
-    control = create_app(settings)[SPEND]
+    app = create_app(settings)
+    control = app[SPEND]
     assert type(control.ledger).__name__ == (ledger or "NoneType")
     if control.ledger is not None:
         await control.ledger.close()
+    if (client := app[STORE_CLIENT]) is not None:
+        await client.aclose()
 
 
 def test_a_machine_ledger_under_a_shared_store_is_refused(tmp_path: Path) -> None:

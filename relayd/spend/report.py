@@ -2,9 +2,10 @@
 
 The ledger's events are summed by SQL (relayd/store/usage_rows.py) per key, model,
 outcome and refusal reason, and per calendar day in the ``[spend]`` time zone when
-a day is asked for; this module groups those sums the way the reader asked and
-renders them as a table, JSON (a list of rows, each with its grouping
-fields and numbers), CSV or the HTML page
+a day is asked for; with ``[store] backend = "redis"`` the same sums come from the
+daily aggregates every instance shares (relayd/store/usage_redis.py). This module
+groups those sums the way the reader asked and renders them as a table, JSON (a
+list of rows, each with its grouping fields and numbers), CSV or the HTML page
 (relayd/spend/usage_page.py).
 
 A window is ``--since`` (inclusive) to ``--until``: a date ``YYYY-MM-DD`` means that

@@ -290,7 +290,10 @@ class SqliteLedger:
         try:
             await self._run(
                 "checkpoint",
-                lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"),
+                # Read to the end: a pragma's row left unread keeps its statement
+                # active, and the thread's next COMMIT fails ("SQL statements in
+                # progress") for as long as that cursor lives.
+                lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall(),
                 transaction=False,
             )
         except LedgerUnavailableError as exc:

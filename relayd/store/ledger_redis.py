@@ -24,10 +24,12 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from redis import asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from relayd.config import Settings
 from relayd.spend.windows import windows_at
@@ -59,6 +61,79 @@ def usage_group(model: str, operation: str, outcome: str, reason: str) -> str:
     return lua.SEP.join((model, operation, outcome, reason))
 
 
+@dataclass(slots=True)
+class _Call:
+    script: AsyncScript
+    keys: list[str]
+    args: list[str | int | float]
+    done: asyncio.Future[Any]
+
+
+class _Batches:
+    """Script calls made during one turn of the event loop, sent together at the end
+    of it: one write and one round trip for all (a pipeline, not a transaction:
+    each script is atomic on its own). Alone, a call goes as it is. The same idea as
+    the SQLite ledger's group commit (docs/spend.md#group-commit)."""
+
+    def __init__(self, client: aioredis.Redis, timeout_s: float) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+        self._queue: list[_Call] = []
+
+    def run(self, script: AsyncScript, keys: list[str], args: list[str | int | float]) -> Any:
+        loop = asyncio.get_running_loop()
+        call = _Call(script, keys, args, loop.create_future())
+        self._queue.append(call)
+        if len(self._queue) == 1:
+            loop.call_soon(self._send)
+        return call.done
+
+    def _send(self) -> None:
+        batch, self._queue = self._queue, []
+        spawn(self._execute(batch), name="relayd.ledger.batch")
+
+    async def _execute(self, batch: list[_Call]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if len(batch) == 1:
+                    call = batch[0]
+                    results: list[Any] = [await call.script(keys=call.keys, args=call.args)]
+                else:
+                    results = await self._pipelined(batch)
+        except (RedisError, OSError, TimeoutError) as exc:
+            results = [exc] * len(batch)
+        for call, result in zip(batch, results, strict=True):
+            if call.done.done():
+                continue  # its caller gave up (its own deadline)
+            if isinstance(result, BaseException):
+                call.done.set_exception(result)
+            else:
+                call.done.set_result(result)
+
+    async def _pipelined(self, batch: list[_Call]) -> list[Any]:
+        results: list[Any] = [None] * len(batch)
+        pending = list(range(len(batch)))
+        for _ in range(2):  # a second pass after loading scripts the server lost
+            pipe = self._client.pipeline(transaction=False)
+            for index in pending:
+                call = batch[index]
+                pipe.execute_command(
+                    "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
+                )
+            answers = await pipe.execute(raise_on_error=False)
+            lost = [
+                i for i, a in zip(pending, answers, strict=True) if isinstance(a, NoScriptError)
+            ]
+            for index, answer in zip(pending, answers, strict=True):
+                results[index] = answer
+            if not lost:
+                break
+            for script in {id(batch[i].script): batch[i].script for i in lost}.values():
+                script.sha = await self._client.script_load(script.script)
+            pending = lost
+        return results
+
+
 class RedisLedger:
     """:class:`~relayd.store.ledger.Ledger` on one Redis server shared by every instance.
 
@@ -85,6 +160,7 @@ class RedisLedger:
         self._extend = client.register_script(lua.EXTEND)
         self._carry = client.register_script(lua.CARRY)
         self._index = global_key(settings, "ledger", "keys")
+        self._batches = _Batches(client, self._timeout_s)
         self._holders: dict[str, str] = {}  # reservation id -> relay key, while held here
         self._indexed: dict[str, float] = {}  # relay key -> expiry last written to the index
         self._day: tuple[float, float, str] = (0.0, 0.0, "")
@@ -130,10 +206,15 @@ class RedisLedger:
         """Name ``key`` in the index every upkeep walks, so a reservation is found
         however its holder ended. Scores are the latest expiry, by the caller's
         clock; entries a grace period old are dropped (:meth:`expire`)."""
-        if expires <= self._indexed.get(key, float("-inf")) + INDEX_EVERY_S:
+        before = self._indexed.get(key, float("-inf"))
+        if expires <= before + INDEX_EVERY_S:
             return
-        await self._client.zadd(self._index, {key: expires}, gt=True)
-        self._indexed[key] = expires
+        self._indexed[key] = expires  # now: concurrent admissions write it once
+        try:
+            await self._client.zadd(self._index, {key: expires}, gt=True)
+        except BaseException:
+            self._indexed[key] = before
+            raise
 
     # -------------------------------------------------------------- operations
 
@@ -195,7 +276,7 @@ class RedisLedger:
         async def work() -> list[Any]:
             if hold:
                 await self._register(a.key, a.expires)
-            return await self._admit(keys=keys, args=args)  # type: ignore[no-any-return]
+            return await self._batches.run(self._admit, keys, args)  # type: ignore[no-any-return]
 
         answer = await self._call("admit", work)
         if int(answer[0]) == 0:
@@ -238,7 +319,7 @@ class RedisLedger:
     ) -> bool:
         at = event.at if event is not None else time.time()
         keys = [*self._keys(key, "slots", "held", "res", "refs", "hits"), self._usage_key(key, at)]
-        args: list[str | int] = [reservation, ref, "" if hit is None else hit, tokens]
+        args: list[str | int | float] = [reservation, ref, "" if hit is None else hit, tokens]
         if event is None:
             args += ["0", "", 0, "0", 0, 0, 0, 0, 0, 0, ""]
         else:
@@ -255,7 +336,7 @@ class RedisLedger:
                 event.audio_output_tokens,
                 " ".join(event.windows),
             ]
-        done = await self._call("settle", lambda: self._settle(keys=keys, args=args))
+        done = await self._call("settle", lambda: self._batches.run(self._settle, keys, args))
         if done and event is not None:
             self._keep_detail([event])
         return bool(done)

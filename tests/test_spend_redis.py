@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ from relayd.config import ConfigError, KeyLimits, Settings, load_settings, updat
 from relayd.spend import report
 from relayd.spend.windows import windows_at
 from relayd.state import SPEND, STORE_CLIENT
-from relayd.store.ledger import Admission, Event, Refusal
-from relayd.store.ledger_lua import SEP
+from relayd.store.ledger import Admission, Event, LedgerUnavailableError, Refusal
+from relayd.store.ledger_lua import HELD_FIELD, SEP
 from relayd.store.ledger_redis import RedisLedger
 from relayd.store.redis import connect, tagged
 from relayd.store.usage_rows import usage_cells
@@ -42,6 +42,14 @@ from tests.redisserver import RedisServer
 
 ESTIMATE = 100  # micro-dollars each admission reserves
 SIGNING_SECRET = "s" * 40  # every instance on one store signs links alike
+# Keeps the server busy for 0.6 s, so that calls queue behind it.
+BUSY_LUA = """
+local t = redis.call('TIME')
+repeat
+  local n = redis.call('TIME')
+until (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 600000
+return 1
+"""
 
 
 def write(path: Path, text: str) -> Path:
@@ -107,9 +115,10 @@ async def in_flight(client: aioredis.Redis, settings: Settings, window: str) -> 
     """Spent plus held of alice, read in one atomic step (MULTI/EXEC)."""
     pipe = client.pipeline(transaction=True)
     pipe.get(tagged(settings, "alice", f"spent:{window}"))
-    pipe.hvals(tagged(settings, "alice", "res"))
-    spent, records = await pipe.execute()
-    return int(spent or 0) + sum(int(r.decode().split(SEP)[0]) for r in records)
+    pipe.zrange(tagged(settings, "alice", "held"), 0, -1)
+    pipe.hgetall(tagged(settings, "alice", "res"))
+    spent, ids, records = await pipe.execute()
+    return int(spent or 0) + sum(int(records[i].decode().split(SEP)[0]) for i in ids)
 
 
 async def test_fifty_admissions_on_two_instances_never_overfill_a_budget(
@@ -190,6 +199,36 @@ async def test_scripts_the_server_lost_are_loaded_again(
     assert await pair[1].settle(event("alice", 7, now), reservation=None, hit=None, tokens=0)
 
 
+async def test_an_admission_whose_answer_was_lost_is_let_go_not_charged(
+    redis_url: str, tmp_path: Path
+) -> None:
+    settings = updated(settings_for(redis_url, tmp_path / "a"), store={"timeout_s": 0.2})
+    ledger = RedisLedger(connect(settings), settings, own_client=True)
+    other = aioredis.Redis.from_url(redis_url)  # no deadline: it runs the busy script
+    try:
+        await ledger.open()
+        now = time.time()
+        budget = (("total", 10**6),)
+        assert await ledger.admit(admission(0, now, budgets=budget), hold=True) is None
+        assert await ledger.settle(None, reservation="r0", hit=None, tokens=0)
+        # The server takes the call but runs it after the deadline (busy with another
+        # script): the caller is told the ledger is unavailable, yet it is held.
+        busy = spawn(other.eval(BUSY_LUA, 0), name="test.busy")
+        await asyncio.sleep(0.1)
+        with pytest.raises(LedgerUnavailableError):
+            await ledger.admit(admission(1, now, budgets=budget, max_parallel=1), hold=True)
+        await busy
+        async with asyncio.timeout(5):
+            while not await other.hexists(tagged(settings, "alice", "res"), "r1"):
+                await asyncio.sleep(0.05)
+        await ledger.expire(time.time())  # the upkeep lets it go: no charge, slot free
+        assert await ledger.spent("alice", ["total"]) == {"total": 0}
+        assert await ledger.admit(admission(2, now, max_parallel=1), hold=True) is None
+    finally:
+        await other.aclose()
+        await ledger.close()
+
+
 async def test_a_dead_instances_reservation_is_charged_once_by_the_first_upkeep(
     pair: tuple[RedisLedger, RedisLedger], redis_url: str, tmp_path: Path
 ) -> None:
@@ -213,6 +252,57 @@ async def test_a_dead_instances_reservation_is_charged_once_by_the_first_upkeep(
     cells = usage_cells(state / "ledger.sqlite3", None, None)
     assert cells is not None
     assert [(c.outcome, c.estimated, c.micro_usd) for c in cells] == [("expired", 1, ESTIMATE)]
+
+
+async def test_a_live_reservation_extended_by_its_holder_outlives_its_ttl_everywhere(
+    pair: tuple[RedisLedger, RedisLedger],
+) -> None:
+    now = time.time()
+    holder, other = pair
+    assert await holder.admit(admission(1, now, max_parallel=1), hold=True) is None
+    await holder.extend(["r1"], now + 600)  # the holder's upkeep: its request still runs
+    assert await other.expire(now + 61) == 0  # past the first expiry: not charged
+    refused = await other.admit(admission(2, now + 61, max_parallel=1), hold=True)
+    assert isinstance(refused, Refusal) and refused.limit_name == "max_parallel"
+    assert await holder.settle(event("alice", 30, now), reservation="r1", hit=None, tokens=0)
+    assert await other.admit(admission(3, now + 61, max_parallel=1), hold=True) is None
+
+
+async def test_money_in_flight_counts_live_reservations_only(
+    pair: tuple[RedisLedger, RedisLedger], redis_url: str, tmp_path: Path
+) -> None:
+    now = time.time()
+    budget = (("total", 2 * ESTIMATE),)
+    assert await pair[0].admit(admission(1, now, budgets=budget), hold=True) is None
+    assert await pair[1].admit(admission(2, now, budgets=budget), hold=True) is None
+    full = await pair[0].admit(admission(3, now, budgets=budget), hold=True)
+    assert isinstance(full, Refusal) and full.reason == "rate_limit_exceeded"
+    # r1 and r2 expired (their holders died) but are not charged yet: not in flight.
+    later = now + 61
+    assert await pair[0].admit(admission(4, later, budgets=budget), hold=True) is None
+    assert await pair[1].expire(later) == 2  # now they are spent
+    spent = await pair[1].admit(admission(5, later, budgets=budget), hold=True)
+    assert isinstance(spent, Refusal) and spent.reason == "insufficient_quota"
+    assert await pair[0].settle(event("alice", 0, now), reservation="r4", hit=None, tokens=0)
+    settings = settings_for(redis_url, tmp_path)
+    client = connect(settings)
+    try:  # nothing held any more: the running sum is back to zero
+        held = await client.hget(tagged(settings, "alice", "res"), HELD_FIELD)
+        assert int(held or 0) == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_background_response_carried_on_one_instance_settles_on_another(
+    pair: tuple[RedisLedger, RedisLedger],
+) -> None:
+    now = time.time()
+    first = admission(1, now, budgets=(("total", 10**6),))
+    assert await pair[0].admit(first, hold=True) is None
+    await pair[0].carry("r1", "resp_1", now + 600, first)
+    assert await pair[1].settle_ref("resp_1", event("alice", 30, now), now)  # a poll on B
+    assert not await pair[0].settle_ref("resp_1", event("alice", 30, now), now)
+    assert await pair[0].spent("alice", ["total"]) == {"total": 30}
 
 
 async def test_every_key_the_ledger_writes_is_tagged_and_temporary_keys_expire(
@@ -242,7 +332,10 @@ async def test_every_key_the_ledger_writes_is_tagged_and_temporary_keys_expire(
 
 
 async def test_relayd_usage_on_any_instance_reports_every_instance(
-    pair: tuple[RedisLedger, RedisLedger], redis_url: str, tmp_path: Path
+    pair: tuple[RedisLedger, RedisLedger],
+    redis_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     now = time.time()
     assert await pair[0].settle(event("alice", 1_000, now), reservation=None, hit=None, tokens=0)
@@ -267,6 +360,10 @@ async def test_relayd_usage_on_any_instance_reports_every_instance(
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
+    # Each instance keeps its own detail events, locally.
+    await asyncio.gather(*(ledger.close() for ledger in pair))
+    local = [usage_cells(tmp_path / name / "ledger.sqlite3", None, None) for name in "ab"]
+    assert [{c.key for c in cells or ()} for cells in local] == [{"alice"}, {"bob"}]
     by_key = {row["key"]: row for row in usage()}
     assert by_key["alice"]["micro_usd"] == 1_000 and by_key["alice"]["requests"] == 1
     assert by_key["bob"]["micro_usd"] == 2_500 and by_key["bob"]["requests"] == 2
@@ -281,13 +378,28 @@ async def test_relayd_usage_on_any_instance_reports_every_instance(
     assert await asyncio.to_thread(by_day, fmt="json", html=None, now=now, out=out) == 0
     [day] = json.loads(out.getvalue())
     assert (day["day"], day["micro_usd"]) == (windows_at(now, "UTC")[0].name[4:], 3_500)
+    # The HTML page from the same aggregates.
+    page = tmp_path / "usage.html"
+    html = functools.partial(report.usage, shared, since=None, until=None, by=["key"])
+    assert await asyncio.to_thread(html, fmt="table", html=str(page), now=now) == 0
+    assert "alice" in page.read_text() and "bob" in page.read_text()
+    # An instant selects its whole day there, and the report says so.
+    out = io.StringIO()
+    later = datetime.fromtimestamp(now, UTC).replace(hour=23, minute=59).isoformat()
+    in_day = functools.partial(report.usage, shared, since=later, until=None, by=["key"])
+    assert await asyncio.to_thread(in_day, fmt="json", html=None, now=now, out=out) == 0
+    assert len(json.loads(out.getvalue())) == 2
+    assert "select whole days" in capsys.readouterr().err
     # relayd prices check sees the models every instance used.
     out = io.StringIO()
     check = functools.partial(report.prices_check, shared, older_than_days=10**5)
     assert await asyncio.to_thread(check, today=date.today(), out=out) == 0
     out = io.StringIO()
     unknown = dataclasses.replace(event("bob", 0, now), model="gpt-unknown-test")
-    await pair[0].record([unknown])
+    settings = settings_for(redis_url, tmp_path / "c")
+    third = RedisLedger(connect(settings), settings, own_client=True)
+    await third.record([unknown])
+    await third.close()
     assert await asyncio.to_thread(check, today=date.today(), out=out) == 1
     assert "unpriced  gpt-unknown-test  (1 events" in out.getvalue()
 

@@ -370,6 +370,12 @@ def usage(
         )
         book = PriceBook.load(settings)
         source = usage_source(settings)
+        if source.whole_days and any(m and not _DATE.fullmatch(m.strip()) for m in (since, until)):
+            print(
+                f"relayd: usage in {source.where} is kept per day: --since and --until "
+                "select whole days",
+                file=sys.stderr,
+            )
         by_day = "day" in by or html is not None
         days = None
         if by_day:

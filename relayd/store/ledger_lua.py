@@ -6,7 +6,8 @@ slot. Their layout (docs/spend.md#the-redis-ledger):
 
 - ``slots`` (sorted set): reservations holding a parallel slot, scored by expiry;
 - ``held`` (sorted set): every reservation, carried ones too, scored by expiry;
-- ``res`` (hash): reservation id → its record (below);
+- ``res`` (hash): reservation id → its record (below), and ``held``: the sum
+  of every reservation's micro-dollars;
 - ``refs`` (hash): upstream id of a carried reservation → reservation id;
 - ``hits`` (hash): the rpm/tpm window, ``<second>`` → admissions and
   ``<second>t`` → tokens in that second of the last minute;
@@ -36,6 +37,7 @@ __all__ = [
     "EXPIRE",
     "EXTEND",
     "GRACE_S",
+    "HELD_FIELD",
     "HITS_TTL_S",
     "MONTH_TTL_S",
     "SEP",
@@ -44,6 +46,9 @@ __all__ = [
 ]
 
 SEP: Final = "\x1f"
+# The field of ``res`` that sums every reservation's micro-dollars (no id has
+# this name), so an admission need not read every reservation in flight.
+HELD_FIELD: Final = "held"
 # Counters of a usage aggregate, in the order SETTLE takes them (after requests,
 # estimated and micro_usd, which it always knows).
 COUNTERS: Final = (
@@ -64,6 +69,7 @@ GRACE_S: Final = 86400
 
 _PRELUDE: Final = f"""
 local SEP = '\\31'
+local HELD = '{HELD_FIELD}'
 local COUNTERS = {{{", ".join(f"'{name}'" for name in COUNTERS)}}}
 local function now_at(offset)
   local t = redis.call('TIME')
@@ -115,8 +121,9 @@ local function drop(id, rec)
   redis.call('HDEL', KEYS[3], id)
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
-  local ref = split(rec, SEP)[7]
-  if ref and ref ~= '' then redis.call('HDEL', KEYS[4], ref) end
+  local f = split(rec, SEP)
+  if tonumber(f[1]) ~= 0 then redis.call('HINCRBY', KEYS[3], HELD, -tonumber(f[1])) end
+  if f[7] and f[7] ~= '' then redis.call('HDEL', KEYS[4], f[7]) end
 end
 """
 
@@ -140,10 +147,13 @@ if hold and most then
   if running >= most then return {{1, 1, most, running, 1000, 0}} end
 end
 if hold and budgets > 0 then
-  local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')
-  if #live > 0 then
-    for _, rec in ipairs(redis.call('HMGET', KEYS[3], unpack(live))) do
-      if rec then held = held + tonumber(string.match(rec, '^(%d+)')) end
+  -- Every reservation's money, less that of the expired ones not charged yet
+  -- (usually none: the upkeep charges them): what is live.
+  held = tonumber(redis.call('HGET', KEYS[3], HELD) or '0')
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+  if #gone > 0 then
+    for _, rec in ipairs(redis.call('HMGET', KEYS[3], unpack(gone))) do
+      if rec then held = held - tonumber(string.match(rec, '^(%d+)')) end
     end
   end
 end
@@ -193,6 +203,7 @@ if hold then
   redis.call('ZADD', KEYS[1], expires, ARGV[4])
   redis.call('ZADD', KEYS[2], expires, ARGV[4])
   redis.call('HSET', KEYS[3], ARGV[4], ARGV[10])
+  if micro ~= 0 then redis.call('HINCRBY', KEYS[3], HELD, ARGV[8]) end
   local ttl = expires - raw + {GRACE_S}
   keep(KEYS[1], ttl)
   keep(KEYS[2], ttl)

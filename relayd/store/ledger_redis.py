@@ -162,6 +162,7 @@ class RedisLedger:
         self._index = global_key(settings, "ledger", "keys")
         self._batches = _Batches(client, self._timeout_s)
         self._holders: dict[str, str] = {}  # reservation id -> relay key, while held here
+        self._uncertain: dict[str, str] = {}  # admissions whose answer never came
         self._indexed: dict[str, float] = {}  # relay key -> expiry last written to the index
         self._day: tuple[float, float, str] = (0.0, 0.0, "")
         self._local = SqliteLedger(
@@ -278,7 +279,15 @@ class RedisLedger:
                 await self._register(a.key, a.expires)
             return await self._batches.run(self._admit, keys, args)  # type: ignore[no-any-return]
 
-        answer = await self._call("admit", work)
+        try:
+            answer = await self._call("admit", work)
+        except LedgerUnavailableError:
+            if hold:
+                # The server may have run it after the reply was lost: the request
+                # goes on without it (refused, or passed on "open"), so the next
+                # upkeep lets it go rather than expire it to its estimate.
+                self._uncertain[a.reservation] = a.key
+            raise
         if int(answer[0]) == 0:
             if hold:
                 self._holders[a.reservation] = a.key
@@ -379,8 +388,12 @@ class RedisLedger:
         return await self._run_settle(event.key, event, "", ref, None, 0)
 
     async def expire(self, now: float) -> int:
-        """Charge every expired reservation of every key in the index; entries a
-        grace period past their latest expiry leave it (all charged by then)."""
+        """Let go of admissions whose answer was lost, then charge every expired
+        reservation of every key in the index; entries a grace period past their
+        latest expiry leave it (all charged by then)."""
+        for reservation, key in list(self._uncertain.items()):
+            await self._run_settle(key, None, reservation, "", None, 0)
+            del self._uncertain[reservation]
         oldest = now - lua.GRACE_S
 
         async def indexed() -> list[Any]:

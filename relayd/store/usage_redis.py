@@ -50,6 +50,7 @@ class SharedUsage:
         self.zone = ZoneInfo(settings.spend.timezone)
         redacted = re.sub(r"//[^@/]*@", "//", settings.store.redis_url or "")
         self.where = f"the shared store {redacted}"
+        self.whole_days = True
         # (relay key, day) -> (model, operation, outcome, reason) -> counters
         self._days: dict[tuple[str, str], dict[tuple[str, ...], _Group]] | None = None
 

@@ -30,6 +30,7 @@ __all__ = ["LocalUsage", "UsageSource", "usage_source"]
 
 class UsageSource(Protocol):
     where: str  # what the report names when there is no usage yet
+    whole_days: bool  # --since/--until select whole days (the shared aggregates)
 
     def span(self, since: float | None, until: float | None) -> tuple[float, float] | None: ...
 
@@ -48,6 +49,7 @@ class LocalUsage:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.where = str(path)
+        self.whole_days = False
 
     def span(self, since: float | None, until: float | None) -> tuple[float, float] | None:
         return usage_span(self.path, since, until)

@@ -176,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.spend import main as spend_main
 
         return spend_main(argv[1:])
+    if argv[:1] == ["fleet"]:
+        from bench.fleet import main as fleet_main
+
+        return fleet_main(argv[1:])
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {"workers": args.workers, "paced": not args.no_paced}
     if args.rounds:

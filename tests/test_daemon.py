@@ -52,6 +52,7 @@ class Relayd:
             if self.port is None and (match := _LISTENING.search(line)):
                 self.port = int(match.group(1))
             self._changed.set()
+        self._changed.set()  # the end of the log: a waiter sees that relayd exited
 
     async def wait_line(self, needle: str, timeout: float = 10) -> str:
         async with asyncio.timeout(timeout):

@@ -18,7 +18,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -58,14 +58,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _nginx_conf(tmp: Path, port: int, http_port: int, upstream: int, cert: Path, key: Path) -> str:
+def _nginx_conf(
+    tmp: Path, port: int, http_port: int, upstreams: Sequence[int], cert: Path, key: Path
+) -> str:
+    """The shipped site, on loopback, its ``upstream relayd`` block listing ``upstreams``
+    (several: the fleet of tests/fleet.py)."""
+    servers = "\n    ".join(f"server 127.0.0.1:{upstream};" for upstream in upstreams)
     site = (ROOT / "conf/nginx/relayd.conf").read_text()
     for old, new in {
         "listen 80;": f"listen 127.0.0.1:{http_port};",
         "listen [::]:80;\n": "",
         "listen 443 ssl;": f"listen 127.0.0.1:{port} ssl;",
         "listen [::]:443 ssl;\n": "",
-        "server 127.0.0.1:8080;": f"server 127.0.0.1:{upstream};",
+        "server 127.0.0.1:8080;": servers,
         "/etc/letsencrypt/live/relay.example.com/fullchain.pem": str(cert),
         "/etc/letsencrypt/live/relay.example.com/privkey.pem": str(key),
         "/var/www/certbot": str(tmp / "certbot"),
@@ -139,7 +144,7 @@ async def front(
         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi", "certbot"):
             (tmp_path / name).mkdir()
         conf = tmp_path / "nginx.conf"
-        conf.write_text(_nginx_conf(tmp_path, port, _free_port(), relayd.port, cert, key))
+        conf.write_text(_nginx_conf(tmp_path, port, _free_port(), [relayd.port], cert, key))
         argv = [binary, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"]
         front_env = dict(os.environ)
     else:

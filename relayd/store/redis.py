@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any, Final
 
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from relayd.config import Settings
@@ -23,6 +26,10 @@ __all__ = ["StoreUnavailableError", "connect", "key", "tagged", "unavailable"]
 # server that is down refuses at once, one that is unreachable should not hold a
 # request for longer than a call would.
 CONNECT_TIMEOUT_S: Final = 2.0
+# Connections to the store one process holds at most; more calls wait their turn. A
+# call takes well under a millisecond, so a few dozen carry any load one process
+# makes, and opening them all at once still fits in a deadline (256 did not).
+MAX_CONNECTIONS: Final = 64
 
 
 class StoreUnavailableError(RelaydError):
@@ -50,15 +57,24 @@ def connect(settings: Settings) -> aioredis.Redis:
         options["password"] = store.redis_password
     if store.redis_url.startswith("rediss://") and store.redis_ca_file:
         options["ssl_ca_certs"] = store.redis_ca_file
-    return aioredis.Redis.from_url(
+    # A call that finds every connection busy waits for one (within the deadline),
+    # where the default pool failed it at once past 100 calls in flight.
+    pool = aioredis.BlockingConnectionPool.from_url(
         store.redis_url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=store.timeout_s,
         socket_timeout=store.timeout_s,
         socket_connect_timeout=min(CONNECT_TIMEOUT_S, store.timeout_s * 4),
         retry_on_timeout=False,
+        # Once more, at once, on a fresh connection when a pooled one turns out dead
+        # (Redis restarted or failed over): else each stale connection fails one call
+        # after recovery. Never after a timeout: that would double the deadline.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=30,
         decode_responses=False,
         **options,
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 def key(settings: Settings, *parts: str) -> str:

@@ -183,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.mcp import main as mcp_main
 
         return mcp_main(argv[1:])
+    if argv[:1] == ["oauth"]:
+        from bench.oauth import main as oauth_main
+
+        return oauth_main(argv[1:])
     if argv[:1] == ["spend"]:
         from bench.spend import main as spend_main
 

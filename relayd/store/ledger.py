@@ -475,7 +475,9 @@ class SqliteLedger:
         try:
             await self._run(
                 "checkpoint",
-                lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"),
+                # fetched: a cursor left unread keeps its statement open, and the
+                # next COMMIT on this connection would fail with "statements in progress".
+                lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall(),
                 transaction=False,
             )
         except LedgerUnavailableError as exc:

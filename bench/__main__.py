@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 3; quick 1)")
     parser.add_argument("--workers", type=int, default=1, help="load worker processes (1)")
     parser.add_argument(
-        "--relayd-workers", type=int, default=1, help="RELAYD_WORKERS for relayd (1)"
+        "--relayd-workers", default="1", help="RELAYD_WORKERS for relayd: N or auto (1)"
     )
     parser.add_argument("--no-paced", action="store_true", help="skip the paced SSE scenario")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")

@@ -72,7 +72,7 @@ def find_nginx() -> str | None:
 
 
 def _relayd_env(
-    upstream_port: int, port: int, relay_key: str, level: str, workers: int = 1
+    upstream_port: int, port: int, relay_key: str, level: str, workers: int | str = 1
 ) -> dict[str, str]:
     # Drop inherited relayd/OpenAI settings so a developer's shell cannot skew a run.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAYD_", "OPENAI_"))}
@@ -154,7 +154,7 @@ class Stack:
     profiles: Sequence[str]
     use_nginx: bool = True
     use_floor: bool = False  # python -m bench turns it on (--no-floor); the soak does not
-    relayd_workers: int = 1
+    relayd_workers: int | str = 1  # a count, or "auto" (one per CPU)
     every_floor: bool = False  # --every-floor: spend limits and OAuth on every relayd
     levels: Mapping[str, str] = field(default_factory=lambda: dict(RELAYD_LEVELS))
     relay_key: str = field(default_factory=lambda: secrets.token_hex(16))  # 32 chars

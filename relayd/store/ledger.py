@@ -81,6 +81,29 @@ class _Queued:
     then: Callable[[object], None] | None = None
 
 
+class _LeaseSettlements:
+    """The settlements of one lease's requests that wait for the same commit."""
+
+    __slots__ = ("corrections", "events", "lease_id", "written")
+
+    def __init__(self, lease_id: str) -> None:
+        self.lease_id = lease_id
+        self.events: list[Event] = []
+        self.corrections: dict[tuple[str, int], int] = {}  # (key, second) -> tokens
+        self.written: asyncio.Future[object] = None  # type: ignore[assignment]
+
+    def add(self, event: Event | None, hit: int | None, tokens: int) -> None:
+        if event is None:
+            return
+        self.events.append(event)
+        if hit is not None and tokens:
+            where = (event.key, hit)
+            self.corrections[where] = self.corrections.get(where, 0) + tokens
+
+    def apply(self, db: sqlite3.Connection) -> bool:
+        return sql.settle_leased(db, self.lease_id, self.events, self.corrections)
+
+
 class Ledger(Protocol):
     """The operations spend control needs from a backend; each is atomic."""
 
@@ -151,6 +174,7 @@ class SqliteLedger:
         self._leases: dict[str, Lease] = {}  # by key (relayd/store/leases.py)
         self._leased: dict[str, tuple[Lease, int]] = {}  # reservation -> its lease, estimate
         self._replays: dict[str, str] = {}  # leased reservation -> lease id, settling failed
+        self._settling: dict[str, _LeaseSettlements] = {}  # by lease, until its commit
         self._tending: asyncio.TimerHandle | None = None
         self._commits = 0
         self._pruned: dict[str, int] = {}  # key -> the second its old hits were pruned
@@ -318,15 +342,20 @@ class SqliteLedger:
         else:
             assert replay is not None
             lease, lease_id = None, replay  # spooled while the ledger was away
+        # The lease's settlements of one commit are written together: one check that
+        # the lease still stands, their events in one statement, their money and
+        # token corrections summed per window and per second.
+        batch = self._settling.get(lease_id)
+        if batch is None:
+            batch = self._settling[lease_id] = _LeaseSettlements(lease_id)
 
-        def then(settled: object) -> None:
-            if not settled and lease is not None:  # the lease expired and was charged
-                self._forget(lease)
+            def then(settled: object, lease: Lease | None = lease) -> None:
+                if not settled and lease is not None:  # the lease expired and was charged
+                    self._forget(lease)
 
-        written = self._queue_op(
-            _Queued(lambda db: sql.settle_leased(db, lease_id, event, hit, tokens), then=then),
-            urgent=False,
-        )
+            batch.written = self._queue_op(_Queued(batch.apply, then=then), urgent=False)
+        batch.add(event, hit, tokens)
+        written = batch.written
 
         def failed(written: asyncio.Future[object]) -> None:
             if reservation is not None and not written.cancelled() and written.exception():
@@ -386,6 +415,7 @@ class SqliteLedger:
                 row = lease.row(now)
                 self._queue.append(_Queued(functools.partial(_write_lease, row=row)))
         batch, self._queue = self._queue, []
+        self._settling.clear()  # settlements from here on go to the next commit
         if not batch:
             return
         if self._threaded:  # an earlier batch is still in the thread: stay in order

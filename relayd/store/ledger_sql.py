@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeVar
@@ -390,13 +390,33 @@ def return_hits(db: sqlite3.Connection, key: str, second: int, requests: int, to
 
 
 def settle_leased(
-    db: sqlite3.Connection, lease_id: str, event: Event | None, hit: int | None, tokens: int
+    db: sqlite3.Connection,
+    lease_id: str,
+    events: Sequence[Event],
+    corrections: Mapping[tuple[str, int], int],
 ) -> bool:
-    """Settle a request admitted under a lease; False if the lease expired (and was
-    charged) before it settled."""
+    """Settle requests admitted under a lease, all at once: their events, their
+    money summed per key and window, their rpm/tpm corrections summed per key and
+    second. False (nothing recorded) if the lease expired, and was charged, first."""
     if db.execute("SELECT 1 FROM leases WHERE id = ?", (lease_id,)).fetchone() is None:
         return False
-    return settle(db, event, None, hit, tokens)
+    if corrections:
+        db.executemany(
+            "UPDATE hits SET tokens = max(0, tokens + ?) WHERE key = ? AND second = ?",
+            [(tokens, key, second) for (key, second), tokens in corrections.items()],
+        )
+    if events:
+        db.executemany(_INSERT_EVENT, [_event_row(event) for event in events])
+        money: dict[tuple[str, str], int] = {}
+        for event in events:
+            if event.micro_usd:
+                for window in event.windows:
+                    money[(event.key, window)] = money.get((event.key, window), 0) + event.micro_usd
+        if money:
+            db.executemany(
+                _ADD_SPENT, [(key, window, micro) for (key, window), micro in money.items()]
+            )
+    return True
 
 
 def carry_leased(
@@ -447,34 +467,42 @@ def settle(
     return True
 
 
-def append(db: sqlite3.Connection, event: Event) -> None:
-    db.execute(
-        "INSERT INTO events (at, key, model, operation, outcome, reason, input_tokens,"
-        " cached_input_tokens, output_tokens, reasoning_tokens, audio_input_tokens,"
-        " audio_output_tokens, micro_usd, estimated) VALUES"
-        " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            event.at,
-            event.key,
-            event.model,
-            event.operation,
-            event.outcome,
-            event.reason,
-            event.input_tokens,
-            event.cached_input_tokens,
-            event.output_tokens,
-            event.reasoning_tokens,
-            event.audio_input_tokens,
-            event.audio_output_tokens,
-            event.micro_usd,
-            int(event.estimated),
-        ),
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (at, key, model, operation, outcome, reason, input_tokens,"
+    " cached_input_tokens, output_tokens, reasoning_tokens, audio_input_tokens,"
+    " audio_output_tokens, micro_usd, estimated) VALUES"
+    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_ADD_SPENT: Final = (
+    "INSERT INTO spent (key, window, micro_usd) VALUES (?, ?, ?)"
+    " ON CONFLICT (key, window) DO UPDATE SET micro_usd = micro_usd + excluded.micro_usd"
+)
+
+
+def _event_row(event: Event) -> tuple[object, ...]:
+    return (
+        event.at,
+        event.key,
+        event.model,
+        event.operation,
+        event.outcome,
+        event.reason,
+        event.input_tokens,
+        event.cached_input_tokens,
+        event.output_tokens,
+        event.reasoning_tokens,
+        event.audio_input_tokens,
+        event.audio_output_tokens,
+        event.micro_usd,
+        int(event.estimated),
     )
+
+
+def append(db: sqlite3.Connection, event: Event) -> None:
+    db.execute(_INSERT_EVENT, _event_row(event))
     if event.micro_usd:
         db.executemany(
-            "INSERT INTO spent (key, window, micro_usd) VALUES (?, ?, ?)"
-            " ON CONFLICT (key, window) DO UPDATE SET micro_usd = micro_usd + excluded.micro_usd",
-            [(event.key, window, event.micro_usd) for window in event.windows],
+            _ADD_SPENT, [(event.key, window, event.micro_usd) for window in event.windows]
         )
 
 

@@ -11,12 +11,15 @@ windows, what to estimate) comes in as numbers from :mod:`relayd.spend`; this
 module only counts, atomically. Its SQL is in :mod:`relayd.store.ledger_sql`.
 
 The SQLite backend: one file (``ledger.sqlite3`` in the state directory) in WAL
-mode, shared by every worker. Admissions and settlements are group-committed on
-the event loop's own connection (below, and docs/spend.md#group-commit); everything
-else, and any batch that finds the write lock held, runs in the ledger's one thread,
-whose connection also migrates the schema and checkpoints the log. Every
-read-modify-write is ``BEGIN IMMEDIATE`` (a deferred transaction that upgrades to a
-write fails with SQLITE_BUSY regardless of the busy timeout).
+mode, shared by every worker. Most admissions are answered from the worker's lease
+for the key without touching the file (:mod:`relayd.store.leases`,
+docs/spend.md#leases); the others, the leases themselves and settlements are
+group-committed on the event loop's own connection (below, and
+docs/spend.md#group-commit); everything else, and any batch that finds the write
+lock held, runs in the ledger's one thread, whose connection also migrates the
+schema and checkpoints the log. Every read-modify-write is ``BEGIN IMMEDIATE`` (a
+deferred transaction that upgrades to a write fails with SQLITE_BUSY regardless of
+the busy timeout).
 """
 
 from __future__ import annotations

@@ -220,8 +220,14 @@ class Stack:
     def _every_floor_env(self, name: str, port: int) -> dict[str, str]:
         """Spend limits on the bench key, the SQLite ledger in a state directory of
         its own, and relayd's OAuth server (a loopback public url turns it on)."""
+        # The paced fake's model "slow" gets a price (gpt-5's): a key with a budget is
+        # refused an unpriced model (403 model_not_priced).
+        prices = self.tmp / "every-floor-prices.toml"
+        prices.write_text(
+            '[models."slow"]\ninput = 1.25\noutput = 10.0\nsource = "bench"\nchecked = 2026-01-01\n'
+        )
         config = self.tmp / "every-floor.toml"
-        config.write_text(EVERY_FLOOR_LIMITS)
+        config.write_text(f'[spend]\nprices_file = "{prices}"\n{EVERY_FLOOR_LIMITS}')
         state = self.tmp / f"state-{name}"
         state.mkdir(exist_ok=True)
         return {

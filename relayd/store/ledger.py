@@ -537,7 +537,9 @@ class SqliteLedger:
             for event in events:
                 sql.append(db, event)
 
-        await self._run("record", work)
+        # In the commit queue, behind the settlements already queued: the events of
+        # one process reach the file in the order they happened.
+        await self._queued(work, urgent=False)
 
     async def extend(self, reservations: Sequence[str], expires: float) -> None:
         rows = []

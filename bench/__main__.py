@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 3; quick 1)")
     parser.add_argument("--workers", type=int, default=1, help="load worker processes (1)")
     parser.add_argument(
-        "--relayd-workers", type=int, default=1, help="RELAYD_WORKERS for relayd (1)"
+        "--relayd-workers", default="1", help="RELAYD_WORKERS for relayd: N or auto (1)"
     )
     parser.add_argument("--no-paced", action="store_true", help="skip the paced SSE scenario")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
@@ -60,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
         "--results", type=Path, default=REPO / "bench" / "results", help="output directory"
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    parser.add_argument(
+        "--every-floor",
+        action="store_true",
+        help="relayd with spend limits on its key (SQLite ledger) and OAuth on (a public url)",
+    )
+    parser.add_argument(
+        "--only",
+        help="comma-separated scenarios to run (" + ",".join(s for s, _, _ in SCENARIOS) + ")",
+    )
     return parser
 
 
@@ -123,12 +132,14 @@ def _rss_once(stack: Stack) -> dict[str, dict[str, Any]]:
     return figures
 
 
-def _run_rounds(stack: Stack, pool: LoadPool, plan: Plan, notes: list[str]) -> list[Any]:
+def _run_rounds(
+    stack: Stack, pool: LoadPool, plan: Plan, notes: list[str], only: set[str] | None
+) -> list[Any]:
     rounds = []
     for number in range(plan.rounds):
         round_: dict[str, dict[str, Any]] = {}
         for scenario, profile, measure in SCENARIOS:
-            if profile not in stack.targets:
+            if profile not in stack.targets or (only is not None and scenario not in only):
                 continue
             targets = list(stack.targets[profile].values())
             shift = number % len(targets)  # rotate so no target always goes first
@@ -172,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.mcp import main as mcp_main
 
         return mcp_main(argv[1:])
+    if argv[:1] == ["oauth"]:
+        from bench.oauth import main as oauth_main
+
+        return oauth_main(argv[1:])
     if argv[:1] == ["spend"]:
         from bench.spend import main as spend_main
 
@@ -180,8 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.fleet import main as fleet_main
 
         return fleet_main(argv[1:])
-    args = _parser().parse_args(argv)
-    overrides: dict[str, Any] = {"workers": args.workers, "paced": not args.no_paced}
+    parser = _parser()
+    args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None and (unknown := only - {s for s, _, _ in SCENARIOS}):
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    paced = not args.no_paced and (only is None or "sse-paced" in only)
+    overrides: dict[str, Any] = {"workers": args.workers, "paced": paced}
     if args.rounds:
         overrides["rounds"] = args.rounds
     plan = Plan.quick(**overrides) if args.quick else Plan(**overrides)
@@ -197,8 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_nginx=not args.no_nginx,
         use_floor=not args.no_floor,
         relayd_workers=args.relayd_workers,
+        every_floor=args.every_floor,
     )
     environment["relayd workers"] = args.relayd_workers
+    environment["relayd floors"] = (
+        "every floor: spend limits (rpm, tpm, usd_per_day; SQLite ledger), OAuth, metrics, "
+        "access log"
+        if args.every_floor
+        else "metrics, access log (no spend limits, no OAuth)"
+    )
+    if only is not None:
+        environment["scenarios"] = ",".join(sorted(only))
     pool: LoadPool | None = None
     notes: list[str] = []
     try:
@@ -210,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool = LoadPool(plan.workers)
         time.sleep(1.0)  # let the servers settle before the idle reading
         once = {k: {"idle_rss_mib": v["rss_mib"]} for k, v in _rss_once(stack).items()}
-        rounds = _run_rounds(stack, pool, plan, notes)
+        rounds = _run_rounds(stack, pool, plan, notes, only)
         for name, figures in _rss_once(stack).items():
             once[name]["final_rss_mib"] = figures["rss_mib"]
         for server in stack.servers:

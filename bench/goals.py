@@ -52,6 +52,27 @@ def _vs_nginx(key: str, limit: float, at_least: bool) -> Check:
     return check
 
 
+def _vs_floor(key: str, limit: float, at_least: bool) -> Check:
+    def check(table: Table, column: str) -> tuple[str, bool] | None:
+        mine, floor = _value(table, key, column), _value(table, key, FLOOR)
+        if mine is None or not floor:
+            return None
+        ratio = mine / floor
+        return f"{ratio:.2f}x floor", ratio >= limit if at_least else ratio <= limit
+
+    return check
+
+
+def _above_floor(key: str, margin: float) -> Check:
+    def check(table: Table, column: str) -> tuple[str, bool] | None:
+        mine, floor = _value(table, key, column), _value(table, key, FLOOR)
+        if mine is None or floor is None:
+            return None
+        return f"floor {mine - floor:+.3f} ms", mine - floor <= margin
+
+    return check
+
+
 def _both(first: Check, second: Check) -> Check:
     def check(table: Table, column: str) -> tuple[str, bool] | None:
         a, b = first(table, column), second(table, column)
@@ -115,6 +136,30 @@ def _goals(plan: Plan) -> list[tuple[str, Check]]:
     return goals
 
 
+def _floor_goals(plan: Plan) -> list[tuple[str, Check]]:
+    """Issue 17: relayd with every floor on (``--every-floor``) against the aiohttp
+    floor measured in the same run."""
+    return [
+        (
+            f"{plan.concurrency} conns: req/s ≥ 0.85 × the aiohttp floor",
+            _vs_floor("rps", 0.85, True),
+        ),
+        ("1 conn: added latency p50 ≤ floor + 0.15 ms", _above_floor("lat_added_p50_ms", 0.15)),
+        ("1 conn: added latency p99 ≤ floor + 0.3 ms", _above_floor("lat_added_p99_ms", 0.3)),
+        ("realtime round trips/s ≥ 0.95 × floor", _vs_floor("rt_rps", 0.95, True)),
+        ("SSE burst: first-event p99 ≤ 1.1 × floor", _vs_floor("burst_ttfe_p99_ms", 1.1, False)),
+        ("SSE 50x20ms: wall time ≤ 1.1 × floor", _vs_floor("paced_wall_s", 1.1, False)),
+        (
+            f"upload: MiB/s ≥ 0.9 × floor, RSS growth ≤ {GROWTH_MIB:.0f} MiB",
+            _both(_vs_floor("up_mib_s", 0.9, True), _growth("up")),
+        ),
+        (
+            f"download: MiB/s ≥ 0.9 × floor, RSS growth ≤ {GROWTH_MIB:.0f} MiB",
+            _both(_vs_floor("down_mib_s", 0.9, True), _growth("down")),
+        ),
+    ]
+
+
 def _verdict(result: tuple[str, bool] | None) -> str:
     return "n/a" if result is None else ("PASS" if result[1] else "FAIL")
 
@@ -132,6 +177,15 @@ def goal_lines(table: Table, plan: Plan, soak: dict[str, Any] | None) -> list[st
         if floor is not None:
             parts.append(f"{FLOOR} floor {floor[0]}")
         lines.append(f"{_verdict(lead)}: {goal} — {'; '.join(parts)}")
+    for goal, check in _floor_goals(plan):
+        results = {column: check(table, column) for column in RELAYS}
+        if all(r is None for r in results.values()):
+            continue  # not measured in this run (a scenario left out, or no floor)
+        parts = [
+            f"{column} {'not measured' if r is None else r[0]} ({_verdict(r)})"
+            for column, r in results.items()
+        ]
+        lines.append(f"{_verdict(results['relayd'])}: {goal} — {'; '.join(parts)}")
     if soak is None:
         lines.append("n/a: soak RSS within 10 % — no soak result yet (python -m bench soak)")
     else:

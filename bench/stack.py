@@ -10,18 +10,20 @@ events 20 ms apart to the ``slow`` model.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import secrets
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import HOST, Server, free_port, start_server
 
-__all__ = ["FLOOR", "RELAYD_LEVELS", "Stack", "Target", "find_nginx"]
+__all__ = ["EVERY_FLOOR_LIMITS", "FLOOR", "RELAYD_LEVELS", "Stack", "Target", "find_nginx"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,6 +43,15 @@ PROFILES: dict[str, tuple[str, ...]] = {
 RELAYD_LEVELS: dict[str, str] = {"relayd": "info", "relayd-warn": "warning"}
 # The plainest aiohttp pass-through on uvloop (bench/floor.py): the issue's ceiling.
 FLOOR = "aiohttp"
+# ``--every-floor``: spend limits on the bench key (rpm, tpm and a day budget, high
+# enough never to refuse, so every request pays for one admission and one
+# settlement), next to OAuth (a public url), metrics and the access log at info.
+EVERY_FLOOR_LIMITS = """
+[spend.keys.bench]
+rpm = 100000000
+tpm = 100000000000
+usd_per_day = 100000.0
+"""
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ def find_nginx() -> str | None:
 
 
 def _relayd_env(
-    upstream_port: int, port: int, relay_key: str, level: str, workers: int = 1
+    upstream_port: int, port: int, relay_key: str, level: str, workers: int | str = 1
 ) -> dict[str, str]:
     # Drop inherited relayd/OpenAI settings so a developer's shell cannot skew a run.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAYD_", "OPENAI_"))}
@@ -74,9 +85,17 @@ def _relayd_env(
         RELAYD_KEYS=f"bench:{relay_key}",
         RELAYD_LOG_LEVEL=level,
         RELAYD_WORKERS=str(workers),
+        # State of its own (a ledger, grants), never the user's; gone when the run ends.
+        RELAYD_STATE_DIR=_scratch_state(),
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+def _scratch_state() -> str:
+    path = tempfile.mkdtemp(prefix="relayd-bench-state-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def nginx_conf(tmp: Path, pairs: Sequence[tuple[int, int]]) -> str:
@@ -145,7 +164,8 @@ class Stack:
     profiles: Sequence[str]
     use_nginx: bool = True
     use_floor: bool = False  # python -m bench turns it on (--no-floor); the soak does not
-    relayd_workers: int = 1
+    relayd_workers: int | str = 1  # a count, or "auto" (one per CPU)
+    every_floor: bool = False  # --every-floor: spend limits and OAuth on every relayd
     levels: Mapping[str, str] = field(default_factory=lambda: dict(RELAYD_LEVELS))
     relay_key: str = field(default_factory=lambda: secrets.token_hex(16))  # 32 chars
     servers: list[Server] = field(default_factory=list)
@@ -177,11 +197,11 @@ class Stack:
             targets = {"direct": Target("direct", f"http://{HOST}:{fake_port}", upstream_auth)}
             for name, level in self.levels.items():
                 port = free_port()
+                env = _relayd_env(fake_port, port, self.relay_key, level, self.relayd_workers)
+                if self.every_floor:
+                    env.update(self._every_floor_env(f"{name}-{profile}", port))
                 relayd = self._spawn(
-                    f"{name}-{profile}",
-                    [sys.executable, "-m", "relayd", "serve"],
-                    port,
-                    env=_relayd_env(fake_port, port, self.relay_key, level, self.relayd_workers),
+                    f"{name}-{profile}", [sys.executable, "-m", "relayd", "serve"], port, env=env
                 )
                 targets[name] = Target(name, f"http://{HOST}:{port}", relay_auth, relayd)
             if self.use_floor:  # like nginx, it forwards the client's key: the fake's
@@ -206,6 +226,25 @@ class Stack:
             self._start_nginx(nginx_pairs, upstream_auth)
         for server in self.servers:
             server.wait_ready()
+
+    def _every_floor_env(self, name: str, port: int) -> dict[str, str]:
+        """Spend limits on the bench key, the SQLite ledger in a state directory of
+        its own, and relayd's OAuth server (a loopback public url turns it on)."""
+        # The paced fake's model "slow" gets a price (gpt-5's): a key with a budget is
+        # refused an unpriced model (403 model_not_priced).
+        prices = self.tmp / "every-floor-prices.toml"
+        prices.write_text(
+            '[models."slow"]\ninput = 1.25\noutput = 10.0\nsource = "bench"\nchecked = 2026-01-01\n'
+        )
+        config = self.tmp / "every-floor.toml"
+        config.write_text(f'[spend]\nprices_file = "{prices}"\n{EVERY_FLOOR_LIMITS}')
+        state = self.tmp / f"state-{name}"
+        state.mkdir(exist_ok=True)
+        return {
+            "RELAYD_CONFIG": str(config),
+            "RELAYD_STATE_DIR": str(state),
+            "RELAYD_PUBLIC_URL": f"http://{HOST}:{port}",
+        }
 
     def _start_nginx(self, pairs: list[tuple[int, int]], auth: dict[str, str]) -> None:
         binary = find_nginx()

@@ -39,17 +39,23 @@ EPHEMERAL_PREFIX = "ek_"  # OpenAI's ephemeral client secrets (/v1/realtime/clie
 class KeyRing:
     """The current relay keys; ``replace()`` swaps them atomically (SIGHUP)."""
 
-    __slots__ = ("_keys",)
+    __slots__ = ("_by_digest", "_keys")
 
     def __init__(self, keys: Iterable[RelayKey]) -> None:
-        self._keys = tuple(keys)
+        self._keys: tuple[RelayKey, ...] = ()
+        self._by_digest: dict[bytes, RelayKey] = {}
+        self.replace(keys)
 
     @property
     def keys(self) -> tuple[RelayKey, ...]:
         return self._keys
 
     def replace(self, keys: Iterable[RelayKey]) -> None:
-        self._keys = tuple(keys)
+        keys = tuple(keys)
+        # Built whole, then swapped in one assignment each (a request between the
+        # two sees the old ring's lookups, never a half-built one).
+        by_digest = {key.digest: key for key in keys}
+        self._keys, self._by_digest = keys, by_digest
 
     def current(self, key: RelayKey) -> RelayKey | None:
         """``key`` as the ring holds it now (scopes may have changed), or None once
@@ -63,13 +69,10 @@ class KeyRing:
         return next((held for held in self._keys if held.name == name), None)
 
     def identify(self, secret: str) -> RelayKey | None:
-        """The key matching ``secret``, checking every key so timing reveals nothing."""
-        digest = hash_key(secret)
-        found = None
-        for key in self._keys:
-            if hmac.compare_digest(digest, key.digest):
-                found = key
-        return found
+        """The key matching ``secret``: one dictionary lookup of its SHA-256 digest.
+        The lookup's timing can only tell about the digest of what was sent, which
+        says nothing about any key's secret (a preimage of SHA-256 is out of reach)."""
+        return self._by_digest.get(hash_key(secret))
 
 
 def presented_key(request: web.Request, header: str) -> str | None:

@@ -50,6 +50,8 @@ class TrustedProxies:
         """Whether ``address`` (``""`` or None: a Unix-socket peer) is a trusted proxy."""
         if not address:
             return self._unix
+        if not self._networks:
+            return False  # no address to parse for an answer known already
         ip = _ip(address)
         return ip is not None and any(ip in network for network in self._networks)
 

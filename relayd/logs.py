@@ -229,6 +229,8 @@ def _printable(text: str) -> str:
 def _field(name: str, value: object) -> str:
     """``name=value``, the value quoted (logfmt) when it holds a space, ``=`` or ``"``,
     so that a client's text cannot pose as another field of the line."""
+    if type(value) is int or type(value) is float:  # most of an access line: no checks
+        return f"{_printable(name)}={value}"
     text = _printable(str(value))
     if not text or any(c in text for c in ' ="'):
         text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -277,11 +279,67 @@ class _Formatter(logging.Formatter):
         return line
 
 
+_stamped: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def _utc_stamp(created: float) -> str:
     """RFC 3339 in UTC with milliseconds, e.g. ``2026-01-31T17:04:05.123Z``."""
+    global _stamped
     seconds = int(created)
     millis = int((created - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    if _stamped[0] != seconds:  # many lines share a second: format it once
+        _stamped = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{_stamped[1]}.{millis:03d}Z"
+
+
+class _TurnWriter(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines of one turn of the event loop in one write, at its end.
+
+    An access line is formatted when its request is accounted (synchronously: see
+    access_middleware); only the write waits, so under load one system call
+    carries many lines. Outside a running loop (start, shutdown, another thread
+    with nothing pending) and for warnings and worse, lines go out at once, the
+    ones waiting first, so the order holds."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._pending.append(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or not self._deferred():
+            self.flush()
+
+    def _deferred(self) -> bool:
+        if self._scheduled:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        loop.call_soon(self.flush)
+        self._scheduled = True
+        return True
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = False
+            if self._pending:
+                text = "".join(self._pending)
+                self._pending.clear()
+                try:
+                    self.stream.write(text)
+                except Exception:
+                    return  # stderr gone: nothing to tell it to
+            self.stream.flush()
+        finally:
+            self.release()
 
 
 def setup_logging(fmt: str, level: str) -> None:
@@ -292,7 +350,7 @@ def setup_logging(fmt: str, level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _TurnWriter()
     handler.setFormatter(
         _Formatter(json_lines=fmt == "json", journald=bool(os.environ.get("JOURNAL_STREAM")))
     )

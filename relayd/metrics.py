@@ -31,6 +31,7 @@ class Metrics:
     def __init__(self) -> None:
         self._request_children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
         self._token_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._spend_children: dict[tuple[str, str], Any] = {}
         self._multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # In multiprocess mode values live in files; registering them would double count.
         self._registry = CollectorRegistry(auto_describe=True)
@@ -152,7 +153,12 @@ class Metrics:
 
     def count_spend(self, key: str, model: str, micro_usd: int) -> None:
         if micro_usd:
-            self.spend.labels(key, model or "unknown").inc(micro_usd / 1_000_000)
+            child = self._spend_children.get((key, model))
+            if child is None:
+                child = self._spend_children[(key, model)] = self.spend.labels(
+                    key, model or "unknown"
+                )
+            child.inc(micro_usd / 1_000_000)
 
     def exposition(self) -> bytes:
         if self._multiprocess:

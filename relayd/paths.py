@@ -27,6 +27,7 @@ Two questions, answered in this order:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable
 from enum import Enum
@@ -63,6 +64,7 @@ class _UnsafePathError(ValueError):
     """The request target hides a path trick; the message says which."""
 
 
+@functools.lru_cache(maxsize=1024)  # asked twice per request (middleware, handler)
 def _resolve(raw_target: str) -> str:
     if "#" in raw_target:
         raise _UnsafePathError("a fragment ('#'), which no server receives")

@@ -413,3 +413,31 @@ async def test_overhead_excludes_waiting_for_a_background_answer(
     line = await _access_line(caplog)
     assert line["duration_ms"] >= 500
     assert line["overhead_ms"] < 150, line
+
+
+async def test_lines_of_one_loop_turn_leave_in_one_write_and_in_order() -> None:
+    from relayd.logs import _TurnWriter
+
+    out = io.StringIO()
+    writer = _TurnWriter()
+    writer.setStream(out)
+    writer.setFormatter(_Formatter(json_lines=False, journald=False))
+    log = logging.getLogger("relayd.test_turn")
+    log.addHandler(writer)
+    log.propagate = False
+    try:
+        log.info("first")
+        log.info("second")
+        assert out.getvalue() == ""  # written at the end of the turn, not per line
+        await asyncio.sleep(0)
+        assert [line.split(": ", 1)[1] for line in out.getvalue().splitlines()] == [
+            "first",
+            "second",
+        ]
+        log.info("third")
+        log.warning("fourth")  # a warning goes out at once, after what waited
+        lines = out.getvalue().splitlines()
+        assert [line.split(": ", 1)[1] for line in lines[2:]] == ["third", "fourth"]
+    finally:
+        log.removeHandler(writer)
+        log.propagate = True

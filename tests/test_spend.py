@@ -320,7 +320,9 @@ async def test_every_metered_surface_counts(
 
 
 async def test_store_locked_closed_refuses_with_503(relay_factory: RelayFactory) -> None:
-    relay = await relay_factory(spend=spend(rpm=100), store={"busy_timeout_s": 0.1})
+    # rpm 5 leaves no room to lease: every admission asks the store
+    # (docs/spend.md#leases).
+    relay = await relay_factory(spend=spend(rpm=5), store={"busy_timeout_s": 0.1})
     assert (await relay.post("/v1/responses", json=ask(), headers=AUTH)).status == 200
     with _locked(relay):
         refused = await relay.post("/v1/responses", json=ask(), headers=AUTH)
@@ -331,7 +333,7 @@ async def test_store_locked_closed_refuses_with_503(relay_factory: RelayFactory)
 
 
 async def test_store_locked_open_passes_spools_and_replays(relay_factory: RelayFactory) -> None:
-    section = {**spend(rpm=100), "on_backend_error": "open"}
+    section = {**spend(rpm=5), "on_backend_error": "open"}
     relay = await relay_factory(spend=section, store={"busy_timeout_s": 0.1})
     control: SpendControl = relay.app[SPEND]
     with _locked(relay):

@@ -125,3 +125,51 @@ async def test_a_carried_reservation_settles_once_by_its_upstream_id(
     assert await ledger.settle_ref("resp_1", event(30), NOW)
     assert not await ledger.settle_ref("resp_1", event(30), NOW)  # a second poll
     assert await ledger.spent("alice", ["total"]) == {"total": 30}
+
+
+async def test_two_workers_leasing_one_file_never_admit_past_rpm_or_budget(
+    tmp_path: Path,
+) -> None:
+    # Each worker leases room for more than the one request it asks for
+    # (docs/spend.md#leases); together they still admit at most the limits.
+    path = tmp_path / "ledger.sqlite3"
+    first = SqliteLedger(path, busy_timeout_s=0.2)
+    second = SqliteLedger(path, busy_timeout_s=0.2)
+    await first.open()
+    await second.open()
+    try:
+        admitted = 0
+        for n in range(120):
+            worker = (first, second)[n % 2]
+            verdict = await worker.admit(admission(n, rpm=100), hold=False)
+            admitted += not isinstance(verdict, Refusal)
+        assert admitted == 100
+        budget = (("total", 50 * 40),)  # forty requests' estimates
+        admitted = 0
+        for n in range(200, 260):
+            worker = (first, second)[n % 2]
+            verdict = await worker.admit(admission(n, budgets=budget), hold=True)
+            admitted += not isinstance(verdict, Refusal)
+        assert 30 <= admitted <= 40  # the other's unused room may refuse a few early
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_lease_settles_its_requests_and_gives_back_its_room(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3", busy_timeout_s=0.2)
+    await ledger.open()
+    budget = (("total", 10**6),)
+    for n in range(10):
+        assert await ledger.admit(admission(n, budgets=budget), hold=True) is None
+    for n in range(10):
+        assert await ledger.settle(event(40), reservation=f"r{n}", hit=None, tokens=0)
+    assert await ledger.spent("alice", ["total"]) == {"total": 400}
+    await ledger.close()  # the lease goes back: nothing held, nothing charged
+    reopened = SqliteLedger(ledger.path)
+    await reopened.open()
+    try:
+        assert await reopened.expire(NOW + 10**6) == 0
+        assert await reopened.spent("alice", ["total"]) == {"total": 400}
+    finally:
+        await reopened.close()

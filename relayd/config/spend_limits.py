@@ -53,7 +53,16 @@ class KeyLimits:
 
     @property
     def unlimited(self) -> bool:
-        return self == KeyLimits()
+        # Field by field: comparing with a fresh KeyLimits() builds one per request.
+        return (
+            self.rpm is None
+            and self.tpm is None
+            and self.max_parallel is None
+            and self.models is None
+            and self.usd_per_day is None
+            and self.usd_per_month is None
+            and self.usd_total is None
+        )
 
     def allows(self, model: str) -> bool:
         if self.models is None:

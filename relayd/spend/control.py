@@ -371,9 +371,17 @@ class SpendControl:
             micro = self.prices.token_cost(model, tokens) if guess.micro_usd else 0
             estimated = True
         event = _event_of(
-            now, ticket.key, model, ticket.operation, outcome, tokens, micro or 0, estimated
+            now,
+            ticket.key,
+            model,
+            ticket.operation,
+            outcome,
+            tokens,
+            micro or 0,
+            estimated,
+            ticket.windows,
         )
-        return dataclasses.replace(event, windows=ticket.windows), tokens.input + tokens.output
+        return event, tokens.input + tokens.output
 
     def _settle(self, pending: _Pending) -> None:
         """Hand one settlement to the ledger (no task: the ledger's future says how it
@@ -478,6 +486,7 @@ def _event_of(
     tokens: Tokens,
     micro: int,
     estimated: bool,
+    windows: tuple[str, ...] = (),
 ) -> Event:
     return Event(
         at=at,
@@ -493,4 +502,5 @@ def _event_of(
         audio_output_tokens=tokens.audio_output,
         micro_usd=micro,
         estimated=estimated,
+        windows=windows,
     )

@@ -157,10 +157,21 @@ def flat_unit(kind: str, size: str | None = None, quality: str | None = None) ->
     return ":".join(parts)
 
 
+_UNKNOWN: Final = object()
+_COSTS_KEPT: Final = 4096
+
+
 class PriceBook:
     """The merged price table. Immutable once built; a reload builds a new one."""
 
-    __slots__ = ("_by_name", "allow_unpriced", "default_output_estimate", "rows", "sources")
+    __slots__ = (
+        "_by_name",
+        "_costs",
+        "allow_unpriced",
+        "default_output_estimate",
+        "rows",
+        "sources",
+    )
 
     def __init__(
         self,
@@ -175,6 +186,8 @@ class PriceBook:
         self.allow_unpriced = allow_unpriced
         self.default_output_estimate = default_output_estimate
         self._by_name: dict[str, ModelPrice] = {}
+        # token_cost's answers: requests of one kind repeat the same few counts.
+        self._costs: dict[tuple[str, Tokens], int | None] = {}
         for row in self.rows:
             for name in (row.model, *row.aliases):
                 self._by_name[name] = row
@@ -222,6 +235,15 @@ class PriceBook:
 
     def token_cost(self, model: str, tokens: Tokens) -> int | None:
         """Micro-dollars for ``tokens`` on ``model``, rounded up; None: unpriced."""
+        known = self._costs.get((model, tokens), _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known  # type: ignore[return-value]
+        if len(self._costs) >= _COSTS_KEPT:
+            self._costs.clear()
+        cost = self._costs[(model, tokens)] = self._token_cost(model, tokens)
+        return cost
+
+    def _token_cost(self, model: str, tokens: Tokens) -> int | None:
         row = self.price(model)
         if row is None or row.rates is None:
             return None

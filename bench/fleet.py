@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import HOST, Server, free_port, start_server
+from bench.report import cell, median_of
 from bench.scenarios import Plan, latency, throughput
 from bench.spend import LIMITS, RELAY_KEY
 from bench.stack import FAKE_COMMON, REPO, UPSTREAM_KEY, Target, _relayd_env, find_nginx, nginx_main
@@ -162,15 +162,6 @@ def _start(run: _Run, fleet: bool) -> dict[str, Target]:
     return targets
 
 
-def _median(values: list[Any]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def _cell(value: float | None, digits: int = 2) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench fleet", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -252,17 +243,17 @@ def _table(
         "|---|" + "---:|" * (len(names) + 1),
     ]
     for label, key, digits in rows:
-        values = {t: _median([f[key] for f in figures[t]]) for t in names}
+        values = {t: median_of([f[key] for f in figures[t]]) for t in names}
         local, redis = values["local"], values["redis"]
         ratio = redis / local if redis is not None and local else None
-        cells = " | ".join(_cell(values[t], digits) for t in names)
-        lines.append(f"| {label} | {cells} | {_cell(ratio)} |")
-    p50 = _median([a for a, _ in added])
-    p99 = _median([b for _, b in added])
+        cells = " | ".join(cell(values[t], digits) for t in names)
+        lines.append(f"| {label} | {cells} | {cell(ratio)} |")
+    p50 = median_of([a for a, _ in added])
+    p99 = median_of([b for _, b in added])
     lines += [
         "",
-        f"added latency at 1 connection (redis − local, same round): p50 {_cell(p50, 3)} ms, "
-        f"p99 {_cell(p99, 3)} ms",
+        f"added latency at 1 connection (redis − local, same round): p50 {cell(p50, 3)} ms, "
+        f"p99 {cell(p99, 3)} ms",
     ]
     errors = {t: [f["errors"] for f in figures[t] if f["errors"]] for t in names}
     lines.append(f"errors: {errors if any(errors.values()) else 'none'}")

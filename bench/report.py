@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -216,4 +216,15 @@ class Report:
 
 
 def _fmt(value: float | None, digits: int) -> str:
+    return cell(value, digits)
+
+
+def cell(value: float | None, digits: int = 2) -> str:
+    """A table cell: thousands separated, or — for a figure that is missing."""
     return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def median_of(values: Sequence[Any]) -> float | None:
+    """The median of the figures present (None: none is)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import Server, cpu_seconds, free_port, start_server, tree_pids
+from bench.report import cell, median_of
 from bench.scenarios import Plan, latency, throughput
 from bench.stack import EVERY_FLOOR_LIMITS, FAKE_COMMON, REPO, Target, _relayd_env
 from bench.workers import LoadPool, raise_fd_limit
@@ -162,15 +163,6 @@ def ledger_rate(tmp: Path, count: int, processes: int, redis_url: str | None = N
     return count * processes / elapsed
 
 
-def _median(values: list[Any]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def _cell(value: float | None, digits: int = 2) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench spend", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -251,17 +243,17 @@ def _table(
         "|---|---:|---:|---:|",
     ]
     for label, key, digits in rows:
-        values = {t: _median([f[key] for f in figures[t]]) for t in TARGETS}
+        values = {t: median_of([f[key] for f in figures[t]]) for t in TARGETS}
         off, on = values["limits off"], values["limits on"]
         ratio = on / off if on is not None and off else None
-        lines.append(f"| {label} | {_cell(off, digits)} | {_cell(on, digits)} | {_cell(ratio)} |")
-    p50 = _median([a for a, _, _ in added])
-    p99 = _median([b for _, b, _ in added])
-    cpu = _median([c for _, _, c in added])
+        lines.append(f"| {label} | {cell(off, digits)} | {cell(on, digits)} | {cell(ratio)} |")
+    p50 = median_of([a for a, _, _ in added])
+    p99 = median_of([b for _, b, _ in added])
+    cpu = median_of([c for _, _, c in added])
     lines += [
         "",
-        f"added latency at 1 connection (on − off, same round): p50 {_cell(p50, 3)} ms, "
-        f"p99 {_cell(p99, 3)} ms; relayd CPU per request {_cell(cpu, 0)} µs "
+        f"added latency at 1 connection (on − off, same round): p50 {cell(p50, 3)} ms, "
+        f"p99 {cell(p99, 3)} ms; relayd CPU per request {cell(cpu, 0)} µs "
         "(goal: ≤ 0.1 ms per request)",
         f"ledger alone: {one:,.0f} admit+settle pairs/s from one process, "
         f"{two:,.0f} from two processes on one file",

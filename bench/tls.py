@@ -17,7 +17,6 @@ without verifying the certificate: the run measures TLS, not trust.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import HOST, Server, free_port, start_server
+from bench.report import cell, median_of
 from bench.scenarios import Plan, sse_burst, throughput
 from bench.stack import (
     FAKE_COMMON,
@@ -118,17 +118,8 @@ def _start(tmp: Path, nginx: str) -> tuple[list[Server], dict[str, Target]]:
     return servers, targets
 
 
-def _median(values: list[Any]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
 def _ratio(mine: float | None, theirs: float | None) -> float | None:
     return None if mine is None or not theirs else mine / theirs
-
-
-def _cell(value: float | None, digits: int = 0) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,10 +174,10 @@ def _table(figures: dict[str, list[dict[str, Any]]], plan: Plan) -> str:
         "|---|" + "---:|" * (len(TARGETS) + 2),
     ]
     for label, key, digits in rows:
-        pick = min if key == "burst_complete" else _median
+        pick = min if key == "burst_complete" else median_of
         values: dict[str, float | None] = {t: pick([f[key] for f in figures[t]]) for t in TARGETS}
         ratios = [_ratio(values["relayd-tls"], values[other]) for other in TARGETS[1:3]]
-        cells = [_cell(values[t], digits) for t in TARGETS] + [_cell(r, 2) for r in ratios]
+        cells = [cell(values[t], digits) for t in TARGETS] + [cell(r, 2) for r in ratios]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     errors = {t: [f["errors"] for f in figures[t] if f["errors"]] for t in TARGETS}
     lines += ["", f"errors: {errors if any(errors.values()) else 'none'}"]

@@ -109,11 +109,7 @@ class RedisServer:
     def _answers(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                auth = b""
-                if self.password:
-                    word = self.password.encode()
-                    auth = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(word), word)
-                sock.sendall(auth + b"PING\r\n")
+                sock.sendall(self._auth() + b"PING\r\n")
                 reply = b""
                 while b"PONG" not in reply and b"LOADING" not in reply:
                     chunk = sock.recv(256)
@@ -123,6 +119,13 @@ class RedisServer:
                 return b"PONG" in reply
         except OSError:
             return False
+
+    def _auth(self) -> bytes:
+        """The AUTH command to send first, when the server has a password."""
+        if not self.password:
+            return b""
+        word = self.password.encode()
+        return b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(word), word)
 
     def stop(self) -> None:
         """Stop the server now (SIGKILL: a crash, not a shutdown), and wait for it."""
@@ -135,11 +138,7 @@ class RedisServer:
     def flush(self) -> None:
         """Forget every key (between tests sharing one server)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-            auth = b""
-            if self.password:
-                word = self.password.encode()
-                auth = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(word), word)
-            sock.sendall(auth + b"FLUSHALL\r\n")
+            sock.sendall(self._auth() + b"FLUSHALL\r\n")
             reply = b""
             while reply.count(b"\r\n") < (2 if self.password else 1):
                 chunk = sock.recv(256)

@@ -69,30 +69,42 @@ def signing_secret(
     env: Mapping[str, str], actions: Mapping[str, Any], base: Path, warnings: list[str]
 ) -> tuple[str | None, str | None]:
     """The Actions link-signing secret and where it came from."""
-    from_env = env.get("RELAYD_SIGNING_SECRET_FILE")
-    secret_file = from_env or _toml_path(actions, "signing_secret_file", "actions", base)
-    if secret_file:
-        secret = _read_secret(Path(secret_file), "signing secret file", warnings)
-        return secret, ("env RELAYD_SIGNING_SECRET_FILE" if from_env else "file")
-    if (path := credential(env, CREDENTIAL_SIGNING_SECRET)) is not None:
-        secret = _read_secret(path, "systemd credential", warnings)
-        return secret, f"credential {CREDENTIAL_SIGNING_SECRET}"
-    return None, None
+    return _secret_from_file(
+        env, "RELAYD_SIGNING_SECRET_FILE", actions, ("actions", "signing_secret_file"),
+        CREDENTIAL_SIGNING_SECRET, "signing secret file", base, warnings,
+    )  # fmt: skip
 
 
 def redis_password(
     env: Mapping[str, str], store: Mapping[str, Any], base: Path, warnings: list[str]
 ) -> tuple[str | None, str | None]:
-    """The shared store's password and where it came from, in the signing secret's
-    order: the env's file, the TOML's file, the systemd credential."""
-    from_env = env.get("RELAYD_REDIS_PASSWORD_FILE")
-    password_file = from_env or _toml_path(store, "redis_password_file", "store", base)
-    if password_file:
-        password = _read_secret(Path(password_file), "redis password file", warnings)
-        return password, ("env RELAYD_REDIS_PASSWORD_FILE" if from_env else "file")
-    if (path := credential(env, CREDENTIAL_REDIS_PASSWORD)) is not None:
-        password = _read_secret(path, "systemd credential", warnings)
-        return password, f"credential {CREDENTIAL_REDIS_PASSWORD}"
+    """The shared store's password and where it came from."""
+    return _secret_from_file(
+        env, "RELAYD_REDIS_PASSWORD_FILE", store, ("store", "redis_password_file"),
+        CREDENTIAL_REDIS_PASSWORD, "redis password file", base, warnings,
+    )  # fmt: skip
+
+
+def _secret_from_file(
+    env: Mapping[str, str],
+    env_name: str,
+    table: Mapping[str, Any],
+    where: tuple[str, str],
+    credential_name: str,
+    label: str,
+    base: Path,
+    warnings: list[str],
+) -> tuple[str | None, str | None]:
+    """A secret kept in a file, in this order: the file the env names, the file the
+    TOML names (``where``: section and key), the systemd credential."""
+    from_env = env.get(env_name)
+    section, toml_key = where
+    secret_file = from_env or _toml_path(table, toml_key, section, base)
+    if secret_file:
+        secret = _read_secret(Path(secret_file), label, warnings)
+        return secret, (f"env {env_name}" if from_env else "file")
+    if (path := credential(env, credential_name)) is not None:
+        return _read_secret(path, "systemd credential", warnings), f"credential {credential_name}"
     return None, None
 
 

@@ -64,6 +64,13 @@ end
 local function grant(f)
   return {f[1], f[2], f[3], f[4], f[5], f[6]}
 end
+-- A code or refresh token presented again: its family is revoked now.
+local function replayed(key, f)
+  redis.call('HSET', key, 'revoked', '1')
+  local answer = grant(f)
+  table.insert(answer, 1, 'replay')
+  return answer
+end
 """
 
 # KEYS: family, code. ARGV: code life (ms), replay memory (ms), redirect_uri,
@@ -95,12 +102,7 @@ if not code[1] then return false end
 local key = ARGV[1] .. code[1]
 local f = family(key)
 if not f[1] then return false end
-if code[5] == '1' then
-  redis.call('HSET', key, 'revoked', '1')
-  local answer = grant(f)
-  table.insert(answer, 1, 'replay')
-  return answer
-end
+if code[5] == '1' then return replayed(key, f) end
 redis.call('HSET', KEYS[1], 'used', '1')
 if f[7] == '1' or tonumber(code[4]) <= now then return {'gone'} end
 local answer = grant(f)
@@ -155,12 +157,7 @@ if not token[1] or token[2] ~= 'refresh' then return false end
 local key = ARGV[1] .. token[1]
 local f = family(key)
 if not f[1] then return false end
-if token[4] == '1' then
-  redis.call('HSET', key, 'revoked', '1')
-  local answer = grant(f)
-  table.insert(answer, 1, 'replay')
-  return answer
-end
+if token[4] == '1' then return replayed(key, f) end
 if f[7] == '1' or tonumber(token[3]) <= now then return {'gone'} end
 redis.call('HSET', KEYS[1], 'used', '1')
 local answer = grant(f)

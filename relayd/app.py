@@ -15,10 +15,9 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from relayd.actions.handout_store import HandoutStore, handout_store_ctx
 from relayd.auth import KeyRing, auth_middleware
@@ -65,13 +64,14 @@ from relayd.store.attempts import attempt_limit
 from relayd.store.blobs import open_blob_store
 from relayd.store.grants import open_grant_store
 from relayd.store.ledger import LEDGER_FILE, Ledger, LedgerUnavailableError, SqliteLedger
-from relayd.store.ledger_redis import RedisLedger
-from relayd.store.redis import connect
 from relayd.store.signing import signing_key
 from relayd.tasks import spawn
 from relayd.upstream import Upstream
 
 __all__ = ["create_app", "load_tools"]
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger("relayd.spend")
 
@@ -110,6 +110,15 @@ async def _close_calls(app: web.Application) -> None:
     app[MCP_CALLS].close()
 
 
+def _store_client(settings: Settings) -> Redis | None:
+    """The one client of the shared store, when it is Redis (redis-py loads only then)."""
+    if settings.store.backend != "redis":
+        return None
+    from relayd.store.redis import connect
+
+    return connect(settings)
+
+
 def _spend_control(settings: Settings, metrics: Metrics, client: Redis | None) -> SpendControl:
     """The process's spend control; its ledger opens on first use. ``client``: the
     shared store's (STORE_CLIENT), for the ledger on Redis."""
@@ -119,6 +128,8 @@ def _spend_control(settings: Settings, metrics: Metrics, client: Redis | None) -
         metrics.ledger_seconds.labels(name).observe(seconds)
 
     if settings.spend.backend != "off" and client is not None:
+        from relayd.store.ledger_redis import RedisLedger  # redis-py: only with Redis
+
         ledger = RedisLedger(client, settings, observe=observe)
     elif settings.spend.backend != "off":
         ledger = SqliteLedger(
@@ -218,7 +229,7 @@ def create_app(settings: Settings, table: RouteTable = TABLE) -> web.Application
     app.cleanup_ctx.append(_upstream_ctx)
     # The one client of the shared store (backend redis), before anything uses it;
     # it connects on first use.
-    app[STORE_CLIENT] = connect(settings) if settings.store.backend == "redis" else None
+    app[STORE_CLIENT] = _store_client(settings)
     app[SPEND] = _spend_control(settings, app[METRICS], app[STORE_CLIENT])
     app.cleanup_ctx.append(_spend_ctx)
     # The Actions surface: its download store, and its operation list checked now

@@ -25,8 +25,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from redis.exceptions import RedisError
-
 from relayd.config import Listen, Settings, masked_url
 from relayd.store import state_path
 from relayd.store.blobs import blob_directory
@@ -79,6 +77,8 @@ def check_shared_store(settings: Settings) -> None:
 
 async def _ping(settings: Settings) -> str | None:
     """What went wrong reaching the shared store, in a few words, or None."""
+    from redis.exceptions import RedisError  # redis-py: only with Redis
+
     client = connect(settings)
     try:
         async with asyncio.timeout(call_deadline(settings)):

@@ -84,3 +84,21 @@ def test_a_configured_signing_secret_wins_and_redis_without_one_is_refused(
     shared = updated(Settings(), store={"backend": "redis", "redis_url": "redis://h:6379/0"})
     with pytest.raises(ConfigError, match="LoadCredential"):
         signing_key(shared)
+
+
+def test_a_relay_on_the_local_store_never_loads_the_redis_client() -> None:
+    # redis-py costs about 6 MiB and 0.1 s at start: a relay on one machine pays neither.
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, relayd.app, relayd.cli, relayd.preflight\n"
+        "from relayd.app import create_app\n"
+        "from relayd.config import Settings\n"
+        "create_app(Settings())\n"
+        "print('redis' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False"

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from typing import Final, Protocol
-
-from redis import asyncio as aioredis
+from typing import TYPE_CHECKING, Final, Protocol
 
 from relayd.config import Settings
 from relayd.store.deadlines import bounded
 from relayd.store.redis import key
 
 __all__ = ["AttemptLimit", "MemoryAttemptLimit", "RedisAttemptLimit", "attempt_limit"]
+
+if TYPE_CHECKING:
+    from redis import asyncio as aioredis
 
 _MAX_ADDRESSES: Final = 10_000  # beyond this the oldest address is forgotten
 

@@ -23,9 +23,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Final, Protocol
-
-from redis import asyncio as aioredis
+from typing import TYPE_CHECKING, Final, Protocol
 
 from relayd.config import Settings
 from relayd.store import state_dir, state_path
@@ -41,6 +39,9 @@ __all__ = [
     "blob_directory",
     "open_blob_store",
 ]
+
+if TYPE_CHECKING:
+    from redis import asyncio as aioredis
 
 # ChatGPT takes files of at most 10 MB from an action
 # (docs/chatgpt.md#files-out-openaifileresponse): a larger blob could never be

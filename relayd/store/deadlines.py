@@ -13,8 +13,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from redis.exceptions import RedisError
-
 from relayd.config import Settings
 from relayd.store.redis import CONNECT_TIMEOUT_S, StoreUnavailableError, unavailable
 
@@ -31,6 +29,8 @@ def call_deadline(settings: Settings) -> float:
 async def bounded(settings: Settings, what: str) -> AsyncIterator[None]:
     """Run the block under :func:`call_deadline`; a failure or a late answer raises
     StoreUnavailableError naming ``what``."""
+    from redis.exceptions import RedisError  # loaded with the client by then
+
     try:
         async with asyncio.timeout(call_deadline(settings)):
             yield

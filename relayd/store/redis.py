@@ -9,18 +9,16 @@ key a script touches at once lives in one Redis Cluster slot.
 
 from __future__ import annotations
 
-from typing import Any, Final
-
-from redis import asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, Any, Final
 
 from relayd.config import Settings
 from relayd.errors import RelaydError
 
 __all__ = ["StoreUnavailableError", "connect", "key", "tagged", "unavailable"]
+
+if TYPE_CHECKING:  # the library itself loads with the first client (connect)
+    from redis import asyncio as aioredis
+    from redis.exceptions import RedisError
 
 # The longest a new connection may take, whatever [store] timeout says: a
 # server that is down refuses at once, one that is unreachable should not hold a
@@ -49,6 +47,13 @@ def connect(settings: Settings) -> aioredis.Redis:
     """A client for ``[store] redis_url``; it connects on first use. The password of
     ``[store] redis_password_file`` (or its credential) and, for ``rediss://``, the CA
     of ``[store] redis_ca_file`` go with it."""
+    # Here, not at the top: a relay on the local store never loads redis-py (its
+    # memory and start-up time).
+    from redis import asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     store = settings.store
     if not store.redis_url:
         raise ValueError("[store] redis_url is not set")

@@ -14,7 +14,6 @@ from typing import Protocol
 
 from relayd.config import Settings
 from relayd.store.ledger import read_spent
-from relayd.store.usage_redis import SharedUsage
 from relayd.store.usage_rows import (
     DaySpan,
     ModelSeen,
@@ -68,5 +67,7 @@ class LocalUsage:
 
 def usage_source(settings: Settings) -> UsageSource:
     if settings.store.backend == "redis":
+        from relayd.store.usage_redis import SharedUsage  # redis-py: only with Redis
+
         return SharedUsage(settings)
     return LocalUsage(ledger_path(settings))

@@ -100,13 +100,25 @@ class MemoryReturn:
         # Later, not now: the caller is often still holding what it released.
         self._scheduled = loop.call_later(max(delay, 0.05), self.give_back)
 
-    def give_back(self) -> None:
+    def give_back(self, *, again: bool = True) -> None:
         self._scheduled = None
         self._pending = 0
         self._last = time.monotonic()
         gc.collect()
         if self._trim is not None:
             self._trim(0)
+        if again:
+            # What was announced may be let go of a moment later (a closing
+            # connection's task still held it, longer on a busy machine): look once
+            # more, ``interval`` later, whether or not more is announced meanwhile.
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._scheduled = loop.call_later(self._interval, self._give_back_again)
+
+    def _give_back_again(self) -> None:
+        self.give_back(again=False)
 
     def close(self) -> None:
         if self._scheduled is not None:

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 import relayd
-from bench.procs import cpu_seconds, rss_bytes, tree_pids
+from bench.procs import cpu_seconds, machine_busy_seconds, rss_bytes, tree_pids
 from bench.report import Report, add_derived
 from bench.scenarios import SCENARIOS, Plan
 from bench.soak import latest_soak
@@ -145,7 +145,7 @@ def _run_rounds(
             shift = number % len(targets)  # rotate so no target always goes first
             for target in targets[shift:] + targets[:shift]:
                 pids = tree_pids(target.server.pid) if target.server else []
-                cpu, started = cpu_seconds(pids), time.monotonic()
+                cpu, busy, started = cpu_seconds(pids), machine_busy_seconds(), time.monotonic()
                 try:
                     figures = measure(pool, target, plan)
                 except (TimeoutError, RuntimeError, OSError) as exc:
@@ -155,6 +155,8 @@ def _run_rounds(
                 elapsed = time.monotonic() - started
                 if pids:  # the proxy's CPU use over the whole measurement
                     figures[f"{scenario}_cpu_pct"] = (cpu_seconds(pids) - cpu) / elapsed * 100
+                # Everyone's: the proxy, the fake upstream and the load share the cores.
+                figures[f"{scenario}_machine_pct"] = (machine_busy_seconds() - busy) / elapsed * 100
                 errors = figures.pop("errors")
                 slot = round_.setdefault(target.name, {"failed": 0})
                 slot.update(figures)

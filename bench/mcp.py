@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         servers, base = _start(Path(name))
         pool = LoadPool(1)
         try:
-            for number in range(plan["rounds"]):
+            for number in range(int(plan["rounds"])):
                 shift = number % len(OPERATIONS)  # rotate so no operation always goes first
                 order = OPERATIONS[shift:] + OPERATIONS[:shift]
                 figures = {op[0]: _measure(pool, base, op, plan) for op in order}

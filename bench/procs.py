@@ -21,6 +21,7 @@ __all__ = [
     "fd_count",
     "free_port",
     "listen_overflows",
+    "machine_busy_seconds",
     "rss_bytes",
     "start_server",
     "tree_pids",
@@ -163,6 +164,14 @@ def cpu_seconds(pids: Sequence[int]) -> float:
         fields = stat.rsplit(")", 1)[1].split()
         ticks += int(fields[11]) + int(fields[12])  # utime, stime: stat(5) fields 14, 15
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core of this machine has spent busy so far (``/proc/stat``: all
+    but idle and iowait), whoever spent it: the proxy, the fake, the load, anyone."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def listen_overflows() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +47,10 @@ def figures_for(plan: Plan) -> list[Figure]:
         Figure("rps_p50_ms", f"{conns} conns: latency p50 (ms)", digits=2),
         Figure("rps_p99_ms", f"{conns} conns: latency p99 (ms)", digits=2),
         Figure("throughput_cpu_pct", f"{conns} conns: proxy CPU (% of one core)", digits=0),
+        Figure("throughput_machine_pct", f"{conns} conns: machine CPU (% of one core)", digits=0),
+        Figure("rps_proxy_us", f"{conns} conns: proxy CPU per request (µs)", digits=0),
+        Figure("rps_rest_us", f"{conns} conns: rest of the machine per request (µs)", digits=0),
+        Figure("rps_ceiling", f"{conns} conns: machine's req/s ceiling, all cores", digits=0),
         Figure("burst_ttfe_p50_ms", f"{streams} SSE burst: first event p50 (ms)"),
         Figure("burst_ttfe_p99_ms", f"{streams} SSE burst: first event p99 (ms)"),
         Figure("burst_complete", f"{streams} SSE burst: complete streams (worst)", "min", False, 0),
@@ -114,10 +119,29 @@ def add_derived(round_: dict[str, dict[str, Any]]) -> None:
         cpu, rate = figures.get("realtime_cpu_pct"), figures.get("rt_rps")
         if cpu is not None and rate:
             figures["rt_cpu_us"] = cpu / 100 / rate * 1e6
+        _add_ceiling(figures)
         for pct in ("p50", "p99"):
             mine, base = figures.get(f"lat_{pct}_ms"), direct.get(f"lat_{pct}_ms")
             if mine is not None and base is not None:
                 figures[f"lat_added_{pct}_ms"] = mine - base
+
+
+def _add_ceiling(figures: dict[str, Any]) -> None:
+    """What one small request costs the machine, split into the proxy's share and
+    everyone else's (the fake upstream, the load, the kernel's softirqs), and the
+    req/s all cores could give if the proxy had as many workers as it wanted: the
+    bound any ``--workers`` figure on this machine is measured against."""
+    proxy, machine, rate = (
+        figures.get("throughput_cpu_pct"),
+        figures.get("throughput_machine_pct"),
+        figures.get("rps"),
+    )
+    if proxy is None or machine is None or not rate:
+        return
+    figures["rps_proxy_us"] = proxy / 100 / rate * 1e6
+    figures["rps_rest_us"] = max(0.0, machine - proxy) / 100 / rate * 1e6
+    per_request = figures["rps_proxy_us"] + figures["rps_rest_us"]
+    figures["rps_ceiling"] = (os.cpu_count() or 1) * 1e6 / per_request
 
 
 @dataclass

@@ -5,8 +5,9 @@ have arrived. It builds the URL, swaps the client's credentials for the upstream
 key, applies header hygiene and timeouts, bounds the number of requests in flight
 (a full pool answers 503 at once rather than queueing; a relay key holding its
 share of the pool, 429 at once), and translates aiohttp's
-exceptions into relayd's errors in exactly one place (:func:`mapped_errors`, the
-httpx ``map_httpcore_exceptions`` idiom).
+exceptions into relayd's errors in exactly one place (:func:`translated`, applied
+by :func:`mapped_errors`, the httpx ``map_httpcore_exceptions`` idiom, or by a
+plain ``except UPSTREAM_FAILURES`` on the hottest paths).
 
 Timeouts (docs/streaming.md#timeouts): ``connect`` bounds the TCP/TLS connect;
 ``first_byte`` bounds the wait for the response head once the request body is sent;
@@ -57,10 +58,13 @@ from relayd.headers import request_headers
 from relayd.streams import LimitExceededError
 
 __all__ = [
+    "UPSTREAM_FAILURES",
+    "Sent",
     "Upstream",
-    "failure_cause",
     "cause_chain",
+    "failure_cause",
     "mapped_errors",
+    "translated",
 ]
 
 # aiohttp would otherwise invent these; a transparent relay sends the client's own.
@@ -76,10 +80,11 @@ def cause_chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-_UPSTREAM_FAILURES: Final = (aiohttp.ClientError, TimeoutError, OSError)
+# What a failure of the upstream leg raises: aiohttp's errors, timeouts, sockets.
+UPSTREAM_FAILURES: Final = (aiohttp.ClientError, TimeoutError, OSError)
 
 
-def _translated(exc: BaseException) -> RelaydError:
+def translated(exc: BaseException) -> RelaydError:
     """The relayd error (502/504/413) for a failure of the upstream leg."""
     for cause in cause_chain(exc):
         if isinstance(cause, LimitExceededError):
@@ -156,8 +161,8 @@ def mapped_errors() -> Iterator[None]:
     """Translate failures of the upstream leg into relayd errors (see :func:`_translated`)."""
     try:
         yield
-    except _UPSTREAM_FAILURES as exc:
-        raise _translated(exc) from exc
+    except UPSTREAM_FAILURES as exc:
+        raise translated(exc) from exc
 
 
 # aiohttp drops the body of a refused WebSocket handshake, so only the status can
@@ -350,8 +355,7 @@ class Upstream:
             keep_length=keep_length,
         )
 
-    @contextlib.asynccontextmanager
-    async def open(
+    def open(
         self,
         method: str,
         path_qs: str,
@@ -359,36 +363,18 @@ class Upstream:
         headers: CIMultiDict[str],
         data: Any = None,
         key: str | None = None,
-    ) -> AsyncIterator[ClientResponse]:
-        """Send a request and yield the response once its head has arrived.
+    ) -> Sent:
+        """Send a request; ``async with`` it for the response once its head has arrived.
 
         ``key`` names the relay key it is sent for: one key holds at most its share
-        of the upstream slots (see :meth:`_slot`).
+        of the upstream slots (see :meth:`_take_slot`).
 
         Leaving the block releases the connection; leaving it early (the client hung
         up, the handler was cancelled) closes the connection, which cancels the
         request upstream. Errors before the head arrives are relayd errors; errors
         while the caller reads the body are aiohttp's own (streams/ wraps them).
         """
-        with self._slot(key) as session:
-            response = await self._send(session, method, self.url(path_qs), headers, data)
-            if response.status == 101:
-                # relayd never asks for an upgrade here (Upgrade is hop-by-hop and
-                # dropped; WebSockets go through ws_connect), so the connection is no
-                # longer HTTP and holds no answer for the client: drop it.
-                response.close()
-                raise UpstreamUnavailableError(
-                    "The upstream API switched protocols (101) on a request that asked "
-                    "for no upgrade."
-                )
-            try:
-                self._switch_to_idle_timeout(response)
-                yield response
-            finally:
-                if response.content.at_eof():
-                    response.release()  # whole body read: the connection is reusable
-                else:
-                    response.close()  # anything else: drop it, cancelling upstream work
+        return Sent(self, method, path_qs, headers, data, key)
 
     async def _send(
         self, session: ClientSession, method: str, url: URL, headers: CIMultiDict[str], data: Any
@@ -402,12 +388,21 @@ class Upstream:
                 return await session.request(
                     method, url, headers=headers, data=watch.wrap(data), allow_redirects=False
                 )
-        except _UPSTREAM_FAILURES as exc:
-            raise _translated(exc) from exc
+        except UPSTREAM_FAILURES as exc:
+            raise translated(exc) from exc
 
     @contextlib.contextmanager
     def _slot(self, key: str | None = None) -> Iterator[ClientSession]:
-        """One of the ``max_connections`` upstream slots, or a 503 at once when all are taken.
+        """One of the ``max_connections`` upstream slots, held for the block."""
+        session = self._take_slot(key)
+        try:
+            yield session
+        finally:
+            self._give_slot(key)
+
+    def _take_slot(self, key: str | None) -> ClientSession:
+        """Take one of the ``max_connections`` upstream slots, or a 503 at once when all
+        are taken; every take is paired with a :meth:`_give_slot`.
 
         One relay key holds at most ``max_connections_per_key`` of them (issue 11: a
         key with long streams or idle WebSockets must not starve the others); past
@@ -415,8 +410,7 @@ class Upstream:
         than a wait that would hold the client's connection and body meanwhile.
         A full pool is the 503 whoever asks. Requests sent for no key (keyless
         mode, a single configured key: ``memory.share_key``) have the whole pool.
-        A WebSocket
-        holds its slot for its whole life, like a stream.
+        A WebSocket holds its slot for its whole life, like a stream.
         """
         if self._session is None:
             raise RuntimeError("Upstream.start() was not called")
@@ -435,15 +429,15 @@ class Upstream:
         self._in_flight += 1
         if key is not None:
             self._by_key[key] = held + 1
-        try:
-            yield self._session
-        finally:
-            self._in_flight -= 1
-            if key is not None:
-                if (left := self._by_key[key] - 1) > 0:
-                    self._by_key[key] = left
-                else:
-                    del self._by_key[key]
+        return self._session
+
+    def _give_slot(self, key: str | None) -> None:
+        self._in_flight -= 1
+        if key is not None:
+            if (left := self._by_key[key] - 1) > 0:
+                self._by_key[key] = left
+            else:
+                del self._by_key[key]
 
     def _switch_to_idle_timeout(self, response: ClientResponse) -> None:
         # The head has arrived: from now on sock_read bounds the gap between body
@@ -473,3 +467,63 @@ class Upstream:
                 yield ws
             finally:
                 await ws.close()
+
+
+class Sent:
+    """One request upstream, as ``async with upstream.open(...) as response``.
+
+    A class rather than a generator-based context manager: every request enters
+    one, and a generator-based one costs a few µs more each time."""
+
+    __slots__ = ("_data", "_headers", "_key", "_method", "_path_qs", "_response", "_upstream")
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        data: Any,
+        key: str | None,
+    ) -> None:
+        self._upstream = upstream
+        self._method = method
+        self._path_qs = path_qs
+        self._headers = headers
+        self._data = data
+        self._key = key
+        self._response: ClientResponse | None = None
+
+    async def __aenter__(self) -> ClientResponse:
+        upstream = self._upstream
+        session = upstream._take_slot(self._key)
+        try:
+            response = await upstream._send(
+                session, self._method, upstream.url(self._path_qs), self._headers, self._data
+            )
+            if response.status == 101:
+                # relayd never asks for an upgrade here (Upgrade is hop-by-hop and
+                # dropped; WebSockets go through ws_connect), so the connection is no
+                # longer HTTP and holds no answer for the client: drop it.
+                response.close()
+                raise UpstreamUnavailableError(
+                    "The upstream API switched protocols (101) on a request that asked "
+                    "for no upgrade."
+                )
+            upstream._switch_to_idle_timeout(response)
+        except BaseException:
+            upstream._give_slot(self._key)
+            raise
+        self._response = response
+        return response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        response, self._response = self._response, None
+        try:
+            if response is not None:
+                if response.content.at_eof():
+                    response.release()  # whole body read: the connection is reusable
+                else:
+                    response.close()  # anything else: drop it, cancelling upstream work
+        finally:
+            self._upstream._give_slot(self._key)

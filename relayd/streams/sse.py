@@ -38,19 +38,23 @@ class SSEPump:
 
     Per chunk the work is one write, three clock reads (time spent waiting on the
     source and on the sink, for the relay-overhead metric), a counter, a look at the
-    last four bytes and the optional tap; the keepalive timer runs in its own task
-    and only ever writes when the pump is idle between events. Failure semantics,
-    and the counting into ``moved``, are :func:`pump`'s.
+    last four bytes and the optional tap. The keepalive is a timer of the loop, not
+    a task: each interval it looks whether the pump was idle between events, and
+    only then starts a task for the one write. Failure semantics, and the counting
+    into ``moved``, are :func:`pump`'s.
     """
 
     __slots__ = (
+        "_beat",
         "_chunks",
         "_keepalive_s",
         "_moved",
+        "_seen",
         "_sink",
         "_source",
         "_tail",
         "_tap",
+        "_timer",
         "_writing",
     )
 
@@ -71,15 +75,17 @@ class SSEPump:
         self._chunks = 0
         self._tail = b"\n\n"  # before the first byte we are between events
         self._writing = False
+        self._seen = 0  # chunks written when the keepalive timer last looked
+        self._timer: asyncio.TimerHandle | None = None
+        self._beat: asyncio.Task[None] | None = None  # a keepalive being written
 
     @property
     def at_event_boundary(self) -> bool:
         return self._tail.endswith(_EVENT_ENDS)
 
     async def run(self) -> Pumped:
-        ticker = None
         if self._keepalive_s:
-            ticker = spawn(self._keepalive(self._keepalive_s), name="relayd.sse.keepalive")
+            self._timer = asyncio.get_running_loop().call_later(self._keepalive_s, self._tick)
         moved = self._moved
         clock = time.perf_counter
         since = clock()
@@ -110,17 +116,27 @@ class SSEPump:
             # As in pump(): the time since the last clock read belongs to the side
             # the pump was waiting on when it ended.
             moved.spent(clock() - since, writing=on_sink)
-            if ticker is not None:
-                ticker.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._beat is not None:
+                self._beat.cancel()
 
-    async def _keepalive(self, interval: float) -> None:
-        seen = self._chunks
-        while True:
-            await asyncio.sleep(interval)
-            if self._chunks == seen and not self._writing and self.at_event_boundary:
-                try:
-                    await self._sink.write(KEEPALIVE)
-                except ConnectionError:
-                    return  # the pump notices the closed client on its own
-                self._moved.sent += len(KEEPALIVE)
-            seen = self._chunks
+    def _tick(self) -> None:
+        """The keepalive timer: a comment when nothing was written for a whole
+        interval and the last byte ended an event; then the next look."""
+        idle = self._chunks == self._seen and not self._writing and self._beat is None
+        if idle and self.at_event_boundary:
+            self._beat = spawn(self._keepalive(), name="relayd.sse.keepalive")
+        self._seen = self._chunks
+        assert self._keepalive_s is not None
+        self._timer = asyncio.get_running_loop().call_later(self._keepalive_s, self._tick)
+
+    async def _keepalive(self) -> None:
+        try:
+            await self._sink.write(KEEPALIVE)
+        except ConnectionError:
+            return  # the pump notices the closed client on its own
+        finally:
+            self._beat = None
+        self._moved.sent += len(KEEPALIVE)

@@ -33,6 +33,7 @@ __all__ = [
     "Pumped",
     "Tap",
     "abort",
+    "broken_stream",
     "pump",
     "pump_request_body",
 ]
@@ -80,13 +81,11 @@ class Pumped:
             self.waited += seconds
 
 
-async def read_chunk(source: StreamReader, moved: Pumped) -> bytes:
-    """The next chunk of ``source`` (``b""`` at its end); a failed read is a
-    :class:`BrokenStreamError` that says how much had been sent."""
-    try:
-        return await source.readany()
-    except Exception as exc:
-        raise BrokenStreamError(str(exc) or type(exc).__name__, sent=moved.sent) from exc
+def broken_stream(exc: Exception, moved: Pumped) -> BrokenStreamError:
+    """What a failed read of the source is: a :class:`BrokenStreamError` that says
+    how much had been sent. (The pumps read inline, ``raise broken_stream(exc,
+    moved) from exc``: a coroutine per chunk would cost more than the read.)"""
+    return BrokenStreamError(str(exc) or type(exc).__name__, sent=moved.sent)
 
 
 async def pump(
@@ -110,7 +109,10 @@ async def pump(
     on_sink = False  # whether the time since ``since`` is spent writing (else reading)
     try:
         while True:
-            chunk = await read_chunk(source, moved)
+            try:
+                chunk = await source.readany()
+            except Exception as exc:
+                raise broken_stream(exc, moved) from exc
             now = clock()
             moved.waited += now - since
             since = now

@@ -16,7 +16,7 @@ from typing import Final
 
 from aiohttp import StreamReader, web
 
-from relayd.streams.pump import Pumped, Tap, read_chunk
+from relayd.streams.pump import Pumped, Tap, broken_stream
 from relayd.tasks import spawn
 
 __all__ = ["KEEPALIVE", "SSEPump", "is_event_stream"]
@@ -86,13 +86,16 @@ class SSEPump:
     async def run(self) -> Pumped:
         if self._keepalive_s:
             self._timer = asyncio.get_running_loop().call_later(self._keepalive_s, self._tick)
-        moved = self._moved
+        moved, source = self._moved, self._source
         clock = time.perf_counter
         since = clock()
         on_sink = False  # whether the time since ``since`` is spent writing (else reading)
         try:
             while True:
-                chunk = await read_chunk(self._source, moved)
+                try:
+                    chunk = await source.readany()
+                except Exception as exc:
+                    raise broken_stream(exc, moved) from exc
                 now = clock()
                 moved.waited += now - since
                 since = now

@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from relayd import logs
 from relayd.app import create_app
 from relayd.config import parse_keys_file
 from relayd.logs import _Formatter, setup_logging
@@ -421,9 +422,8 @@ async def test_lines_of_one_loop_turn_leave_in_one_write_and_in_order() -> None:
     from relayd.logs import _TurnWriter
 
     out = io.StringIO()
-    writer = _TurnWriter()
+    writer = _TurnWriter(_Formatter(json_lines=False, journald=False))
     writer.setStream(out)
-    writer.setFormatter(_Formatter(json_lines=False, journald=False))
     log = logging.getLogger("relayd.test_turn")
     log.addHandler(writer)
     log.propagate = False
@@ -496,7 +496,8 @@ async def test_access_lines_are_whole_and_exact_in_every_form(
         monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
     else:
         monkeypatch.delenv("JOURNAL_STREAM", raising=False)
-    with production_logging("json" if form == "json" else "console") as out:
+    record_path = mock.patch.object(logs.access_log, "log", wraps=logs.access_log.log)
+    with production_logging("json" if form == "json" else "console") as out, record_path as log:
         listed = await relay.get("/v1/models", headers={**auth, "X-Request-Id": "trace:7.a-b_c"})
         listed_bytes = len(await listed.read())
         failed = await relay.post("/v1/responses", json={"model": "error-503"}, headers=auth)
@@ -507,6 +508,7 @@ async def test_access_lines_are_whole_and_exact_in_every_form(
         refused_bytes = len(await refused.read())
         lines = await _written(out, 4)
     assert RELAY_KEY not in out.getvalue()
+    assert not log.called  # relayd's own writer alone: the lines went out without a record
     pid = os.getpid()
     ids = [r.headers["X-Relay-Request-Id"] for r in (listed, failed, lost, refused)]
     assert ids[0] == "trace:7.a-b_c"
@@ -601,3 +603,59 @@ async def test_access_lines_are_whole_and_exact_in_every_form(
         else:
             whole = "{stamp} " + whole
         assert re.fullmatch(_pattern(whole), line), (line, whole)
+
+
+_ACCESS_VALUES: list[dict[str, Any]] = [
+    {
+        "request_id": "0f3a",
+        "client": "127.0.0.1",
+        "key": "team",
+        "method": "GET",
+        "route": "/v1/models",
+        "group": "models",
+        "status": 200,
+        "bytes_in": None,
+        "bytes_out": 266,
+        "duration_ms": 7.04,
+        "overhead_ms": 0.0,
+        "upstream_request_id": "req_1",
+        "failure": None,
+        "operation": None,
+    },
+    {
+        "request_id": FORGERY,
+        "client": 'a b="c"',
+        "key": "",
+        "method": "PO\nST",
+        "route": None,
+        "group": "unmatched",
+        "status": 499,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "duration_ms": 1e-05,
+        "overhead_ms": None,
+        "upstream_request_id": FORGERY,
+        "failure": 'stream broke after 3 bytes: x=y \\ "z"',
+        "operation": "getRelayInfo",
+    },
+]
+
+
+@pytest.mark.parametrize("values", _ACCESS_VALUES, ids=["plain", "hostile"])
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+@pytest.mark.parametrize("journald", [False, True], ids=["console", "journald"])
+def test_an_access_line_written_without_a_record_is_the_records_line(
+    values: dict[str, Any], level: int, journald: bool
+) -> None:
+    fields = {k: v for k, v in values.items() if k not in ("failure", "operation")}
+    if values["failure"] is not None:
+        fields["upstream_error"] = values["failure"]
+    if values["operation"] is not None:
+        fields["operation"] = values["operation"]
+    record = logging.LogRecord("relayd.access", level, __file__, 1, "access", None, None)
+    record.created = 1796315906.0405
+    record.fields = fields
+    form = _Formatter(json_lines=False, journald=journald)
+    line = form.access_line(record.created, level, **values)
+    assert line == form.format(record)
+    assert len(line.splitlines()) == 1 and line.isprintable()

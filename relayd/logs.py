@@ -219,7 +219,7 @@ def _bytes_out(booked: Mapping[Any, Any], response: web.StreamResponse | None) -
 
 def _log_access(
     level: int,
-    request_id: str | None,
+    request_id: str,
     client: str | None,
     key: str | None,
     method: str,
@@ -330,6 +330,23 @@ def _field(name: str, value: object) -> str:
     return f"{_printable(name)}={_value(value)}"
 
 
+_pid = os.getpid()  # the process's, kept: a system call per line otherwise
+# The start of an access line by level and form (no time stamp), and the route's
+# fields by method, template and group: the parts of the line that repeat.
+_access_heads: dict[tuple[int, bool], str] = {}
+_route_fields: dict[tuple[str, str | None, str], str] = {}
+_ROUTE_FIELDS_KEPT: Final = 1024
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+    _access_heads.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class _Formatter(logging.Formatter):
     def __init__(self, *, json_lines: bool, journald: bool) -> None:
         super().__init__()
@@ -362,7 +379,7 @@ class _Formatter(logging.Formatter):
         """The line of a record with these attributes (``trace``: its formatted exception)."""
         # The pid tells workers apart; the journal would name only the supervisor,
         # which opened the stream they all write to.
-        pid = os.getpid()
+        pid = _pid
         if self.json_lines:
             entry: dict[str, object] = {
                 "ts": round(created, 3),
@@ -395,7 +412,7 @@ class _Formatter(logging.Formatter):
         self,
         created: float,
         levelno: int,
-        request_id: str | None,
+        request_id: str,
         client: str | None,
         key: str | None,
         method: str,
@@ -411,22 +428,33 @@ class _Formatter(logging.Formatter):
         operation: str | None,
     ) -> str:
         """The console line ``compose`` writes for relayd.access's fields (the order of
-        _log_access's dict), without building the dict: only what varies is checked."""
-        line = f"{logging.getLevelName(levelno).lower():<7} [{os.getpid()}] relayd.access: access"
+        _log_access's dict), without building the dict: only what varies is checked.
+        ``request_id`` is a sane token (_request_id's): it needs neither escape nor quote."""
+        head = _access_heads.get((levelno, self._journald))
+        if head is None:
+            head = f"{logging.getLevelName(levelno).lower():<7} [{_pid}] relayd.access: access"
+            if self._journald:
+                head = f"<{_JOURNAL_PRIORITY.get(levelno, 6)}>{head}"
+            _access_heads[(levelno, self._journald)] = head
         if self._journald:
-            line = f"<{_JOURNAL_PRIORITY.get(levelno, 6)}>{line}"
+            line = f"{head} request_id={request_id}"
         else:
-            line = f"{_utc_stamp(created)} {line}"
-        if request_id is not None:
-            line += f" request_id={_value(request_id)}"
+            line = f"{_utc_stamp(created)} {head} request_id={request_id}"
         if client is not None:
             line += f" client={_value(client)}"
         if key is not None:
             line += f" key={_value(key)}"
-        line += f" method={_value(method)}"
-        if route is not None:
-            line += f" route={_value(route)}"
-        line += f" group={_value(group)} status={status}"
+        # The route's part of the line: method, template and group. The catch-all
+        # route takes any method a client names: only short ones are kept.
+        where = _route_fields.get((method, route, group))
+        if where is None:
+            where = f" method={_value(method)}"
+            if route is not None:
+                where += f" route={_value(route)}"
+            where += f" group={_value(group)}"
+            if len(method) <= 16 and len(_route_fields) < _ROUTE_FIELDS_KEPT:
+                _route_fields[(method, route, group)] = where
+        line += f"{where} status={status}"
         if bytes_in is not None:
             line += f" bytes_in={bytes_in}"
         line += f" bytes_out={bytes_out} duration_ms={duration_ms}"

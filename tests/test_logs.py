@@ -623,7 +623,7 @@ _ACCESS_VALUES: list[dict[str, Any]] = [
         "operation": None,
     },
     {
-        "request_id": FORGERY,
+        "request_id": "trace:7.a-b_c",  # a sane token, always (logs._request_id)
         "client": 'a b="c"',
         "key": "",
         "method": "PO\nST",

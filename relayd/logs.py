@@ -16,7 +16,8 @@ import os
 import re
 import sys
 import time
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -76,7 +77,7 @@ def _request_id(request: web.Request) -> str:
 
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request[REQUEST_ID] = _request_id(request)
+    request_id = request[REQUEST_ID] = _request_id(request)
     request[CLIENT_ADDRESS] = client_address(request)
     started = time.perf_counter()
     status = 500
@@ -95,99 +96,118 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         # the socket, so the log line does not add to the client's latency.
         duration = time.perf_counter() - started
         if status == CLIENT_CLOSED:
-            _account(request, response, status, duration)
+            _account(request, request_id, response, status, duration)
         else:
-            asyncio.get_running_loop().call_soon(_account, request, response, status, duration)
+            asyncio.get_running_loop().call_soon(
+                _account, request, request_id, response, status, duration
+            )
+
+
+def _booked(request: web.Request) -> Mapping[Any, Any]:
+    """What the request's handlers booked for its accounting, to read with ``get``.
+
+    aiohttp keeps a request's mapping in a plain dict, but the request's own ``get``
+    (``Mapping.get``) raises and catches a KeyError for every absent key, and about
+    half of the dozen keys read here are absent on most requests: the dict itself
+    answers them at a fraction of the cost."""
+    state = getattr(request, "_state", None)
+    return state if type(state) is dict else dict(request)
 
 
 def _account(
-    request: web.Request, response: web.StreamResponse | None, status: int, duration: float
+    request: web.Request,
+    request_id: str,
+    response: web.StreamResponse | None,
+    status: int,
+    duration: float,
 ) -> None:
     """Metrics, token usage and the access line for one request (synchronous; see
-    the caller). Reading a usage tap decodes JSON: it belongs here, off the answer's path."""
-    route = request.get(ROUTE)
+    the caller). Reading a usage tap decodes JSON: it belongs here, off the answer's path.
+    ``request_id``: the one access_middleware gave the request (a sane token)."""
+    booked = _booked(request)
+    route = booked.get(ROUTE)
     group = route.group if route else "unmatched"
-    overhead = _overhead(request, duration)
+    overhead = _overhead(booked, duration)
     metrics = request.app[METRICS]
     metrics.observe_request(group, status, duration, overhead)
-    if (tap := request.get(USAGE_TAP)) is not None and (usage := tap.usage()) is not None:
-        key = request.get(KEY)
+    key = booked.get(KEY)
+    if (tap := booked.get(USAGE_TAP)) is not None and (usage := tap.usage()) is not None:
         name = key.name if key is not None else "-"
         metrics.count_tokens(name, usage.model, usage.input_tokens, usage.output_tokens)
-    error_kind = _upstream_error_kind(request)
+    broken = booked.get(BROKEN)
+    upstream_status = booked.get(UPSTREAM_STATUS)
+    error_kind = _upstream_error_kind(broken, booked.get(ERROR_CODE), upstream_status)
     if error_kind is not None:
         metrics.upstream_errors.labels(error_kind).inc()
     # A failure of the upstream leg makes the access line itself a warning: one line
     # per failure, with the request id and key name beside the cause, for
     # `journalctl -p warning`.
-    failure = _upstream_failure(request)
+    failure = _upstream_failure(broken, booked.get(UPSTREAM_FAILURE), upstream_status)
     level = logging.WARNING if failure is not None else logging.INFO
     if not access_log.isEnabledFor(level):
         return
-    key = request.get(KEY)
-    fields = {
-        "request_id": request.get(REQUEST_ID),
-        "client": request.get(CLIENT_ADDRESS),
-        "key": key.name if key else None,
-        "method": request.method,
-        "route": route.path if route else None,
-        "group": group,
-        "status": status,
-        "bytes_in": request.content_length,
-        "bytes_out": _bytes_out(request, response),
-        "duration_ms": round(duration * 1000, 2),
-        "overhead_ms": round(overhead * 1000, 3) if overhead is not None else None,
-        "upstream_request_id": request.get(UPSTREAM_REQUEST_ID),
-    }
-    if failure is not None:
-        fields["upstream_error"] = failure
-    if (operation := request.get(OPERATION)) is not None:
-        fields["operation"] = operation  # what an MCP tool call ran (relayd/operations.py)
-    access_log.log(level, "access", extra={"fields": fields})
+    _log_access(
+        level,
+        request_id,
+        booked.get(CLIENT_ADDRESS),
+        key.name if key else None,
+        request.method,
+        route.path if route else None,
+        group,
+        status,
+        request.content_length,
+        _bytes_out(booked, response),
+        round(duration * 1000, 2),
+        round(overhead * 1000, 3) if overhead is not None else None,
+        booked.get(UPSTREAM_REQUEST_ID),
+        failure,
+        booked.get(OPERATION),  # what an MCP tool call ran (relayd/operations.py)
+    )
 
 
-def _overhead(request: web.Request, duration: float) -> float | None:
+def _overhead(booked: Mapping[Any, Any], duration: float) -> float | None:
     """The relay's own share of ``duration``: neither waiting on upstream (the head,
     the gaps in a stream, a stall that ended in a break) nor on a client that reads
     slowly. None for requests that never went upstream."""
-    waited = request.get(UPSTREAM_WAIT)
-    streamed = request.get(STREAMED)
+    waited = booked.get(UPSTREAM_WAIT)
+    streamed = booked.get(STREAMED)
     if streamed is not None:
         waited = (waited or 0.0) + streamed.waited + streamed.blocked
     return max(0.0, duration - waited) if waited is not None else None
 
 
-def _upstream_failure(request: web.Request) -> str | None:
-    if broken := request.get(BROKEN):
+def _upstream_failure(
+    broken: str | None, failure: str | None, upstream_status: int | None
+) -> str | None:
+    if broken:
         return f"stream broke {broken}"
-    if (failure := request.get(UPSTREAM_FAILURE)) is not None:
+    if failure is not None:
         return str(failure)
-    upstream_status = request.get(UPSTREAM_STATUS)
     if upstream_status is not None and upstream_status >= 500:
         return f"upstream answered HTTP {upstream_status}"
     return None
 
 
-def _upstream_error_kind(request: web.Request) -> str | None:
-    if request.get(BROKEN):
+def _upstream_error_kind(
+    broken: str | None, code: str | None, upstream_status: int | None
+) -> str | None:
+    if broken:
         return "broken_stream"
-    code = request.get(ERROR_CODE)
     if code is not None and code.startswith("upstream_"):
         return str(code).removeprefix("upstream_")
-    upstream_status = request.get(UPSTREAM_STATUS)
     if upstream_status is not None and upstream_status >= 500:
         return "status_5xx"
     return None
 
 
-def _bytes_out(request: web.Request, response: web.StreamResponse | None) -> int:
+def _bytes_out(booked: Mapping[Any, Any], response: web.StreamResponse | None) -> int:
     """Body bytes that left relayd for the client.
 
     A streamed answer counts what its pump wrote, less what was still queued when a
     broken stream's connection was cut; that holds however the stream ended, a
     cancelled one (the client hung up: ``response`` is None) included.
     """
-    if (streamed := request.get(STREAMED)) is not None:
+    if (streamed := booked.get(STREAMED)) is not None:
         return int(streamed.sent)
     if response is None:
         return 0
@@ -195,6 +215,75 @@ def _bytes_out(request: web.Request, response: web.StreamResponse | None) -> int
         # A plain Response is written after the middlewares return; its size is known.
         return response.content_length or 0
     return response.body_length
+
+
+def _log_access(
+    level: int,
+    request_id: str,
+    client: str | None,
+    key: str | None,
+    method: str,
+    route: str | None,
+    group: str,
+    status: int,
+    bytes_in: int | None,
+    bytes_out: int,
+    duration_ms: float,
+    overhead_ms: float | None,
+    upstream_request_id: str | None,
+    failure: str | None,
+    operation: str | None,
+) -> None:
+    """One access line: straight to relayd's own writer when nothing else would see
+    the record (see _direct_writer), else through ``logging`` as a record whose
+    ``fields`` are the line's (tests capture those with caplog)."""
+    writer = _direct_writer(level)
+    if writer is not None and not writer.form.json_lines:
+        line = writer.form.access_line(
+            time.time(),
+            level,
+            request_id,
+            client,
+            key,
+            method,
+            route,
+            group,
+            status,
+            bytes_in,
+            bytes_out,
+            duration_ms,
+            overhead_ms,
+            upstream_request_id,
+            failure,
+            operation,
+        )
+        writer.add(line, urgent=level >= logging.WARNING)
+        return
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "client": client,
+        "key": key,
+        "method": method,
+        "route": route,
+        "group": group,
+        "status": status,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "duration_ms": duration_ms,
+        "overhead_ms": overhead_ms,
+        "upstream_request_id": upstream_request_id,
+    }
+    if failure is not None:
+        fields["upstream_error"] = failure
+    if operation is not None:
+        fields["operation"] = operation
+    if writer is not None:
+        line = writer.form.compose(
+            time.time(), level, logging.getLevelName(level), access_log.name, "access", fields
+        )
+        writer.add(line, urgent=level >= logging.WARNING)
+    else:
+        access_log.log(level, "access", extra={"fields": fields})
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -226,56 +315,157 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def _field(name: str, value: object) -> str:
-    """``name=value``, the value quoted (logfmt) when it holds a space, ``=`` or ``"``,
-    so that a client's text cannot pose as another field of the line."""
+def _value(value: object) -> str:
+    """A field's value, quoted (logfmt) when it holds a space, ``=`` or ``"``, so that
+    a client's text cannot pose as another field of the line."""
     if type(value) is int or type(value) is float:  # most of an access line: no checks
-        return f"{_printable(name)}={value}"
+        return str(value)
     text = _printable(str(value))
-    if not text or any(c in text for c in ' ="'):
+    if not text or " " in text or "=" in text or '"' in text:
         text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return f"{_printable(name)}={text}"
+    return text
+
+
+def _field(name: str, value: object) -> str:
+    return f"{_printable(name)}={_value(value)}"
+
+
+_pid = os.getpid()  # the process's, kept: a system call per line otherwise
+# The start of an access line by level and form (no time stamp), and the route's
+# fields by method, template and group: the parts of the line that repeat.
+_access_heads: dict[tuple[int, bool], str] = {}
+_route_fields: dict[tuple[str, str | None, str], str] = {}
+_ROUTE_FIELDS_KEPT: Final = 1024
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+    _access_heads.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class _Formatter(logging.Formatter):
     def __init__(self, *, json_lines: bool, journald: bool) -> None:
         super().__init__()
-        self._json = json_lines
+        self.json_lines = json_lines
         self._journald = journald
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, object] = getattr(record, "fields", {})
+        trace = self.formatException(record.exc_info) if record.exc_info else None
+        return self.compose(
+            record.created,
+            record.levelno,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            fields,
+            trace,
+        )
+
+    def compose(
+        self,
+        created: float,
+        levelno: int,
+        levelname: str,
+        name: str,
+        message: str,
+        fields: dict[str, object],
+        trace: str | None = None,
+    ) -> str:
+        """The line of a record with these attributes (``trace``: its formatted exception)."""
         # The pid tells workers apart; the journal would name only the supervisor,
         # which opened the stream they all write to.
-        pid = os.getpid()
-        if self._json:
+        pid = _pid
+        if self.json_lines:
             entry: dict[str, object] = {
-                "ts": round(record.created, 3),
-                "level": record.levelname.lower(),
+                "ts": round(created, 3),
+                "level": levelname.lower(),
                 "pid": pid,
-                "logger": record.name,
-                "msg": record.getMessage(),
+                "logger": name,
+                "msg": message,
                 **fields,
             }
-            if record.exc_info:
-                entry["exc"] = self.formatException(record.exc_info)
+            if trace is not None:
+                entry["exc"] = trace
             line = json.dumps(entry, default=str)
         else:
             extra = " ".join(_field(k, v) for k, v in fields.items() if v is not None)
-            message = _printable(record.getMessage())
-            line = f"{record.levelname.lower():<7} [{pid}] {record.name}: {message}"
+            line = f"{levelname.lower():<7} [{pid}] {name}: {_printable(message)}"
             if not self._journald:  # the journal stamps every line itself
-                line = f"{_utc_stamp(record.created)} {line}"
+                line = f"{_utc_stamp(created)} {line}"
             if extra:
                 line += " " + extra
-            if record.exc_info:
+            if trace is not None:
                 # A traceback keeps its lines, each indented: only a record's first
                 # line starts at the margin, whatever an exception's text holds.
-                trace = self.formatException(record.exc_info).split("\n")
-                line += "".join("\n    " + _printable(part) for part in trace)
+                line += "".join("\n    " + _printable(part) for part in trace.split("\n"))
         if self._journald:
             # SyslogLevelPrefix=yes (the default) turns <N> into the journal PRIORITY.
-            line = f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{line}"
+            line = f"<{_JOURNAL_PRIORITY.get(levelno, 6)}>{line}"
+        return line
+
+    def access_line(
+        self,
+        created: float,
+        levelno: int,
+        request_id: str,
+        client: str | None,
+        key: str | None,
+        method: str,
+        route: str | None,
+        group: str,
+        status: int,
+        bytes_in: int | None,
+        bytes_out: int,
+        duration_ms: float,
+        overhead_ms: float | None,
+        upstream_request_id: str | None,
+        failure: str | None,
+        operation: str | None,
+    ) -> str:
+        """The console line ``compose`` writes for relayd.access's fields (the order of
+        _log_access's dict), without building the dict: only what varies is checked.
+        ``request_id`` is a sane token (_request_id's): it needs neither escape nor quote."""
+        head = _access_heads.get((levelno, self._journald))
+        if head is None:
+            head = f"{logging.getLevelName(levelno).lower():<7} [{_pid}] relayd.access: access"
+            if self._journald:
+                head = f"<{_JOURNAL_PRIORITY.get(levelno, 6)}>{head}"
+            _access_heads[(levelno, self._journald)] = head
+        if self._journald:
+            line = f"{head} request_id={request_id}"
+        else:
+            line = f"{_utc_stamp(created)} {head} request_id={request_id}"
+        if client is not None:
+            line += f" client={_value(client)}"
+        if key is not None:
+            line += f" key={_value(key)}"
+        # The route's part of the line: method, template and group. The catch-all
+        # route takes any method a client names: only short ones are kept.
+        where = _route_fields.get((method, route, group))
+        if where is None:
+            where = f" method={_value(method)}"
+            if route is not None:
+                where += f" route={_value(route)}"
+            where += f" group={_value(group)}"
+            if len(method) <= 16 and len(_route_fields) < _ROUTE_FIELDS_KEPT:
+                _route_fields[(method, route, group)] = where
+        line += f"{where} status={status}"
+        if bytes_in is not None:
+            line += f" bytes_in={bytes_in}"
+        line += f" bytes_out={bytes_out} duration_ms={duration_ms}"
+        if overhead_ms is not None:
+            line += f" overhead_ms={overhead_ms}"
+        if upstream_request_id is not None:
+            line += f" upstream_request_id={_value(upstream_request_id)}"
+        if failure is not None:
+            line += f" upstream_error={_value(failure)}"
+        if operation is not None:
+            line += f" operation={_value(operation)}"
         return line
 
 
@@ -301,19 +491,30 @@ class _TurnWriter(logging.StreamHandler):  # type: ignore[type-arg]
     with nothing pending) and for warnings and worse, lines go out at once, the
     ones waiting first, so the order holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, form: _Formatter) -> None:
         super().__init__(sys.stderr)
+        self.form = form  # the formatter setup_logging gave it (see _direct_writer)
+        self.setFormatter(form)
         self._pending: list[str] = []
         self._scheduled = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._pending.append(self.format(record) + "\n")
+            line = self.format(record)
         except Exception:
             self.handleError(record)
             return
-        if record.levelno >= logging.WARNING or not self._deferred():
-            self.flush()
+        self.add(line, urgent=record.levelno >= logging.WARNING)
+
+    def add(self, line: str, *, urgent: bool) -> None:
+        """Queue a formatted line for the turn's write (``urgent``: write now)."""
+        self.acquire()
+        try:
+            self._pending.append(line + "\n")
+            if urgent or not self._deferred():
+                self.flush()
+        finally:
+            self.release()
 
     def _deferred(self) -> bool:
         if self._scheduled:
@@ -342,20 +543,43 @@ class _TurnWriter(logging.StreamHandler):  # type: ignore[type-arg]
             self.release()
 
 
+_writer: _TurnWriter | None = None  # the one setup_logging installed
+
+
+def _direct_writer(level: int) -> _TurnWriter | None:
+    """relayd's own writer, when an access record of ``level`` would reach it and
+    nothing else: no other handler on the way (tests capture records with caplog;
+    an application embedding relayd may log elsewhere), no filter, its formatter
+    the one it was given. The line can then be written without a record, at a
+    fraction of the cost of ``logging``'s path (a LogRecord, the handler chain)."""
+    writer = _writer
+    if writer is None or writer.formatter is not writer.form or writer.filters:
+        return None
+    if level < writer.level or access_log.disabled or access_log.filters:
+        return None
+    logger = access_log  # the walk Logger.callHandlers makes, up to the first handler
+    while not logger.handlers and logger.propagate and logger.parent is not None:
+        logger = logger.parent
+    handlers = logger.handlers
+    if len(handlers) != 1 or handlers[0] is not writer:
+        return None
+    return writer
+
+
 def setup_logging(fmt: str, level: str) -> None:
     """Log to stderr; ``<N>`` priority prefixes when stderr is the journal."""
+    global _writer
     # No record needs the caller's source line, thread or process names (the
     # logging HOWTO's "Optimization" switches): each costs time on every access line.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = _TurnWriter()
-    handler.setFormatter(
+    _writer = _TurnWriter(
         _Formatter(json_lines=fmt == "json", journald=bool(os.environ.get("JOURNAL_STREAM")))
     )
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_writer]
     root.setLevel(level.upper())
     # aiohttp's own access log is replaced by relayd.access.
     logging.getLogger("aiohttp.access").disabled = True

@@ -9,6 +9,7 @@ worker's open streams do not linger.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from typing import Any, Final
 
 from prometheus_client import (
@@ -27,10 +28,16 @@ _DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
 _OVERHEAD_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
+def _histogram_values(child: Histogram) -> tuple[Any, list[Any], list[float]]:
+    """A labelled histogram's sum, its buckets' counts and their upper bounds (the
+    last +Inf), to observe a value as Histogram.observe does."""
+    return child._sum, child._buckets, child._upper_bounds
+
+
 class Metrics:
     def __init__(self) -> None:
-        self._request_children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
-        self._token_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._request_series: dict[tuple[str, int], tuple[Any, ...]] = {}
+        self._token_values: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._spend_children: dict[tuple[str, str], Any] = {}
         self._multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # In multiprocess mode values live in files; registering them would double count.
@@ -123,33 +130,40 @@ class Metrics:
             registry=registry,
         )
 
-    # Labelled children are cached: labels() takes a lock and builds a key on every
-    # call, which showed in the request-rate profile.
+    # Labelled children are resolved once per label set: labels() takes a lock and
+    # builds a key on every call. The per-request series go further and keep the
+    # children's values themselves: inc() and observe() re-check on every call that
+    # the child has its labels, and observe() walks the buckets in Python, while the
+    # value objects (per process, or the multiprocess files) are what they update.
     def observe_request(
         self, group: str, status: int, duration: float, overhead: float | None
     ) -> None:
-        children = self._request_children.get((group, status))
-        if children is None:
-            children = self._request_children[(group, status)] = (
-                self.requests.labels(group, str(status)),
-                self.duration.labels(group),
-                self.overhead.labels(group),
+        series = self._request_series.get((group, status))
+        if series is None:
+            series = self._request_series[(group, status)] = (
+                self.requests.labels(group, str(status))._value,
+                *_histogram_values(self.duration.labels(group)),
+                *_histogram_values(self.overhead.labels(group)),
             )
-        requests, durations, overheads = children
-        requests.inc()
-        durations.observe(duration)
+        count, total, buckets, bounds, overhead_total, overhead_buckets, overhead_bounds = series
+        count.inc(1)
+        total.inc(duration)
+        buckets[bisect_left(bounds, duration)].inc(1)  # the first bucket with le >= duration
         if overhead is not None:
-            overheads.observe(overhead)
+            overhead_total.inc(overhead)
+            overhead_buckets[bisect_left(overhead_bounds, overhead)].inc(1)
 
     def count_tokens(self, key: str, model: str, input_tokens: int, output_tokens: int) -> None:
-        children = self._token_children.get((key, model))
-        if children is None:
-            children = self._token_children[(key, model)] = (
-                self.tokens.labels(key, model, "input"),
-                self.tokens.labels(key, model, "output"),
+        values = self._token_values.get((key, model))
+        if values is None:
+            values = self._token_values[(key, model)] = (
+                self.tokens.labels(key, model, "input")._value,
+                self.tokens.labels(key, model, "output")._value,
             )
-        children[0].inc(input_tokens)
-        children[1].inc(output_tokens)
+        if input_tokens < 0 or output_tokens < 0:  # Counter.inc refuses these
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        values[0].inc(input_tokens)
+        values[1].inc(output_tokens)
 
     def count_spend(self, key: str, model: str, micro_usd: int) -> None:
         if micro_usd:

@@ -13,6 +13,8 @@ import re
 import socket
 import ssl
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -24,9 +26,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from relayd import logs
 from relayd.app import create_app
 from relayd.config import parse_keys_file
-from relayd.logs import _Formatter
+from relayd.logs import _Formatter, setup_logging
 from relayd.routes import TABLE
 from relayd.routing import Exposure, Route, RouteTable
 from relayd.upstream import failure_cause
@@ -419,9 +422,8 @@ async def test_lines_of_one_loop_turn_leave_in_one_write_and_in_order() -> None:
     from relayd.logs import _TurnWriter
 
     out = io.StringIO()
-    writer = _TurnWriter()
+    writer = _TurnWriter(_Formatter(json_lines=False, journald=False))
     writer.setStream(out)
-    writer.setFormatter(_Formatter(json_lines=False, journald=False))
     log = logging.getLogger("relayd.test_turn")
     log.addHandler(writer)
     log.propagate = False
@@ -441,3 +443,219 @@ async def test_lines_of_one_loop_turn_leave_in_one_write_and_in_order() -> None:
     finally:
         log.removeHandler(writer)
         log.propagate = True
+
+
+# --------------------------------------------------------------------------- whole lines
+
+
+@contextlib.contextmanager
+def production_logging(fmt: str) -> Iterator[io.StringIO]:
+    """relayd's own logging (``setup_logging``, as ``relayd serve`` sets it up) writing
+    into a buffer instead of stderr; the test's own handlers are set aside meanwhile."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    switches = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    setup_logging(fmt, "info")
+    out = io.StringIO()
+    root.handlers[0].setStream(out)  # type: ignore[attr-defined]
+    try:
+        yield out
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = switches
+
+
+async def _written(out: io.StringIO, count: int) -> list[str]:
+    async with asyncio.timeout(5):
+        while len(lines := out.getvalue().splitlines()) < count:
+            await asyncio.sleep(0.01)
+    return lines
+
+
+_STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
+_MS = r"\d+\.\d+"
+
+
+def _pattern(line: str) -> str:
+    """``line`` as a regular expression: ``{ms}`` stands for a duration, ``{stamp} `` for
+    the time the console form starts with."""
+    literal = re.escape(line).replace(re.escape("{ms}"), _MS)
+    return literal.replace(re.escape("{stamp} "), _STAMP)
+
+
+def _console_value(value: object) -> str:
+    return f'"{value}"' if " " in str(value) else str(value)
+
+
+@pytest.mark.parametrize("form", ["console", "journald", "json"])
+async def test_access_lines_are_whole_and_exact_in_every_form(
+    form: str, relay: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if form == "journald":
+        monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    else:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    record_path = mock.patch.object(logs.access_log, "log", wraps=logs.access_log.log)
+    with production_logging("json" if form == "json" else "console") as out, record_path as log:
+        listed = await relay.get("/v1/models", headers={**auth, "X-Request-Id": "trace:7.a-b_c"})
+        listed_bytes = len(await listed.read())
+        failed = await relay.post("/v1/responses", json={"model": "error-503"}, headers=auth)
+        failed_bytes = len(await failed.read())
+        lost = await relay.get("/nowhere", headers=auth)
+        lost_bytes = len(await lost.read())
+        refused = await relay.get("/v1/models")
+        refused_bytes = len(await refused.read())
+        lines = await _written(out, 4)
+    assert RELAY_KEY not in out.getvalue()
+    assert not log.called  # relayd's own writer alone: the lines went out without a record
+    pid = os.getpid()
+    ids = [r.headers["X-Relay-Request-Id"] for r in (listed, failed, lost, refused)]
+    assert ids[0] == "trace:7.a-b_c"
+    upstream_ids = [listed.headers["X-Request-Id"], failed.headers["X-Request-Id"]]
+    # level, then the fields in their order (None: left out of the console form).
+    expected: list[tuple[str, dict[str, object]]] = [
+        (
+            "info",
+            {
+                "request_id": ids[0],
+                "client": "127.0.0.1",
+                "key": "team",
+                "method": "GET",
+                "route": "/v1/models",
+                "group": "models",
+                "status": 200,
+                "bytes_in": None,
+                "bytes_out": listed_bytes,
+                "duration_ms": "{ms}",
+                "overhead_ms": "{ms}",
+                "upstream_request_id": upstream_ids[0],
+            },
+        ),
+        (
+            "warning",
+            {
+                "request_id": ids[1],
+                "client": "127.0.0.1",
+                "key": "team",
+                "method": "POST",
+                "route": "/v1/responses",
+                "group": "responses",
+                "status": 503,
+                "bytes_in": len(b'{"model": "error-503"}'),
+                "bytes_out": failed_bytes,
+                "duration_ms": "{ms}",
+                "overhead_ms": "{ms}",
+                "upstream_request_id": upstream_ids[1],
+                "upstream_error": "upstream answered HTTP 503",
+            },
+        ),
+        (
+            "info",
+            {
+                "request_id": ids[2],
+                "client": "127.0.0.1",
+                "key": None,
+                "method": "GET",
+                "route": None,
+                "group": "unmatched",
+                "status": 404,
+                "bytes_in": None,
+                "bytes_out": lost_bytes,
+                "duration_ms": "{ms}",
+                "overhead_ms": None,
+                "upstream_request_id": None,
+            },
+        ),
+        (
+            "info",
+            {
+                "request_id": ids[3],
+                "client": "127.0.0.1",
+                "key": None,
+                "method": "GET",
+                "route": "/v1/models",
+                "group": "models",
+                "status": 401,
+                "bytes_in": None,
+                "bytes_out": refused_bytes,
+                "duration_ms": "{ms}",
+                "overhead_ms": None,
+                "upstream_request_id": None,
+            },
+        ),
+    ]
+    assert len(lines) == len(expected)
+    for line, (level, fields) in zip(lines, expected, strict=True):
+        if form == "json":
+            entry = json.loads(line)
+            assert abs(entry["ts"] - time.time()) < 60 and round(entry["ts"], 3) == entry["ts"]
+            head = {"ts": entry["ts"], "level": level, "pid": pid}
+            head |= {"logger": "relayd.access", "msg": "access"}
+            measured = {k: entry.get(k) if v == "{ms}" else v for k, v in fields.items()}
+            assert all(type(entry[k]) is float for k, v in fields.items() if v == "{ms}")
+            assert line == json.dumps(head | measured), line  # the very bytes, in order
+            continue
+        text = " ".join(f"{k}={_console_value(v)}" for k, v in fields.items() if v is not None)
+        whole = f"{level:<7} [{pid}] relayd.access: access {text}"
+        if form == "journald":  # the journal's priority, and no time stamp of relayd's
+            whole = f"<{4 if level == 'warning' else 6}>{whole}"
+        else:
+            whole = "{stamp} " + whole
+        assert re.fullmatch(_pattern(whole), line), (line, whole)
+
+
+_ACCESS_VALUES: list[dict[str, Any]] = [
+    {
+        "request_id": "0f3a",
+        "client": "127.0.0.1",
+        "key": "team",
+        "method": "GET",
+        "route": "/v1/models",
+        "group": "models",
+        "status": 200,
+        "bytes_in": None,
+        "bytes_out": 266,
+        "duration_ms": 7.04,
+        "overhead_ms": 0.0,
+        "upstream_request_id": "req_1",
+        "failure": None,
+        "operation": None,
+    },
+    {
+        "request_id": "trace:7.a-b_c",  # a sane token, always (logs._request_id)
+        "client": 'a b="c"',
+        "key": "",
+        "method": "PO\nST",
+        "route": None,
+        "group": "unmatched",
+        "status": 499,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "duration_ms": 1e-05,
+        "overhead_ms": None,
+        "upstream_request_id": FORGERY,
+        "failure": 'stream broke after 3 bytes: x=y \\ "z"',
+        "operation": "getRelayInfo",
+    },
+]
+
+
+@pytest.mark.parametrize("values", _ACCESS_VALUES, ids=["plain", "hostile"])
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+@pytest.mark.parametrize("journald", [False, True], ids=["console", "journald"])
+def test_an_access_line_written_without_a_record_is_the_records_line(
+    values: dict[str, Any], level: int, journald: bool
+) -> None:
+    fields = {k: v for k, v in values.items() if k not in ("failure", "operation")}
+    if values["failure"] is not None:
+        fields["upstream_error"] = values["failure"]
+    if values["operation"] is not None:
+        fields["operation"] = values["operation"]
+    record = logging.LogRecord("relayd.access", level, __file__, 1, "access", None, None)
+    record.created = 1796315906.0405
+    record.fields = fields
+    form = _Formatter(json_lines=False, journald=journald)
+    line = form.access_line(record.created, level, **values)
+    assert line == form.format(record)
+    assert len(line.splitlines()) == 1 and line.isprintable()

@@ -9,9 +9,12 @@ import json
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.config import RelayKey
+from relayd.metrics import _DURATION_BUCKETS, _OVERHEAD_BUCKETS, Metrics
 from relayd.usage import UsageTap
 from tests.conftest import RELAY_KEY, RelayFactory
 
@@ -124,3 +127,35 @@ async def test_open_websockets_gauge_follows_bridges(relay: TestClient) -> None:
             await asyncio.sleep(0.01)
     samples = await scrape(relay)
     assert value(samples, "relayd_requests_total", group="realtime", status="101") == 1
+
+
+def _histogram(family: Metric, **labels: str) -> list[tuple[str, str, float]]:
+    return [
+        (s.name.removeprefix(family.name), s.labels.get("le", ""), s.value)
+        for s in family.samples
+        if not s.name.endswith("_created") and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def test_request_histograms_count_each_value_where_prometheus_client_would() -> None:
+    metrics = Metrics()
+    durations = Histogram("d", "", buckets=_DURATION_BUCKETS, registry=CollectorRegistry())
+    overheads = Histogram("o", "", buckets=_OVERHEAD_BUCKETS, registry=CollectorRegistry())
+    # Every bound itself (le counts it), just past it, nothing, and past the last one.
+    bounds = (*_DURATION_BUCKETS, *_OVERHEAD_BUCKETS)
+    for value in (0.0, *bounds, *(b * 1.001 for b in bounds), 1e6):
+        metrics.observe_request("responses", 200, value, value)
+        durations.observe(value)
+        overheads.observe(value)
+    metrics.observe_request("responses", 200, 0.5, None)  # never went upstream
+    durations.observe(0.5)
+    [mine] = metrics.duration.collect()
+    [theirs] = durations.collect()
+    assert _histogram(mine, group="responses") == _histogram(theirs)
+    [mine] = metrics.overhead.collect()
+    [theirs] = overheads.collect()
+    assert _histogram(mine, group="responses") == _histogram(theirs)
+    [requests] = metrics.requests.collect()
+    assert [(s.name, s.value) for s in requests.samples if s.name.endswith("_total")] == [
+        ("relayd_requests_total", 2 * len(bounds) + 3)
+    ]

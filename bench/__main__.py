@@ -193,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.spend import main as spend_main
 
         return spend_main(argv[1:])
+    if argv[:1] == ["instructions"]:
+        from bench.instructions import main as instructions_main
+
+        return instructions_main(argv[1:])
     if argv[:1] == ["fleet"]:
         from bench.fleet import main as fleet_main
 

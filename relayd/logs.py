@@ -40,6 +40,7 @@ from relayd.state import (
     UPSTREAM_STATUS,
     UPSTREAM_WAIT,
     USAGE_TAP,
+    booked,
 )
 
 __all__ = [
@@ -103,17 +104,6 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
             )
 
 
-def _booked(request: web.Request) -> Mapping[Any, Any]:
-    """What the request's handlers booked for its accounting, to read with ``get``.
-
-    aiohttp keeps a request's mapping in a plain dict, but the request's own ``get``
-    (``Mapping.get``) raises and catches a KeyError for every absent key, and about
-    half of the dozen keys read here are absent on most requests: the dict itself
-    answers them at a fraction of the cost."""
-    state = getattr(request, "_state", None)
-    return state if type(state) is dict else dict(request)
-
-
 def _account(
     request: web.Request,
     request_id: str,
@@ -124,53 +114,53 @@ def _account(
     """Metrics, token usage and the access line for one request (synchronous; see
     the caller). Reading a usage tap decodes JSON: it belongs here, off the answer's path.
     ``request_id``: the one access_middleware gave the request (a sane token)."""
-    booked = _booked(request)
-    route = booked.get(ROUTE)
+    state = booked(request)
+    route = state.get(ROUTE)
     group = route.group if route else "unmatched"
-    overhead = _overhead(booked, duration)
+    overhead = _overhead(state, duration)
     metrics = request.app[METRICS]
     metrics.observe_request(group, status, duration, overhead)
-    key = booked.get(KEY)
-    if (tap := booked.get(USAGE_TAP)) is not None and (usage := tap.usage()) is not None:
+    key = state.get(KEY)
+    if (tap := state.get(USAGE_TAP)) is not None and (usage := tap.usage()) is not None:
         name = key.name if key is not None else "-"
         metrics.count_tokens(name, usage.model, usage.input_tokens, usage.output_tokens)
-    broken = booked.get(BROKEN)
-    upstream_status = booked.get(UPSTREAM_STATUS)
-    error_kind = _upstream_error_kind(broken, booked.get(ERROR_CODE), upstream_status)
+    broken = state.get(BROKEN)
+    upstream_status = state.get(UPSTREAM_STATUS)
+    error_kind = _upstream_error_kind(broken, state.get(ERROR_CODE), upstream_status)
     if error_kind is not None:
         metrics.upstream_errors.labels(error_kind).inc()
     # A failure of the upstream leg makes the access line itself a warning: one line
     # per failure, with the request id and key name beside the cause, for
     # `journalctl -p warning`.
-    failure = _upstream_failure(broken, booked.get(UPSTREAM_FAILURE), upstream_status)
+    failure = _upstream_failure(broken, state.get(UPSTREAM_FAILURE), upstream_status)
     level = logging.WARNING if failure is not None else logging.INFO
     if not access_log.isEnabledFor(level):
         return
     _log_access(
         level,
         request_id,
-        booked.get(CLIENT_ADDRESS),
+        state.get(CLIENT_ADDRESS),
         key.name if key else None,
         request.method,
         route.path if route else None,
         group,
         status,
         request.content_length,
-        _bytes_out(booked, response),
+        _bytes_out(state, response),
         round(duration * 1000, 2),
         round(overhead * 1000, 3) if overhead is not None else None,
-        booked.get(UPSTREAM_REQUEST_ID),
+        state.get(UPSTREAM_REQUEST_ID),
         failure,
-        booked.get(OPERATION),  # what an MCP tool call ran (relayd/operations.py)
+        state.get(OPERATION),  # what an MCP tool call ran (relayd/operations.py)
     )
 
 
-def _overhead(booked: Mapping[Any, Any], duration: float) -> float | None:
+def _overhead(state: Mapping[Any, Any], duration: float) -> float | None:
     """The relay's own share of ``duration``: neither waiting on upstream (the head,
     the gaps in a stream, a stall that ended in a break) nor on a client that reads
     slowly. None for requests that never went upstream."""
-    waited = booked.get(UPSTREAM_WAIT)
-    streamed = booked.get(STREAMED)
+    waited = state.get(UPSTREAM_WAIT)
+    streamed = state.get(STREAMED)
     if streamed is not None:
         waited = (waited or 0.0) + streamed.waited + streamed.blocked
     return max(0.0, duration - waited) if waited is not None else None
@@ -200,14 +190,14 @@ def _upstream_error_kind(
     return None
 
 
-def _bytes_out(booked: Mapping[Any, Any], response: web.StreamResponse | None) -> int:
+def _bytes_out(state: Mapping[Any, Any], response: web.StreamResponse | None) -> int:
     """Body bytes that left relayd for the client.
 
     A streamed answer counts what its pump wrote, less what was still queued when a
     broken stream's connection was cut; that holds however the stream ended, a
     cancelled one (the client hung up: ``response`` is None) included.
     """
-    if (streamed := booked.get(STREAMED)) is not None:
+    if (streamed := state.get(STREAMED)) is not None:
         return int(streamed.sent)
     if response is None:
         return 0

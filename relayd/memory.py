@@ -39,7 +39,7 @@ from relayd.errors import (
     RelaydError,
     RelayRateLimitError,
 )
-from relayd.state import BUDGET, BUFFERED, KEY, KEYRING
+from relayd.state import BUDGET, BUFFERED, KEY, KEYRING, booked
 
 __all__ = [
     "BufferBudget",
@@ -234,7 +234,7 @@ def share_key(request: web.Request) -> str | None:
 
 def buffer_lease(request: web.Request) -> Lease:
     """The request's lease on the app's budget (one per request, made on first use)."""
-    lease = request.get(BUFFERED)
+    lease = booked(request).get(BUFFERED)
     if lease is None:
         lease = request[BUFFERED] = request.app[BUDGET].lease(share_key(request))
     return lease
@@ -242,6 +242,6 @@ def buffer_lease(request: web.Request) -> Lease:
 
 def release_buffers(request: web.Request) -> None:
     """Give the request's reservation back (its handler has returned)."""
-    lease = request.get(BUFFERED)
+    lease = booked(request).get(BUFFERED)
     if lease is not None:
         lease.release()

@@ -51,6 +51,7 @@ from relayd.state import (
     UPSTREAM_STATUS,
     UPSTREAM_WAIT,
     USAGE_TAP,
+    booked,
 )
 from relayd.streams import (
     BrokenStreamError,
@@ -308,7 +309,7 @@ async def downloadable_file(
 def waited_on_upstream(request: web.Request, since: float) -> None:
     """Book the time since ``since`` (a ``time.perf_counter()``) as waiting on upstream:
     it is no part of the relay's overhead."""
-    request[UPSTREAM_WAIT] = request.get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - since
+    request[UPSTREAM_WAIT] = booked(request).get(UPSTREAM_WAIT, 0.0) + time.perf_counter() - since
 
 
 async def send_back(request: web.Request, answer: ClientResponse) -> web.StreamResponse:
@@ -397,7 +398,7 @@ async def _small_back(
 
 def _usage_tap(request: web.Request, answer: ClientResponse, sse: bool) -> UsageTap | None:
     """Model answers (POST, JSON or SSE, status 200) are watched for token usage."""
-    if (request.method != "POST" and SPEND_WATCH not in request) or answer.status != 200:
+    if (request.method != "POST" and SPEND_WATCH not in booked(request)) or answer.status != 200:
         return None
     if not sse and answer.content_type != "application/json":
         return None

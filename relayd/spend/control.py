@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import itertools
 import logging
 import os
@@ -125,6 +124,9 @@ class SpendControl:
         # Settlements waiting for the ledger: (event, reservation, hit, tokens).
         self._spool: list[_Pending] = []
         self._tasks: set[asyncio.Future[Any]] = set()
+        # Settlements by the ledger future that says how they went: a lease's
+        # settlements of one commit share one future, and one callback here.
+        self._writing: dict[asyncio.Future[bool], list[_Pending]] = {}
         self._windows: tuple[float, str, tuple[Window, Window, Window], tuple[str, ...]] | None = (
             None
         )
@@ -423,23 +425,31 @@ class SpendControl:
             return
         event, reservation, hit, tokens = pending
         written = self.ledger.settle(event, reservation=reservation, hit=hit, tokens=tokens)
+        waiting = self._writing.get(written)
+        if waiting is not None:  # a settlement of the same commit: one callback for all
+            waiting.append(pending)
+            return
+        self._writing[written] = [pending]
         self._tasks.add(written)
-        written.add_done_callback(functools.partial(self._settled, pending))
+        written.add_done_callback(self._settled)
 
-    def _settled(self, pending: _Pending, written: asyncio.Future[bool]) -> None:
+    def _settled(self, written: asyncio.Future[bool]) -> None:
         self._tasks.discard(written)
-        event = pending[0]
+        pendings = self._writing.pop(written)
         if written.cancelled():
             return
-        if (exc := written.exception()) is not None:
-            log.warning("spend ledger unavailable, usage spooled until it returns: %s", exc)
-            self._spool_event(pending)
-        elif not written.result() and event is not None:
-            log.warning(
-                "a reservation of relay key %s expired before its request settled; it was "
-                "charged at its estimate",
-                event.key,
-            )
+        exc = written.exception()
+        for pending in pendings:
+            event = pending[0]
+            if exc is not None:
+                log.warning("spend ledger unavailable, usage spooled until it returns: %s", exc)
+                self._spool_event(pending)
+            elif not written.result() and event is not None:
+                log.warning(
+                    "a reservation of relay key %s expired before its request settled; it "
+                    "was charged at its estimate",
+                    event.key,
+                )
 
     def _write(self, event: Event) -> None:
         if self.ledger is None:

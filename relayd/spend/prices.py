@@ -74,9 +74,9 @@ class PriceTableError(ConfigError):
     """A price file cannot be used; the message names the file, the row and why."""
 
 
-# Built once or twice per request and used as a dict key (token_cost's answers), never
-# changed: hashable, not frozen (a frozen dataclass costs several times as much to build).
-@dataclass(slots=True, unsafe_hash=True)
+# Built once or twice per request and never changed: not frozen (a frozen dataclass
+# costs several times as much to build).
+@dataclass(slots=True)
 class Tokens:
     """Token counts of one answer; each ``*_input`` and ``reasoning``/``*_output`` field
     is a part of ``input`` or ``output``, never added to it."""
@@ -189,7 +189,7 @@ class PriceBook:
         self.default_output_estimate = default_output_estimate
         self._by_name: dict[str, ModelPrice] = {}
         # token_cost's answers: requests of one kind repeat the same few counts.
-        self._costs: dict[tuple[str, Tokens], int | None] = {}
+        self._costs: dict[tuple[str | int, ...], int | None] = {}
         for row in self.rows:
             for name in (row.model, *row.aliases):
                 self._by_name[name] = row
@@ -237,12 +237,25 @@ class PriceBook:
 
     def token_cost(self, model: str, tokens: Tokens) -> int | None:
         """Micro-dollars for ``tokens`` on ``model``, rounded up; None: unpriced."""
-        known = self._costs.get((model, tokens), _UNKNOWN)
+        # Keyed by the counts themselves: a plain tuple hashes and compares in C.
+        key = (
+            model,
+            tokens.input,
+            tokens.cached_input,
+            tokens.output,
+            tokens.reasoning,
+            tokens.audio_input,
+            tokens.audio_output,
+            tokens.cached_audio_input,
+            tokens.image_input,
+            tokens.image_output,
+        )
+        known = self._costs.get(key, _UNKNOWN)
         if known is not _UNKNOWN:
             return known  # type: ignore[return-value]
         if len(self._costs) >= _COSTS_KEPT:
             self._costs.clear()
-        cost = self._costs[(model, tokens)] = self._token_cost(model, tokens)
+        cost = self._costs[key] = self._token_cost(model, tokens)
         return cost
 
     def text_cost(self, model: str, input_tokens: int, output_tokens: int) -> int | None:

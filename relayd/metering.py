@@ -56,6 +56,7 @@ PEEK_BYTES: Final = 64 * 1024
 # A form field named model: its part's headers, a blank line, a short value.
 _MODEL_FIELD: Final = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,256})\r\n')
 _PAID: Final = frozenset({Cost.TOKENS, Cost.IMAGES, Cost.VIDEOS, Cost.GATE})
+_JSON: Final = json.JSONDecoder()  # json.loads' own decoder, without its encoding sniffing
 ANONYMOUS: Final = "-"  # the key name of requests on a keyless relay
 
 
@@ -140,7 +141,8 @@ class Meter:
         self._tap_before = request.get(USAGE_TAP)
         self.cost = cost
         self.ticket = ticket
-        request.pop(SPEND_DOCUMENT, None)
+        # Not a pop: a key that is not there costs a KeyError raised and caught.
+        request[SPEND_DOCUMENT] = None
 
     def close(self, failure: BaseException | None) -> None:
         """The exchange ended (synchronous: it may run in a cancelled task's finally).
@@ -223,7 +225,8 @@ async def open_meter(request: web.Request, method: str, path_qs: str, data: Any)
     control = request.app.get(SPEND)
     if control is None or not control.enabled:
         return None
-    cost = cost_of(_operation(request, method, path_qs), method)
+    operation = _operation(request, method, path_qs)
+    cost = cost_of(operation, method)
     if cost is Cost.FREE:
         return None
     if cost is Cost.POLL:
@@ -232,7 +235,8 @@ async def open_meter(request: web.Request, method: str, path_qs: str, data: Any)
     held = request.get(SPEND_TICKET)
     if held is not None and not held.done:
         return None  # one admission per request: a retry inside it is the same call
-    operation = _operation(request, method, path_qs) or f"{method} {path_qs.split('?', 1)[0]}"
+    if operation is None:
+        operation = f"{method} {path_qs.split('?', 1)[0]}"
     key = _key_name(request)
     body, size = _json_of(data) if not control.limits(key).unlimited else (None, 0)
     ticket = await control.admit(
@@ -256,7 +260,10 @@ def _json_of(data: Any) -> tuple[Mapping[str, Any] | None, int]:
     else:
         return None, 0
     try:
-        document = json.loads(raw)
+        if len(raw) > 1 and raw[0] == 0x7B and raw[1]:  # "{" then not UTF-16: UTF-8
+            document = _JSON.decode(raw.decode("utf-8", "surrogatepass"))
+        else:
+            document = json.loads(raw)
     except (ValueError, RecursionError):
         return None, len(raw)
     return (document if isinstance(document, dict) else None), len(raw)

@@ -40,7 +40,7 @@ _DECODER: Final = json.JSONDecoder()
 _TOKEN_PAIRS: Final = (("input_tokens", "output_tokens"), ("prompt_tokens", "completion_tokens"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per answer, never changed: not frozen (cheaper to build)
 class Usage:
     model: str
     input_tokens: int

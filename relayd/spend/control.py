@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
+import itertools
 import logging
 import os
 import time
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from relayd.config import KeyLimits, Settings
+from relayd.config.spend_limits import BUDGET_PERIODS
 from relayd.errors import (
     ModelNotAllowedError,
     ModelNotPricedError,
@@ -84,6 +85,26 @@ class _Live:
     tickets: dict[str, Ticket] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _Plan:
+    """What admission checks for one key's limits, worked out once per key (and again
+    when its limits change, SIGHUP), not per request."""
+
+    limits: KeyLimits
+    budgets: tuple[tuple[int, int], ...]  # (index of its window in day/month/total, limit)
+    hold: bool  # a slot or money is held
+    check: bool  # the ledger has anything to check
+    names: tuple[str, ...] = ()  # the windows the budgets below were named for
+    named: tuple[tuple[str, int], ...] = ()  # (window, limit) for those windows
+
+
+def _plan(limits: KeyLimits) -> _Plan:
+    budgets = limits.budgets
+    held = tuple((BUDGET_PERIODS.index(p), budgets[p]) for p in BUDGET_PERIODS if p in budgets)
+    hold = bool(held) or limits.max_parallel is not None
+    return _Plan(limits, held, hold, hold or limits.rpm is not None or limits.tpm is not None)
+
+
 class SpendControl:
     def __init__(
         self,
@@ -103,7 +124,17 @@ class SpendControl:
         # Settlements waiting for the ledger: (event, reservation, hit, tokens).
         self._spool: list[_Pending] = []
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._windows: tuple[float, str, tuple[Window, Window, Window]] | None = None
+        # Settlements by the ledger future that says how they went: a lease's
+        # settlements of one commit share one future, and one callback here.
+        self._writing: dict[asyncio.Future[bool], list[_Pending]] = {}
+        self._windows: tuple[float, str, tuple[Window, Window, Window], tuple[str, ...]] | None = (
+            None
+        )
+        self._plans: dict[str, _Plan] = {}
+        # Reservation ids: unique in the ledger across processes and restarts (a
+        # random prefix per process), without a system call per request.
+        self._prefix = os.urandom(6).hex()
+        self._serial = itertools.count(1)
 
     @property
     def enabled(self) -> bool:
@@ -115,15 +146,20 @@ class SpendControl:
 
     def windows(self, now: float) -> tuple[Window, Window, Window]:
         """The budget windows ``now`` falls in, worked out once per day."""
+        return self._windows_at(now)[0]
+
+    def _windows_at(self, now: float) -> tuple[tuple[Window, Window, Window], tuple[str, ...]]:
+        """:meth:`windows` and their names."""
         zone = self.settings.spend.timezone
         cached = self._windows
         if cached is not None and cached[1] == zone:
-            day = cached[2][0]
-            if day.resets_at is not None and now < day.resets_at and now >= cached[0]:
-                return cached[2]
+            resets_at = cached[2][0].resets_at
+            if resets_at is not None and cached[0] <= now < resets_at:
+                return cached[2], cached[3]
         found = windows_at(now, zone)
-        self._windows = (now, zone, found)
-        return found
+        names = (found[0].name, found[1].name, found[2].name)
+        self._windows = (now, zone, found, names)
+        return found, names
 
     def limits(self, key: str) -> KeyLimits:
         return self.settings.spend.limits_for(key)
@@ -146,6 +182,9 @@ class SpendControl:
         multipart form whose model field was read ahead)."""
         spend = self.settings.spend
         limits = spend.limits_for(key)
+        plan = self._plans.get(key)
+        if plan is None or plan.limits is not limits:
+            plan = self._plans[key] = _plan(limits)
         guess = estimate(self.prices, cost, body, body_bytes)
         if model and not guess.model:
             if cost is Cost.REALTIME:
@@ -153,12 +192,11 @@ class SpendControl:
             else:  # a body relayd did not parse (multipart): its output, or flat price
                 guess = estimate(self.prices, cost, {"model": model}, 0)
         now = self.clock()
-        day, month, total = self.windows(now)
-        windows = (day.name, month.name, total.name)
+        _, windows = self._windows_at(now)
         # Only what settlement reads is kept, not the whole (possibly large) body.
         kept = {name: body[name] for name in _KEPT if name in body} if body else None
         ticket = Ticket(key, operation, cost, guess, windows, request=kept)
-        if not limits.allows(guess.model):
+        if limits.models is not None and not limits.allows(guess.model):
             self._refuse_event(ticket, now, "model_not_allowed")
             shown = guess.model or "(a request whose model relayd cannot read)"
             raise ModelNotAllowedError(
@@ -166,12 +204,7 @@ class SpendControl:
                 f"{', '.join(limits.models or ())}.",
                 param="model",
             )
-        budgets = {
-            period: limit
-            for period, limit in limits.budgets.items()
-            if period in ("day", "month", "total")
-        }
-        if budgets and guess.micro_usd is None and not spend.allow_unpriced:
+        if plan.budgets and guess.micro_usd is None and not spend.allow_unpriced:
             self._refuse_event(ticket, now, "model_not_priced")
             raise ModelNotPricedError(
                 f"Relay key '{key}' has a dollar budget and relayd has no price for model "
@@ -179,25 +212,27 @@ class SpendControl:
                 "or set [spend] allow_unpriced.",
                 param="model",
             )
-        by_period = {"day": day.name, "month": month.name, "total": total.name}
-        hold = bool(budgets) or limits.max_parallel is not None
-        if not hold and limits.rpm is None and limits.tpm is None:
+        if not plan.check:
             return ticket  # nothing to check: settlement alone records it
+        if plan.names is not windows:
+            plan.names = windows
+            plan.named = tuple((windows[at], limit) for at, limit in plan.budgets)
+        hold = plan.hold
         admission = Admission(
-            key=key,
-            reservation=os.urandom(9).hex(),
-            model=guess.model,
-            operation=operation,
-            now=now,
-            expires=now + spend.reservation_ttl_s,
-            rpm=limits.rpm,
-            tpm=limits.tpm,
-            max_parallel=limits.max_parallel,
-            budgets=tuple((by_period[p], limit) for p, limit in budgets.items()),
-            micro_usd=guess.micro_usd or 0,
-            input_tokens=guess.input_tokens,
-            output_tokens=guess.output_tokens,
-            windows=windows,
+            key,
+            f"{self._prefix}{next(self._serial):x}",
+            guess.model,
+            operation,
+            now,
+            now + spend.reservation_ttl_s,
+            limits.rpm,
+            limits.tpm,
+            limits.max_parallel,
+            plan.named,
+            guess.micro_usd or 0,
+            guess.input_tokens,
+            guess.output_tokens,
+            windows,
         )
         assert self.ledger is not None
         try:
@@ -390,23 +425,31 @@ class SpendControl:
             return
         event, reservation, hit, tokens = pending
         written = self.ledger.settle(event, reservation=reservation, hit=hit, tokens=tokens)
+        waiting = self._writing.get(written)
+        if waiting is not None:  # a settlement of the same commit: one callback for all
+            waiting.append(pending)
+            return
+        self._writing[written] = [pending]
         self._tasks.add(written)
-        written.add_done_callback(functools.partial(self._settled, pending))
+        written.add_done_callback(self._settled)
 
-    def _settled(self, pending: _Pending, written: asyncio.Future[bool]) -> None:
+    def _settled(self, written: asyncio.Future[bool]) -> None:
         self._tasks.discard(written)
-        event = pending[0]
+        pendings = self._writing.pop(written)
         if written.cancelled():
             return
-        if (exc := written.exception()) is not None:
-            log.warning("spend ledger unavailable, usage spooled until it returns: %s", exc)
-            self._spool_event(pending)
-        elif not written.result() and event is not None:
-            log.warning(
-                "a reservation of relay key %s expired before its request settled; it was "
-                "charged at its estimate",
-                event.key,
-            )
+        exc = written.exception()
+        for pending in pendings:
+            event = pending[0]
+            if exc is not None:
+                log.warning("spend ledger unavailable, usage spooled until it returns: %s", exc)
+                self._spool_event(pending)
+            elif not written.result() and event is not None:
+                log.warning(
+                    "a reservation of relay key %s expired before its request settled; it "
+                    "was charged at its estimate",
+                    event.key,
+                )
 
     def _write(self, event: Event) -> None:
         if self.ledger is None:
@@ -489,18 +532,19 @@ def _event_of(
     windows: tuple[str, ...] = (),
 ) -> Event:
     return Event(
-        at=at,
-        key=key,
-        model=model,
-        operation=operation,
-        outcome=outcome,
-        input_tokens=tokens.input,
-        cached_input_tokens=tokens.cached_input,
-        output_tokens=tokens.output,
-        reasoning_tokens=tokens.reasoning,
-        audio_input_tokens=tokens.audio_input,
-        audio_output_tokens=tokens.audio_output,
-        micro_usd=micro,
-        estimated=estimated,
-        windows=windows,
+        at,
+        key,
+        model,
+        operation,
+        outcome,
+        "",
+        tokens.input,
+        tokens.cached_input,
+        tokens.output,
+        tokens.reasoning,
+        tokens.audio_input,
+        tokens.audio_output,
+        micro,
+        estimated,
+        windows,
     )

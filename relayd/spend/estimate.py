@@ -9,7 +9,6 @@ videos without token usage are priced per image and per video second.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -22,9 +21,11 @@ __all__ = ["Estimate", "charge", "estimate"]
 _OUTPUT_CAPS: Final = ("max_output_tokens", "max_completion_tokens", "max_tokens")
 _BYTES_PER_TOKEN: Final = 4
 _VIDEO_SECONDS: Final = 4  # OpenAI's default length of a video
+_NOTHING: Final[Mapping[str, Any]] = {}
+_NO_TOKENS: Final = Tokens()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built once per request, never changed: not frozen, cheaper
 class Estimate:
     model: str
     input_tokens: int
@@ -46,20 +47,25 @@ def estimate(
     prices: PriceBook, cost: Cost, body: Mapping[str, Any] | None, body_bytes: int
 ) -> Estimate:
     """The reservation for one request; ``body`` is its JSON object, if it has one."""
-    body = body or {}
-    model = _text(body.get("model")) or ""
-    input_tokens = math.ceil(body_bytes / _BYTES_PER_TOKEN)
+    body = body or _NOTHING
+    model = body.get("model")
+    if not isinstance(model, str):
+        model = ""
+    input_tokens = -(-body_bytes // _BYTES_PER_TOKEN)  # rounded up
     if cost is Cost.IMAGES or cost is Cost.VIDEOS:
         micro = _flat(prices, cost, model, body)
         if micro is not None:
             return Estimate(model, input_tokens, 0, micro)
     if cost is Cost.GATE:
         return Estimate(model, 0, 0, 0 if not model or prices.knows(model) else None)
-    cap = next((c for k in _OUTPUT_CAPS if (c := _whole(body.get(k))) is not None), None)
-    if body.get("input") is not None and "embedding" in model:
+    cap = None
+    for name in _OUTPUT_CAPS:
+        if (value := body.get(name)) is not None and (cap := _whole(value)) is not None:
+            break
+    if "embedding" in model and body.get("input") is not None:
         cap = 0  # embeddings answer no tokens
     output_tokens = cap if cap is not None else (prices.estimate_output(model) if model else 0)
-    micro = prices.token_cost(model, Tokens(input=input_tokens, output=output_tokens))
+    micro = prices.text_cost(model, input_tokens, output_tokens)
     return Estimate(model, input_tokens, output_tokens, micro)
 
 
@@ -89,7 +95,7 @@ def charge(
     """The tokens and micro-dollars of a finished answer: its usage priced, or for
     images and videos without usage the flat price of what was asked. None: no
     price is known (the caller falls back to the estimate, flagged)."""
-    tokens = tokens_from_usage(usage) if usage is not None else Tokens()
+    tokens = tokens_from_usage(usage) if usage is not None else _NO_TOKENS
     if usage is not None:
         micro = prices.token_cost(model, tokens)
         if micro is not None:

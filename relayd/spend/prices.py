@@ -74,7 +74,9 @@ class PriceTableError(ConfigError):
     """A price file cannot be used; the message names the file, the row and why."""
 
 
-@dataclass(frozen=True, slots=True)
+# Built once or twice per request and never changed: not frozen (a frozen dataclass
+# costs several times as much to build).
+@dataclass(slots=True)
 class Tokens:
     """Token counts of one answer; each ``*_input`` and ``reasoning``/``*_output`` field
     is a part of ``input`` or ``output``, never added to it."""
@@ -187,7 +189,7 @@ class PriceBook:
         self.default_output_estimate = default_output_estimate
         self._by_name: dict[str, ModelPrice] = {}
         # token_cost's answers: requests of one kind repeat the same few counts.
-        self._costs: dict[tuple[str, Tokens], int | None] = {}
+        self._costs: dict[tuple[str | int, ...], int | None] = {}
         for row in self.rows:
             for name in (row.model, *row.aliases):
                 self._by_name[name] = row
@@ -235,13 +237,41 @@ class PriceBook:
 
     def token_cost(self, model: str, tokens: Tokens) -> int | None:
         """Micro-dollars for ``tokens`` on ``model``, rounded up; None: unpriced."""
-        known = self._costs.get((model, tokens), _UNKNOWN)
+        # Keyed by the counts themselves: a plain tuple hashes and compares in C.
+        key = (
+            model,
+            tokens.input,
+            tokens.cached_input,
+            tokens.output,
+            tokens.reasoning,
+            tokens.audio_input,
+            tokens.audio_output,
+            tokens.cached_audio_input,
+            tokens.image_input,
+            tokens.image_output,
+        )
+        known = self._costs.get(key, _UNKNOWN)
         if known is not _UNKNOWN:
             return known  # type: ignore[return-value]
         if len(self._costs) >= _COSTS_KEPT:
             self._costs.clear()
-        cost = self._costs[(model, tokens)] = self._token_cost(model, tokens)
+        cost = self._costs[key] = self._token_cost(model, tokens)
         return cost
+
+    def text_cost(self, model: str, input_tokens: int, output_tokens: int) -> int | None:
+        """:meth:`token_cost` of ``Tokens(input=input_tokens, output=output_tokens)``
+        (an estimate: no cached, audio or image part), without building them."""
+        row = self.price(model)
+        if row is None or row.rates is None:
+            return None
+        rates = row.rates
+        if (
+            row.long_context is not None
+            and row.long_context_above is not None
+            and input_tokens > row.long_context_above
+        ):
+            rates = row.long_context
+        return _micro(max(input_tokens, 0) * rates.input + max(output_tokens, 0) * rates.output)
 
     def _token_cost(self, model: str, tokens: Tokens) -> int | None:
         row = self.price(model)
@@ -299,19 +329,28 @@ def tokens_from_usage(usage: Mapping[str, Any]) -> Tokens:
     details_out = _details(
         usage, "output_tokens_details", "completion_tokens_details", "output_token_details"
     )
-    cached = min(_count(details_in, "cached_tokens"), total_in)
-    audio_in = min(_count(details_in, "audio_tokens"), total_in)
-    cached_details = _details(details_in, "cached_tokens_details")
+    cached = audio_in = cached_audio = image_in = reasoning = audio_out = image_out = 0
+    if details_in:
+        cached = min(_count(details_in, "cached_tokens"), total_in)
+        audio_in = min(_count(details_in, "audio_tokens"), total_in)
+        image_in = min(_count(details_in, "image_tokens"), total_in)
+        cached_details = _details(details_in, "cached_tokens_details")
+        if cached_details:
+            cached_audio = min(_count(cached_details, "audio_tokens"), cached, audio_in)
+    if details_out:
+        reasoning = min(_count(details_out, "reasoning_tokens"), total_out)
+        audio_out = min(_count(details_out, "audio_tokens"), total_out)
+        image_out = min(_count(details_out, "image_tokens"), total_out)
     return Tokens(
-        input=total_in,
-        cached_input=cached,
-        output=total_out,
-        reasoning=min(_count(details_out, "reasoning_tokens"), total_out),
-        audio_input=audio_in,
-        audio_output=min(_count(details_out, "audio_tokens"), total_out),
-        cached_audio_input=min(_count(cached_details, "audio_tokens"), cached, audio_in),
-        image_input=min(_count(details_in, "image_tokens"), total_in),
-        image_output=min(_count(details_out, "image_tokens"), total_out),
+        total_in,
+        cached,
+        total_out,
+        reasoning,
+        audio_in,
+        audio_out,
+        cached_audio,
+        image_in,
+        image_out,
     )
 
 
@@ -469,7 +508,9 @@ def _part(value: int, whole: int) -> int:
 def _count(mapping: Mapping[str, Any], *keys: str) -> int:
     for key in keys:
         value = mapping.get(key)
-        if isinstance(value, bool):
+        if type(value) is int:  # the usual case, first
+            return value if value > 0 else 0
+        if value is None or isinstance(value, bool):
             continue
         if isinstance(value, int):
             return max(value, 0)

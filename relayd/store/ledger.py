@@ -87,15 +87,20 @@ class _Queued:
 class _LeaseSettlements:
     """The settlements of one lease's requests that wait for the same commit."""
 
-    __slots__ = ("corrections", "events", "lease_id", "written")
+    __slots__ = ("corrections", "events", "lease_id", "reservations", "written")
 
     def __init__(self, lease_id: str) -> None:
         self.lease_id = lease_id
         self.events: list[Event] = []
         self.corrections: dict[tuple[str, int], int] = {}  # (key, second) -> tokens
+        self.reservations: list[str] = []  # replayed under the lease if the commit fails
         self.written: asyncio.Future[object] = None  # type: ignore[assignment]
 
-    def add(self, event: Event | None, hit: int | None, tokens: int) -> None:
+    def add(
+        self, event: Event | None, reservation: str | None, hit: int | None, tokens: int
+    ) -> None:
+        if reservation is not None:
+            self.reservations.append(reservation)
         if event is None:
             return
         self.events.append(event)
@@ -356,16 +361,15 @@ class SqliteLedger:
                 if not settled and lease is not None:  # the lease expired and was charged
                     self._forget(lease)
 
+            def failed(written: asyncio.Future[object], batch: _LeaseSettlements = batch) -> None:
+                if not written.cancelled() and written.exception():
+                    for reservation in batch.reservations:  # spend control spools, replays
+                        self._replays[reservation] = batch.lease_id
+
             batch.written = self._queue_op(_Queued(batch.apply, then=then), urgent=False)
-        batch.add(event, hit, tokens)
-        written = batch.written
-
-        def failed(written: asyncio.Future[object]) -> None:
-            if reservation is not None and not written.cancelled() and written.exception():
-                self._replays[reservation] = lease_id  # spend control spools and replays it
-
-        written.add_done_callback(failed)
-        return written  # type: ignore[return-value]
+            batch.written.add_done_callback(failed)
+        batch.add(event, reservation, hit, tokens)
+        return batch.written  # type: ignore[return-value]
 
     def _forget(self, lease: Lease) -> None:
         if self._leases.get(lease.key) is lease:

@@ -35,6 +35,7 @@ from relayd.state import (
     TABLE,
     UPSTREAM_STATUS,
     USAGE_TAP,
+    booked,
 )
 from relayd.streams.multipart import SlicedBytesPayload
 from relayd.tasks import spawn
@@ -61,13 +62,13 @@ ANONYMOUS: Final = "-"  # the key name of requests on a keyless relay
 
 
 def _key_name(request: web.Request) -> str:
-    key = request.get(KEY)
+    key = booked(request).get(KEY)
     return key.name if key is not None else ANONYMOUS
 
 
 def _operation(request: web.Request, method: str, path_qs: str) -> str | None:
     """The route of the upstream call: the request's own on pass-through routes."""
-    route = request.get(ROUTE)
+    route = booked(request).get(ROUTE)
     if route is not None and route.group not in RELAYING_GROUPS and route.method == method:
         return str(route.operation_id)
     found = request.app[TABLE].match(method, path_qs.split("?", 1)[0])
@@ -123,7 +124,8 @@ async def peek_model(request: web.Request) -> bytes:
 
 def note_document(request: web.Request, document: Any) -> None:
     """A JSON answer relayd read whole (Actions): the meter reads its usage."""
-    if SPEND_TICKET in request or SPEND_WATCH in request:
+    state = booked(request)
+    if SPEND_TICKET in state or SPEND_WATCH in state:
         request[SPEND_DOCUMENT] = document
 
 
@@ -138,7 +140,7 @@ class Meter:
         self._request = request
         self._control = control
         self._key = _key_name(request)
-        self._tap_before = request.get(USAGE_TAP)
+        self._tap_before = booked(request).get(USAGE_TAP)
         self.cost = cost
         self.ticket = ticket
         # Not a pop: a key that is not there costs a KeyError raised and caught.
@@ -157,8 +159,8 @@ class Meter:
         asyncio.get_running_loop().call_soon(self._settle)
 
     def _settle(self) -> None:
-        request, ticket = self._request, self.ticket
-        status = request.get(UPSTREAM_STATUS, 0)
+        ticket, state = self.ticket, booked(self._request)
+        status = state.get(UPSTREAM_STATUS, 0)
         model, usage, document = self._answer()
         if self.cost is Cost.POLL:
             self._poll_saw(document, model, usage)
@@ -168,10 +170,10 @@ class Meter:
         if status >= 400:
             self._control.finish(ticket, "failed")
             return
-        if request.get(BROKEN) is not None:
+        if state.get(BROKEN) is not None:
             self._control.finish(ticket, "broken", model=model)
             return
-        if request.get(CLIENT_LEFT):
+        if state.get(CLIENT_LEFT):
             self._control.finish(ticket, "cancelled", model=model)
             return
         if isinstance(document, Mapping) and document.get("status") in ("queued", "in_progress"):
@@ -183,9 +185,9 @@ class Meter:
 
     def _answer(self) -> tuple[str | None, Mapping[str, Any] | None, Any]:
         """The answer's model, usage object and (JSON answers) document."""
-        request = self._request
-        document = request.get(SPEND_DOCUMENT)
-        tap = request.get(USAGE_TAP)
+        state = booked(self._request)
+        document = state.get(SPEND_DOCUMENT)
+        tap = state.get(USAGE_TAP)
         if document is None and tap is not None and tap is not self._tap_before:
             wanted = self.cost is Cost.POLL or (
                 self.ticket is not None
@@ -232,7 +234,7 @@ async def open_meter(request: web.Request, method: str, path_qs: str, data: Any)
     if cost is Cost.POLL:
         request[SPEND_WATCH] = True  # have the answer tapped even on a GET
         return Meter(request, control, cost, None)
-    held = request.get(SPEND_TICKET)
+    held = booked(request).get(SPEND_TICKET)
     if held is not None and not held.done:
         return None  # one admission per request: a retry inside it is the same call
     if operation is None:
@@ -245,7 +247,7 @@ async def open_meter(request: web.Request, method: str, path_qs: str, data: Any)
         cost,
         body,
         size or request.content_length or 0,
-        model=request.get(SPEND_MODEL) if body is None else None,
+        model=booked(request).get(SPEND_MODEL) if body is None else None,
     )
     request[SPEND_TICKET] = ticket
     return Meter(request, control, cost, ticket)
@@ -332,7 +334,7 @@ async def open_session(request: web.Request, model: str) -> SessionMeter | None:
     control = request.app.get(SPEND)
     if control is None or not control.enabled:
         return None
-    route = request.get(ROUTE)
+    route = booked(request).get(ROUTE)
     operation = route.operation_id if route is not None else "connectRealtime"
     ticket = await control.admit(_key_name(request), operation, Cost.REALTIME, None, 0, model=model)
     request[SPEND_TICKET] = ticket

@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -138,20 +138,22 @@ def _account(
         return
     _log_access(
         level,
-        request_id,
-        state.get(CLIENT_ADDRESS),
-        key.name if key else None,
-        request.method,
-        route.path if route else None,
-        group,
-        status,
-        request.content_length,
-        _bytes_out(state, response),
-        round(duration * 1000, 2),
-        round(overhead * 1000, 3) if overhead is not None else None,
-        state.get(UPSTREAM_REQUEST_ID),
-        failure,
-        state.get(OPERATION),  # what an MCP tool call ran (relayd/operations.py)
+        Access(
+            request_id,
+            state.get(CLIENT_ADDRESS),
+            key.name if key else None,
+            request.method,
+            route.path if route else None,
+            group,
+            status,
+            request.content_length,
+            _bytes_out(state, response),
+            round(duration * 1000, 2),
+            round(overhead * 1000, 3) if overhead is not None else None,
+            state.get(UPSTREAM_REQUEST_ID),
+            failure,
+            state.get(OPERATION),  # what an MCP tool call ran (relayd/operations.py)
+        ),
     )
 
 
@@ -207,66 +209,58 @@ def _bytes_out(state: Mapping[Any, Any], response: web.StreamResponse | None) ->
     return response.body_length
 
 
-def _log_access(
-    level: int,
-    request_id: str,
-    client: str | None,
-    key: str | None,
-    method: str,
-    route: str | None,
-    group: str,
-    status: int,
-    bytes_in: int | None,
-    bytes_out: int,
-    duration_ms: float,
-    overhead_ms: float | None,
-    upstream_request_id: str | None,
-    failure: str | None,
-    operation: str | None,
-) -> None:
+class Access(NamedTuple):
+    """The fields of one access line, in the line's order."""
+
+    request_id: str
+    client: str | None
+    key: str | None
+    method: str
+    route: str | None
+    group: str
+    status: int
+    bytes_in: int | None
+    bytes_out: int
+    duration_ms: float
+    overhead_ms: float | None
+    upstream_request_id: str | None
+    failure: str | None
+    operation: str | None
+
+    def fields(self) -> dict[str, object]:
+        """As a record's ``fields``: the failure named ``upstream_error``, it and the
+        operation only when there is one."""
+        fields: dict[str, object] = {
+            "request_id": self.request_id,
+            "client": self.client,
+            "key": self.key,
+            "method": self.method,
+            "route": self.route,
+            "group": self.group,
+            "status": self.status,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "duration_ms": self.duration_ms,
+            "overhead_ms": self.overhead_ms,
+            "upstream_request_id": self.upstream_request_id,
+        }
+        if self.failure is not None:
+            fields["upstream_error"] = self.failure
+        if self.operation is not None:
+            fields["operation"] = self.operation
+        return fields
+
+
+def _log_access(level: int, access: Access) -> None:
     """One access line: straight to relayd's own writer when nothing else would see
     the record (see _direct_writer), else through ``logging`` as a record whose
     ``fields`` are the line's (tests capture those with caplog)."""
     writer = _direct_writer(level)
     if writer is not None and not writer.form.json_lines:
-        line = writer.form.access_line(
-            time.time(),
-            level,
-            request_id,
-            client,
-            key,
-            method,
-            route,
-            group,
-            status,
-            bytes_in,
-            bytes_out,
-            duration_ms,
-            overhead_ms,
-            upstream_request_id,
-            failure,
-            operation,
-        )
+        line = writer.form.access_line(time.time(), level, access)
         writer.add(line, urgent=level >= logging.WARNING)
         return
-    fields: dict[str, object] = {
-        "request_id": request_id,
-        "client": client,
-        "key": key,
-        "method": method,
-        "route": route,
-        "group": group,
-        "status": status,
-        "bytes_in": bytes_in,
-        "bytes_out": bytes_out,
-        "duration_ms": duration_ms,
-        "overhead_ms": overhead_ms,
-        "upstream_request_id": upstream_request_id,
-    }
-    if failure is not None:
-        fields["upstream_error"] = failure
-    if operation is not None:
-        fields["operation"] = operation
+    fields = access.fields()
     if writer is not None:
         line = writer.form.compose(
             time.time(), level, logging.getLevelName(level), access_log.name, "access", fields
@@ -398,28 +392,26 @@ class _Formatter(logging.Formatter):
             line = f"<{_JOURNAL_PRIORITY.get(levelno, 6)}>{line}"
         return line
 
-    def access_line(
-        self,
-        created: float,
-        levelno: int,
-        request_id: str,
-        client: str | None,
-        key: str | None,
-        method: str,
-        route: str | None,
-        group: str,
-        status: int,
-        bytes_in: int | None,
-        bytes_out: int,
-        duration_ms: float,
-        overhead_ms: float | None,
-        upstream_request_id: str | None,
-        failure: str | None,
-        operation: str | None,
-    ) -> str:
+    def access_line(self, created: float, levelno: int, access: Access) -> str:
         """The console line ``compose`` writes for relayd.access's fields (the order of
-        _log_access's dict), without building the dict: only what varies is checked.
+        Access.fields()), without building the dict: only what varies is checked.
         ``request_id`` is a sane token (_request_id's): it needs neither escape nor quote."""
+        (
+            request_id,
+            client,
+            key,
+            method,
+            route,
+            group,
+            status,
+            bytes_in,
+            bytes_out,
+            duration_ms,
+            overhead_ms,
+            upstream_request_id,
+            failure,
+            operation,
+        ) = access
         head = _access_heads.get((levelno, self._journald))
         if head is None:
             head = f"{logging.getLevelName(levelno).lower():<7} [{_pid}] relayd.access: access"

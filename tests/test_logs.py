@@ -29,7 +29,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from relayd import logs
 from relayd.app import create_app
 from relayd.config import parse_keys_file
-from relayd.logs import _Formatter, setup_logging
+from relayd.logs import Access, _Formatter, setup_logging
 from relayd.routes import TABLE
 from relayd.routing import Exposure, Route, RouteTable
 from relayd.upstream import failure_cause
@@ -656,6 +656,6 @@ def test_an_access_line_written_without_a_record_is_the_records_line(
     record.created = 1796315906.0405
     record.fields = fields
     form = _Formatter(json_lines=False, journald=journald)
-    line = form.access_line(record.created, level, **values)
+    line = form.access_line(record.created, level, Access(**values))
     assert line == form.format(record)
     assert len(line.splitlines()) == 1 and line.isprintable()

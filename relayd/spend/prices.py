@@ -261,30 +261,28 @@ class PriceBook:
     def text_cost(self, model: str, input_tokens: int, output_tokens: int) -> int | None:
         """:meth:`token_cost` of ``Tokens(input=input_tokens, output=output_tokens)``
         (an estimate: no cached, audio or image part), without building them."""
+        rates = self._rates(model, input_tokens)
+        if rates is None:
+            return None
+        return _micro(max(input_tokens, 0) * rates.input + max(output_tokens, 0) * rates.output)
+
+    def _token_cost(self, model: str, tokens: Tokens) -> int | None:
+        rates = self._rates(model, tokens.input)
+        return None if rates is None else _micro(rates.pico(tokens))
+
+    def _rates(self, model: str, input_tokens: int) -> Rates | None:
+        """The per-token rates for a request of ``input_tokens`` on ``model`` (the
+        long-context ones past their threshold); None: unpriced."""
         row = self.price(model)
         if row is None or row.rates is None:
             return None
-        rates = row.rates
         if (
             row.long_context is not None
             and row.long_context_above is not None
             and input_tokens > row.long_context_above
         ):
-            rates = row.long_context
-        return _micro(max(input_tokens, 0) * rates.input + max(output_tokens, 0) * rates.output)
-
-    def _token_cost(self, model: str, tokens: Tokens) -> int | None:
-        row = self.price(model)
-        if row is None or row.rates is None:
-            return None
-        rates = row.rates
-        if (
-            row.long_context is not None
-            and row.long_context_above is not None
-            and tokens.input > row.long_context_above
-        ):
-            rates = row.long_context
-        return _micro(rates.pico(tokens))
+            return row.long_context
+        return row.rates
 
     def flat_cost(self, model: str, unit: str, quantity: float) -> int | None:
         """Micro-dollars for ``quantity`` of ``unit`` (see :func:`flat_unit`), rounded

@@ -32,7 +32,15 @@ from bench.procs import HOST, Server, free_port, start_server
 from bench.report import cell, median_of
 from bench.scenarios import Plan, latency, throughput
 from bench.spend import LIMITS, RELAY_KEY
-from bench.stack import FAKE_COMMON, REPO, UPSTREAM_KEY, Target, _relayd_env, find_nginx, nginx_main
+from bench.stack import (
+    REPO,
+    UPSTREAM_KEY,
+    Target,
+    _relayd_env,
+    fake_argv,
+    find_nginx,
+    nginx_main,
+)
 from bench.workers import LoadPool, raise_fd_limit
 
 __all__ = ["main"]
@@ -141,8 +149,7 @@ def _nginx(run: _Run, name: str, upstreams: Sequence[int], headers: dict[str, st
 
 def _start(run: _Run, fleet: bool) -> dict[str, Target]:
     fake_port = free_port()
-    fake_argv = [sys.executable, "-m", "tests.fakes.openai", "--port", str(fake_port)]
-    run.spawn("fake", [*fake_argv, *FAKE_COMMON], fake_port)
+    run.spawn("fake", fake_argv(fake_port), fake_port)
     redis_url = _redis(run)
     secret = run.tmp / "signing_secret"
     secret.write_text(secrets.token_hex(32) + "\n")

@@ -31,7 +31,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.procs import free_port, start_server
-from bench.stack import EVERY_FLOOR_LIMITS, FAKE_COMMON, REPO, UPSTREAM_KEY, _relayd_env
+from bench.stack import EVERY_FLOOR_LIMITS, REPO, UPSTREAM_KEY, _relayd_env, fake_argv, floor_argv
 
 __all__ = ["main"]
 
@@ -45,15 +45,7 @@ def _proxy(mode: str, tmp: Path, fake_port: int, port: int) -> tuple[list[str], 
     env = _relayd_env(fake_port, port, RELAY_KEY, "warning" if mode == "warn" else "info")
     if mode == "floor":
         upstream = f"http://127.0.0.1:{fake_port}"
-        return [
-            sys.executable,
-            "-m",
-            "bench.floor",
-            "--port",
-            str(port),
-            "--upstream",
-            upstream,
-        ], env
+        return floor_argv(port, upstream), env
     if mode in ("limits", "every"):
         config = tmp / f"{mode}.toml"
         config.write_text("[spend]\n" + EVERY_FLOOR_LIMITS)
@@ -97,10 +89,9 @@ def measure(mode: str, requests: int, stream: bool, events: int | None) -> tuple
     with tempfile.TemporaryDirectory(prefix="relayd-bench-instr-") as name:
         tmp = Path(name)
         fake_port, port = free_port(), free_port()
-        fake_args = [*FAKE_COMMON, *(("--events", str(events)) if events else ())]
         fake = start_server(
             "fake",
-            [sys.executable, "-m", "tests.fakes.openai", "--port", str(fake_port), *fake_args],
+            fake_argv(fake_port, *(("--events", str(events)) if events else ())),
             port=fake_port,
             log=tmp / "fake.log",
             cwd=REPO,

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.procs import HOST, Server, free_port, start_server
 from bench.scenarios import percentile
-from bench.stack import FAKE_COMMON, REPO, _relayd_env
+from bench.stack import REPO, _relayd_env, fake_argv
 from bench.workers import LoadPool, raise_fd_limit
 
 __all__ = ["main"]
@@ -77,7 +77,7 @@ def _start(tmp: Path) -> tuple[list[Server], str]:
     fake_port, port = free_port(), free_port()
     fake = start_server(
         "fake",
-        [sys.executable, "-m", "tests.fakes.openai", "--port", str(fake_port), *FAKE_COMMON],
+        fake_argv(fake_port),
         port=fake_port,
         log=tmp / "fake.log",
         cwd=REPO,

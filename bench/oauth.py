@@ -33,7 +33,7 @@ import aiohttp
 
 from bench.procs import Server, cpu_seconds, free_port, start_server, tree_pids
 from bench.scenarios import Plan, latency
-from bench.stack import FAKE_COMMON, REPO, Target, _relayd_env
+from bench.stack import REPO, Target, _relayd_env, fake_argv
 from bench.workers import LoadPool, raise_fd_limit
 from relayd.config import hash_key, parse_keys_env
 from relayd.oauth.tokens import digest, key_print
@@ -89,7 +89,7 @@ def _start(tmp: Path) -> tuple[list[Server], Server, str]:
     fake_port, port = free_port(), free_port()
     fake = start_server(
         "fake",
-        [sys.executable, "-m", "tests.fakes.openai", "--port", str(fake_port), *FAKE_COMMON],
+        fake_argv(fake_port),
         port=fake_port,
         log=tmp / "fake.log",
         cwd=REPO,

@@ -29,7 +29,7 @@ from typing import Any
 from bench.procs import Server, cpu_seconds, free_port, start_server, tree_pids
 from bench.report import cell, median_of
 from bench.scenarios import Plan, latency, throughput
-from bench.stack import EVERY_FLOOR_LIMITS, FAKE_COMMON, REPO, Target, _relayd_env
+from bench.stack import EVERY_FLOOR_LIMITS, REPO, Target, _relayd_env, fake_argv
 from bench.workers import LoadPool, raise_fd_limit
 from relayd.config import Settings, updated
 from relayd.store.ledger import Admission, Event, Ledger, SqliteLedger
@@ -55,7 +55,7 @@ def _start(tmp: Path) -> tuple[list[Server], dict[str, Target]]:
     fake_port = free_port()
     spawn(
         "fake",
-        [sys.executable, "-m", "tests.fakes.openai", "--port", str(fake_port), *FAKE_COMMON],
+        fake_argv(fake_port),
         fake_port,
     )
     auth = {"Authorization": f"Bearer {RELAY_KEY}"}

@@ -23,7 +23,16 @@ from pathlib import Path
 
 from bench.procs import HOST, Server, free_port, start_server
 
-__all__ = ["EVERY_FLOOR_LIMITS", "FLOOR", "RELAYD_LEVELS", "Stack", "Target", "find_nginx"]
+__all__ = [
+    "EVERY_FLOOR_LIMITS",
+    "FLOOR",
+    "RELAYD_LEVELS",
+    "Stack",
+    "Target",
+    "fake_argv",
+    "find_nginx",
+    "floor_argv",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,6 +74,16 @@ class Target:
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+
+def fake_argv(port: int, *extra: str) -> list[str]:
+    """The fake upstream (tests/fakes/openai.py) on ``port``, as every bench runs it."""
+    return [sys.executable, "-m", "tests.fakes.openai", "--port", str(port), *FAKE_COMMON, *extra]
+
+
+def floor_argv(port: int, upstream: str) -> list[str]:
+    """The aiohttp floor (bench/floor.py) on ``port`` in front of ``upstream``."""
+    return [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", upstream]
 
 
 def find_nginx() -> str | None:
@@ -182,15 +201,7 @@ class Stack:
             fake_port = free_port()
             fake = self._spawn(
                 f"fake-{profile}",
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.fakes.openai",
-                    "--port",
-                    str(fake_port),
-                    *FAKE_COMMON,
-                    *PROFILES[profile],
-                ],
+                fake_argv(fake_port, *PROFILES[profile]),
                 fake_port,
             )
             self.fakes[profile] = fake
@@ -208,15 +219,7 @@ class Stack:
                 port = free_port()
                 floor = self._spawn(
                     f"{FLOOR}-{profile}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.floor",
-                        "--port",
-                        str(port),
-                        "--upstream",
-                        f"http://{HOST}:{fake_port}",
-                    ],
+                    floor_argv(port, f"http://{HOST}:{fake_port}"),
                     port,
                 )
                 targets[FLOOR] = Target(FLOOR, f"http://{HOST}:{port}", upstream_auth, floor)

@@ -27,11 +27,11 @@ from bench.procs import HOST, Server, free_port, start_server
 from bench.report import cell, median_of
 from bench.scenarios import Plan, sse_burst, throughput
 from bench.stack import (
-    FAKE_COMMON,
     REPO,
     UPSTREAM_KEY,
     Target,
     _relayd_env,
+    fake_argv,
     find_nginx,
     nginx_main,
 )
@@ -85,7 +85,7 @@ def _start(tmp: Path, nginx: str) -> tuple[list[Server], dict[str, Target]]:
     fake_port = free_port()
     spawn(
         "fake",
-        [sys.executable, "-m", "tests.fakes.openai", "--port", str(fake_port), *FAKE_COMMON],
+        fake_argv(fake_port),
         fake_port,
     )
     targets: dict[str, Target] = {}

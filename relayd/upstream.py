@@ -158,7 +158,7 @@ def _os_reason(exc: OSError) -> str:
 
 @contextlib.contextmanager
 def mapped_errors() -> Iterator[None]:
-    """Translate failures of the upstream leg into relayd errors (see :func:`_translated`)."""
+    """Translate failures of the upstream leg into relayd errors (see :func:`translated`)."""
     try:
         yield
     except UPSTREAM_FAILURES as exc:

@@ -9,7 +9,9 @@ total) divided by the requests counted.
 
 Modes: ``floor`` (bench/floor.py, the plainest aiohttp pass-through), ``warn``
 (relayd, spend off, log at warning), ``info`` (relayd, spend off, the access line
-at info), ``limits`` (spend limits on the key, info), ``every`` (limits and OAuth
+at info), ``token`` (spend off, info, OAuth on and the request presented with an
+access token instead of the relay key: ``token`` − ``info`` is the bearer-token
+check), ``limits`` (spend limits on the key, info), ``every`` (limits and OAuth
 on, info: the figure of record). The request is a small JSON ``POST
 /v1/responses``; ``--sse`` asks for a stream instead (``--events N`` events).
 
@@ -30,12 +32,13 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.oauth import access_token
 from bench.procs import free_port, start_server
 from bench.stack import EVERY_FLOOR_LIMITS, REPO, UPSTREAM_KEY, _relayd_env, fake_argv, floor_argv
 
 __all__ = ["main"]
 
-MODES = ("floor", "warn", "info", "limits", "every")
+MODES = ("floor", "warn", "info", "token", "limits", "every")
 RELAY_KEY = "bench-instructions-" + "0" * 16
 WARMUP = 100
 
@@ -52,7 +55,7 @@ def _proxy(mode: str, tmp: Path, fake_port: int, port: int) -> tuple[list[str], 
         env["RELAYD_CONFIG"] = str(config)
     else:
         env["RELAYD_SPEND_BACKEND"] = "off"
-    if mode == "every":
+    if mode in ("token", "every"):
         env["RELAYD_PUBLIC_URL"] = f"http://127.0.0.1:{port}"
     return [sys.executable, "-m", "relayd", "serve"], env
 
@@ -111,6 +114,8 @@ def measure(mode: str, requests: int, stream: bool, events: int | None) -> tuple
             fake.wait_ready()
             proxy.wait_ready(timeout=180)  # a Python start under valgrind is slow
             key = UPSTREAM_KEY if mode == "floor" else RELAY_KEY
+            if mode == "token":
+                key = asyncio.run(access_token(f"http://127.0.0.1:{port}", RELAY_KEY))
             asyncio.run(_requests(port, key, WARMUP, stream))
             control = ["callgrind_control", "--zero", str(proxy.proc.pid)]
             subprocess.run(control, check=True, capture_output=True, timeout=60)

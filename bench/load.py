@@ -53,22 +53,31 @@ async def _post_json(session: aiohttp.ClientSession, job: Job) -> bool:
 
 
 async def latency(job: Job) -> dict[str, Any]:
-    """Sequential requests on one kept-alive connection."""
+    """Sequential requests on one kept-alive connection. With ``other_headers``
+    they alternate between the two header sets, request by request, and the
+    second set's times are ``other_latencies``: a difference between two ways of
+    asking, measured with whatever else the machine does spread evenly over both."""
     times: list[float] = []
+    other_times: list[float] = []
     errors: Counter[str] = Counter()
+    jobs = [job]
+    if "other_headers" in job:
+        jobs.append({**job, "headers": job["other_headers"]})
     async with _session(1, job["timeout"]) as session:
         for index in range(job["warmup"] + job["n"]):
+            this = jobs[index % len(jobs)]
             started = time.perf_counter()
             try:
-                ok = await _post_json(session, job)
+                ok = await _post_json(session, this)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 errors[_error_name(exc)] += 1
                 continue
             if not ok:
                 errors["status"] += 1
             elif index >= job["warmup"]:
-                times.append(time.perf_counter() - started)
-    return {"latencies": times, "errors": dict(errors)}
+                elapsed = time.perf_counter() - started
+                (times if this is job else other_times).append(elapsed)
+    return {"latencies": times, "other_latencies": other_times, "errors": dict(errors)}
 
 
 async def throughput(job: Job) -> dict[str, Any]:

@@ -39,11 +39,12 @@ EPHEMERAL_PREFIX = "ek_"  # OpenAI's ephemeral client secrets (/v1/realtime/clie
 class KeyRing:
     """The current relay keys; ``replace()`` swaps them atomically (SIGHUP)."""
 
-    __slots__ = ("_by_digest", "_keys")
+    __slots__ = ("_by_digest", "_by_name", "_keys")
 
     def __init__(self, keys: Iterable[RelayKey]) -> None:
         self._keys: tuple[RelayKey, ...] = ()
         self._by_digest: dict[bytes, RelayKey] = {}
+        self._by_name: dict[str, RelayKey] = {}
         self.replace(keys)
 
     @property
@@ -55,7 +56,8 @@ class KeyRing:
         # Built whole, then swapped in one assignment each (a request between the
         # two sees the old ring's lookups, never a half-built one).
         by_digest = {key.digest: key for key in keys}
-        self._keys, self._by_digest = keys, by_digest
+        by_name = {key.name: key for key in keys}  # names are unique (config.checks)
+        self._keys, self._by_digest, self._by_name = keys, by_digest, by_name
 
     def current(self, key: RelayKey) -> RelayKey | None:
         """``key`` as the ring holds it now (scopes may have changed), or None once
@@ -66,7 +68,7 @@ class KeyRing:
         return None
 
     def by_name(self, name: str) -> RelayKey | None:
-        return next((held for held in self._keys if held.name == name), None)
+        return self._by_name.get(name)
 
     def identify(self, secret: str) -> RelayKey | None:
         """The key matching ``secret``: one dictionary lookup of its SHA-256 digest.

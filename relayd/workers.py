@@ -36,6 +36,7 @@ from relayd.server import (
     refuse_keyless_sockets,
     warn_if_keyless,
 )
+from relayd.store.grants import forget_remembered_grants
 from relayd.systemd import Notifier, listen_sockets, watchdog_interval
 from relayd.tasks import spawn
 
@@ -157,6 +158,7 @@ class _Supervisor:
         if self._stopping or self._workers.get(index) is not process:
             return
         log.error("worker %d (pid %d) exited with %s; restarting", index, process.pid, code)
+        forget_remembered_grants(self._settings)  # it may have died mid-revocation
         await asyncio.sleep(RESTART_DELAY_S)
         if not self._stopping:
             await self._start(index)

@@ -23,6 +23,7 @@ import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestServer
 
+from relayd.store.grants import EPOCH_FILENAME
 from tests.conftest import OTHER_KEY, RELAY_KEY, SECRETS
 from tests.fakes.openai import UPSTREAM_KEY, FakeOpenAI
 from tests.filehost import PNG
@@ -301,6 +302,40 @@ async def test_two_workers_share_the_port_and_both_serve(
                 async with session.get(relayd.url("/health"), headers=auth) as response:
                     pids.add((await response.json())["meta"]["pid"])
     assert relayd.process.pid not in pids
+    assert await relayd.stop() == 0
+
+
+async def test_a_worker_that_dies_makes_the_others_forget_remembered_tokens(
+    start: Start, fake_server: TestServer, tmp_path: Path
+) -> None:
+    """A worker killed between committing a revocation and telling the others
+    would leave them answering the token from memory: the supervisor tells them."""
+    state = tmp_path / "state"
+    env = _env(
+        str(fake_server.make_url("")).rstrip("/"),
+        RELAYD_WORKERS="2",
+        RELAYD_STATE_DIR=str(state),
+        RELAYD_PUBLIC_URL=PUBLIC,
+    )
+    relayd = await start(env=env)
+    await relayd.wait_line("2 workers serving")
+    epoch = state / EPOCH_FILENAME
+    before = epoch.read_bytes()
+    auth = {"Authorization": f"Bearer {RELAY_KEY}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(relayd.url("/health"), headers=auth) as response:
+            worker = (await response.json())["meta"]["pid"]
+    os.kill(worker, signal.SIGKILL)
+    await relayd.wait_line(f"(pid {worker}) exited")
+    async with asyncio.timeout(5):
+        while epoch.read_bytes() == before:
+            await asyncio.sleep(0.02)
+    async with asyncio.timeout(15):  # the new worker up (its sites log "listening on")
+        while True:
+            relayd._changed.clear()  # before the count, so no line slips past
+            if sum(1 for line in relayd.lines if _LISTENING.search(line)) >= 3:
+                break
+            await relayd._changed.wait()
     assert await relayd.stop() == 0
 
 

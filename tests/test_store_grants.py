@@ -167,6 +167,43 @@ async def test_revoking_a_token_ends_its_family(store: GrantStore) -> None:
     assert await store.revoke(_digest()) is False
 
 
+async def test_a_revocation_by_another_worker_counts_from_the_next_check(
+    open_store: Opener,
+) -> None:
+    """A worker that has just answered a token (and may remember the answer) refuses
+    it as soon as another worker, or another machine, has revoked it."""
+    first, second = open_store(), open_store()
+    family = await _family(first)
+    access, refresh = _digest(), _digest()
+    now = time.time()
+    await first.add_tokens(family, [(access, "access", now + 60), (refresh, "refresh", now + 60)])
+    for _ in range(3):
+        assert await first.access(access) == GRANT
+    assert await second.revoke(refresh) is True
+    assert await first.access(access) is None
+    assert await second.access(access) is None
+
+
+async def test_a_token_answered_before_is_refused_once_it_expires(store: GrantStore) -> None:
+    family = await _family(store)
+    access = _digest()
+    await store.add_tokens(family, [(access, "access", time.time() + 0.3)])
+    assert await store.access(access) == GRANT
+    deadline = time.monotonic() + 5
+    while await store.access(access) is not None:
+        assert time.monotonic() < deadline, "an expired token is still answered"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_revocation_by_this_worker_counts_at_once(store: GrantStore) -> None:
+    family = await _family(store)
+    access = _digest()
+    await store.add_tokens(family, [(access, "access", time.time() + 60)])
+    assert await store.access(access) == GRANT
+    assert await store.revoke(access) is True
+    assert await store.access(access) is None
+
+
 async def test_clients_are_kept_and_read_back(store: GrantStore) -> None:
     registered = ClientRecord("dcr-1", "registered", "Test app", (REDIRECT,), "none", 1000.0)
     document = ClientRecord(

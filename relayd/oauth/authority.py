@@ -67,6 +67,8 @@ LimitFactory = Callable[[str, int, float], AttemptLimit]
 # A fetched client document is trusted this long before it is fetched again.
 _DOCUMENT_TTL_S: Final = 300.0
 _REGISTRATIONS_PER_HOUR: Final = 30
+# Tokens whose acting key one worker remembers; past this many it starts again.
+_ACTING_TOKENS: Final = 4096
 # How long a login page may wait for its form to be posted.
 LOGIN_FORM_TTL_S: Final = 900.0
 # What the authorize request carries that the form repeats, in the order signed.
@@ -115,6 +117,8 @@ class Authority:
         )
         # Registration is open to anyone: bound how fast one address fills the store.
         self.registrations = limit("register", _REGISTRATIONS_PER_HOUR, 3600.0)
+        # key_for_token(): token digest -> (grant, key, the key the token acts as).
+        self._acting: dict[bytes, tuple[Grant, RelayKey, RelayKey]] = {}
 
     # -------------------------------------------------------------- authorize
 
@@ -411,14 +415,26 @@ class Authority:
         was removed or given a new secret since. One store read; a store that does
         not answer raises StoreUnavailableError (a 503, never a 401: a client told
         its token is bad drops it)."""
-        grant = await self.store.access(digest(token))
+        token_hash = digest(token)
+        grant = await self.store.access(token_hash)
         if grant is None:
             return None
         key = lookup(grant.key_name)
-        if key is None or not hmac.compare_digest(key_print(key), grant.key_print):
+        if key is None:
+            return None
+        # The same grant (a store that remembers answers gives the same object)
+        # and the same key object (a reload makes new ones) act as before.
+        known = self._acting.get(token_hash)
+        if known is not None and known[0] is grant and known[1] is key:
+            return known[2]
+        if not hmac.compare_digest(key_print(key), grant.key_print):
             return None
         scopes = narrowed(grant.scopes, key.scopes)
-        return dataclasses.replace(key, scopes=None if scopes is None else frozenset(scopes))
+        acting = dataclasses.replace(key, scopes=None if scopes is None else frozenset(scopes))
+        if len(self._acting) >= _ACTING_TOKENS:
+            self._acting.clear()
+        self._acting[token_hash] = (grant, key, acting)
+        return acting
 
 
 def narrowed(

@@ -53,17 +53,24 @@ async def _post_json(session: aiohttp.ClientSession, job: Job) -> bool:
 
 
 async def latency(job: Job) -> dict[str, Any]:
-    """Sequential requests on one kept-alive connection. With ``other_headers``
-    they alternate between the two header sets, request by request, and the
-    second set's times are ``other_latencies``: a difference between two ways of
-    asking, measured with whatever else the machine does spread evenly over both."""
+    """Sequential requests on one kept-alive connection. With ``other_headers`` or
+    ``other_url`` (a second connection, to another server) they alternate with
+    the first way of asking, request by request, and the other's times are
+    ``other_latencies``: a difference between two ways of asking, or two servers,
+    measured with whatever else the machine does spread evenly over both."""
     times: list[float] = []
     other_times: list[float] = []
     errors: Counter[str] = Counter()
     jobs = [job]
-    if "other_headers" in job:
-        jobs.append({**job, "headers": job["other_headers"]})
-    async with _session(1, job["timeout"]) as session:
+    if "other_headers" in job or "other_url" in job:
+        jobs.append(
+            {
+                **job,
+                "headers": job.get("other_headers", job["headers"]),
+                "url": job.get("other_url", job["url"]),
+            }
+        )
+    async with _session(len(jobs), job["timeout"]) as session:
         for index in range(job["warmup"] + job["n"]):
             this = jobs[index % len(jobs)]
             started = time.perf_counter()

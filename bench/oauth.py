@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 
 from bench.procs import Server, cpu_seconds, free_port, start_server, tree_pids
-from bench.scenarios import SMALL_BODY, Plan, latency, percentile
+from bench.scenarios import SMALL_BODY, Plan, added_ms, latency
 from bench.stack import REPO, Target, _relayd_env, fake_argv
 from bench.workers import LoadPool, raise_fd_limit
 from relayd.config import hash_key, parse_keys_env
@@ -161,12 +161,7 @@ def _alternating(
         "timeout": 30.0,
     }
     [answer] = pool.run([job], timeout=60 + plan.latency_n * 0.1)
-    key, token = answer["latencies"], answer["other_latencies"]
-    if not key or not token:
-        raise RuntimeError(f"no answered requests to compare: {answer['errors']}")
-    p50 = percentile(token, 50) - percentile(key, 50)  # type: ignore[operator]
-    p99 = percentile(token, 99) - percentile(key, 99)  # type: ignore[operator]
-    return p50 * 1000, p99 * 1000
+    return added_ms(answer)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

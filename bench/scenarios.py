@@ -66,6 +66,17 @@ def percentile(values: list[float], pct: float) -> float | None:
     return ordered[rank - 1]
 
 
+def added_ms(answer: dict[str, Any]) -> tuple[float, float]:
+    """(p50, p99) of ``other_latencies`` minus ``latencies`` in ms, from a latency
+    job that alternated two ways of asking (``other_headers`` or ``other_url``)."""
+    first, other = answer["latencies"], answer["other_latencies"]
+    if not first or not other:
+        raise RuntimeError(f"no answered requests to compare: {answer['errors']}")
+    p50 = (percentile(other, 50) or 0.0) - (percentile(first, 50) or 0.0)
+    p99 = (percentile(other, 99) or 0.0) - (percentile(first, 99) or 0.0)
+    return p50 * 1000, p99 * 1000
+
+
 def _ms(value: float | None) -> float | None:
     return None if value is None else value * 1000
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,10 +19,13 @@ from redis.asyncio import Redis
 
 from relayd.config import Settings, updated
 from relayd.store.grants import (
+    EPOCH_FILENAME,
+    FILENAME,
     ClientRecord,
     Grant,
     GrantStore,
     ReplayError,
+    forget_remembered_grants,
     open_grant_store,
 )
 from relayd.store.grants_redis import GRANTS_TAG
@@ -202,6 +206,31 @@ async def test_a_revocation_by_this_worker_counts_at_once(store: GrantStore) -> 
     assert await store.access(access) == GRANT
     assert await store.revoke(access) is True
     assert await store.access(access) is None
+
+
+async def test_forgetting_everywhere_makes_a_worker_read_the_file_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the supervisor does when a worker dies: another worker's remembered
+    answer goes, even for a change that did not renew the epoch itself."""
+    settings = updated(Settings(), store={"dir": str(tmp_path / "state")})
+    store = open_grant_store(settings, None)
+    try:
+        family = await _family(store)
+        access = _digest()
+        await store.add_tokens(family, [(access, "access", time.time() + 60)])
+        assert await store.access(access) == GRANT
+        # A worker that committed a revocation and died before renewing the epoch.
+        with sqlite3.connect(tmp_path / "state" / FILENAME) as db:
+            db.execute("UPDATE families SET revoked = 1 WHERE family = ?", (family,))
+        forget_remembered_grants(settings)
+        assert await store.access(access) is None
+    finally:
+        await store.close()
+    (tmp_path / "state" / EPOCH_FILENAME).unlink()
+    (tmp_path / "state" / EPOCH_FILENAME).mkdir()  # cannot be mapped: logged, not raised
+    forget_remembered_grants(settings)
+    assert "could not tell workers to forget" in caplog.text
 
 
 async def test_clients_are_kept_and_read_back(store: GrantStore) -> None:

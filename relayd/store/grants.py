@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import mmap
 import os
 import secrets
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar
 
 from relayd.config import Settings
-from relayd.store import state_dir
+from relayd.store import state_dir, state_path
 from relayd.store.redis import StoreUnavailableError
 from relayd.store.sqlite import open_database
 
@@ -54,6 +55,8 @@ __all__ = [
     "forget_remembered_grants",
     "open_grant_store",
 ]
+
+log = logging.getLogger("relayd.oauth")
 
 FILENAME: Final = "oauth.sqlite3"
 EPOCH_FILENAME: Final = "oauth.epoch"
@@ -523,9 +526,20 @@ class _Epoch:
 
 def forget_remembered_grants(settings: Settings) -> None:
     """Make every worker forget the grants it remembers: a worker died, perhaps
-    after committing a revocation and before renewing the epoch."""
-    path = state_dir(settings) / EPOCH_FILENAME
-    if settings.store.backend != "redis" and path.exists():
-        epoch = _Epoch(path)
-        epoch.renew()
-        epoch.close()
+    after committing a revocation and before renewing the epoch. Never raises:
+    the supervisor that calls it still has a worker to restart."""
+    if settings.store.backend == "redis":
+        return
+    path = state_path(settings) / EPOCH_FILENAME
+    try:
+        if path.exists():
+            epoch = _Epoch(path)
+            epoch.renew()
+            epoch.close()
+    except OSError as exc:
+        log.error(
+            "could not tell workers to forget the OAuth grants they remember (%s: %s); "
+            "a revocation the dead worker made may take effect only when tokens expire",
+            path,
+            exc.strerror or exc,
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import socket
 from collections.abc import Callable
 
@@ -590,7 +591,10 @@ async def test_client_request_id_is_kept_when_sane(relay: TestClient) -> None:
     assert response.headers["X-Relay-Request-Id"] == "abc-123"
     response = await relay.get("/health", headers={"X-Request-Id": "bad id with spaces"})
     assert response.headers["X-Relay-Request-Id"] != "bad id with spaces"
-    assert len(response.headers["X-Relay-Request-Id"]) == 32
+    fresh = [(await relay.get("/health")).headers["X-Relay-Request-Id"] for _ in range(20)]
+    fresh.append(response.headers["X-Relay-Request-Id"])
+    assert all(re.fullmatch(r"[0-9a-f]{32}", made) for made in fresh), fresh
+    assert len(set(fresh)) == len(fresh)  # each request its own
 
 
 async def test_user_data_files_cannot_be_downloaded(

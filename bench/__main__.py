@@ -30,10 +30,10 @@ import aiohttp
 import relayd
 from bench.procs import cpu_seconds, machine_busy_seconds, rss_bytes, tree_pids
 from bench.report import Report, add_derived
-from bench.scenarios import SCENARIOS, Plan
+from bench.scenarios import SCENARIOS, Plan, in_turn
 from bench.soak import latest_soak
 from bench.soak import main as soak_main
-from bench.stack import REPO, Stack, find_nginx
+from bench.stack import FLOOR, REPO, Stack, find_nginx
 from bench.workers import LoadPool, raise_fd_limit
 
 MiB = 1024 * 1024
@@ -167,10 +167,40 @@ def _run_rounds(
                     f"{k}={v:.4g}" for k, v in figures.items() if isinstance(v, float | int)
                 )
                 _say(f"  {scenario:<10} {target.name:<11} {elapsed:5.1f}s  {shown}")
+        if only is None or "latency" in only:
+            _latency_over_floor(stack, pool, plan, round_, notes, number)
         add_derived(round_)
         rounds.append(round_)
         _say(f"round {number + 1}/{plan.rounds} done")
     return rounds
+
+
+def _latency_over_floor(
+    stack: Stack,
+    pool: LoadPool,
+    plan: Plan,
+    round_: dict[str, dict[str, Any]],
+    notes: list[str],
+    number: int,
+) -> None:
+    """Each relayd column's latency over the floor's, the two asked in turn: the
+    figure issue 17's latency goals are judged by."""
+    targets = stack.targets["default"]
+    floor = targets.get(FLOOR)
+    if floor is None:
+        return
+    for name, target in targets.items():
+        if not name.startswith("relayd"):
+            continue
+        try:
+            p50, p99 = in_turn(pool, floor, target, plan)
+        except (TimeoutError, RuntimeError, OSError) as exc:
+            notes.append(f"round {number + 1} latency over the floor {name}: {exc}")
+            continue
+        figures = {"lat_over_floor_p50_ms": p50, "lat_over_floor_p99_ms": p99}
+        round_.setdefault(name, {"failed": 0}).update(figures)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in figures.items())
+        _say(f"  {'in turn':<10} {name:<11} {shown}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

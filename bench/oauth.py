@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 
 from bench.procs import Server, cpu_seconds, free_port, start_server, tree_pids
-from bench.scenarios import SMALL_BODY, Plan, added_ms, latency
+from bench.scenarios import Plan, in_turn, latency
 from bench.stack import REPO, Target, _relayd_env, fake_argv
 from bench.workers import LoadPool, raise_fd_limit
 from relayd.config import hash_key, parse_keys_env
@@ -144,26 +144,6 @@ def check_parts(grants: Path, token: str, count: int) -> dict[str, float]:
     return parts
 
 
-def _alternating(
-    pool: LoadPool, base: str, auth: dict[str, dict[str, str]], plan: Plan
-) -> tuple[float, float]:
-    """(p50, p99) of the token's latency minus the key's, ms, the two asked in turn
-    on one connection: whatever else the machine does then falls on both alike,
-    which back-to-back runs of each cannot promise at this scale."""
-    job = {
-        "kind": "latency",
-        "url": f"{base}/v1/responses",
-        "headers": auth["relay key"],
-        "other_headers": auth["access token"],
-        "body": SMALL_BODY,
-        "n": 2 * plan.latency_n,
-        "warmup": 100,
-        "timeout": 30.0,
-    }
-    [answer] = pool.run([job], timeout=60 + plan.latency_n * 0.1)
-    return added_ms(answer)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench oauth", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -195,8 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     requests = plan.latency_n + 100
                     this[label]["cpu_us"] = (cpu_seconds(pids) - cpu) / requests * 1e6
                     figures[label].append(this[label])
-                print(f"round {round_ + 1}: alternating", file=sys.stderr, flush=True)
-                added.append(_alternating(pool, base, auth, plan))
+                print(f"round {round_ + 1}: in turn", file=sys.stderr, flush=True)
+                with_key, with_token = (Target(label, base, auth[label], relayd) for label in auth)
+                added.append(in_turn(pool, with_key, with_token, plan))
             parts = check_parts(tmp / FILENAME, token, 2000 if args.quick else 20000)
         finally:
             pool.close()

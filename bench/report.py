@@ -43,6 +43,12 @@ def figures_for(plan: Plan) -> list[Figure]:
         Figure("lat_p99_ms", "1 conn: latency p99 (ms)", digits=3),
         Figure("lat_added_p50_ms", "1 conn: added latency p50 vs direct (ms)", "median", False, 3),
         Figure("lat_added_p99_ms", "1 conn: added latency p99 vs direct (ms)", "median", False, 3),
+        Figure(
+            "lat_over_floor_p50_ms", "1 conn: over the floor p50, in turn (ms)", "median", False, 3
+        ),
+        Figure(
+            "lat_over_floor_p99_ms", "1 conn: over the floor p99, in turn (ms)", "median", False, 3
+        ),
         Figure("rps", f"{conns} conns: req/s", digits=0),
         Figure("rps_p50_ms", f"{conns} conns: latency p50 (ms)", digits=2),
         Figure("rps_p99_ms", f"{conns} conns: latency p99 (ms)", digits=2),

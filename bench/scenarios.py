@@ -17,7 +17,7 @@ from bench.procs import listen_overflows, rss_bytes, tree_pids
 from bench.stack import Target
 from bench.workers import LoadPool
 
-__all__ = ["SCENARIOS", "Plan", "percentile"]
+__all__ = ["SCENARIOS", "Plan", "in_turn", "percentile"]
 
 MiB = 1024 * 1024
 SMALL_BODY = json.dumps({"model": "gpt-5", "input": "hi"}).encode()
@@ -247,6 +247,27 @@ def realtime(pool: LoadPool, target: Target, plan: Plan) -> Figures:
         rss_open = max(answer["rss_open"] for answer in answers)
         figures["rt_rss_per_session_kib"] = (rss_open - before) / opened / 1024
     return figures
+
+
+def in_turn(pool: LoadPool, first: Target, second: Target, plan: Plan) -> tuple[float, float]:
+    """(p50, p99) of ``second``'s latency minus ``first``'s in ms, at one connection
+    each, the two asked in turn, request by request: whatever else the machine does
+    falls on both alike, which runs of each, back to back, cannot promise when the
+    difference sought is a tenth of a millisecond. Two targets may be one server
+    asked two ways (other headers)."""
+    job = {
+        "kind": "latency",
+        "url": first.url("/v1/responses"),
+        "headers": first.headers,
+        "other_url": second.url("/v1/responses"),
+        "other_headers": second.headers,
+        "body": SMALL_BODY,
+        "n": 2 * plan.latency_n,
+        "warmup": 100,
+        "timeout": 30.0,
+    }
+    [answer] = pool.run([job], timeout=60 + plan.latency_n * 0.1)
+    return added_ms(answer)
 
 
 Scenario = Callable[[LoadPool, Target, Plan], Figures]

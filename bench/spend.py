@@ -31,7 +31,7 @@ from typing import Any
 
 from bench.procs import Server, cpu_seconds, free_port, start_server, tree_pids
 from bench.report import cell, median_of
-from bench.scenarios import SMALL_BODY, Plan, added_ms, latency, throughput
+from bench.scenarios import Plan, in_turn, latency, throughput
 from bench.stack import EVERY_FLOOR_LIMITS, REPO, Target, _relayd_env, fake_argv
 from bench.workers import LoadPool, raise_fd_limit
 from relayd.config import Settings, updated
@@ -180,7 +180,7 @@ def _commits(target: Target) -> tuple[float, float]:
     return found["count"], found["sum"]
 
 
-def _alternating(
+def _in_turn(
     pool: LoadPool, targets: dict[str, Target], plan: Plan
 ) -> tuple[float, float, float, float, float]:
     """(p50 ms, p99 ms, CPU µs) per request of limits on minus limits off, the two
@@ -190,24 +190,12 @@ def _alternating(
     the ledger's commits in that run, from the relay's own metric: requests per
     commit, and their share of a commit's time on the loop in µs per request."""
     off, on = targets["limits off"], targets["limits on"]
-    assert off.server is not None and on.server is not None
     pids = {name: tree_pids(t.server.pid) for name, t in targets.items() if t.server}
-    job = {
-        "kind": "latency",
-        "url": off.url("/v1/responses"),
-        "other_url": on.url("/v1/responses"),
-        "headers": off.headers,
-        "body": SMALL_BODY,
-        "n": 2 * plan.latency_n,
-        "warmup": 100,
-        "timeout": 30.0,
-    }
     commits = _commits(on)
     before = {name: cpu_seconds(p) for name, p in pids.items()}
-    [answer] = pool.run([job], timeout=60 + plan.latency_n * 0.1)
+    p50, p99 = in_turn(pool, off, on, plan)
     cpu = {name: cpu_seconds(p) - before[name] for name, p in pids.items()}
     count, seconds = (after - ahead for after, ahead in zip(_commits(on), commits, strict=True))
-    p50, p99 = added_ms(answer)
     each = plan.latency_n + 50  # warm-up included: CPU is read around the whole run
     added_cpu = (cpu["limits on"] - cpu["limits off"]) / each * 1e6
     return p50, p99, added_cpu, each / count if count else 0.0, seconds / each * 1e6
@@ -253,8 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     sequential["cpu_us"] = (cpu_seconds(pids) - cpu) / (plan.latency_n + 100) * 1e6
                     this[target] = {**sequential, **throughput(pool, targets[target], plan)}
                     figures[target].append(this[target])
-                print(f"round {round_ + 1}: alternating", file=sys.stderr, flush=True)
-                added.append(_alternating(pool, targets, plan))
+                print(f"round {round_ + 1}: in turn", file=sys.stderr, flush=True)
+                added.append(_in_turn(pool, targets, plan))
         finally:
             pool.close()
             for server in reversed(servers):

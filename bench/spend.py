@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.procs import Server, cpu_seconds, free_port, start_server, tree_pids
 from bench.report import cell, median_of
 from bench.scenarios import Plan, in_turn, latency, throughput
@@ -171,13 +173,17 @@ def _commits(target: Target) -> tuple[float, float]:
     request = urllib.request.Request(target.url("/metrics"), headers=target.headers)
     with urllib.request.urlopen(request, timeout=10) as answer:
         text = answer.read().decode()
-    found = {"count": 0.0, "sum": 0.0}
-    for line in text.splitlines():
-        if line.startswith("relayd_ledger_operation_seconds_") and 'operation="commit"' in line:
-            kind = line.split("{", 1)[0].rsplit("_", 1)[1]
-            if kind in found:
-                found[kind] = float(line.rsplit(" ", 1)[1])
-    return found["count"], found["sum"]
+    found = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "relayd_ledger_operation_seconds"
+        for sample in family.samples
+        if sample.labels.get("operation") == "commit"
+    }
+    return (
+        found.get("relayd_ledger_operation_seconds_count", 0.0),
+        found.get("relayd_ledger_operation_seconds_sum", 0.0),
+    )
 
 
 def _in_turn(

@@ -153,12 +153,15 @@ def rss_bytes(pids: Sequence[int]) -> int:
     return total
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User plus system CPU time of ``pids`` so far; processes that are gone count zero."""
+def cpu_seconds(pids: Sequence[int], *, main_thread: bool = False) -> float:
+    """User plus system CPU time of ``pids`` so far; processes that are gone count zero.
+    ``main_thread``: only each process's first thread (relayd's event loop), not the
+    threads beside it (the ledger's, the resolver's)."""
     ticks = 0
     for pid in pids:
+        where = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            stat = Path(where).read_text()
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
